@@ -1,0 +1,18 @@
+//! otnd's schema, one migration per file, applied in order at start-up and by `otnd migrate`.
+//! Only the schema builder is used, so every migration runs on SQLite and PostgreSQL alike.
+//!
+//! Conventions: times are `BIGINT` milliseconds since the Unix epoch (portable, indexable, and
+//! compared cheaply in SQL on both backends); secrets are `BLOB`/`BYTEA` sealed by the service.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261123_000001_pages;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261123_000001_pages::Migration)]
+    }
+}

@@ -1,0 +1,72 @@
+//! The gRPC surface: the only module that knows protobuf. Services are thin: parse into domain
+//! types, call the store or the engine, map the result back.
+
+mod error;
+mod guard;
+mod pages;
+mod time;
+
+pub use error::ApiError;
+pub use guard::GuardLayer;
+pub use pages::Pages;
+
+/// The generated code of `proto/otn/v1`, clients included.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("otn.v1");
+
+    /// The encoded descriptors of every otn.v1 file, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/otn_descriptor.bin"));
+}
+
+/// Services whose issue is not done yet: every RPC answers UNIMPLEMENTED.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NotYetImplemented;
+
+impl pb::audience_service_server::AudienceService for NotYetImplemented {}
+impl pb::opt_in_service_server::OptInService for NotYetImplemented {}
+impl pb::story_service_server::StoryService for NotYetImplemented {}
+impl pb::send_service_server::SendService for NotYetImplemented {}
+
+/// The largest request otnd decodes.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Default and largest page sizes of List RPCs.
+pub const DEFAULT_PAGE_SIZE: u64 = 50;
+pub const MAX_PAGE_SIZE: u64 = 1000;
+
+/// Reads a List request's page size: 0 means the default.
+pub fn page_size(raw: i32) -> Result<u64, String> {
+    match raw {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n > 0 && (n as u64) <= MAX_PAGE_SIZE => Ok(n as u64),
+        n => Err(format!(
+            "must be from 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}, got {n}"
+        )),
+    }
+}
+
+/// Page tokens are opaque to clients: the key to continue after, tagged with what it lists so a
+/// token from one list is refused by another.
+pub mod page_token {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+
+    pub fn encode(kind: &str, after: &str) -> String {
+        URL_SAFE_NO_PAD.encode(format!("{kind}:{after}"))
+    }
+
+    pub fn decode(kind: &str, token: &str) -> Result<Option<String>, String> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let invalid =
+            || "is not a next_page_token this list returned; start again without one".to_string();
+        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
+        let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+        match text.split_once(':') {
+            Some((k, after)) if k == kind && !after.is_empty() => Ok(Some(after.to_string())),
+            _ => Err(invalid()),
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! The HTTP listener (axum): liveness for load balancers now; the webhook and metrics join it.
+
+use std::sync::Arc;
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use tokio::sync::watch;
+
+use crate::store::Store;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub store: Store,
+    /// True from the end of start-up until shutdown begins.
+    pub serving: watch::Receiver<bool>,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .with_state(Arc::new(state))
+}
+
+/// 200 while serving with a reachable database; 503 with the reason otherwise.
+async fn healthz(State(state): State<Arc<HttpState>>) -> (StatusCode, &'static str) {
+    if !*state.serving.borrow() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, "serving\n"),
+        Err(err) => {
+            tracing::warn!(error = %err, "health check: database unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n")
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! otnd: Facebook Messenger One-Time Notifications, end to end, behind a gRPC API.
+
+pub mod api;
+pub mod config;
+pub mod crypto;
+pub mod domain;
+pub mod engine;
+pub mod http;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+
+pub use api::pb;

@@ -1,0 +1,79 @@
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use otnd::{
+    config::{CONFIG_FILE_ENV, Settings},
+    startup::{self, Application},
+    telemetry,
+};
+
+/// otnd: Facebook Messenger One-Time Notifications behind a gRPC API.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// A TOML file of settings (keys as in the README's table, without OTN_); OTN_* variables
+    /// override it.
+    #[arg(long, global = true, env = CONFIG_FILE_ENV)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Version) = cli.command {
+        println!("otnd {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprint!("otnd: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(settings.log_format);
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(settings),
+        Command::Migrate => migrate(settings),
+        Command::Version => unreachable!("handled before configuration is read"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = ?err, "otnd stopped with an error");
+            eprintln!("otnd: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("otnd-worker")
+        .build()
+}
+
+fn serve(settings: Settings) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    // Actors live in the actix System; the gRPC and HTTP servers run on the same tokio runtime.
+    actix::System::with_tokio_rt(move || runtime).block_on(async move {
+        let app = Application::build(settings).await?;
+        app.run_until_stopped(startup::shutdown_signal()).await
+    })
+}
+
+fn migrate(settings: Settings) -> anyhow::Result<()> {
+    runtime()?.block_on(startup::migrate(&settings))
+}

@@ -1,0 +1,299 @@
+//! Building and running the application: settings in, bound listeners, migrated database and a
+//! started engine out. Tests build it on port 0 and read the real ports back.
+
+use std::{future::Future, net::SocketAddr};
+
+use anyhow::{Context, bail};
+use tokio::{net::TcpListener, sync::watch};
+use tonic::transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming};
+use tonic_health::ServingStatus;
+
+use crate::{
+    api::{GuardLayer, MAX_REQUEST_BYTES, NotYetImplemented, Pages, pb},
+    config::{DatabaseUrl, Settings, TlsFiles},
+    crypto::{self, KeyFileOutcome, MasterKey, SecretCipher},
+    engine::EngineHandle,
+    http::{self, HttpState},
+    store::{self, Store, meta},
+};
+
+/// The services health reports on, besides the whole server ("").
+const SERVICE_NAMES: &[&str] = &[
+    pb::page_service_server::SERVICE_NAME,
+    pb::audience_service_server::SERVICE_NAME,
+    pb::opt_in_service_server::SERVICE_NAME,
+    pb::story_service_server::SERVICE_NAME,
+    pb::send_service_server::SERVICE_NAME,
+];
+
+pub struct Application {
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    tls: Option<ServerTlsConfig>,
+    guard: GuardLayer,
+    store: Store,
+    cipher: SecretCipher,
+    engine: EngineHandle,
+}
+
+impl Application {
+    /// Connects and migrates the database, checks the master key, binds both listeners and starts
+    /// the engine. Must run inside an `actix::System`.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let tls = settings.tls.as_ref().map(tls_config).transpose()?;
+        let master_key = resolve_master_key(&settings)?;
+        let cipher = SecretCipher::new(&master_key);
+
+        let store = Store::connect(&settings.database_url).await?;
+        store.migrate().await?;
+        match meta::check_master_key(&store.db, &cipher)
+            .await
+            .context("Failed to check the master key against the database")?
+        {
+            meta::KeyCheck::Recorded | meta::KeyCheck::Matches => {}
+            meta::KeyCheck::Mismatch => bail!(
+                "the master key does not open the secrets already stored in this database; \
+                 start otnd with the OTN_MASTER_KEY (or the key file) it was first started with"
+            ),
+        }
+
+        let grpc_listener = TcpListener::bind(settings.grpc_addr)
+            .await
+            .with_context(|| format!("Failed to listen for gRPC on {}", settings.grpc_addr))?;
+        let http_listener = TcpListener::bind(settings.http_addr)
+            .await
+            .with_context(|| format!("Failed to listen for HTTP on {}", settings.http_addr))?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+
+        let engine = EngineHandle::start(store.clone());
+        tracing::info!(
+            %grpc_addr,
+            %http_addr,
+            database = settings.database_url.backend_name(),
+            tls = tls.is_some(),
+            api_keys = !settings.api_keys.is_empty(),
+            "otnd ready"
+        );
+        Ok(Application {
+            grpc_listener,
+            http_listener,
+            grpc_addr,
+            http_addr,
+            tls,
+            guard: GuardLayer::new(
+                settings.api_keys,
+                settings.max_concurrent_requests,
+                settings.request_timeout,
+            ),
+            store,
+            cipher,
+            engine,
+        })
+    }
+
+    pub fn grpc_port(&self) -> u16 {
+        self.grpc_addr.port()
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.http_addr.port()
+    }
+
+    /// Serves until `shutdown` completes, then: health NOT_SERVING, the engine stops taking work
+    /// and records what is in flight, the servers finish the requests they hold, and it returns.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::Serving).await;
+        let (serving_tx, serving_rx) = watch::channel(true);
+        let (stop_tx, stop_rx) = watch::channel(false);
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("Failed to build the reflection service")?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("Failed to build the reflection service")?;
+
+        let pages = pb::page_service_server::PageServiceServer::new(Pages::new(
+            self.store.clone(),
+            self.cipher.clone(),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let audience = pb::audience_service_server::AudienceServiceServer::new(NotYetImplemented)
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let optins = pb::opt_in_service_server::OptInServiceServer::new(NotYetImplemented)
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let stories = pb::story_service_server::StoryServiceServer::new(NotYetImplemented)
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let sends = pb::send_service_server::SendServiceServer::new(NotYetImplemented)
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+
+        let mut builder = Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder
+                .tls_config(tls)
+                .context("Failed to configure TLS for gRPC")?;
+        }
+        let grpc_server = builder
+            .layer(self.guard)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(pages)
+            .add_service(audience)
+            .add_service(optins)
+            .add_service(stories)
+            .add_service(sends)
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(self.grpc_listener).with_nodelay(Some(true)),
+                stopped(stop_rx.clone()),
+            );
+        let mut grpc_task = tokio::spawn(grpc_server);
+
+        let http_app = http::router(HttpState {
+            store: self.store.clone(),
+            serving: serving_rx,
+        });
+        let http_server = axum::serve(self.http_listener, http_app)
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future();
+        let mut http_task = tokio::spawn(http_server);
+
+        // Runs until a shutdown is asked for, or a server fails on its own.
+        tokio::select! {
+            () = shutdown => tracing::info!("shutdown requested"),
+            result = &mut grpc_task => {
+                return Err(server_ended("gRPC", result.map(|r| r.map_err(anyhow::Error::from))));
+            }
+            result = &mut http_task => {
+                return Err(server_ended("HTTP", result.map(|r| r.map_err(anyhow::Error::from))));
+            }
+        }
+
+        let _ = serving_tx.send(false);
+        set_health(&health, ServingStatus::NotServing).await;
+        if let Err(err) = self.engine.shutdown().await {
+            tracing::warn!(error = %err, "engine did not confirm its shutdown");
+        }
+        let _ = stop_tx.send(true);
+        let (grpc, http) = tokio::join!(grpc_task, http_task);
+        grpc.context("gRPC server task failed")?
+            .context("gRPC server failed")?;
+        http.context("HTTP server task failed")?
+            .context("HTTP server failed")?;
+        self.store.close().await;
+        tracing::info!("otnd stopped");
+        Ok(())
+    }
+}
+
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for name in SERVICE_NAMES {
+        reporter.set_service_status(*name, status).await;
+    }
+}
+
+/// Completes once the stop flag is raised (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+fn server_ended(
+    name: &str,
+    result: Result<anyhow::Result<()>, tokio::task::JoinError>,
+) -> anyhow::Error {
+    match result {
+        Ok(Ok(())) => anyhow::anyhow!("the {name} server stopped unexpectedly"),
+        Ok(Err(err)) => err.context(format!("the {name} server failed")),
+        Err(err) => anyhow::Error::from(err).context(format!("the {name} server task failed")),
+    }
+}
+
+fn tls_config(files: &TlsFiles) -> anyhow::Result<ServerTlsConfig> {
+    let cert = std::fs::read(&files.cert)
+        .with_context(|| format!("Failed to read OTN_TLS_CERT {}", files.cert.display()))?;
+    let key = std::fs::read(&files.key)
+        .with_context(|| format!("Failed to read OTN_TLS_KEY {}", files.key.display()))?;
+    Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+}
+
+/// The configured key, or on SQLite the key file beside the database (created on first start).
+fn resolve_master_key(settings: &Settings) -> anyhow::Result<MasterKey> {
+    if let Some(key) = &settings.master_key {
+        return Ok(key.clone());
+    }
+    match &settings.database_url {
+        DatabaseUrl::Postgres(_) => {
+            bail!("OTN_MASTER_KEY is required with PostgreSQL")
+        }
+        DatabaseUrl::Sqlite(url) => match store::sqlite_file(url)? {
+            Some(database_file) => {
+                let path = crypto::key_file_for(&database_file);
+                let (key, outcome) = MasterKey::load_or_create_file(&path)?;
+                if outcome == KeyFileOutcome::Created {
+                    tracing::warn!(
+                        key_file = %path.display(),
+                        "generated a master key for page secrets; back it up with the database \
+                         (without it the stored secrets cannot be read)"
+                    );
+                }
+                Ok(key)
+            }
+            None => {
+                tracing::warn!("in-memory database: page secrets use a throwaway master key");
+                Ok(MasterKey::generate())
+            }
+        },
+    }
+}
+
+/// `otnd migrate`: applies pending migrations and exits.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let store = Store::connect(&settings.database_url).await?;
+    store.migrate().await?;
+    store.close().await;
+    tracing::info!(
+        database = settings.database_url.backend_name(),
+        "migrations applied"
+    );
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

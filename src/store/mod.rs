@@ -1,0 +1,99 @@
+//! Persistence: the only module that speaks SQL. One submodule per aggregate.
+
+pub mod meta;
+pub mod pages;
+
+use std::{path::PathBuf, str::FromStr, time::Duration};
+
+use anyhow::Context;
+use migration::{Migrator, MigratorTrait};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, SqlErr};
+
+use crate::config::DatabaseUrl;
+
+/// How long a SQLite writer waits for another writer before giving up.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connection pool, and what the service needs to know about the backend.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pub db: DatabaseConnection,
+}
+
+impl Store {
+    pub async fn connect(url: &DatabaseUrl) -> anyhow::Result<Self> {
+        let mut options = ConnectOptions::new(url.connection_string());
+        // sqlx logs every statement at info by default: too loud, and statements carry values.
+        options.sqlx_logging(false);
+        options.acquire_timeout(Duration::from_secs(10));
+        options.connect_timeout(Duration::from_secs(10));
+        if let DatabaseUrl::Sqlite(_) = url {
+            options.map_sqlx_sqlite_opts(|opts| {
+                opts.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+                    .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                    .foreign_keys(true)
+            });
+        } else {
+            options.max_connections(20);
+        }
+        let db = Database::connect(options)
+            .await
+            .with_context(|| format!("Failed to connect to the {} database", url.backend_name()))?;
+        Ok(Store { db })
+    }
+
+    /// Applies every pending migration.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        Migrator::up(&self.db, None)
+            .await
+            .context("Failed to run database migrations")
+    }
+
+    pub async fn ping(&self) -> Result<(), DbErr> {
+        self.db.ping().await
+    }
+
+    pub async fn close(self) {
+        let _ = self.db.close().await;
+    }
+}
+
+/// The file a SQLite URL points at, or `None` for an in-memory database.
+pub fn sqlite_file(url: &str) -> anyhow::Result<Option<PathBuf>> {
+    let options = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url)
+        .with_context(|| "OTN_DATABASE_URL is not a SQLite URL sqlx understands".to_string())?;
+    let path = options.get_filename();
+    let text = path.to_string_lossy();
+    if text.is_empty() || text == ":memory:" || url.contains("mode=memory") {
+        return Ok(None);
+    }
+    Ok(Some(path.to_path_buf()))
+}
+
+/// Milliseconds since the Unix epoch: how every time is stored.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Database errors, sorted into what the API must tell apart.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("already exists")]
+    AlreadyExists,
+    #[error("not found")]
+    NotFound,
+    #[error("a stored secret does not decrypt: {0}")]
+    Sealed(#[from] crate::crypto::OpenError),
+    #[error(transparent)]
+    Db(DbErr),
+}
+
+impl From<DbErr> for StoreError {
+    fn from(err: DbErr) -> Self {
+        match err.sql_err() {
+            Some(SqlErr::UniqueConstraintViolation(_)) => StoreError::AlreadyExists,
+            _ => StoreError::Db(err),
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The `pages` table: a page's settings and its sealed secrets.
+
+use sea_orm::{
+    ActiveValue::{NotSet, Set},
+    QueryOrder, QuerySelect, TransactionTrait, TryIntoModel,
+    entity::prelude::*,
+};
+use secrecy::SecretString;
+
+use super::{StoreError, now_ms};
+use crate::{
+    crypto::SecretCipher,
+    domain::{NewPage, PageChanges, PageId, PageSecret},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "pages")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: String,
+    pub name: String,
+    pub access_token_enc: Vec<u8>,
+    pub app_secret_enc: Vec<u8>,
+    pub verify_token_enc: Option<Vec<u8>>,
+    pub send_rate_per_second: i32,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}
+
+/// A page as the rest of the service sees it: settings, and only whether each secret is set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRecord {
+    pub id: PageId,
+    pub name: String,
+    pub send_rate_per_second: u32,
+    pub has_access_token: bool,
+    pub has_app_secret: bool,
+    pub has_verify_token: bool,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+impl From<Model> for PageRecord {
+    fn from(m: Model) -> Self {
+        PageRecord {
+            id: PageId::from_trusted(m.id),
+            name: m.name,
+            send_rate_per_second: u32::try_from(m.send_rate_per_second).unwrap_or(0),
+            has_access_token: !m.access_token_enc.is_empty(),
+            has_app_secret: !m.app_secret_enc.is_empty(),
+            has_verify_token: m.verify_token_enc.is_some(),
+            created_at_ms: m.created_at,
+            updated_at_ms: m.updated_at,
+        }
+    }
+}
+
+/// A page's secrets, opened: only for the Graph client and the webhook's signature check.
+pub struct PageCredentials {
+    pub access_token: SecretString,
+    pub app_secret: SecretString,
+    pub verify_token: Option<SecretString>,
+}
+
+/// Where a sealed secret belongs; sealing binds the value to it.
+fn seal_context(page_id: &PageId, column: &str) -> String {
+    format!("pages/{page_id}/{column}")
+}
+
+fn seal(cipher: &SecretCipher, page_id: &PageId, column: &str, secret: &PageSecret) -> Vec<u8> {
+    cipher.seal(secret.expose(), &seal_context(page_id, column))
+}
+
+pub async fn create(
+    db: &impl ConnectionTrait,
+    cipher: &SecretCipher,
+    page: &NewPage,
+) -> Result<PageRecord, StoreError> {
+    let now = now_ms();
+    let model = ActiveModel {
+        id: Set(page.id.as_str().to_string()),
+        name: Set(page.name.as_str().to_string()),
+        access_token_enc: Set(seal(cipher, &page.id, "access_token", &page.access_token)),
+        app_secret_enc: Set(seal(cipher, &page.id, "app_secret", &page.app_secret)),
+        verify_token_enc: Set(page
+            .verify_token
+            .as_ref()
+            .map(|token| seal(cipher, &page.id, "verify_token", token))),
+        send_rate_per_second: Set(page.send_rate.get() as i32),
+        created_at: Set(now),
+        updated_at: Set(now),
+    };
+    Entity::insert(model.clone())
+        .exec_without_returning(db)
+        .await?;
+    Ok(PageRecord::from(
+        model.try_into_model().map_err(StoreError::from)?,
+    ))
+}
+
+pub async fn get(db: &impl ConnectionTrait, id: &PageId) -> Result<PageRecord, StoreError> {
+    Entity::find_by_id(id.as_str().to_string())
+        .one(db)
+        .await?
+        .map(PageRecord::from)
+        .ok_or(StoreError::NotFound)
+}
+
+/// Up to `limit` pages ordered by id, starting after `after`.
+pub async fn list(
+    db: &impl ConnectionTrait,
+    after: Option<&str>,
+    limit: u64,
+) -> Result<Vec<PageRecord>, StoreError> {
+    let mut query = Entity::find().order_by_asc(Column::Id).limit(limit);
+    if let Some(after) = after {
+        query = query.filter(Column::Id.gt(after));
+    }
+    Ok(query
+        .all(db)
+        .await?
+        .into_iter()
+        .map(PageRecord::from)
+        .collect())
+}
+
+pub async fn update(
+    db: &DatabaseConnection,
+    cipher: &SecretCipher,
+    id: &PageId,
+    changes: &PageChanges,
+) -> Result<PageRecord, StoreError> {
+    let txn = db.begin().await?;
+    let exists = Entity::find_by_id(id.as_str().to_string())
+        .select_only()
+        .column(Column::Id)
+        .into_tuple::<String>()
+        .one(&txn)
+        .await?;
+    if exists.is_none() {
+        return Err(StoreError::NotFound);
+    }
+    let set_or_keep = |value: Option<Vec<u8>>| value.map_or(NotSet, Set);
+    let model = ActiveModel {
+        id: Set(id.as_str().to_string()),
+        name: changes
+            .name
+            .as_ref()
+            .map_or(NotSet, |name| Set(name.as_str().to_string())),
+        access_token_enc: set_or_keep(
+            changes
+                .access_token
+                .as_ref()
+                .map(|s| seal(cipher, id, "access_token", s)),
+        ),
+        app_secret_enc: set_or_keep(
+            changes
+                .app_secret
+                .as_ref()
+                .map(|s| seal(cipher, id, "app_secret", s)),
+        ),
+        verify_token_enc: changes.verify_token.as_ref().map_or(NotSet, |token| {
+            Set(token
+                .as_ref()
+                .map(|token| seal(cipher, id, "verify_token", token)))
+        }),
+        send_rate_per_second: changes
+            .send_rate
+            .map_or(NotSet, |rate| Set(rate.get() as i32)),
+        created_at: NotSet,
+        updated_at: Set(now_ms()),
+    };
+    let updated = model.update(&txn).await?;
+    txn.commit().await?;
+    Ok(PageRecord::from(updated))
+}
+
+pub async fn delete(db: &impl ConnectionTrait, id: &PageId) -> Result<(), StoreError> {
+    let result = Entity::delete_by_id(id.as_str().to_string())
+        .exec(db)
+        .await?;
+    if result.rows_affected == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
+}
+
+/// Opens the page's secrets.
+pub async fn credentials(
+    db: &impl ConnectionTrait,
+    cipher: &SecretCipher,
+    id: &PageId,
+) -> Result<PageCredentials, StoreError> {
+    let model = Entity::find_by_id(id.as_str().to_string())
+        .one(db)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    let open = |sealed: &[u8], column: &str| cipher.open(sealed, &seal_context(id, column));
+    Ok(PageCredentials {
+        access_token: open(&model.access_token_enc, "access_token")?,
+        app_secret: open(&model.app_secret_enc, "app_secret")?,
+        verify_token: model
+            .verify_token_enc
+            .as_deref()
+            .map(|sealed| open(sealed, "verify_token"))
+            .transpose()?,
+    })
+}
