@@ -46,6 +46,11 @@ const SETTINGS: &[(&str, &str, Option<&str>)] = &[
         "OTN_MAX_CONCURRENT_REQUESTS",
         Some("1024"),
     ),
+    (
+        "shutdown_grace_seconds",
+        "OTN_SHUTDOWN_GRACE_SECONDS",
+        Some("10"),
+    ),
 ];
 
 /// The environment variable that names a config file when `--config` is not given.
@@ -68,6 +73,8 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     pub request_timeout: Duration,
     pub max_concurrent_requests: usize,
+    /// How long a shutdown waits for open requests and streams before closing them.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -275,6 +282,9 @@ impl Settings {
         .settings(&mut field);
         match settings {
             Some(settings) if problems.is_empty() => Ok(settings),
+            _ if problems.is_empty() => Err(ConfigError {
+                problems: vec!["a required setting has no value and no default".into()],
+            }),
             _ => Err(ConfigError { problems }),
         }
     }
@@ -358,6 +368,10 @@ impl Parser<'_> {
             parse_in_range(s, 1, 1_000_000).map(|n| n as usize)
         });
 
+        let shutdown_grace = self.parse(raw, "shutdown_grace_seconds", |s| {
+            parse_in_range(s, 1, 600).map(Duration::from_secs)
+        });
+
         let tls = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             (None, None) => None,
@@ -401,6 +415,7 @@ impl Parser<'_> {
             tls,
             request_timeout: request_timeout?,
             max_concurrent_requests: max_concurrent_requests?,
+            shutdown_grace: shutdown_grace?,
         })
     }
 

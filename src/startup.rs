@@ -1,7 +1,7 @@
 //! Building and running the application: settings in, bound listeners, migrated database and a
 //! started engine out. Tests build it on port 0 and read the real ports back.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail};
 use tokio::{net::TcpListener, sync::watch};
@@ -33,6 +33,7 @@ pub struct Application {
     http_addr: SocketAddr,
     tls: Option<ServerTlsConfig>,
     guard: GuardLayer,
+    shutdown_grace: Duration,
     store: Store,
     cipher: SecretCipher,
     engine: EngineHandle,
@@ -88,6 +89,7 @@ impl Application {
                 settings.max_concurrent_requests,
                 settings.request_timeout,
             ),
+            shutdown_grace: settings.shutdown_grace,
             store,
             cipher,
             engine,
@@ -186,11 +188,28 @@ impl Application {
             tracing::warn!(error = %err, "engine did not confirm its shutdown");
         }
         let _ = stop_tx.send(true);
-        let (grpc, http) = tokio::join!(grpc_task, http_task);
-        grpc.context("gRPC server task failed")?
-            .context("gRPC server failed")?;
-        http.context("HTTP server task failed")?
-            .context("HTTP server failed")?;
+        // Long-lived streams (Health/Watch, WatchSend) never end on their own: after the grace
+        // period the servers are stopped with whatever is still open.
+        let drained = tokio::time::timeout(self.shutdown_grace, async {
+            tokio::join!(&mut grpc_task, &mut http_task)
+        })
+        .await;
+        match drained {
+            Ok((grpc, http)) => {
+                grpc.context("gRPC server task failed")?
+                    .context("gRPC server failed")?;
+                http.context("HTTP server task failed")?
+                    .context("HTTP server failed")?;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    grace_seconds = self.shutdown_grace.as_secs(),
+                    "closing connections still open after the shutdown grace period"
+                );
+                grpc_task.abort();
+                http_task.abort();
+            }
+        }
         self.store.close().await;
         tracing::info!("otnd stopped");
         Ok(())

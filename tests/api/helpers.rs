@@ -1,0 +1,315 @@
+//! The test harness: a fresh database per test (SQLite always, PostgreSQL when `DATABASE_URL` or
+//! `OTN_TEST_DATABASE_URL` names one), the application started on port 0 in its own actix
+//! System, and typed gRPC clients.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::mpsc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
+use otnd::{
+    config::Settings,
+    pb::{
+        audience_service_client::AudienceServiceClient, opt_in_service_client::OptInServiceClient,
+        page_service_client::PageServiceClient, send_service_client::SendServiceClient,
+        story_service_client::StoryServiceClient,
+    },
+    startup::Application,
+};
+use sea_orm::{ConnectionTrait, Database};
+use tokio::sync::oneshot;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+/// The master key the harness gives every app unless a test asks for none.
+pub const TEST_MASTER_KEY: [u8; 32] = [42; 32];
+
+pub fn test_master_key_base64() -> String {
+    BASE64.encode(TEST_MASTER_KEY)
+}
+
+/// Runs each test body once per backend: `<name>::sqlite` always, `<name>::postgres` when a
+/// PostgreSQL URL is configured (it says so and passes otherwise, so plain `cargo test` works).
+#[macro_export]
+macro_rules! backend_tests {
+    ($(async fn $name:ident($db:ident) $body:block)*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let $db = $crate::helpers::TestDatabase::sqlite();
+                $body
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let Some($db) = $crate::helpers::TestDatabase::postgres().await else {
+                    eprintln!("skipped: DATABASE_URL names no PostgreSQL server");
+                    return;
+                };
+                $body
+            }
+        }
+    )*};
+}
+
+/// A database of this test's own, removed when dropped.
+pub struct TestDatabase {
+    pub url: String,
+    /// The SQLite file (its directory is removed with it).
+    pub sqlite_file: Option<PathBuf>,
+    _dir: Option<tempfile::TempDir>,
+    postgres_drop: Option<(String, String)>,
+}
+
+fn postgres_admin_url() -> Option<String> {
+    ["OTN_TEST_DATABASE_URL", "DATABASE_URL"]
+        .iter()
+        .filter_map(|var| std::env::var(var).ok())
+        .find(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"))
+}
+
+impl TestDatabase {
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let file = dir.path().join("otnd.db");
+        TestDatabase {
+            url: format!("sqlite://{}?mode=rwc", file.display()),
+            sqlite_file: Some(file),
+            _dir: Some(dir),
+            postgres_drop: None,
+        }
+    }
+
+    /// A new database on the configured server, or `None` when no PostgreSQL is configured. A
+    /// configured server that cannot be reached fails the test: skipping would hide it.
+    pub async fn postgres() -> Option<Self> {
+        let admin_url = postgres_admin_url()?;
+        let name = format!("otnd_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = Database::connect(&admin_url).await.unwrap_or_else(|e| {
+            panic!("DATABASE_URL names a PostgreSQL that is not reachable: {e}")
+        });
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("CREATE DATABASE");
+        let _ = admin.close().await;
+        let mut url = url::Url::parse(&admin_url).expect("DATABASE_URL is a URL");
+        url.set_path(&format!("/{name}"));
+        Some(TestDatabase {
+            url: url.to_string(),
+            sqlite_file: None,
+            _dir: None,
+            postgres_drop: Some((admin_url, name)),
+        })
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let Some((admin_url, name)) = self.postgres_drop.take() else {
+            return;
+        };
+        // Drop runs inside the test's runtime, which cannot be blocked on; a thread with its own
+        // runtime removes the database.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                if let Ok(admin) = Database::connect(&admin_url).await {
+                    let _ = admin
+                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                    let _ = admin.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Settings for an app on `db`, on port 0, with the test master key; `overrides` are `OTN_*`
+/// variables as a user would set them.
+pub fn settings_for(db: &TestDatabase, overrides: &[(&str, &str)]) -> Result<Settings, String> {
+    let mut env: BTreeMap<String, String> = [
+        ("OTN_DATABASE_URL", db.url.clone()),
+        ("OTN_GRPC_ADDR", "127.0.0.1:0".to_string()),
+        ("OTN_HTTP_ADDR", "127.0.0.1:0".to_string()),
+        ("OTN_MASTER_KEY", test_master_key_base64()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    for (key, value) in overrides {
+        env.insert(key.to_string(), value.to_string());
+    }
+    // An override of "" for the master key means "none": the app falls back to its key file.
+    if env.get("OTN_MASTER_KEY").is_some_and(String::is_empty) {
+        env.remove("OTN_MASTER_KEY");
+    }
+    Settings::load_from(None, &env).map_err(|e| e.to_string())
+}
+
+/// A running application and clients connected to it.
+pub struct TestApp {
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub channel: Channel,
+    pub pages: PageServiceClient<Channel>,
+    pub audience: AudienceServiceClient<Channel>,
+    pub optins: OptInServiceClient<Channel>,
+    pub stories: StoryServiceClient<Channel>,
+    pub sends: SendServiceClient<Channel>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub async fn spawn_app(db: &TestDatabase) -> TestApp {
+    spawn_app_with(db, &[]).await
+}
+
+pub async fn spawn_app_with(db: &TestDatabase, overrides: &[(&str, &str)]) -> TestApp {
+    let settings = settings_for(db, overrides).expect("valid test settings");
+    try_spawn(settings).await.expect("the application starts")
+}
+
+/// Starts the application in a thread of its own running an actix System over a multi-thread
+/// tokio runtime, exactly as `otnd serve` does. Start-up errors come back as `Err`.
+pub async fn try_spawn(settings: Settings) -> Result<TestApp, String> {
+    try_spawn_tls(settings, None).await
+}
+
+/// As [`try_spawn`], connecting over TLS to a server whose certificate `ca_pem` signs (for the
+/// name `localhost`).
+pub async fn try_spawn_tls(settings: Settings, ca_pem: Option<&[u8]>) -> Result<TestApp, String> {
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(u16, u16), String>>();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        actix::System::with_tokio_rt(move || runtime).block_on(async move {
+            let app = match Application::build(settings).await {
+                Ok(app) => app,
+                Err(err) => {
+                    let _ = ready_tx.send(Err(format!("{err:#}")));
+                    return Err(err);
+                }
+            };
+            let _ = ready_tx.send(Ok((app.grpc_port(), app.http_port())));
+            app.run_until_stopped(async move {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    });
+    let ready = tokio::task::spawn_blocking(move || ready_rx.recv())
+        .await
+        .expect("the start-up waiter");
+    let (grpc_port, http_port) = match ready {
+        Ok(Ok(ports)) => ports,
+        Ok(Err(message)) => {
+            let _ = thread.join();
+            return Err(message);
+        }
+        Err(_) => return Err(format!("the application thread died: {:?}", thread.join())),
+    };
+    let endpoint = match ca_pem {
+        None => Channel::from_shared(format!("http://127.0.0.1:{grpc_port}")).expect("a URI"),
+        Some(ca_pem) => Channel::from_shared(format!("https://127.0.0.1:{grpc_port}"))
+            .expect("a URI")
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca_pem))
+                    .domain_name("localhost"),
+            )
+            .map_err(|e| format!("client TLS: {e}"))?,
+    };
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connecting to the app: {e}"))?;
+    Ok(TestApp {
+        grpc_port,
+        http_port,
+        pages: PageServiceClient::new(channel.clone()),
+        audience: AudienceServiceClient::new(channel.clone()),
+        optins: OptInServiceClient::new(channel.clone()),
+        stories: StoryServiceClient::new(channel.clone()),
+        sends: SendServiceClient::new(channel.clone()),
+        channel,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+impl TestApp {
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    /// Asks for a graceful shutdown and waits for the application to finish it.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let thread = self.thread.take().expect("a running app");
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .expect("the joiner")
+            .map_err(|_| anyhow::anyhow!("the application thread panicked"))?
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // A test that did not stop its app still shuts it down; nobody waits for it.
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails the test after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The field paths named in an INVALID_ARGUMENT's BadRequest details.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    assert_eq!(
+        status.code(),
+        tonic::Code::InvalidArgument,
+        "expected INVALID_ARGUMENT, got {status:?}"
+    );
+    status
+        .get_details_bad_request()
+        .expect("INVALID_ARGUMENT carries BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}

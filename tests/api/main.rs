@@ -1,0 +1,13 @@
+//! Integration tests: the real application, spawned on port 0 with a database of its own, driven
+//! through the generated gRPC clients and plain HTTP like any other client.
+
+mod helpers;
+
+mod auth;
+mod binary;
+mod contract;
+mod hardening;
+mod health;
+mod pages;
+mod restart;
+mod tls;
