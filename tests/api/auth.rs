@@ -6,7 +6,7 @@ use tonic::{Code, Request, metadata::MetadataValue};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
-    helpers::{TestApp, TestDatabase, spawn_app_with},
+    helpers::{TestApp, TestDatabase, code_of, spawn_app_with},
     pages::create_request,
 };
 
@@ -33,10 +33,7 @@ fn with_key<T>(message: T, key: Option<&str>) -> Request<T> {
 /// The code each call gets: a read (GetPage), an admin write (CreatePage) and an operator write
 /// (RecordInteraction: past the guard it answers UNIMPLEMENTED until its issue lands).
 async fn codes(app: &mut TestApp, key: Option<&str>, page_id: &str) -> (Code, Code, Code) {
-    let code = |result: Result<_, tonic::Status>| {
-        result.map_or_else(|s: tonic::Status| s.code(), |_| Code::Ok)
-    };
-    let read = code(
+    let read = code_of(
         app.pages
             .get_page(with_key(
                 GetPageRequest {
@@ -44,27 +41,22 @@ async fn codes(app: &mut TestApp, key: Option<&str>, page_id: &str) -> (Code, Co
                 },
                 key,
             ))
-            .await
-            .map(|_| ()),
+            .await,
     );
-    let admin_write = code(
+    let admin_write = code_of(
         app.pages
             .create_page(with_key(create_request(page_id), key))
-            .await
-            .map(|_| ()),
+            .await,
     );
-    let operator_write = code(
+    let interaction = RecordInteractionRequest {
+        page_id: "1".into(),
+        psid: "2".into(),
+        interaction_time: None,
+    };
+    let operator_write = code_of(
         app.audience
-            .record_interaction(with_key(
-                RecordInteractionRequest {
-                    page_id: "1".into(),
-                    psid: "2".into(),
-                    interaction_time: None,
-                },
-                key,
-            ))
-            .await
-            .map(|_| ()),
+            .record_interaction(with_key(interaction, key))
+            .await,
     );
     (read, admin_write, operator_write)
 }

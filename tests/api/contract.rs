@@ -6,49 +6,27 @@ use otnd::pb::{
 };
 use tonic::Code;
 
-use crate::helpers::{TestDatabase, spawn_app};
+use crate::helpers::{TestDatabase, code_of, spawn_app};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_whose_issue_is_not_done_answer_unimplemented() {
     let db = TestDatabase::sqlite();
     let mut app = spawn_app(&db).await;
     let codes = [
-        app.audience
-            .get_subscriber(GetSubscriberRequest::default())
-            .await
-            .map(|_| ())
-            .unwrap_err()
-            .code(),
-        app.optins
-            .list_topics(ListTopicsRequest::default())
-            .await
-            .map(|_| ())
-            .unwrap_err()
-            .code(),
-        app.stories
-            .create_story(CreateStoryRequest::default())
-            .await
-            .map(|_| ())
-            .unwrap_err()
-            .code(),
-        app.sends
-            .start_send(StartSendRequest::default())
-            .await
-            .map(|_| ())
-            .unwrap_err()
-            .code(),
-        app.sends
-            .get_send(GetSendRequest::default())
-            .await
-            .map(|_| ())
-            .unwrap_err()
-            .code(),
-        app.sends
-            .watch_send(WatchSendRequest::default())
-            .await
-            .map(|_| ())
-            .unwrap_err()
-            .code(),
+        code_of(
+            app.audience
+                .get_subscriber(GetSubscriberRequest::default())
+                .await,
+        ),
+        code_of(app.optins.list_topics(ListTopicsRequest::default()).await),
+        code_of(
+            app.stories
+                .create_story(CreateStoryRequest::default())
+                .await,
+        ),
+        code_of(app.sends.start_send(StartSendRequest::default()).await),
+        code_of(app.sends.get_send(GetSendRequest::default()).await),
+        code_of(app.sends.watch_send(WatchSendRequest::default()).await),
     ];
     assert!(codes.iter().all(|c| *c == Code::Unimplemented), "{codes:?}");
 }

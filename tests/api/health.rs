@@ -18,71 +18,51 @@ const OUR_SERVICES: [&str; 5] = [
     "otn.v1.StoryService",
 ];
 
-pub async fn list_services_v1(app: &TestApp) -> Vec<String> {
-    use v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let mut client = ServerReflectionClient::new(app.channel.clone());
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = client
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.next().await.unwrap().unwrap();
-    match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
-        }
-        other => panic!("unexpected reflection answer {other:?}"),
-    }
+/// One reflection request on a fresh stream, for either protocol version (the two generated
+/// modules have the same shape).
+macro_rules! reflect {
+    ($version:ident, $app:expr, $request:ident($argument:expr)) => {{
+        use $version::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest,
+        };
+        let mut client = ServerReflectionClient::new($app.channel.clone());
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::$request($argument)),
+        };
+        let mut responses = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        responses.next().await.unwrap().unwrap().message_response
+    }};
 }
 
-async fn list_services_v1alpha(app: &TestApp) -> Vec<String> {
-    use v1alpha::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let mut client = ServerReflectionClient::new(app.channel.clone());
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = client
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    match responses.next().await.unwrap().unwrap().message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
+macro_rules! list_services {
+    ($version:ident, $app:expr) => {{
+        use $version::server_reflection_response::MessageResponse;
+        match reflect!($version, $app, ListServices(String::new())) {
+            Some(MessageResponse::ListServicesResponse(list)) => list
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>(),
+            other => panic!("unexpected reflection answer {other:?}"),
         }
-        other => panic!("unexpected reflection answer {other:?}"),
-    }
+    }};
+}
+
+pub async fn list_services_v1(app: &TestApp) -> Vec<String> {
+    list_services!(v1, app)
 }
 
 /// The reflection service describes the health service's messages too, which is what lets
 /// `buf curl` and grpcurl call Health/Check with reflection alone.
-async fn file_containing_symbol_v1(app: &TestApp, symbol: &str) -> usize {
-    use v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let mut client = ServerReflectionClient::new(app.channel.clone());
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::FileContainingSymbol(symbol.to_string())),
-    };
-    let mut responses = client
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    match responses.next().await.unwrap().unwrap().message_response {
+async fn files_describing(app: &TestApp, symbol: &str) -> usize {
+    use v1::server_reflection_response::MessageResponse;
+    match reflect!(v1, app, FileContainingSymbol(symbol.to_string())) {
         Some(MessageResponse::FileDescriptorResponse(files)) => files.file_descriptor_proto.len(),
         other => panic!("no descriptor for {symbol}: {other:?}"),
     }
@@ -92,10 +72,7 @@ async fn file_containing_symbol_v1(app: &TestApp, symbol: &str) -> usize {
 async fn reflection_lists_the_five_services_and_health_in_both_versions() {
     let db = TestDatabase::sqlite();
     let app = spawn_app(&db).await;
-    for services in [
-        list_services_v1(&app).await,
-        list_services_v1alpha(&app).await,
-    ] {
+    for services in [list_services!(v1, app), list_services!(v1alpha, app)] {
         for service in OUR_SERVICES {
             assert!(
                 services.contains(&service.to_string()),
@@ -107,9 +84,9 @@ async fn reflection_lists_the_five_services_and_health_in_both_versions() {
             "{services:?}"
         );
     }
-    assert!(file_containing_symbol_v1(&app, "grpc.health.v1.Health").await > 0);
-    assert!(file_containing_symbol_v1(&app, "otn.v1.SendService").await > 0);
-    assert!(file_containing_symbol_v1(&app, "otn.v1.CreatePageRequest").await > 0);
+    assert!(files_describing(&app, "grpc.health.v1.Health").await > 0);
+    assert!(files_describing(&app, "otn.v1.SendService").await > 0);
+    assert!(files_describing(&app, "otn.v1.CreatePageRequest").await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

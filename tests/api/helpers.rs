@@ -313,3 +313,8 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
         .map(|v| v.field)
         .collect()
 }
+
+/// The status code a call ended with (`Ok` for success).
+pub fn code_of<T>(result: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
+    result.map_or_else(|status| status.code(), |_| tonic::Code::Ok)
+}
