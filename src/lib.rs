@@ -6,6 +6,7 @@ pub mod crypto;
 pub mod domain;
 pub mod engine;
 pub mod http;
+pub mod sandbox;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

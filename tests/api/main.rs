@@ -10,4 +10,5 @@ mod hardening;
 mod health;
 mod pages;
 mod restart;
+mod sandbox;
 mod tls;

@@ -1,0 +1,142 @@
+//! graph-sandbox: a faithful fake of the parts of the Graph API otnd uses, for tests, benchmarks
+//! and staging, and the judge of exactly-once (it counts every token presented and every
+//! message accepted). State lives in memory. See the README's "Staging with graph-sandbox".
+
+mod admin;
+mod graph;
+mod webhook;
+pub mod wire;
+pub mod world;
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    routing::{get, post},
+};
+use tokio::net::TcpListener;
+
+pub use graph::MAX_BATCH_ITEMS;
+pub use world::{AcceptedMessage, Faults, Stats};
+
+#[derive(Clone, Debug)]
+pub struct SandboxOptions {
+    /// Graph calls per page per wall-clock second before answering 613; `None`: no limit.
+    pub rate_limit_per_page: Option<u32>,
+    /// Added to every Graph answer.
+    pub latency_ms: u64,
+    /// Tries per webhook POST before it is abandoned.
+    pub webhook_max_attempts: u32,
+    /// Pause before the first retry; each later one doubles it.
+    pub webhook_retry_base: Duration,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        SandboxOptions {
+            rate_limit_per_page: None,
+            latency_ms: 0,
+            webhook_max_attempts: 8,
+            webhook_retry_base: Duration::from_millis(500),
+        }
+    }
+}
+
+pub struct Shared {
+    world: Mutex<world::World>,
+    http: reqwest::Client,
+    options: SandboxOptions,
+}
+
+impl Shared {
+    /// The world's lock. A panic while it was held leaves counters that may be off by one event,
+    /// which is better for a test double than refusing every later request.
+    fn world(&self) -> MutexGuard<'_, world::World> {
+        self.world
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+pub fn router(options: SandboxOptions) -> Router {
+    let shared = Arc::new(Shared {
+        world: Mutex::new(world::World::new(
+            options.rate_limit_per_page,
+            options.latency_ms,
+        )),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .expect("a plain HTTP client builds"),
+        options,
+    });
+    Router::new()
+        .route("/", post(graph::batch))
+        .route("/{version}", post(graph::batch))
+        .route("/{version}/", post(graph::batch))
+        .route("/{version}/{node}/messages", post(graph::messages))
+        .route("/__sandbox/pages", post(admin::create_page))
+        .route("/__sandbox/optins", post(admin::create_optins))
+        .route("/__sandbox/interactions", post(admin::create_interaction))
+        .route(
+            "/__sandbox/faults",
+            post(admin::set_faults).get(admin::get_faults),
+        )
+        .route("/__sandbox/messages", get(admin::messages))
+        .route("/__sandbox/stats", get(admin::stats))
+        .route("/__sandbox/reset", post(admin::reset))
+        .with_state(shared)
+}
+
+/// Serves the sandbox on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    options: SandboxOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(options))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// A sandbox running in the background of the current tokio runtime (tests, benchmarks).
+pub struct RunningSandbox {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RunningSandbox {
+    pub async fn start(options: SandboxOptions) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, options, async move {
+            let _ = stopped.await;
+        }));
+        Ok(RunningSandbox {
+            addr,
+            stop: Some(stop),
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for RunningSandbox {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -1,0 +1,1115 @@
+//! graph-sandbox: every Graph rule, every fault, the batch format, the webhooks (signature checked
+//! with an independent HMAC), and the judge's ledger and counters. Driven over real HTTP.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{Router, body::Bytes, http::HeaderMap, routing::post};
+use otnd::sandbox::{AcceptedMessage, RunningSandbox, SandboxOptions, Stats};
+use serde_json::{Value, json};
+
+use crate::helpers::eventually;
+
+const PAGE: &str = "111";
+const PAGE_TOKEN: &str = "EAAB-page-111";
+const APP_SECRET: &str = "app-secret-111";
+const OTHER_PAGE: &str = "222";
+const OTHER_TOKEN: &str = "EAAB-page-222";
+
+struct Sandbox {
+    running: RunningSandbox,
+    http: reqwest::Client,
+}
+
+struct Answer {
+    status: u16,
+    body: Value,
+    headers: reqwest::header::HeaderMap,
+}
+
+impl Answer {
+    fn code(&self) -> i64 {
+        self.body["error"]["code"].as_i64().unwrap_or(0)
+    }
+    fn subcode(&self) -> i64 {
+        self.body["error"]["error_subcode"].as_i64().unwrap_or(0)
+    }
+    fn error_message(&self) -> &str {
+        self.body["error"]["message"].as_str().unwrap_or("")
+    }
+}
+
+impl Sandbox {
+    async fn start() -> Self {
+        Self::start_with(SandboxOptions::default()).await
+    }
+
+    async fn start_with(options: SandboxOptions) -> Self {
+        let sandbox = Sandbox {
+            running: RunningSandbox::start(options).await.unwrap(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+        };
+        sandbox.page(PAGE, PAGE_TOKEN, None).await;
+        sandbox.page(OTHER_PAGE, OTHER_TOKEN, None).await;
+        sandbox
+    }
+
+    async fn admin(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.running.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    async fn page(&self, page_id: &str, token: &str, webhook_url: Option<&str>) {
+        let (status, body) = self
+            .admin(
+                "/__sandbox/pages",
+                json!({"page_id": page_id, "access_token": token,
+                       "app_secret": format!("app-secret-{page_id}"), "webhook_url": webhook_url}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    async fn optin(&self, page_id: &str, psid: &str, payload: &str) -> String {
+        let (status, body) = self
+            .admin(
+                "/__sandbox/optins",
+                json!({"page_id": page_id, "psid": psid, "payload": payload}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["token"].as_str().unwrap().to_string()
+    }
+
+    async fn interact(&self, psid: &str, time_ms: Option<i64>) {
+        let (status, body) = self
+            .admin(
+                "/__sandbox/interactions",
+                json!({"page_id": PAGE, "psid": psid, "text": "hi", "time_ms": time_ms}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    async fn faults(&self, faults: Value) {
+        let (status, body) = self.admin("/__sandbox/faults", faults).await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    /// A JSON send to `/v24.0/me/messages?access_token=…`.
+    async fn send(&self, access_token: &str, body: Value) -> Answer {
+        let url = self
+            .running
+            .url(&format!("/v24.0/me/messages?access_token={access_token}"));
+        self.post(self.http.post(url).json(&body)).await
+    }
+
+    async fn post(&self, request: reqwest::RequestBuilder) -> Answer {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.json().await.unwrap_or(Value::Null);
+        Answer {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    async fn stats(&self) -> Stats {
+        self.http
+            .get(self.running.url("/__sandbox/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn messages(&self, query: &str) -> Vec<AcceptedMessage> {
+        let body: Value = self
+            .http
+            .get(self.running.url(&format!("/__sandbox/messages{query}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        serde_json::from_value(body["messages"].clone()).unwrap()
+    }
+}
+
+fn token_send(token: &str, text: &str) -> Value {
+    json!({"recipient": {"one_time_notif_token": token}, "message": {"text": text}})
+}
+
+fn standard_send(psid: &str, message: Value) -> Value {
+    json!({"recipient": {"id": psid}, "messaging_type": "UPDATE", "message": message})
+}
+
+fn optin_request(title: &str, topic: &str) -> Value {
+    json!({"attachment": {"type": "template", "payload": {
+        "template_type": "one_time_notif_req", "title": title, "payload": topic}}})
+}
+
+#[tokio::test]
+async fn a_token_works_once_and_every_presentation_counts() {
+    let sandbox = Sandbox::start().await;
+    let token = sandbox.optin(PAGE, "u1", "Spring Sale!").await;
+
+    let first = sandbox
+        .send(PAGE_TOKEN, token_send(&token, "on sale"))
+        .await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.body["recipient_id"], "u1");
+    let message_id = first.body["message_id"].as_str().unwrap();
+    assert!(message_id.starts_with("m_"), "{message_id}");
+    for header in ["x-app-usage", "x-business-use-case-usage"] {
+        assert!(
+            first.headers.contains_key(header),
+            "{header} on every answer"
+        );
+    }
+
+    let second = sandbox
+        .send(PAGE_TOKEN, token_send(&token, "on sale"))
+        .await;
+    assert_eq!((second.status, second.code()), (400, 100));
+    assert!(
+        second
+            .error_message()
+            .contains("invalid, expired or already used")
+    );
+
+    let stats = sandbox.stats().await;
+    assert_eq!(stats.accepted, 1);
+    assert_eq!(stats.token_presentations, 2);
+    assert_eq!(stats.tokens_presented_more_than_once, 1);
+    assert_eq!(stats.tokens_accepted_more_than_once, 0);
+    assert_eq!(stats.recipients_with_duplicate_content, 0);
+    assert_eq!(stats.rejected_by_reason["token_used"], 1);
+
+    let ledger = sandbox.messages("").await;
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].token.as_deref(), Some(token.as_str()));
+    assert_eq!(ledger[0].psid, "u1");
+    assert_eq!(ledger[0].message, json!({"text": "on sale"}));
+    assert_eq!(ledger[0].message_id, message_id);
+}
+
+#[tokio::test]
+async fn without_single_use_a_reused_token_gets_through_and_is_counted() {
+    let sandbox = Sandbox::start().await;
+    sandbox.faults(json!({"enforce_single_use": false})).await;
+    let token = sandbox.optin(PAGE, "u1", "topic").await;
+    for _ in 0..2 {
+        assert_eq!(
+            sandbox
+                .send(PAGE_TOKEN, token_send(&token, "same"))
+                .await
+                .status,
+            200
+        );
+    }
+    let stats = sandbox.stats().await;
+    assert_eq!(stats.accepted, 2);
+    assert_eq!(stats.tokens_accepted_more_than_once, 1);
+    assert_eq!(stats.recipients_with_duplicate_content, 1);
+}
+
+#[tokio::test]
+async fn expired_foreign_and_unknown_tokens_answer_code_100() {
+    let sandbox = Sandbox::start().await;
+    let (_, body) = sandbox
+        .admin(
+            "/__sandbox/optins",
+            json!({"page_id": PAGE, "psid": "u1", "payload": "t", "expires_in_seconds": 0}),
+        )
+        .await;
+    let expired = body["token"].as_str().unwrap().to_string();
+    let foreign = sandbox.optin(OTHER_PAGE, "u2", "t").await;
+    for (token, reason) in [
+        (expired.as_str(), "token_expired"),
+        (foreign.as_str(), "token_foreign"),
+        ("otn-made-up", "token_unknown"),
+    ] {
+        let answer = sandbox.send(PAGE_TOKEN, token_send(token, "x")).await;
+        assert_eq!((answer.status, answer.code()), (400, 100), "{reason}");
+        assert_eq!(sandbox.stats().await.rejected_by_reason[reason], 1);
+    }
+    assert_eq!(sandbox.stats().await.accepted, 0);
+}
+
+#[tokio::test]
+async fn access_tokens_bearer_form_bodies_and_appsecret_proof() {
+    let sandbox = Sandbox::start().await;
+    let url = sandbox.running.url("/v24.0/me/messages");
+
+    let missing = sandbox
+        .post(sandbox.http.post(&url).json(&token_send("x", "x")))
+        .await;
+    assert_eq!(missing.code(), 104);
+    let unknown = sandbox.send("EAAB-nobody", token_send("x", "x")).await;
+    assert_eq!(unknown.code(), 190);
+
+    // Bearer header, JSON body.
+    let token = sandbox.optin(PAGE, "u1", "t").await;
+    let bearer = sandbox
+        .post(
+            sandbox
+                .http
+                .post(&url)
+                .bearer_auth(PAGE_TOKEN)
+                .json(&token_send(&token, "a")),
+        )
+        .await;
+    assert_eq!(bearer.status, 200, "{}", bearer.body);
+
+    // Form body with JSON-valued fields, token in the form, on /{page-id}/messages.
+    let token = sandbox.optin(PAGE, "u2", "t").await;
+    let form = sandbox
+        .post(
+            sandbox
+                .http
+                .post(sandbox.running.url(&format!("/v24.0/{PAGE}/messages")))
+                .form(&[
+                    ("access_token", PAGE_TOKEN),
+                    (
+                        "recipient",
+                        &json!({"one_time_notif_token": token}).to_string(),
+                    ),
+                    ("message", &json!({"text": "form"}).to_string()),
+                ]),
+        )
+        .await;
+    assert_eq!(form.status, 200, "{}", form.body);
+    assert_eq!(form.body["recipient_id"], "u2");
+
+    // The path's page must be the token's page.
+    let token = sandbox.optin(PAGE, "u3", "t").await;
+    let mismatch = sandbox
+        .post(
+            sandbox
+                .http
+                .post(sandbox.running.url(&format!(
+                    "/v24.0/{OTHER_PAGE}/messages?access_token={PAGE_TOKEN}"
+                )))
+                .json(&token_send(&token, "x")),
+        )
+        .await;
+    assert_eq!(mismatch.code(), 100);
+
+    // appsecret_proof: the right one passes, a wrong one is refused.
+    let proof = hex_hmac(APP_SECRET, PAGE_TOKEN);
+    let good = sandbox
+        .post(
+            sandbox
+                .http
+                .post(format!(
+                    "{url}?access_token={PAGE_TOKEN}&appsecret_proof={proof}"
+                ))
+                .json(&token_send(&token, "x")),
+        )
+        .await;
+    assert_eq!(good.status, 200, "{}", good.body);
+    let token = sandbox.optin(PAGE, "u4", "t").await;
+    let bad = sandbox
+        .post(
+            sandbox
+                .http
+                .post(format!(
+                    "{url}?access_token={PAGE_TOKEN}&appsecret_proof=00ff"
+                ))
+                .json(&token_send(&token, "x")),
+        )
+        .await;
+    assert_eq!(bad.code(), 100);
+    assert!(bad.error_message().contains("appsecret_proof"));
+}
+
+/// HMAC-SHA256 by `ring`: independent of the sandbox's own implementation.
+fn hex_hmac(key: &str, message: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
+    hex::encode(ring::hmac::sign(&key, message.as_bytes()).as_ref())
+}
+
+#[tokio::test]
+async fn standard_messages_need_the_window() {
+    let sandbox = Sandbox::start().await;
+    let nobody = sandbox
+        .send(PAGE_TOKEN, standard_send("u9", json!({"text": "hi"})))
+        .await;
+    assert_eq!((nobody.code(), nobody.subcode()), (100, 2018001));
+
+    let two_days_ago = chrono::Utc::now().timestamp_millis() - 2 * 24 * 3600 * 1000;
+    sandbox.interact("u1", Some(two_days_ago)).await;
+    let outside = sandbox
+        .send(PAGE_TOKEN, standard_send("u1", json!({"text": "hi"})))
+        .await;
+    assert_eq!((outside.code(), outside.subcode()), (10, 2018278));
+    assert!(
+        outside
+            .error_message()
+            .contains("outside of allowed window")
+    );
+
+    sandbox.interact("u1", None).await;
+    let inside = sandbox
+        .send(PAGE_TOKEN, standard_send("u1", json!({"text": "hi"})))
+        .await;
+    assert_eq!(inside.status, 200, "{}", inside.body);
+    assert_eq!(sandbox.messages("?psid=u1").await.len(), 1);
+}
+
+#[tokio::test]
+async fn opt_in_requests_follow_their_rules() {
+    let sandbox = Sandbox::start().await;
+    sandbox.interact("u1", None).await;
+    let sent = sandbox
+        .send(
+            PAGE_TOKEN,
+            standard_send("u1", optin_request("Notify me", "Spring Sale!")),
+        )
+        .await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+
+    let repeat = sandbox
+        .send(
+            PAGE_TOKEN,
+            standard_send("u1", optin_request("Again", "Spring Sale!")),
+        )
+        .await;
+    assert_eq!((repeat.code(), repeat.subcode()), (613, 1893016));
+    let other_topic = sandbox
+        .send(
+            PAGE_TOKEN,
+            standard_send("u1", optin_request("Other", "spring sale")),
+        )
+        .await;
+    assert_eq!(
+        other_topic.status, 200,
+        "topics are exact: {}",
+        other_topic.body
+    );
+
+    let long_title = sandbox
+        .send(
+            PAGE_TOKEN,
+            standard_send("u1", optin_request(&"t".repeat(66), "x")),
+        )
+        .await;
+    assert_eq!(long_title.code(), 100);
+    assert!(
+        long_title.error_message().contains("[title]"),
+        "{}",
+        long_title.error_message()
+    );
+    let max_title = sandbox
+        .send(
+            PAGE_TOKEN,
+            standard_send("u1", optin_request(&"t".repeat(65), "y")),
+        )
+        .await;
+    assert_eq!(max_title.status, 200);
+
+    let two_days_ago = chrono::Utc::now().timestamp_millis() - 2 * 24 * 3600 * 1000;
+    sandbox.interact("u2", Some(two_days_ago)).await;
+    let outside = sandbox
+        .send(PAGE_TOKEN, standard_send("u2", optin_request("t", "z")))
+        .await;
+    assert_eq!((outside.code(), outside.subcode()), (10, 2018278));
+}
+
+#[tokio::test]
+async fn messages_are_validated_as_facebook_does() {
+    let sandbox = Sandbox::start().await;
+    sandbox.interact("u1", None).await;
+    let button = |buttons: Value| {
+        json!({"attachment": {"type": "template", "payload": {
+        "template_type": "button", "text": "Tickets!", "buttons": buttons}}})
+    };
+    let postback = json!({"type": "postback", "title": "Yes", "payload": "YES"});
+    let cases = [
+        (json!({"text": "é".repeat(2001)}), "message[text]"),
+        (json!({"text": ""}), "message[text]"),
+        (json!({}), "cannot be empty"),
+        (
+            button(json!([postback, postback, postback, postback])),
+            "1 to 3",
+        ),
+        (
+            button(json!([{"type": "postback", "title": "x".repeat(21), "payload": "p"}])),
+            "[buttons][0][title]",
+        ),
+        (
+            button(json!([{"type": "web_url", "title": "Go", "url": "not a url"}])),
+            "[buttons][0][url]",
+        ),
+        (
+            button(json!([{"type": "phone_number", "title": "Call", "payload": "5551234"}])),
+            "[buttons][0][payload]",
+        ),
+        (
+            button(json!([{"type": "element_share", "title": "Share"}])),
+            "[buttons][0][type]",
+        ),
+        (
+            json!({"attachment": {"type": "template", "payload": {"template_type": "button",
+            "text": "x".repeat(641), "buttons": [postback]}}}),
+            "[payload][text]",
+        ),
+    ];
+    for (message, named) in cases {
+        let answer = sandbox
+            .send(PAGE_TOKEN, standard_send("u1", message.clone()))
+            .await;
+        assert_eq!(answer.code(), 100, "{message}");
+        assert!(
+            answer.error_message().contains(named),
+            "{named}: {}",
+            answer.error_message()
+        );
+    }
+    let valid = button(json!([
+        {"type": "web_url", "title": "x".repeat(20), "url": "https://example.com/t"},
+        {"type": "postback", "title": "Later", "payload": "LATER"},
+        {"type": "phone_number", "title": "Call", "payload": "+15105551234"}
+    ]));
+    assert_eq!(
+        sandbox
+            .send(PAGE_TOKEN, standard_send("u1", valid))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        sandbox
+            .send(
+                PAGE_TOKEN,
+                standard_send("u1", json!({"text": "é".repeat(2000)}))
+            )
+            .await
+            .status,
+        200
+    );
+    assert_eq!(sandbox.stats().await.accepted, 2);
+}
+
+fn batch_item(token: &str, text: &str) -> Value {
+    json!({"method": "POST", "relative_url": "me/messages",
+           "body": format!("recipient={}&message={}",
+               urlencode(&json!({"one_time_notif_token": token}).to_string()),
+               urlencode(&json!({"text": text}).to_string()))})
+}
+
+fn urlencode(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+#[tokio::test]
+async fn batches_answer_in_order_as_a_form_or_json() {
+    let sandbox = Sandbox::start().await;
+    let tokens: Vec<String> = optins_for(&sandbox, 3).await;
+    // Form body, batch as a JSON string; the third item reuses the first token.
+    let batch = json!([
+        batch_item(&tokens[0], "a"),
+        batch_item(&tokens[1], "b"),
+        batch_item(&tokens[0], "c")
+    ]);
+    let answer = sandbox
+        .post(
+            sandbox
+                .http
+                .post(sandbox.running.url("/v24.0/"))
+                .form(&[("access_token", PAGE_TOKEN), ("batch", &batch.to_string())]),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let items = answer.body.as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert_eq!(items[0]["code"], 200);
+    assert_eq!(items[1]["code"], 200);
+    assert_eq!(items[2]["code"], 400);
+    assert!(items[0]["headers"].is_array());
+    let first: Value = serde_json::from_str(items[0]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(first["recipient_id"], "u0");
+    let refused: Value = serde_json::from_str(items[2]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(refused["error"]["code"], 100);
+
+    // JSON body with the batch as an array, on POST /, without headers.
+    let answer = sandbox
+        .post(sandbox.http.post(sandbox.running.url("/")).json(&json!({
+            "access_token": PAGE_TOKEN, "include_headers": false,
+            "batch": [batch_item(&tokens[2], "d")]})))
+        .await;
+    let items = answer.body.as_array().unwrap();
+    assert_eq!(items[0]["code"], 200, "{}", answer.body);
+    assert!(items[0].get("headers").is_none());
+
+    // More than 50 items are refused whole.
+    let too_many: Vec<Value> = (0..51).map(|_| batch_item("x", "x")).collect();
+    let answer = sandbox
+        .post(
+            sandbox
+                .http
+                .post(sandbox.running.url("/v24.0"))
+                .json(&json!({
+            "access_token": PAGE_TOKEN, "batch": too_many})),
+        )
+        .await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.body["error"]["type"], "GraphBatchException");
+    assert_eq!(sandbox.stats().await.accepted, 3);
+}
+
+async fn optins_for(sandbox: &Sandbox, n: usize) -> Vec<String> {
+    let mut tokens = Vec::new();
+    for i in 0..n {
+        tokens.push(sandbox.optin(PAGE, &format!("u{i}"), "t").await);
+    }
+    tokens
+}
+
+#[tokio::test]
+async fn faults_apply_to_batch_items_one_by_one_with_null_for_the_unfinished() {
+    let sandbox = Sandbox::start().await;
+    let tokens = optins_for(&sandbox, 40).await;
+    sandbox
+        .faults(json!({"reset_rate": 0.3, "accept_then_fail_rate": 0.2, "seed": 7}))
+        .await;
+    let batch: Vec<Value> = tokens.iter().map(|t| batch_item(t, "x")).collect();
+    let answer = sandbox
+        .post(
+            sandbox
+                .http
+                .post(sandbox.running.url("/v24.0/"))
+                .json(&json!({
+            "access_token": PAGE_TOKEN, "batch": batch})),
+        )
+        .await;
+    let items = answer.body.as_array().unwrap();
+    let nulls = items.iter().filter(|i| i.is_null()).count();
+    let ok = items.iter().filter(|i| i["code"] == 200).count();
+    assert!(nulls > 0 && ok > 0, "{nulls} null, {ok} ok");
+    assert_eq!(nulls + ok, 40);
+    let stats = sandbox.stats().await;
+    // Accepted-then-failed items are in the ledger although their answer is null.
+    assert_eq!(
+        stats.accepted as usize,
+        ok + stats.faults_injected["accept_then_fail"] as usize
+    );
+}
+
+#[tokio::test]
+async fn the_rate_limit_answers_613_and_holds_each_second_to_the_limit() {
+    let sandbox = Sandbox::start().await;
+    sandbox.faults(json!({"rate_limit_per_page": 2})).await;
+    let tokens = optins_for(&sandbox, 10).await;
+    let mut limited = None;
+    for token in &tokens {
+        let answer = sandbox.send(PAGE_TOKEN, token_send(token, "x")).await;
+        if answer.code() == 613 {
+            limited = Some(answer);
+        }
+    }
+    let limited = limited.expect("10 calls in at most two seconds exceed 2 per second");
+    let usage: Value = serde_json::from_str(
+        limited.headers["x-business-use-case-usage"]
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(usage[PAGE][0]["call_count"], 100);
+    assert!(
+        usage[PAGE][0]
+            .get("estimated_time_to_regain_access")
+            .is_some()
+    );
+    let stats = sandbox.stats().await;
+    assert!(stats.rate_limited >= 1);
+    let mut per_second = std::collections::HashMap::<i64, u32>::new();
+    for message in sandbox.messages("").await {
+        *per_second.entry(message.time_ms / 1000).or_default() += 1;
+    }
+    assert!(per_second.values().all(|n| *n <= 2), "{per_second:?}");
+}
+
+#[tokio::test]
+async fn error_throttle_and_restriction_faults_accept_nothing() {
+    let sandbox = Sandbox::start().await;
+    let token = sandbox.optin(PAGE, "u1", "t").await;
+
+    sandbox.faults(json!({"error_rate": 1.0})).await;
+    let answer = sandbox.send(PAGE_TOKEN, token_send(&token, "x")).await;
+    assert!(
+        matches!((answer.status, answer.code()), (500, 1) | (503, 2)),
+        "{}",
+        answer.body
+    );
+
+    sandbox
+        .faults(json!({"throttle_rate": 1.0, "throttle_regain_minutes": 3}))
+        .await;
+    let answer = sandbox.send(PAGE_TOKEN, token_send(&token, "x")).await;
+    assert!(matches!(answer.code(), 613 | 80006), "{}", answer.body);
+    let usage: Value = serde_json::from_str(
+        answer.headers["x-business-use-case-usage"]
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(usage[PAGE][0]["estimated_time_to_regain_access"], 3);
+
+    sandbox.faults(json!({"restricted_pages": [PAGE]})).await;
+    let answer = sandbox.send(PAGE_TOKEN, token_send(&token, "x")).await;
+    assert_eq!((answer.code(), answer.subcode()), (10, 1893063));
+
+    // None of them used the token.
+    sandbox.faults(json!({})).await;
+    assert_eq!(
+        sandbox
+            .send(PAGE_TOKEN, token_send(&token, "x"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(sandbox.stats().await.accepted, 1);
+}
+
+#[tokio::test]
+async fn timeouts_and_resets_leave_nothing_accepted_but_accept_then_fail_does() {
+    let sandbox = Sandbox::start().await;
+    let token = sandbox.optin(PAGE, "u1", "t").await;
+    let url = sandbox
+        .running
+        .url(&format!("/v24.0/me/messages?access_token={PAGE_TOKEN}"));
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+
+    sandbox
+        .faults(json!({"timeout_rate": 1.0, "timeout_hold_ms": 5000}))
+        .await;
+    let timed_out = impatient
+        .post(&url)
+        .json(&token_send(&token, "x"))
+        .send()
+        .await;
+    assert!(timed_out.unwrap_err().is_timeout());
+
+    sandbox.faults(json!({"reset_rate": 1.0})).await;
+    let reset = async {
+        sandbox
+            .http
+            .post(&url)
+            .json(&token_send(&token, "x"))
+            .send()
+            .await?
+            .bytes()
+            .await
+    };
+    assert!(
+        reset.await.is_err(),
+        "the connection is dropped without an answer"
+    );
+    assert_eq!(sandbox.stats().await.accepted, 0);
+
+    sandbox.faults(json!({"accept_then_fail_rate": 1.0})).await;
+    let failed = async {
+        sandbox
+            .http
+            .post(&url)
+            .json(&token_send(&token, "x"))
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await
+    };
+    assert!(
+        failed.await.is_err(),
+        "the answer is a 500 or a dropped connection"
+    );
+    assert_eq!(
+        sandbox.stats().await.accepted,
+        1,
+        "yet the message was accepted"
+    );
+    sandbox.faults(json!({})).await;
+    let retry = sandbox.send(PAGE_TOKEN, token_send(&token, "x")).await;
+    assert_eq!(retry.code(), 100, "and its token is spent");
+}
+
+#[tokio::test]
+async fn latency_is_added_to_answers() {
+    let sandbox = Sandbox::start().await;
+    sandbox.faults(json!({"latency_ms": 150})).await;
+    let token = sandbox.optin(PAGE, "u1", "t").await;
+    let started = std::time::Instant::now();
+    assert_eq!(
+        sandbox
+            .send(PAGE_TOKEN, token_send(&token, "x"))
+            .await
+            .status,
+        200
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "the fault's delay was applied"
+    );
+}
+
+#[tokio::test]
+async fn admin_refuses_bad_input() {
+    let sandbox = Sandbox::start().await;
+    for (path, body) in [
+        ("/__sandbox/faults", json!({"error_rate": 2.0})),
+        (
+            "/__sandbox/faults",
+            json!({"error_rate": 0.6, "reset_rate": 0.6}),
+        ),
+        ("/__sandbox/faults", json!({"eror_rate": 0.1})),
+        (
+            "/__sandbox/optins",
+            json!({"page_id": PAGE, "payload": "t"}),
+        ),
+        (
+            "/__sandbox/optins",
+            json!({"page_id": PAGE, "payload": "t", "psid_prefix": "p", "count": 0}),
+        ),
+        (
+            "/__sandbox/pages",
+            json!({"page_id": "abc", "access_token": "t", "app_secret": "s"}),
+        ),
+        (
+            "/__sandbox/pages",
+            json!({"page_id": "1", "access_token": "t", "app_secret": "s", "webhook_url": "ftp://x"}),
+        ),
+    ] {
+        let (status, answer) = sandbox.admin(path, body.clone()).await;
+        assert_eq!(status, 400, "{path} {body}: {answer}");
+        assert!(answer["error"].is_string());
+    }
+    let (status, _) = sandbox
+        .admin(
+            "/__sandbox/optins",
+            json!({"page_id": "999", "psid": "u", "payload": "t"}),
+        )
+        .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn reset_clears_everything() {
+    let sandbox = Sandbox::start().await;
+    let token = sandbox.optin(PAGE, "u1", "t").await;
+    assert_eq!(
+        sandbox
+            .send(PAGE_TOKEN, token_send(&token, "x"))
+            .await
+            .status,
+        200
+    );
+    sandbox.faults(json!({"error_rate": 1.0})).await;
+    sandbox.admin("/__sandbox/reset", json!({})).await;
+    assert_eq!(sandbox.stats().await, Stats::default());
+    assert!(sandbox.messages("").await.is_empty());
+    // Pages are gone too.
+    assert_eq!(
+        sandbox
+            .send(PAGE_TOKEN, token_send(&token, "x"))
+            .await
+            .code(),
+        190
+    );
+}
+
+/// A webhook endpoint that records every POST and refuses the first `fail_first` of them.
+struct Receiver {
+    url: String,
+    posts: Arc<Mutex<Vec<(HeaderMap, Bytes)>>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn receiver(fail_first: u32) -> Receiver {
+    let posts: Arc<Mutex<Vec<(HeaderMap, Bytes)>>> = Arc::default();
+    let failures = Arc::new(AtomicU32::new(fail_first));
+    let sink = posts.clone();
+    let app = Router::new().route(
+        "/webhook",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let sink = sink.clone();
+            let failures = failures.clone();
+            async move {
+                if failures
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                sink.lock().unwrap().push((headers, body));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/webhook", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    Receiver {
+        url,
+        posts,
+        _stop: stop,
+    }
+}
+
+fn fast_retries() -> SandboxOptions {
+    SandboxOptions {
+        webhook_retry_base: Duration::from_millis(10),
+        ..SandboxOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn opt_in_webhooks_are_signed_escaped_and_shaped_like_facebooks() {
+    let hook = receiver(0).await;
+    let sandbox = Sandbox::start_with(fast_retries()).await;
+    sandbox.page("333", "EAAB-333", Some(&hook.url)).await;
+    let (_, body) = sandbox
+        .admin(
+            "/__sandbox/optins",
+            json!({"page_id": "333", "psid": "u1", "payload": "Été 🎉 sale"}),
+        )
+        .await;
+    let token = body["token"].as_str().unwrap().to_string();
+
+    let (headers, raw) = eventually(Duration::from_secs(5), "the opt-in webhook", || {
+        let posts = hook.posts.clone();
+        async move { posts.lock().unwrap().first().cloned() }
+    })
+    .await;
+    let signature = headers["x-hub-signature-256"].to_str().unwrap();
+    let expected = format!(
+        "sha256={}",
+        hex_hmac("app-secret-333", std::str::from_utf8(&raw).unwrap())
+    );
+    assert_eq!(
+        signature, expected,
+        "HMAC-SHA256 of the raw body with the app secret"
+    );
+    let text = std::str::from_utf8(&raw).unwrap();
+    assert!(
+        text.is_ascii() && text.contains("\\u00c9t\\u00e9 \\ud83c\\udf89"),
+        "{text}"
+    );
+
+    let envelope: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(envelope["object"], "page");
+    let entry = &envelope["entry"][0];
+    assert_eq!(entry["id"], "333");
+    let event = &entry["messaging"][0];
+    assert_eq!(event["sender"]["id"], "u1");
+    assert_eq!(event["recipient"]["id"], "333");
+    assert_eq!(event["optin"]["type"], "one_time_notif_req");
+    assert_eq!(event["optin"]["payload"], "Été 🎉 sale");
+    assert_eq!(event["optin"]["one_time_notif_token"], token.as_str());
+    let millis = event["timestamp"].as_i64().unwrap();
+    assert!(
+        (millis - chrono::Utc::now().timestamp_millis()).abs() < 60_000,
+        "milliseconds"
+    );
+}
+
+#[tokio::test]
+async fn bulk_opt_ins_go_out_in_posts_of_at_most_100_events() {
+    let hook = receiver(0).await;
+    let sandbox = Sandbox::start_with(fast_retries()).await;
+    sandbox.page("444", "EAAB-444", Some(&hook.url)).await;
+    let (status, body) = sandbox
+        .admin(
+            "/__sandbox/optins",
+            json!({"page_id": "444", "psid_prefix": "fan-", "count": 250, "payload": "t"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let tokens: Vec<String> = serde_json::from_value(body["tokens"].clone()).unwrap();
+    assert_eq!(tokens.len(), 250);
+
+    let posts = eventually(Duration::from_secs(10), "three webhook posts", || {
+        let posts = hook.posts.clone();
+        async move {
+            let posts = posts.lock().unwrap();
+            (posts.len() == 3).then(|| posts.clone())
+        }
+    })
+    .await;
+    let mut seen = Vec::new();
+    for (index, (_, raw)) in posts.iter().enumerate() {
+        let envelope: Value = serde_json::from_slice(raw).unwrap();
+        let events = envelope["entry"][0]["messaging"].as_array().unwrap();
+        assert_eq!(events.len(), [100, 100, 50][index]);
+        seen.extend(events.iter().map(|e| {
+            e["optin"]["one_time_notif_token"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }));
+    }
+    assert_eq!(seen, tokens, "every token once, in order");
+}
+
+#[tokio::test]
+async fn failed_webhooks_are_retried_until_acknowledged() {
+    let hook = receiver(2).await;
+    let sandbox = Sandbox::start_with(fast_retries()).await;
+    sandbox.page("555", "EAAB-555", Some(&hook.url)).await;
+    let (status, _) = sandbox
+        .admin(
+            "/__sandbox/interactions",
+            json!({"page_id": "555", "psid": "u1", "text": "hello"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, raw) = eventually(Duration::from_secs(5), "the retried webhook", || {
+        let posts = hook.posts.clone();
+        async move { posts.lock().unwrap().first().cloned() }
+    })
+    .await;
+    let envelope: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(
+        envelope["entry"][0]["messaging"][0]["message"]["text"],
+        "hello"
+    );
+    let stats = eventually(
+        Duration::from_secs(5),
+        "the delivery to be counted",
+        || async {
+            let stats = sandbox.stats().await;
+            (stats.webhook_posts_delivered == 1).then_some(stats)
+        },
+    )
+    .await;
+    assert_eq!(stats.webhook_attempts_failed, 2);
+    // The interaction opened the window.
+    let answer = sandbox
+        .send("EAAB-555", standard_send("u1", json!({"text": "hi"})))
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+}
+
+/// The npm `messaging-api-messenger` client works against the sandbox with only its base URL
+/// changed: a token send, a refused reuse, and a batch (see tests/peer/messaging-api-messenger).
+#[tokio::test]
+async fn a_real_graph_client_library_works_against_the_sandbox() {
+    let sandbox = Sandbox::start().await;
+    let (status, body) = sandbox
+        .admin(
+            "/__sandbox/optins",
+            json!({"page_id": PAGE, "psid_prefix": "fan-", "count": 5, "payload": "Tickets"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let tokens: Vec<String> = serde_json::from_value(body["tokens"].clone()).unwrap();
+
+    let source =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peer/messaging-api-messenger");
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["package.json", "package-lock.json", "check.cjs"] {
+        std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
+    }
+    let workdir = dir.path().to_path_buf();
+    let run = move |program: &str, args: &[&str], env: Vec<(&str, String)>| {
+        let output = std::process::Command::new(program)
+            .args(args)
+            .current_dir(&workdir)
+            .envs(env)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{program} could not run (is Node.js installed?): {e}"));
+        assert!(
+            output.status.success(),
+            "{program} {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let sandbox_url = format!("http://{}", sandbox.running.addr);
+    let env = vec![
+        ("SANDBOX_URL", sandbox_url),
+        ("PAGE_TOKEN", PAGE_TOKEN.to_string()),
+        ("APP_SECRET", APP_SECRET.to_string()),
+        ("OTN_TOKENS", tokens.join(",")),
+        ("EXPECTED_PSID", "fan-0".to_string()),
+    ];
+    tokio::task::spawn_blocking(move || {
+        run(
+            "npm",
+            &["ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            vec![],
+        );
+        run("node", &["check.cjs"], env);
+    })
+    .await
+    .unwrap();
+
+    let stats = sandbox.stats().await;
+    assert_eq!(stats.accepted, 5, "one single send and a batch of four");
+    assert_eq!(
+        stats.tokens_presented_more_than_once, 1,
+        "the refused reuse"
+    );
+    assert_eq!(
+        stats.rejected_by_reason.get("appsecret_proof_invalid"),
+        None
+    );
+    let ledger = sandbox.messages("").await;
+    assert_eq!(ledger.len(), 5);
+    assert_eq!(ledger[0].message, json!({"text": "Tickets are on sale"}));
+    assert_eq!(ledger[0].psid, "fan-0");
+}
+
+#[tokio::test]
+async fn unknown_versions_and_batch_items_are_graph_errors() {
+    let sandbox = Sandbox::start().await;
+    let token = sandbox.optin(PAGE, "u1", "t").await;
+    let url = sandbox
+        .running
+        .url(&format!("/latest/me/messages?access_token={PAGE_TOKEN}"));
+    let answer = sandbox
+        .post(sandbox.http.post(url).json(&token_send(&token, "x")))
+        .await;
+    assert_eq!((answer.status, answer.code()), (400, 100));
+    assert!(answer.error_message().contains("unknown version 'latest'"));
+
+    let answer = sandbox
+        .post(sandbox.http.post(sandbox.running.url("/v24.0/")).json(&json!({
+            "access_token": PAGE_TOKEN,
+            "batch": [{"method": "GET", "relative_url": "me?fields=id"}, batch_item(&token, "x")]})))
+        .await;
+    let items = answer.body.as_array().unwrap();
+    assert_eq!(items[0]["code"], 400, "only sends are supported");
+    assert_eq!(items[1]["code"], 200, "the other items still run");
+}
