@@ -31,7 +31,10 @@ fn thread_cpu_ns() -> u64 {
 }
 
 /// Starts the sandbox on a thread of its own; returns its address and a probe of its CPU time.
-fn start_sandbox() -> (std::net::SocketAddr, mpsc::UnboundedSender<oneshot::Sender<u64>>) {
+fn start_sandbox() -> (
+    std::net::SocketAddr,
+    mpsc::UnboundedSender<oneshot::Sender<u64>>,
+) {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<oneshot::Sender<u64>>();
     std::thread::spawn(move || {
@@ -95,8 +98,10 @@ async fn run(
         let count = (sends - tokens.len()).min(100_000);
         let answer: serde_json::Value = http
             .post(format!("{base}/__sandbox/optins"))
-            .json(&json!({"page_id": PAGE, "psid_prefix": format!("u{}-", tokens.len()),
-                          "count": count, "payload": "bench", "deliver_webhook": false}))
+            .json(
+                &json!({"page_id": PAGE, "psid_prefix": format!("u{}-", tokens.len()),
+                          "count": count, "payload": "bench", "deliver_webhook": false}),
+            )
             .send()
             .await
             .unwrap()
@@ -111,7 +116,9 @@ async fn run(
             .map(|t| json!({"recipient": {"one_time_notif_token": t}, "message": {"text": "Tickets are on sale"}}).to_string())
             .collect(),
     );
-    let url = Arc::new(format!("{base}/v24.0/me/messages?access_token={PAGE_TOKEN}"));
+    let url = Arc::new(format!(
+        "{base}/v24.0/me/messages?access_token={PAGE_TOKEN}"
+    ));
 
     let next = Arc::new(AtomicUsize::new(0));
     let cpu_before = sandbox_cpu_ns(&probe).await;
@@ -166,5 +173,8 @@ async fn run(
     if cpu > 0.0 {
         println!("  sends per sandbox CPU-second {:.0}", sends as f64 / cpu);
     }
-    assert_eq!(stats.accepted as usize, sends, "every token accepted exactly once");
+    assert_eq!(
+        stats.accepted as usize, sends,
+        "every token accepted exactly once"
+    );
 }

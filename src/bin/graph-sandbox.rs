@@ -3,21 +3,55 @@
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use otnd::sandbox::{self, SandboxOptions};
+use otnd::sandbox::{self, Faults, SandboxOptions};
 
 /// A faithful fake of the Graph API parts otnd uses; admin surface under /__sandbox/.
+/// Every fault flag can also be changed at run time with POST /__sandbox/faults.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:9090")]
     addr: SocketAddr,
-    /// Graph calls per page per second before answering 613 (default: no limit).
+    /// Graph calls per page per wall-clock second before answering 613 (default: no limit).
     #[arg(long)]
     rate_limit_per_page: Option<u32>,
     /// Milliseconds added to every Graph answer.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// Mean milliseconds of an exponential long tail added to the latency.
+    #[arg(long, default_value_t = 0)]
+    latency_tail_ms: u64,
+    /// Share of sends answered 500/code 1 or 503/code 2.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Share of sends held past the client's timeout.
+    #[arg(long, default_value_t = 0.0)]
+    timeout_rate: f64,
+    /// How long a timed-out send is held, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    timeout_hold_ms: u64,
+    /// Share of sends whose connection is dropped without an answer.
+    #[arg(long, default_value_t = 0.0)]
+    reset_rate: f64,
+    /// Share of sends accepted, then answered with a 500 or a dropped connection.
+    #[arg(long, default_value_t = 0.0)]
+    accept_then_fail_rate: f64,
+    /// Share of sends answered 613 or 80006 (throttled).
+    #[arg(long, default_value_t = 0.0)]
+    throttle_rate: f64,
+    /// Minutes the throttled answers ask the caller to wait.
+    #[arg(long, default_value_t = 0)]
+    throttle_regain_minutes: u32,
+    /// A page answered 10/1893063 (temporarily restricted); repeat for several.
+    #[arg(long = "restricted-page")]
+    restricted_pages: Vec<String>,
+    /// Let a used token through again, so that duplicate deliveries become visible.
+    #[arg(long)]
+    allow_token_reuse: bool,
+    /// Seed of the fault dice, for reproducible runs.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Tries per webhook POST before it is abandoned.
     #[arg(long, default_value_t = 8)]
     webhook_max_attempts: u32,
@@ -26,10 +60,31 @@ struct Args {
     webhook_retry_base_ms: u64,
 }
 
+impl Args {
+    fn faults(&self) -> Faults {
+        Faults {
+            latency_ms: self.latency_ms,
+            latency_tail_ms: self.latency_tail_ms,
+            error_rate: self.error_rate,
+            timeout_rate: self.timeout_rate,
+            timeout_hold_ms: self.timeout_hold_ms,
+            reset_rate: self.reset_rate,
+            accept_then_fail_rate: self.accept_then_fail_rate,
+            throttle_rate: self.throttle_rate,
+            throttle_regain_minutes: self.throttle_regain_minutes,
+            restricted_pages: self.restricted_pages.clone(),
+            enforce_single_use: !self.allow_token_reuse,
+            rate_limit_per_page: self.rate_limit_per_page,
+            seed: self.seed,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    if args.rate_limit_per_page == Some(0) {
-        eprintln!("graph-sandbox: --rate-limit-per-page must be at least 1");
+    let faults = args.faults();
+    if let Err(why) = faults.validate() {
+        eprintln!("graph-sandbox: {why}");
         return ExitCode::from(2);
     }
     otnd::telemetry::init(otnd::config::LogFormat::Pretty);
@@ -44,14 +99,14 @@ fn main() -> ExitCode {
         }
     };
     let options = SandboxOptions {
-        rate_limit_per_page: args.rate_limit_per_page,
-        latency_ms: args.latency_ms,
+        faults,
         webhook_max_attempts: args.webhook_max_attempts.max(1),
         webhook_retry_base: Duration::from_millis(args.webhook_retry_base_ms),
     };
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.addr).await?;
-        tracing::info!(addr = %listener.local_addr()?, "graph-sandbox listening");
+        // On stdout, plainly, for scripts that start it on port 0.
+        println!("graph-sandbox listening on {}", listener.local_addr()?);
         sandbox::serve(listener, options, otnd::startup::shutdown_signal()).await
     });
     match result {

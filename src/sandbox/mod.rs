@@ -26,10 +26,8 @@ pub use world::{AcceptedMessage, Faults, Stats};
 
 #[derive(Clone, Debug)]
 pub struct SandboxOptions {
-    /// Graph calls per page per wall-clock second before answering 613; `None`: no limit.
-    pub rate_limit_per_page: Option<u32>,
-    /// Added to every Graph answer.
-    pub latency_ms: u64,
+    /// The faults (latency and rate limit included) it starts with and returns to on reset.
+    pub faults: Faults,
     /// Tries per webhook POST before it is abandoned.
     pub webhook_max_attempts: u32,
     /// Pause before the first retry; each later one doubles it.
@@ -39,8 +37,7 @@ pub struct SandboxOptions {
 impl Default for SandboxOptions {
     fn default() -> Self {
         SandboxOptions {
-            rate_limit_per_page: None,
-            latency_ms: 0,
+            faults: Faults::default(),
             webhook_max_attempts: 8,
             webhook_retry_base: Duration::from_millis(500),
         }
@@ -67,19 +64,18 @@ pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-pub fn router(options: SandboxOptions) -> Router {
+/// The sandbox's routes. Fails when `options.faults` are not valid.
+pub fn router(options: SandboxOptions) -> Result<Router, String> {
+    options.faults.validate()?;
     let shared = Arc::new(Shared {
-        world: Mutex::new(world::World::new(
-            options.rate_limit_per_page,
-            options.latency_ms,
-        )),
+        world: Mutex::new(world::World::new(options.faults.clone())),
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(20))
             .build()
             .expect("a plain HTTP client builds"),
         options,
     });
-    Router::new()
+    Ok(Router::new()
         .route("/", post(graph::batch))
         .route("/{version}", post(graph::batch))
         .route("/{version}/", post(graph::batch))
@@ -94,7 +90,7 @@ pub fn router(options: SandboxOptions) -> Router {
         .route("/__sandbox/messages", get(admin::messages))
         .route("/__sandbox/stats", get(admin::stats))
         .route("/__sandbox/reset", post(admin::reset))
-        .with_state(shared)
+        .with_state(shared))
 }
 
 /// Serves the sandbox on `listener` until `shutdown` completes.
@@ -103,7 +99,8 @@ pub async fn serve(
     options: SandboxOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(options))
+    let router = router(options).map_err(std::io::Error::other)?;
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }

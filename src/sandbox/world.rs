@@ -76,7 +76,7 @@ pub struct Faults {
     pub restricted_pages: Vec<String>,
     /// When false, a used token is accepted again, so that duplicates become visible.
     pub enforce_single_use: bool,
-    /// Overrides `--rate-limit-per-page` when set.
+    /// Calls per page per wall-clock second before answering 613; `None`: no limit.
     pub rate_limit_per_page: Option<u32>,
     /// Seeds the fault dice, for reproducible runs.
     pub seed: Option<u64>,
@@ -212,14 +212,19 @@ pub struct World {
     rate_windows: HashMap<String, (i64, u32)>,
     stats: Stats,
     faults: Faults,
-    default_rate_limit: Option<u32>,
-    default_latency_ms: u64,
+    /// The faults the sandbox started with (its flags); `reset` returns to them.
+    initial_faults: Faults,
     rng: StdRng,
     next_message: u64,
 }
 
 impl World {
-    pub fn new(rate_limit_per_page: Option<u32>, latency_ms: u64) -> Self {
+    /// A world with these faults (already validated).
+    pub fn new(initial_faults: Faults) -> Self {
+        let rng = match initial_faults.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_entropy(),
+        };
         World {
             pages: HashMap::new(),
             page_by_token: HashMap::new(),
@@ -230,19 +235,15 @@ impl World {
             recipients_with_duplicates: HashSet::new(),
             rate_windows: HashMap::new(),
             stats: Stats::default(),
-            faults: Faults {
-                latency_ms,
-                ..Faults::default()
-            },
-            default_rate_limit: rate_limit_per_page,
-            default_latency_ms: latency_ms,
-            rng: StdRng::from_entropy(),
+            faults: initial_faults.clone(),
+            initial_faults,
+            rng,
             next_message: 0,
         }
     }
 
     pub fn reset(&mut self) {
-        *self = World::new(self.default_rate_limit, self.default_latency_ms);
+        *self = World::new(self.initial_faults.clone());
     }
 
     pub fn stats(&self) -> Stats {
@@ -397,7 +398,7 @@ impl World {
             return self.refuse(GraphError::page_restricted(), usage);
         }
 
-        if let Some(limit) = self.faults.rate_limit_per_page.or(self.default_rate_limit) {
+        if let Some(limit) = self.faults.rate_limit_per_page {
             let second = now_ms.div_euclid(1000);
             let window = self
                 .rate_windows
