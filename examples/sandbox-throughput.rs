@@ -84,7 +84,7 @@ async fn run(
     concurrency: usize,
 ) {
     let base = format!("http://{addr}");
-    let http = reqwest::Client::builder()
+    let http = otnd::graph::http_client_builder()
         .pool_max_idle_per_host(concurrency)
         .build()
         .unwrap();

@@ -114,6 +114,21 @@ pub enum KeyFileOutcome {
     Loaded,
 }
 
+/// HMAC-SHA256 (webhook signatures, appsecret_proof).
+pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
+/// Compares secrets without leaking, through timing, how much of them matched.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
+}
+
 /// Where the generated key of a SQLite database lives: beside it, named after it.
 pub fn key_file_for(database_file: &Path) -> PathBuf {
     let mut name = database_file.as_os_str().to_owned();

@@ -5,10 +5,12 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod engine;
+pub mod graph;
 pub mod http;
 pub mod sandbox;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod webhook;
 
 pub use api::pb;

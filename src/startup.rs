@@ -9,13 +9,17 @@ use tonic::transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
 use crate::{
-    api::{GuardLayer, MAX_REQUEST_BYTES, NotYetImplemented, Pages, pb},
+    api::{Audience, GuardLayer, MAX_REQUEST_BYTES, NotYetImplemented, OptIns, Pages, pb},
     config::{DatabaseUrl, Settings, TlsFiles},
     crypto::{self, KeyFileOutcome, MasterKey, SecretCipher},
     engine::EngineHandle,
+    graph::GraphClient,
     http::{self, HttpState},
     store::{self, Store, meta},
 };
+
+/// How long one Graph API call may take before it counts as timed out (and ambiguous).
+const GRAPH_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The services health reports on, besides the whole server ("").
 const SERVICE_NAMES: &[&str] = &[
@@ -36,6 +40,7 @@ pub struct Application {
     shutdown_grace: Duration,
     store: Store,
     cipher: SecretCipher,
+    graph: GraphClient,
     engine: EngineHandle,
 }
 
@@ -44,6 +49,8 @@ impl Application {
     /// the engine. Must run inside an `actix::System`.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let tls = settings.tls.as_ref().map(tls_config).transpose()?;
+        let graph = GraphClient::new(&settings.graph_url, &settings.graph_version, GRAPH_TIMEOUT)
+            .context("Failed to build the Graph API client")?;
         let master_key = resolve_master_key(&settings)?;
         let cipher = SecretCipher::new(&master_key);
 
@@ -92,6 +99,7 @@ impl Application {
             shutdown_grace: settings.shutdown_grace,
             store,
             cipher,
+            graph,
             engine,
         })
     }
@@ -131,10 +139,16 @@ impl Application {
             self.cipher.clone(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let audience = pb::audience_service_server::AudienceServiceServer::new(NotYetImplemented)
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let optins = pb::opt_in_service_server::OptInServiceServer::new(NotYetImplemented)
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let audience = pb::audience_service_server::AudienceServiceServer::new(Audience::new(
+            self.store.clone(),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let optins = pb::opt_in_service_server::OptInServiceServer::new(OptIns::new(
+            self.store.clone(),
+            self.cipher.clone(),
+            self.graph.clone(),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
         let stories = pb::story_service_server::StoryServiceServer::new(NotYetImplemented)
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let sends = pb::send_service_server::SendServiceServer::new(NotYetImplemented)
@@ -164,6 +178,7 @@ impl Application {
 
         let http_app = http::router(HttpState {
             store: self.store.clone(),
+            cipher: self.cipher.clone(),
             serving: serving_rx,
         });
         let http_server = axum::serve(self.http_listener, http_app)

@@ -7,12 +7,16 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_pages;
+mod m20261123_000002_audience_optins;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261123_000001_pages::Migration)]
+        vec![
+            Box::new(m20261123_000001_pages::Migration),
+            Box::new(m20261123_000002_audience_optins::Migration),
+        ]
     }
 }

@@ -3,7 +3,12 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use crate::{domain::Violations, engine::EngineError, store::StoreError};
+use crate::{
+    domain::Violations,
+    engine::EngineError,
+    graph::{Class, Failure},
+    store::StoreError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -17,6 +22,9 @@ pub enum ApiError {
     FailedPrecondition(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// Facebook refused or failed a call made for this request.
+    #[error("{0}")]
+    Graph(crate::graph::Failure),
     /// Not the caller's fault: logged with its cause chain, answered with an opaque message.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -62,10 +70,41 @@ impl From<ApiError> for Status {
                 Status::deadline_exceeded(err.to_string())
             }
             ApiError::Engine(err @ EngineError::Stopped) => Status::unavailable(err.to_string()),
+            ApiError::Graph(failure) => graph_status(&failure),
             ApiError::Internal(cause) => {
                 tracing::error!(error = ?cause, "request failed");
                 Status::internal("internal error; the cause is in otnd's log")
             }
+        }
+    }
+}
+
+/// A Graph refusal as the gRPC code a caller can act on, with Facebook's own words.
+fn graph_status(failure: &Failure) -> Status {
+    let facebook = format!("Facebook: {failure}");
+    let error = &failure.error;
+    match (failure.class, error.code, error.subcode) {
+        (Class::RecipientPermanent, 10, Some(2018278)) => Status::failed_precondition(format!(
+            "the user is outside the 24-hour messaging window: they must message the page first ({facebook})"
+        )),
+        (Class::RecipientPermanent, 613, Some(1893016)) => Status::already_exists(format!(
+            "an opt-in request for this topic was already sent to this user ({facebook})"
+        )),
+        (Class::RecipientPermanent, 100, Some(2018001)) => {
+            Status::not_found(format!("the page has no such user ({facebook})"))
+        }
+        (Class::RecipientPermanent, _, _) => Status::failed_precondition(format!(
+            "Facebook refused to message this user ({facebook})"
+        )),
+        (Class::PagePermanent, _, _) => Status::failed_precondition(format!(
+            "the page cannot send: fix its access token or permissions (UpdatePage) or wait out the restriction ({facebook})"
+        )),
+        (Class::Throttled { wait }, _, _) => Status::resource_exhausted(format!(
+            "Facebook is rate limiting this page; retry in {} s ({facebook})",
+            wait.as_secs().max(1)
+        )),
+        (Class::Transient { .. }, _, _) => {
+            Status::unavailable(format!("the Graph API failed; retry ({facebook})"))
         }
     }
 }

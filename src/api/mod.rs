@@ -1,13 +1,18 @@
 //! The gRPC surface: the only module that knows protobuf. Services are thin: parse into domain
 //! types, call the store or the engine, map the result back.
 
+mod audience;
 mod error;
 mod guard;
+mod optins;
 mod pages;
+mod shared;
 mod time;
 
+pub use audience::Audience;
 pub use error::ApiError;
 pub use guard::GuardLayer;
+pub use optins::OptIns;
 pub use pages::Pages;
 
 /// The generated code of `proto/otn/v1`, clients included.
@@ -24,8 +29,6 @@ pub mod pb {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NotYetImplemented;
 
-impl pb::audience_service_server::AudienceService for NotYetImplemented {}
-impl pb::opt_in_service_server::OptInService for NotYetImplemented {}
 impl pb::story_service_server::StoryService for NotYetImplemented {}
 impl pb::send_service_server::SendService for NotYetImplemented {}
 
@@ -44,6 +47,26 @@ pub fn page_size(raw: i32) -> Result<u64, String> {
         n => Err(format!(
             "must be from 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}, got {n}"
         )),
+    }
+}
+
+/// Cuts a list fetched with one row more than `size` to `size`, and says where the next page
+/// starts: the extra row proves there is one.
+pub fn paginate<T>(
+    mut rows: Vec<T>,
+    size: u64,
+    kind: &str,
+    key: impl Fn(&T) -> String,
+) -> (Vec<T>, String) {
+    if rows.len() as u64 > size {
+        rows.truncate(size as usize);
+        let next = rows
+            .last()
+            .map(|last| page_token::encode(kind, &key(last)))
+            .unwrap_or_default();
+        (rows, next)
+    } else {
+        (rows, String::new())
     }
 }
 

@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    ApiError, page_size, page_token,
+    ApiError, page_size, page_token, paginate,
     pb::{self, page_service_server::PageService},
     time::timestamp_from_ms,
 };
@@ -105,18 +105,12 @@ impl PageService for Pages {
         let (size, after) = violations
             .finish(|| Some((size?, after?)))
             .map_err(ApiError::from)?;
-        // One row more than asked says whether another page follows.
-        let mut rows = pages::list(&self.store.db, after.as_deref(), size + 1)
+        let rows = pages::list(&self.store.db, after.as_deref(), size + 1)
             .await
             .map_err(ApiError::internal)?;
-        let next_page_token = if rows.len() as u64 > size {
-            rows.truncate(size as usize);
-            rows.last()
-                .map(|last| page_token::encode(PAGE_TOKEN_KIND, last.id.as_str()))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let (rows, next_page_token) = paginate(rows, size, PAGE_TOKEN_KIND, |last| {
+            last.id.as_str().to_string()
+        });
         Ok(Response::new(pb::ListPagesResponse {
             pages: rows.into_iter().map(to_proto).collect(),
             next_page_token,

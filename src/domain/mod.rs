@@ -1,8 +1,13 @@
 //! Parsed types, built once at the API edge and trusted everywhere else. Parsing reports every
 //! broken rule at once, each naming the field path and the rule.
 
+mod audience;
 mod page;
 
+pub use audience::{
+    OPT_IN_LIFETIME_MS, OptInToken, Psid, SegmentRule, Tag, Topic, WINDOW_MS, fingerprint,
+    parse_tags,
+};
 pub use page::{NewPage, PageChanges, PageId, PageName, PageSecret, SendRate};
 
 /// One broken rule: the field path (as the client spelled it, e.g. `send_rate_per_second`) and

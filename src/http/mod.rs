@@ -1,15 +1,16 @@
-//! The HTTP listener (axum): liveness for load balancers now; the webhook and metrics join it.
+//! The HTTP listener (axum): liveness for load balancers and Facebook's webhook.
 
 use std::sync::Arc;
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
+use axum::{Router, extract::DefaultBodyLimit, extract::State, http::StatusCode, routing::get};
 use tokio::sync::watch;
 
-use crate::store::Store;
+use crate::{crypto::SecretCipher, store::Store, webhook};
 
 #[derive(Clone)]
 pub struct HttpState {
     pub store: Store,
+    pub cipher: SecretCipher,
     /// True from the end of start-up until shutdown begins.
     pub serving: watch::Receiver<bool>,
 }
@@ -17,6 +18,12 @@ pub struct HttpState {
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route(
+            "/webhook",
+            get(webhook::verify)
+                .post(webhook::receive)
+                .layer(DefaultBodyLimit::max(webhook::MAX_BODY_BYTES)),
+        )
         .with_state(Arc::new(state))
 }
 

@@ -69,7 +69,7 @@ pub fn router(options: SandboxOptions) -> Result<Router, String> {
     options.faults.validate()?;
     let shared = Arc::new(Shared {
         world: Mutex::new(world::World::new(options.faults.clone())),
-        http: reqwest::Client::builder()
+        http: crate::graph::http_client_builder()
             .timeout(Duration::from_secs(20))
             .build()
             .expect("a plain HTTP client builds"),

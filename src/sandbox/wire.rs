@@ -1,9 +1,7 @@
 //! Graph's wire formats as the sandbox speaks them: error bodies, message rules, request bodies
 //! (JSON or form), `appsecret_proof`, and webhook bodies escaped and signed as Facebook does.
 
-use hmac::{Hmac, Mac};
 use serde_json::{Map, Value, json};
-use sha2::Sha256;
 
 use super::world::SendRequest;
 
@@ -457,28 +455,17 @@ pub fn form_params(form: &[u8]) -> Map<String, Value> {
         .collect()
 }
 
-pub fn appsecret_proof(app_secret: &str, access_token: &str) -> String {
-    hex::encode(hmac_sha256(app_secret.as_bytes(), access_token.as_bytes()))
-}
-
-pub fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
-    mac.update(message);
-    mac.finalize().into_bytes().to_vec()
-}
+pub use crate::graph::appsecret_proof;
 
 /// The `X-Hub-Signature-256` header value for a webhook body.
 pub fn webhook_signature(app_secret: &str, body: &[u8]) -> String {
     format!(
         "sha256={}",
-        hex::encode(hmac_sha256(app_secret.as_bytes(), body))
+        hex::encode(crate::crypto::hmac_sha256(app_secret.as_bytes(), body))
     )
 }
 
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    use subtle::ConstantTimeEq;
-    a.ct_eq(b).into()
-}
+pub use crate::crypto::constant_time_eq;
 
 /// JSON as Facebook writes webhook bodies: every non-ASCII character as `\uXXXX` (surrogate pairs
 /// beyond the BMP) and `/` as `\/`. Receivers must verify the signature over these exact bytes.

@@ -1,6 +1,8 @@
 //! Persistence: the only module that speaks SQL. One submodule per aggregate.
 
+pub mod audience;
 pub mod meta;
+pub mod optins;
 pub mod pages;
 
 use std::{path::PathBuf, str::FromStr, time::Duration};

@@ -211,3 +211,57 @@ pub async fn credentials(
             .transpose()?,
     })
 }
+
+/// The app secrets of those of `ids` that are registered (webhook signature checks).
+pub async fn app_secrets(
+    db: &impl ConnectionTrait,
+    cipher: &SecretCipher,
+    ids: impl IntoIterator<Item = &PageId>,
+) -> Result<Vec<(PageId, SecretString)>, StoreError> {
+    let ids: Vec<String> = ids.into_iter().map(|id| id.as_str().to_string()).collect();
+    let rows = Entity::find()
+        .select_only()
+        .column(Column::Id)
+        .column(Column::AppSecretEnc)
+        .filter(Column::Id.is_in(ids))
+        .into_tuple::<(String, Vec<u8>)>()
+        .all(db)
+        .await?;
+    rows.into_iter()
+        .map(|(id, sealed)| {
+            let id = PageId::from_trusted(id);
+            let secret = cipher.open(&sealed, &seal_context(&id, "app_secret"))?;
+            Ok((id, secret))
+        })
+        .collect()
+}
+
+/// Every page's verify token (webhook subscription checks name no page).
+pub async fn verify_tokens(
+    db: &impl ConnectionTrait,
+    cipher: &SecretCipher,
+) -> Result<Vec<SecretString>, StoreError> {
+    let rows = Entity::find()
+        .select_only()
+        .column(Column::Id)
+        .column(Column::VerifyTokenEnc)
+        .filter(Column::VerifyTokenEnc.is_not_null())
+        .into_tuple::<(String, Option<Vec<u8>>)>()
+        .all(db)
+        .await?;
+    rows.into_iter()
+        .filter_map(|(id, sealed)| Some((PageId::from_trusted(id), sealed?)))
+        .map(|(id, sealed)| Ok(cipher.open(&sealed, &seal_context(&id, "verify_token"))?))
+        .collect()
+}
+
+/// Whether the page is registered.
+pub async fn exists(db: &impl ConnectionTrait, id: &PageId) -> Result<bool, StoreError> {
+    Ok(Entity::find_by_id(id.as_str().to_string())
+        .select_only()
+        .column(Column::Id)
+        .into_tuple::<String>()
+        .one(db)
+        .await?
+        .is_some())
+}

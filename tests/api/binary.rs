@@ -258,7 +258,9 @@ async fn serve_on_defaults_keeps_secrets_out_of_logs_and_stops_on_sigterm() {
         })
         .await
         .unwrap();
-    let healthz = reqwest::get(format!("http://{http_addr}/healthz"))
+    let healthz = otnd::graph::http_client()
+        .get(format!("http://{http_addr}/healthz"))
+        .send()
         .await
         .unwrap();
     assert_eq!(healthz.status(), 200);

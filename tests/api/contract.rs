@@ -1,9 +1,6 @@
 //! The API contract's not-yet-built services answer UNIMPLEMENTED (never a crash or INTERNAL).
 
-use otnd::pb::{
-    CreateStoryRequest, GetSendRequest, GetSubscriberRequest, ListTopicsRequest, StartSendRequest,
-    WatchSendRequest,
-};
+use otnd::pb::{CreateStoryRequest, GetSendRequest, StartSendRequest, WatchSendRequest};
 use tonic::Code;
 
 use crate::helpers::{TestDatabase, code_of, spawn_app};
@@ -13,12 +10,6 @@ async fn services_whose_issue_is_not_done_answer_unimplemented() {
     let db = TestDatabase::sqlite();
     let mut app = spawn_app(&db).await;
     let codes = [
-        code_of(
-            app.audience
-                .get_subscriber(GetSubscriberRequest::default())
-                .await,
-        ),
-        code_of(app.optins.list_topics(ListTopicsRequest::default()).await),
         code_of(
             app.stories
                 .create_story(CreateStoryRequest::default())

@@ -104,7 +104,11 @@ async fn health_is_serving_for_the_server_and_each_service() {
             .into_inner();
         assert_eq!(response.status(), ServingStatus::Serving, "{service:?}");
     }
-    let body = reqwest::get(app.http_url("/healthz")).await.unwrap();
+    let body = otnd::graph::http_client()
+        .get(app.http_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(body.status(), 200);
     assert_eq!(body.text().await.unwrap(), "serving\n");
 }

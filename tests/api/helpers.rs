@@ -11,6 +11,7 @@ use std::{
 };
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
+use otnd::sandbox::{RunningSandbox, SandboxOptions};
 use otnd::{
     config::Settings,
     pb::{
@@ -138,7 +139,16 @@ impl Drop for TestDatabase {
 /// Settings for an app on `db`, on port 0, with the test master key; `overrides` are `OTN_*`
 /// variables as a user would set them.
 pub fn settings_for(db: &TestDatabase, overrides: &[(&str, &str)]) -> Result<Settings, String> {
+    settings_with_graph(db, "http://127.0.0.1:9", overrides)
+}
+
+fn settings_with_graph(
+    db: &TestDatabase,
+    graph_url: &str,
+    overrides: &[(&str, &str)],
+) -> Result<Settings, String> {
     let mut env: BTreeMap<String, String> = [
+        ("OTN_GRAPH_URL", graph_url.to_string()),
         ("OTN_DATABASE_URL", db.url.clone()),
         ("OTN_GRPC_ADDR", "127.0.0.1:0".to_string()),
         ("OTN_HTTP_ADDR", "127.0.0.1:0".to_string()),
@@ -167,6 +177,8 @@ pub struct TestApp {
     pub optins: OptInServiceClient<Channel>,
     pub stories: StoryServiceClient<Channel>,
     pub sends: SendServiceClient<Channel>,
+    /// The Graph sandbox otnd talks to (apps started by `spawn_app*`).
+    pub sandbox: Option<RunningSandbox>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -175,9 +187,19 @@ pub async fn spawn_app(db: &TestDatabase) -> TestApp {
     spawn_app_with(db, &[]).await
 }
 
+/// The app with a Graph sandbox of its own behind `OTN_GRAPH_URL`.
 pub async fn spawn_app_with(db: &TestDatabase, overrides: &[(&str, &str)]) -> TestApp {
-    let settings = settings_for(db, overrides).expect("valid test settings");
-    try_spawn(settings).await.expect("the application starts")
+    let sandbox = RunningSandbox::start(SandboxOptions {
+        webhook_retry_base: Duration::from_millis(50),
+        ..SandboxOptions::default()
+    })
+    .await
+    .expect("the sandbox starts");
+    let settings =
+        settings_with_graph(db, &sandbox.url(""), overrides).expect("valid test settings");
+    let mut app = try_spawn(settings).await.expect("the application starts");
+    app.sandbox = Some(sandbox);
+    app
 }
 
 /// Starts the application in a thread of its own running an actix System over a multi-thread
@@ -246,14 +268,69 @@ pub async fn try_spawn_tls(settings: Settings, ca_pem: Option<&[u8]>) -> Result<
         stories: StoryServiceClient::new(channel.clone()),
         sends: SendServiceClient::new(channel.clone()),
         channel,
+        sandbox: None,
         stop: Some(stop_tx),
         thread: Some(thread),
     })
 }
 
+/// The secrets the harness registers pages with, in otnd and in the sandbox alike.
+pub fn page_access_token(page_id: &str) -> String {
+    format!("EAAB-test-{page_id}")
+}
+pub fn page_app_secret(page_id: &str) -> String {
+    format!("app-secret-{page_id}")
+}
+pub fn page_verify_token(page_id: &str) -> String {
+    format!("verify-{page_id}")
+}
+
 impl TestApp {
     pub fn http_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    pub fn sandbox_url(&self, path: &str) -> String {
+        self.sandbox
+            .as_ref()
+            .expect("an app with a sandbox")
+            .url(path)
+    }
+
+    /// POSTs JSON to the sandbox's admin surface; fails the test unless it answers 200.
+    pub async fn sandbox_admin(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let response = otnd::graph::http_client()
+            .post(self.sandbox_url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("the sandbox answers");
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.expect("JSON from the sandbox");
+        assert!(status.is_success(), "sandbox {path}: {status} {body}");
+        body
+    }
+
+    /// Registers the page in otnd and in the sandbox, whose webhooks then go to otnd.
+    pub async fn register_page(&mut self, page_id: &str) {
+        self.pages
+            .create_page(otnd::pb::CreatePageRequest {
+                page_id: page_id.into(),
+                name: format!("Page {page_id}"),
+                access_token: page_access_token(page_id),
+                app_secret: page_app_secret(page_id),
+                verify_token: page_verify_token(page_id),
+                send_rate_per_second: None,
+            })
+            .await
+            .expect("CreatePage");
+        let webhook_url = self.http_url("/webhook");
+        self.sandbox_admin(
+            "/__sandbox/pages",
+            serde_json::json!({"page_id": page_id, "access_token": page_access_token(page_id),
+                               "app_secret": page_app_secret(page_id), "webhook_url": webhook_url}),
+        )
+        .await;
     }
 
     /// Asks for a graceful shutdown and waits for the application to finish it.

@@ -12,3 +12,4 @@ mod pages;
 mod restart;
 mod sandbox;
 mod tls;
+mod webhook;

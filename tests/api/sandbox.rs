@@ -52,7 +52,7 @@ impl Sandbox {
     async fn start_with(options: SandboxOptions) -> Self {
         let sandbox = Sandbox {
             running: RunningSandbox::start(options).await.unwrap(),
-            http: reqwest::Client::builder()
+            http: otnd::graph::http_client_builder()
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap(),
@@ -699,7 +699,7 @@ async fn timeouts_and_resets_leave_nothing_accepted_but_accept_then_fail_does() 
     let url = sandbox
         .running
         .url(&format!("/v24.0/me/messages?access_token={PAGE_TOKEN}"));
-    let impatient = reqwest::Client::builder()
+    let impatient = otnd::graph::http_client_builder()
         .timeout(Duration::from_millis(300))
         .build()
         .unwrap();
@@ -1145,7 +1145,7 @@ async fn the_binary_takes_its_faults_as_flags() {
         .read_line(&mut line)
         .unwrap();
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    let http = reqwest::Client::new();
+    let http = otnd::graph::http_client();
     let admin = |path: &'static str, body: Value| {
         let request = http.post(format!("http://{addr}{path}")).json(&body);
         async move { request.send().await.unwrap().json::<Value>().await.unwrap() }

@@ -1,0 +1,292 @@
+//! AudienceService: subscribers, their window and tags, and segments.
+
+use std::collections::{BTreeSet, HashMap};
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    ApiError, page_size, page_token, paginate,
+    pb::{self, audience_service_server::AudienceService},
+    shared::{ensure_page, ms_from_timestamp, parse_page_id, parse_psid},
+    time::timestamp_from_ms,
+};
+use crate::{
+    domain::{Psid, SegmentRule, Violations, WINDOW_MS, char_len, parse_tags},
+    store::{
+        Store,
+        audience::{self, SegmentRecord, SubscriberTouch, SubscriberView},
+        now_ms,
+        optins::OptInState,
+    },
+};
+
+/// Most subscribers one TagSubscribers call changes.
+const MAX_PSIDS_PER_CALL: usize = 10_000;
+const SEGMENT_NAME_MAX_CHARS: usize = 100;
+const PAGE_TOKEN_KIND: &str = "segments";
+
+pub struct Audience {
+    store: Store,
+}
+
+impl Audience {
+    pub fn new(store: Store) -> Self {
+        Audience { store }
+    }
+
+    async fn subscriber(
+        &self,
+        page_id: &crate::domain::PageId,
+        psid: &Psid,
+    ) -> Result<pb::Subscriber, ApiError> {
+        let now = now_ms();
+        let view = audience::get_subscriber(&self.store.db, page_id, psid, now)
+            .await
+            .map_err(|e| {
+                ApiError::from_store(e, || format!("subscriber {psid} of page {page_id}"))
+            })?;
+        Ok(subscriber_to_proto(page_id.as_str(), view, now))
+    }
+}
+
+fn subscriber_to_proto(page_id: &str, view: SubscriberView, now: i64) -> pb::Subscriber {
+    let window_close = view.last_interaction_at.map(|at| at + WINDOW_MS);
+    let count = |topic: &audience::SubscriberTopic, state: OptInState| {
+        topic.counts.get(&state).copied().unwrap_or(0)
+    };
+    pb::Subscriber {
+        page_id: page_id.to_string(),
+        psid: view.psid,
+        first_seen_time: Some(timestamp_from_ms(view.first_seen_at)),
+        last_interaction_time: view.last_interaction_at.map(timestamp_from_ms),
+        window_open: window_close.is_some_and(|close| close > now),
+        window_close_time: window_close.map(timestamp_from_ms),
+        tags: view.tags,
+        topics: view
+            .topics
+            .iter()
+            .map(|topic| pb::SubscriberTopic {
+                topic: topic.topic.clone(),
+                active: count(topic, OptInState::Active),
+                reserved: count(topic, OptInState::Reserved),
+                used: count(topic, OptInState::Used),
+                expired: count(topic, OptInState::Expired),
+                rejected: count(topic, OptInState::Rejected),
+                next_expire_time: topic.next_expiry.map(timestamp_from_ms),
+            })
+            .collect(),
+    }
+}
+
+fn segment_to_proto(segment: SegmentRecord) -> pb::Segment {
+    pb::Segment {
+        segment_id: segment.id,
+        page_id: segment.page_id,
+        name: segment.name,
+        rule: Some(pb::SegmentRule {
+            all_tags: segment.rule.all_tags.into_iter().collect(),
+            any_tags: segment.rule.any_tags.into_iter().collect(),
+            none_tags: segment.rule.none_tags.into_iter().collect(),
+        }),
+        create_time: Some(timestamp_from_ms(segment.created_at)),
+    }
+}
+
+#[tonic::async_trait]
+impl AudienceService for Audience {
+    async fn record_interaction(
+        &self,
+        request: Request<pb::RecordInteractionRequest>,
+    ) -> Result<Response<pb::RecordInteractionResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let page_id = v.check("page_id", parse_page_id(&req.page_id));
+        let psid = v.check("psid", parse_psid(&req.psid));
+        let at = match &req.interaction_time {
+            None => Some(now_ms()),
+            Some(time) => v.check("interaction_time", ms_from_timestamp(time)),
+        };
+        let (page_id, psid, at) = v
+            .finish(|| Some((page_id?, psid?, at?)))
+            .map_err(ApiError::from)?;
+        ensure_page(&self.store, &page_id).await?;
+        let touch = HashMap::from([(
+            (page_id.as_str(), psid.as_str()),
+            SubscriberTouch {
+                first_seen_at: at,
+                last_interaction_at: Some(at),
+            },
+        )]);
+        audience::upsert_subscribers(&self.store.db, &touch)
+            .await
+            .map_err(ApiError::internal)?;
+        Ok(Response::new(pb::RecordInteractionResponse {
+            subscriber: Some(self.subscriber(&page_id, &psid).await?),
+        }))
+    }
+
+    async fn tag_subscribers(
+        &self,
+        request: Request<pb::TagSubscribersRequest>,
+    ) -> Result<Response<pb::TagSubscribersResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let page_id = v.check("page_id", parse_page_id(&req.page_id));
+        if req.psids.is_empty() || req.psids.len() > MAX_PSIDS_PER_CALL {
+            v.add(
+                "psids",
+                format!(
+                    "must list 1 to {MAX_PSIDS_PER_CALL} subscribers, got {}",
+                    req.psids.len()
+                ),
+            );
+        }
+        let psids: BTreeSet<Psid> = req
+            .psids
+            .iter()
+            .enumerate()
+            .filter_map(|(i, raw)| v.check(&format!("psids[{i}]"), parse_psid(raw)))
+            .collect();
+        let add = parse_tags("add_tags", &req.add_tags, &mut v);
+        let remove = parse_tags("remove_tags", &req.remove_tags, &mut v);
+        if req.add_tags.is_empty() && req.remove_tags.is_empty() {
+            v.add(
+                "add_tags",
+                "add_tags or remove_tags must name at least one tag",
+            );
+        }
+        if let Some(both) = add.intersection(&remove).next() {
+            v.add(
+                "remove_tags",
+                format!("'{}' is also in add_tags", both.as_str()),
+            );
+        }
+        let page_id = v.finish(|| page_id).map_err(ApiError::from)?;
+        ensure_page(&self.store, &page_id).await?;
+        let updated =
+            audience::tag_subscribers(&self.store.db, &page_id, &psids, &add, &remove, now_ms())
+                .await
+                .map_err(ApiError::internal)?;
+        Ok(Response::new(pb::TagSubscribersResponse {
+            updated: updated as u32,
+        }))
+    }
+
+    async fn get_subscriber(
+        &self,
+        request: Request<pb::GetSubscriberRequest>,
+    ) -> Result<Response<pb::GetSubscriberResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let page_id = v.check("page_id", parse_page_id(&req.page_id));
+        let psid = v.check("psid", parse_psid(&req.psid));
+        let (page_id, psid) = v
+            .finish(|| Some((page_id?, psid?)))
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::GetSubscriberResponse {
+            subscriber: Some(self.subscriber(&page_id, &psid).await?),
+        }))
+    }
+
+    async fn delete_subscriber(
+        &self,
+        request: Request<pb::DeleteSubscriberRequest>,
+    ) -> Result<Response<pb::DeleteSubscriberResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let page_id = v.check("page_id", parse_page_id(&req.page_id));
+        let psid = v.check("psid", parse_psid(&req.psid));
+        let (page_id, psid) = v
+            .finish(|| Some((page_id?, psid?)))
+            .map_err(ApiError::from)?;
+        let deleted = audience::delete_subscriber(&self.store.db, &page_id, &psid)
+            .await
+            .map_err(|e| {
+                ApiError::from_store(e, || format!("subscriber {psid} of page {page_id}"))
+            })?;
+        tracing::info!(opt_ins_deleted = deleted, "subscriber erased");
+        Ok(Response::new(pb::DeleteSubscriberResponse {
+            opt_ins_deleted: deleted as u32,
+        }))
+    }
+
+    async fn create_segment(
+        &self,
+        request: Request<pb::CreateSegmentRequest>,
+    ) -> Result<Response<pb::CreateSegmentResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let page_id = v.check("page_id", parse_page_id(&req.page_id));
+        let name_len = char_len(&req.name);
+        if req.name.trim().is_empty() || name_len > SEGMENT_NAME_MAX_CHARS {
+            v.add(
+                "name",
+                format!("must be 1 to {SEGMENT_NAME_MAX_CHARS} characters and not blank"),
+            );
+        }
+        let rule = req.rule.unwrap_or_default();
+        let rule = match SegmentRule::parse("rule", &rule.all_tags, &rule.any_tags, &rule.none_tags)
+        {
+            Ok(rule) => Some(rule),
+            Err(broken) => {
+                v.0.extend(broken.0);
+                None
+            }
+        };
+        let (page_id, rule) = v
+            .finish(|| Some((page_id?, rule?)))
+            .map_err(ApiError::from)?;
+        ensure_page(&self.store, &page_id).await?;
+        let segment =
+            audience::create_segment(&self.store.db, &page_id, &req.name, &rule, now_ms())
+                .await
+                .map_err(|e| {
+                    ApiError::from_store(e, || format!("segment '{}' of page {page_id}", req.name))
+                })?;
+        Ok(Response::new(pb::CreateSegmentResponse {
+            segment: Some(segment_to_proto(segment)),
+        }))
+    }
+
+    async fn list_segments(
+        &self,
+        request: Request<pb::ListSegmentsRequest>,
+    ) -> Result<Response<pb::ListSegmentsResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let page_id = v.check("page_id", parse_page_id(&req.page_id));
+        let size = v.check("page_size", page_size(req.page_size));
+        let after = v.check(
+            "page_token",
+            page_token::decode(PAGE_TOKEN_KIND, &req.page_token),
+        );
+        let (page_id, size, after) = v
+            .finish(|| Some((page_id?, size?, after?)))
+            .map_err(ApiError::from)?;
+        ensure_page(&self.store, &page_id).await?;
+        let segments =
+            audience::list_segments(&self.store.db, &page_id, after.as_deref(), size + 1)
+                .await
+                .map_err(ApiError::internal)?;
+        let (segments, next_page_token) =
+            paginate(segments, size, PAGE_TOKEN_KIND, |last| last.name.clone());
+        Ok(Response::new(pb::ListSegmentsResponse {
+            segments: segments.into_iter().map(segment_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_segment(
+        &self,
+        request: Request<pb::DeleteSegmentRequest>,
+    ) -> Result<Response<pb::DeleteSegmentResponse>, Status> {
+        let id = request.into_inner().segment_id;
+        if id.is_empty() {
+            return Err(ApiError::from(Violations::single("segment_id", "is required")).into());
+        }
+        audience::delete_segment(&self.store.db, &id)
+            .await
+            .map_err(|e| ApiError::from_store(e, || format!("segment {id}")))?;
+        Ok(Response::new(pb::DeleteSegmentResponse {}))
+    }
+}

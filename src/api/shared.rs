@@ -1,0 +1,43 @@
+//! Parsing and checks that several services share.
+
+use prost_types::Timestamp;
+
+use super::ApiError;
+use crate::{
+    domain::{PageId, Psid},
+    store::{Store, pages},
+};
+
+/// Parses a page id and tags the RPC's span with it.
+pub fn parse_page_id(raw: &str) -> Result<PageId, String> {
+    let id = PageId::parse(raw)?;
+    tracing::Span::current().record("page_id", id.as_str());
+    Ok(id)
+}
+
+pub fn parse_psid(raw: &str) -> Result<Psid, String> {
+    Psid::parse(raw)
+}
+
+/// NOT_FOUND unless the page is registered.
+pub async fn ensure_page(store: &Store, page_id: &PageId) -> Result<(), ApiError> {
+    match pages::exists(&store.db, page_id).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ApiError::NotFound(format!(
+            "page {page_id} does not exist; register it with PageService.CreatePage"
+        ))),
+        Err(err) => Err(ApiError::internal(err)),
+    }
+}
+
+/// A protobuf Timestamp as epoch milliseconds, refusing values no clock would give.
+pub fn ms_from_timestamp(time: &Timestamp) -> Result<i64, String> {
+    if !(0..1_000_000_000).contains(&time.nanos) {
+        return Err("nanos must be from 0 to 999999999".into());
+    }
+    // 0001-01-01 to 9999-12-31, the range protobuf allows.
+    if !(-62_135_596_800..=253_402_300_799).contains(&time.seconds) {
+        return Err("is outside the range of a timestamp".into());
+    }
+    Ok(time.seconds * 1000 + i64::from(time.nanos) / 1_000_000)
+}

@@ -1,0 +1,238 @@
+//! Users, topics, tokens and tags, as parsed at the edge.
+
+use std::{collections::BTreeSet, fmt};
+
+use sha2::{Digest, Sha256};
+
+use super::{Violations, char_len};
+
+/// A one-time token is usable for a year after the opt-in. Counted as 365 days, the shorter
+/// reading of "a year", so otnd never presents a token Facebook may already consider expired.
+pub const OPT_IN_LIFETIME_MS: i64 = 365 * 24 * 60 * 60 * 1000;
+/// The standard messaging window after a user's last interaction.
+pub const WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
+
+const PSID_MAX_CHARS: usize = 128;
+/// Facebook's limit on a template payload, which carries the topic back.
+const TOPIC_MAX_CHARS: usize = 1000;
+const TOKEN_MAX_CHARS: usize = 2048;
+const TAG_MAX_CHARS: usize = 64;
+
+/// A page-scoped user id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Psid(String);
+
+impl Psid {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if raw.is_empty() {
+            return Err("is required".into());
+        }
+        if char_len(raw) > PSID_MAX_CHARS {
+            return Err(format!("must be at most {PSID_MAX_CHARS} characters"));
+        }
+        if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("must not contain whitespace or control characters".into());
+        }
+        Ok(Psid(raw.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Psid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The exact string an opt-in is for: spelling, case, punctuation and spaces all count, so it is
+/// stored as given, never trimmed or folded.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic(String);
+
+impl Topic {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        Self::parse_within(raw, TOPIC_MAX_CHARS)
+    }
+
+    /// With a tighter limit than Facebook's payload limit (opt-in requests allow 200).
+    pub fn parse_within(raw: &str, max_chars: usize) -> Result<Self, String> {
+        if raw.is_empty() {
+            return Err("is required".into());
+        }
+        let len = char_len(raw);
+        if len > max_chars {
+            return Err(format!("must be at most {max_chars} characters, got {len}"));
+        }
+        Ok(Topic(raw.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A one-time notification token as Facebook issued it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct OptInToken(String);
+
+impl fmt::Debug for OptInToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OptInToken({})", self.fingerprint())
+    }
+}
+
+impl OptInToken {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if raw.is_empty() {
+            return Err("is required".into());
+        }
+        if char_len(raw) > TOKEN_MAX_CHARS {
+            return Err(format!("must be at most {TOKEN_MAX_CHARS} characters"));
+        }
+        if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("must not contain whitespace or control characters".into());
+        }
+        Ok(OptInToken(raw.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// What support sees instead of the token: the start of its SHA-256, which anyone holding
+    /// the token can compute to find the opt-in.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.0)
+    }
+}
+
+pub fn fingerprint(token: &str) -> String {
+    hex::encode(&Sha256::digest(token.as_bytes())[..6])
+}
+
+/// A subscriber tag (case-sensitive, 1..64 characters, no surrounding whitespace).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tag(String);
+
+impl Tag {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if raw.is_empty() {
+            return Err("must not be empty".into());
+        }
+        let len = char_len(raw);
+        if len > TAG_MAX_CHARS {
+            return Err(format!(
+                "must be at most {TAG_MAX_CHARS} characters, got {len}"
+            ));
+        }
+        if raw.trim() != raw || raw.chars().any(char::is_control) {
+            return Err("must not have surrounding whitespace or control characters".into());
+        }
+        Ok(Tag(raw.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Parses every tag of a list, naming `field[i]` for each bad one.
+pub fn parse_tags(field: &str, raw: &[String], violations: &mut Violations) -> BTreeSet<Tag> {
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, tag)| violations.check(&format!("{field}[{i}]"), Tag::parse(tag)))
+        .collect()
+}
+
+/// Who a segment holds: every non-empty condition must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SegmentRule {
+    pub all_tags: BTreeSet<String>,
+    pub any_tags: BTreeSet<String>,
+    pub none_tags: BTreeSet<String>,
+}
+
+impl SegmentRule {
+    /// `field` is the rule's path in the request (e.g. `rule`).
+    pub fn parse(
+        field: &str,
+        all: &[String],
+        any: &[String],
+        none: &[String],
+    ) -> Result<Self, Violations> {
+        let mut v = Violations::new();
+        let all = parse_tags(&format!("{field}.all_tags"), all, &mut v);
+        let any = parse_tags(&format!("{field}.any_tags"), any, &mut v);
+        let none = parse_tags(&format!("{field}.none_tags"), none, &mut v);
+        if all.is_empty() && any.is_empty() && none.is_empty() && v.is_empty() {
+            v.add(
+                field,
+                "needs at least one tag in all_tags, any_tags or none_tags",
+            );
+        }
+        for tag in none.iter().filter(|t| all.contains(t) || any.contains(t)) {
+            v.add(
+                format!("{field}.none_tags"),
+                format!(
+                    "'{}' is also required by all_tags or any_tags, so no subscriber could match",
+                    tag.as_str()
+                ),
+            );
+        }
+        let names = |tags: BTreeSet<Tag>| tags.into_iter().map(|t| t.0).collect();
+        v.finish(|| {
+            Some(SegmentRule {
+                all_tags: names(all),
+                any_tags: names(any),
+                none_tags: names(none),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_are_kept_exactly() {
+        let topic = Topic::parse(" Spring Sale! ").unwrap();
+        assert_eq!(topic.as_str(), " Spring Sale! ");
+        assert_ne!(
+            Topic::parse("spring sale").unwrap(),
+            Topic::parse("Spring Sale!").unwrap()
+        );
+        assert!(Topic::parse("").is_err());
+        assert!(Topic::parse_within(&"é".repeat(200), 200).is_ok());
+        assert!(Topic::parse_within(&"é".repeat(201), 200).is_err());
+    }
+
+    #[test]
+    fn token_debug_shows_only_a_fingerprint() {
+        let token = OptInToken::parse("otn-SECRET-token").unwrap();
+        let debug = format!("{token:?}");
+        assert!(!debug.contains("SECRET"));
+        assert_eq!(token.fingerprint().len(), 12);
+    }
+
+    #[test]
+    fn segment_rules_need_a_tag_and_no_contradiction() {
+        let err = SegmentRule::parse("rule", &[], &[], &[]).unwrap_err();
+        assert_eq!(err.0[0].field, "rule");
+        let err = SegmentRule::parse("rule", &["vip".into()], &[], &["vip".into()]).unwrap_err();
+        assert_eq!(err.0[0].field, "rule.none_tags");
+        let err = SegmentRule::parse("rule", &["".into()], &[], &[]).unwrap_err();
+        assert_eq!(err.0[0].field, "rule.all_tags[0]");
+        let rule = SegmentRule::parse(
+            "rule",
+            &["a".into()],
+            &["b".into(), "c".into()],
+            &["d".into()],
+        )
+        .unwrap();
+        assert_eq!(rule.any_tags.len(), 2);
+    }
+}

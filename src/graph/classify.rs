@@ -1,0 +1,267 @@
+//! Every Graph answer sorted once into what the caller must do about it (GRAPH_API.md, Errors).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// What a failed call means for the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Retry with backoff. `ambiguous`: the request may have been carried out (a timeout, a
+    /// dropped connection, a 5xx): safe to retry with a one-time token, not with a standard send.
+    Transient { ambiguous: bool },
+    /// Slow down and retry after `wait`; never drop.
+    Throttled { wait: Duration },
+    /// This recipient (or this one request) cannot be sent to; the others can.
+    RecipientPermanent,
+    /// The page cannot send at all (token, restriction, permissions): stop and fix the page.
+    PagePermanent,
+}
+
+/// Facebook's error, as it answered it (or as otnd observed it for transport failures).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GraphError {
+    pub http_status: Option<u16>,
+    pub code: i64,
+    pub subcode: Option<i64>,
+    pub message: String,
+    pub fbtrace_id: Option<String>,
+}
+
+/// A classified failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub class: Class,
+    pub error: GraphError,
+}
+
+impl Failure {
+    /// Code 100 on a token send: the token is used, expired or invalid. For a delivery that was
+    /// in flight when otnd stopped, the proof that the earlier attempt landed.
+    pub fn is_token_spent(&self, kind: SendKind) -> bool {
+        kind == SendKind::Token && self.error.code == 100 && self.error.subcode.is_none()
+    }
+
+    pub fn transport(message: String, ambiguous: bool) -> Self {
+        Failure {
+            class: Class::Transient { ambiguous },
+            error: GraphError {
+                http_status: None,
+                code: 0,
+                subcode: None,
+                message,
+                fbtrace_id: None,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.error.subcode {
+            Some(sub) => write!(f, "{} ({}/{})", self.error.message, self.error.code, sub),
+            None if self.error.code != 0 => {
+                write!(f, "{} ({})", self.error.message, self.error.code)
+            }
+            None => f.write_str(&self.error.message),
+        }
+    }
+}
+
+/// The kind of call, where the same code means different things.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendKind {
+    /// `recipient.one_time_notif_token`
+    Token,
+    /// `recipient.id`, a standard message inside the window
+    Standard,
+    /// the `one_time_notif_req` template
+    OptInRequest,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ErrorEnvelope {
+    #[serde(default)]
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ErrorBody {
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub code: i64,
+    pub error_subcode: Option<i64>,
+    pub fbtrace_id: Option<String>,
+}
+
+/// How long to wait when a throttled answer does not say.
+pub const DEFAULT_THROTTLE_WAIT: Duration = Duration::from_secs(1);
+
+/// Minutes to wait from `X-Business-Use-Case-Usage` (the largest over its entries).
+pub fn regain_wait(business_usage: Option<&str>) -> Option<Duration> {
+    let usage: serde_json::Value = serde_json::from_str(business_usage?).ok()?;
+    let minutes = usage
+        .as_object()?
+        .values()
+        .filter_map(|entries| entries.as_array())
+        .flatten()
+        .filter_map(|entry| entry.get("estimated_time_to_regain_access")?.as_u64())
+        .max()?;
+    (minutes > 0).then(|| Duration::from_secs(minutes * 60))
+}
+
+/// Sorts an error answer (GRAPH_API.md's table, row by row).
+pub fn classify(http_status: u16, body: ErrorBody, business_usage: Option<&str>) -> Failure {
+    let error = GraphError {
+        http_status: Some(http_status),
+        code: body.code,
+        subcode: body.error_subcode,
+        message: if body.message.is_empty() {
+            format!("HTTP {http_status} without an error message")
+        } else {
+            body.message
+        },
+        fbtrace_id: body.fbtrace_id,
+    };
+    let class = match (error.code, error.subcode) {
+        (1 | 2 | 1200, _) => Class::Transient { ambiguous: true },
+        (613, Some(1893016)) => Class::RecipientPermanent,
+        (4 | 17 | 32 | 613 | 80006, _) => Class::Throttled {
+            wait: regain_wait(business_usage).unwrap_or(DEFAULT_THROTTLE_WAIT),
+        },
+        (10, Some(2018278 | 2018108)) | (551, _) | (200, Some(1545041)) => {
+            Class::RecipientPermanent
+        }
+        (100, _) => Class::RecipientPermanent,
+        (10, Some(1893063)) | (190, _) | (10 | 200, _) | (104, _) => Class::PagePermanent,
+        // An answer without Graph's envelope: the status says what it is.
+        (0, _) if http_status >= 500 => Class::Transient { ambiguous: true },
+        _ if http_status >= 500 => Class::Transient { ambiguous: true },
+        // Anything else is about this request, not the page: fail it, keep going.
+        _ => Class::RecipientPermanent,
+    };
+    Failure { class, error }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(code: i64, subcode: Option<i64>) -> ErrorBody {
+        ErrorBody {
+            message: format!("(#{code}) test"),
+            code,
+            error_subcode: subcode,
+            fbtrace_id: Some("A1".into()),
+        }
+    }
+
+    fn class_of(status: u16, code: i64, subcode: Option<i64>) -> Class {
+        classify(status, body(code, subcode), None).class
+    }
+
+    #[test]
+    fn unknown_and_temporary_errors_are_transient_and_ambiguous() {
+        for code in [1, 2, 1200] {
+            assert_eq!(
+                class_of(500, code, None),
+                Class::Transient { ambiguous: true },
+                "{code}"
+            );
+        }
+        let bare = classify(502, ErrorBody::default(), None);
+        assert_eq!(bare.class, Class::Transient { ambiguous: true });
+        assert!(bare.error.message.contains("HTTP 502"));
+    }
+
+    #[test]
+    fn rate_limits_are_throttled_except_a_repeated_opt_in_request() {
+        for code in [4, 17, 32, 613, 80006] {
+            assert!(
+                matches!(class_of(400, code, None), Class::Throttled { .. }),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            class_of(400, 613, Some(2534040)),
+            Class::Throttled { .. }
+        ));
+        assert_eq!(class_of(400, 613, Some(1893016)), Class::RecipientPermanent);
+    }
+
+    #[test]
+    fn the_throttle_wait_comes_from_the_usage_header() {
+        let usage = r#"{"111":[{"type":"messenger","call_count":100,"estimated_time_to_regain_access":3}]}"#;
+        let failure = classify(400, body(613, None), Some(usage));
+        assert_eq!(
+            failure.class,
+            Class::Throttled {
+                wait: Duration::from_secs(180)
+            }
+        );
+        let failure = classify(400, body(613, None), Some("not json"));
+        assert_eq!(
+            failure.class,
+            Class::Throttled {
+                wait: DEFAULT_THROTTLE_WAIT
+            }
+        );
+    }
+
+    #[test]
+    fn recipient_errors_fail_only_that_recipient() {
+        for (code, subcode) in [
+            (10, Some(2018278)),
+            (551, None),
+            (200, Some(1545041)),
+            (10, Some(2018108)),
+            (100, None),
+            (100, Some(2018001)),
+        ] {
+            assert_eq!(
+                class_of(400, code, subcode),
+                Class::RecipientPermanent,
+                "{code}/{subcode:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn code_100_on_a_token_send_means_the_token_is_spent() {
+        let failure = classify(400, body(100, None), None);
+        assert!(failure.is_token_spent(SendKind::Token));
+        assert!(!failure.is_token_spent(SendKind::Standard));
+        let no_user = classify(400, body(100, Some(2018001)), None);
+        assert!(!no_user.is_token_spent(SendKind::Token));
+    }
+
+    #[test]
+    fn page_errors_halt_the_page() {
+        for (code, subcode) in [
+            (190, None),
+            (190, Some(463)),
+            (10, Some(1893063)),
+            (200, None),
+            (10, None),
+            (200, Some(1)),
+            (104, None),
+        ] {
+            assert_eq!(
+                class_of(400, code, subcode),
+                Class::PagePermanent,
+                "{code}/{subcode:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn code_subcode_message_and_trace_are_kept() {
+        let failure = classify(400, body(10, Some(2018278)), None);
+        assert_eq!(failure.error.code, 10);
+        assert_eq!(failure.error.subcode, Some(2018278));
+        assert_eq!(failure.error.message, "(#10) test");
+        assert_eq!(failure.error.fbtrace_id.as_deref(), Some("A1"));
+        assert_eq!(failure.error.http_status, Some(400));
+    }
+}

@@ -1,0 +1,319 @@
+//! The Graph API client: the only module that speaks HTTP to Facebook. One reqwest client with
+//! connection reuse and timeouts; base URL and version from configuration; `appsecret_proof` on
+//! every call; every answer classified once (see [`classify`]).
+
+pub mod classify;
+
+use std::time::Duration;
+
+use reqwest::header::HeaderMap;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use url::Url;
+
+pub use classify::{Class, Failure, GraphError, SendKind};
+
+use crate::store::pages::PageCredentials;
+
+/// The most items Graph runs in one batch request.
+pub const MAX_BATCH_ITEMS: usize = 50;
+
+/// A message Facebook accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivered {
+    pub message_id: String,
+    /// Facebook may leave it out; tolerated.
+    pub recipient_id: Option<String>,
+}
+
+/// Who a send goes to.
+#[derive(Clone, Copy, Debug)]
+pub enum Recipient<'a> {
+    /// A standard message to a user inside the window.
+    Psid(&'a str),
+    /// A one-time notification, spending the token.
+    Token(&'a str),
+}
+
+impl Recipient<'_> {
+    fn kind(&self) -> SendKind {
+        match self {
+            Recipient::Psid(_) => SendKind::Standard,
+            Recipient::Token(_) => SendKind::Token,
+        }
+    }
+
+    fn to_json(self) -> Value {
+        match self {
+            Recipient::Psid(psid) => json!({ "id": psid }),
+            Recipient::Token(token) => json!({ "one_time_notif_token": token }),
+        }
+    }
+}
+
+/// One send of a batch.
+#[derive(Clone, Debug)]
+pub struct BatchSend<'a> {
+    pub recipient: Recipient<'a>,
+    pub message: &'a Value,
+}
+
+#[derive(Clone)]
+pub struct GraphClient {
+    http: reqwest::Client,
+    /// `{base}/{version}/` with a trailing slash, so relative paths join under the version.
+    versioned: Url,
+}
+
+#[derive(Deserialize)]
+struct SendAnswer {
+    message_id: Option<String>,
+    recipient_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct BatchAnswer {
+    code: u16,
+    #[serde(default)]
+    headers: Vec<BatchHeader>,
+    #[serde(default)]
+    body: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct BatchHeader {
+    name: String,
+    value: String,
+}
+
+/// Every HTTP client of the process starts here. reqwest is built without a TLS provider of its
+/// own, so that rustls has exactly one (ring, which tonic's TLS also uses); this installs it as
+/// the process default first (a second install is a no-op).
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
+/// A client with reqwest's defaults (see [`http_client_builder`]).
+pub fn http_client() -> reqwest::Client {
+    http_client_builder()
+        .build()
+        .expect("an HTTP client with default settings builds")
+}
+
+impl GraphClient {
+    pub fn new(base_url: &Url, version: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let mut versioned = base_url.clone();
+        let base_path = versioned.path().trim_end_matches('/').to_string();
+        versioned.set_path(&format!("{base_path}/{version}/"));
+        let http = http_client_builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("otnd/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(GraphClient { http, versioned })
+    }
+
+    fn url(&self, path: &str, credentials: &PageCredentials) -> Url {
+        let mut url = self
+            .versioned
+            .join(path)
+            .expect("a relative Graph path joins");
+        let token = credentials.access_token.expose_secret();
+        url.query_pairs_mut()
+            .append_pair("access_token", token)
+            .append_pair(
+                "appsecret_proof",
+                &appsecret_proof(credentials.app_secret.expose_secret(), token),
+            );
+        url
+    }
+
+    /// The `one_time_notif_req` template: asks the user to opt in on `topic` (the payload).
+    pub async fn send_optin_request(
+        &self,
+        credentials: &PageCredentials,
+        psid: &str,
+        title: &str,
+        topic: &str,
+    ) -> Result<Delivered, Failure> {
+        let body = json!({
+            "recipient": {"id": psid},
+            "messaging_type": "RESPONSE",
+            "message": {"attachment": {"type": "template", "payload": {
+                "template_type": "one_time_notif_req", "title": title, "payload": topic}}},
+        });
+        self.post_message(credentials, &body).await
+    }
+
+    /// A token send or a standard (`UPDATE`) send of `message`.
+    pub async fn send(
+        &self,
+        credentials: &PageCredentials,
+        recipient: Recipient<'_>,
+        message: &Value,
+    ) -> Result<Delivered, Failure> {
+        self.post_message(credentials, &message_body(recipient, message))
+            .await
+    }
+
+    async fn post_message(
+        &self,
+        credentials: &PageCredentials,
+        body: &Value,
+    ) -> Result<Delivered, Failure> {
+        let request = self
+            .http
+            .post(self.url("me/messages", credentials))
+            .json(body);
+        let (status, usage, bytes) = exchange(request).await?;
+        answer(status, &bytes, usage.as_deref())
+    }
+
+    /// Up to 50 sends in one request; one result per item, in order. `Err` when the batch as a
+    /// whole failed (nothing can be said of any item).
+    pub async fn send_batch(
+        &self,
+        credentials: &PageCredentials,
+        sends: &[BatchSend<'_>],
+    ) -> Result<Vec<Result<Delivered, Failure>>, Failure> {
+        assert!(
+            sends.len() <= MAX_BATCH_ITEMS,
+            "callers split batches at {MAX_BATCH_ITEMS}"
+        );
+        let items: Vec<Value> = sends
+            .iter()
+            .map(|send| {
+                let form = message_body(send.recipient, send.message);
+                let body: String = url::form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(
+                        form.as_object()
+                            .expect("a message body is an object")
+                            .iter()
+                            .map(|(key, value)| match value {
+                                Value::String(text) => (key.clone(), text.clone()),
+                                other => (key.clone(), other.to_string()),
+                            }),
+                    )
+                    .finish();
+                json!({"method": "POST", "relative_url": "me/messages", "body": body})
+            })
+            .collect();
+        let url = self.url("", credentials);
+        let request = self.http.post(url).form(&[
+            ("batch", Value::Array(items).to_string()),
+            ("include_headers", "true".to_string()),
+        ]);
+        let (status, usage, bytes) = exchange(request).await?;
+        if status != 200 {
+            return Err(match answer(status, &bytes, usage.as_deref()) {
+                Err(failure) => failure,
+                Ok(_) => Failure::transport("the batch request answered like a send".into(), true),
+            });
+        }
+        let answers: Vec<Option<BatchAnswer>> = serde_json::from_slice(&bytes).map_err(|e| {
+            Failure::transport(format!("the batch answer is not Graph's format: {e}"), true)
+        })?;
+        let mut results: Vec<Result<Delivered, Failure>> = answers
+            .into_iter()
+            .map(|item| match item {
+                // Graph did not finish this item: it may or may not have run.
+                None => Err(Failure::transport(
+                    "the batch did not finish this item".into(),
+                    true,
+                )),
+                Some(item) => {
+                    let usage = item
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("x-business-use-case-usage"))
+                        .map(|h| h.value.clone());
+                    answer(
+                        item.code,
+                        item.body.as_deref().unwrap_or("").as_bytes(),
+                        usage.as_deref(),
+                    )
+                }
+            })
+            .collect();
+        // Fewer answers than items: the rest were not finished either.
+        while results.len() < sends.len() {
+            results.push(Err(Failure::transport(
+                "the batch answered fewer items than it was sent".into(),
+                true,
+            )));
+        }
+        Ok(results)
+    }
+}
+
+fn message_body(recipient: Recipient<'_>, message: &Value) -> Value {
+    let mut body = json!({"recipient": recipient.to_json(), "message": message});
+    if recipient.kind() == SendKind::Standard {
+        body["messaging_type"] = json!("UPDATE");
+    }
+    body
+}
+
+/// `appsecret_proof`: hex HMAC-SHA256 of the access token, keyed with the app secret.
+pub fn appsecret_proof(app_secret: &str, access_token: &str) -> String {
+    hex::encode(crate::crypto::hmac_sha256(
+        app_secret.as_bytes(),
+        access_token.as_bytes(),
+    ))
+}
+
+/// Sends a request and reads the whole answer: status, the business usage header, the body.
+async fn exchange(
+    request: reqwest::RequestBuilder,
+) -> Result<(u16, Option<String>, bytes::Bytes), Failure> {
+    let response = request.send().await.map_err(transport_failure)?;
+    let status = response.status().as_u16();
+    let usage = business_usage(response.headers());
+    let body = response.bytes().await.map_err(transport_failure)?;
+    Ok((status, usage, body))
+}
+
+fn business_usage(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-business-use-case-usage")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// A transport failure: ambiguous unless the request never left (connect errors).
+fn transport_failure(err: reqwest::Error) -> Failure {
+    let ambiguous = !err.is_connect() && !err.is_builder();
+    let what = if err.is_timeout() {
+        "Graph API timed out"
+    } else if err.is_connect() {
+        "could not connect to the Graph API"
+    } else {
+        "the Graph API connection failed"
+    };
+    Failure::transport(format!("{what}: {err}"), ambiguous)
+}
+
+/// Sorts one answer (a whole response, or a batch item).
+fn answer(status: u16, body: &[u8], business_usage: Option<&str>) -> Result<Delivered, Failure> {
+    if status == 200 {
+        return match serde_json::from_slice::<SendAnswer>(body) {
+            Ok(SendAnswer {
+                message_id: Some(message_id),
+                recipient_id,
+            }) => Ok(Delivered {
+                message_id,
+                recipient_id,
+            }),
+            // A 200 without a message id: it was most likely sent, but nothing proves it.
+            _ => Err(Failure::transport(
+                "Graph answered 200 without a message_id".into(),
+                true,
+            )),
+        };
+    }
+    let envelope: classify::ErrorEnvelope = serde_json::from_slice(body).unwrap_or_default();
+    Err(classify::classify(status, envelope.error, business_usage))
+}

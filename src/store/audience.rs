@@ -1,0 +1,438 @@
+//! Subscribers, their tags, and segments.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use sea_orm::{
+    ActiveValue::Set,
+    ConnectionTrait, DatabaseConnection, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    entity::prelude::*,
+    sea_query::{Expr, OnConflict, Query},
+};
+
+use super::{StoreError, optins};
+use crate::domain::{PageId, Psid, SegmentRule, Tag};
+
+pub mod subscribers {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "subscribers")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub page_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub psid: String,
+        pub first_seen_at: i64,
+        pub last_interaction_at: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod tags {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "subscriber_tags")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub page_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub psid: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tag: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod segments {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "segments")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub page_id: String,
+        pub name: String,
+        pub rule: String,
+        pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// What one batch of events says about a user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubscriberTouch {
+    pub first_seen_at: i64,
+    pub last_interaction_at: Option<i64>,
+}
+
+impl SubscriberTouch {
+    pub fn merge(&mut self, seen_at: i64, interaction: Option<i64>) {
+        self.first_seen_at = self.first_seen_at.min(seen_at);
+        self.last_interaction_at = match (self.last_interaction_at, interaction) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// Upserts users so that `first_seen_at` never moves later and `last_interaction_at` never
+/// earlier, whatever order events arrive in. One statement per chunk of users.
+pub async fn upsert_subscribers(
+    db: &impl ConnectionTrait,
+    touches: &HashMap<(&str, &str), SubscriberTouch>,
+) -> Result<(), StoreError> {
+    use subscribers::{Column, Entity};
+    let rows: Vec<_> = touches.iter().collect();
+    for chunk in rows.chunks(1000) {
+        let mut insert = Query::insert();
+        insert.into_table(Entity).columns([
+            Column::PageId,
+            Column::Psid,
+            Column::FirstSeenAt,
+            Column::LastInteractionAt,
+        ]);
+        for ((page_id, psid), touch) in chunk {
+            insert.values_panic([
+                (*page_id).into(),
+                (*psid).into(),
+                touch.first_seen_at.into(),
+                touch.last_interaction_at.into(),
+            ]);
+        }
+        insert.on_conflict(
+            OnConflict::columns([Column::PageId, Column::Psid])
+                .value(
+                    Column::FirstSeenAt,
+                    Expr::cust(
+                        "CASE WHEN excluded.first_seen_at < subscribers.first_seen_at \
+                         THEN excluded.first_seen_at ELSE subscribers.first_seen_at END",
+                    ),
+                )
+                .value(
+                    Column::LastInteractionAt,
+                    Expr::cust(
+                        "CASE WHEN excluded.last_interaction_at IS NOT NULL AND \
+                         (subscribers.last_interaction_at IS NULL OR \
+                          excluded.last_interaction_at > subscribers.last_interaction_at) \
+                         THEN excluded.last_interaction_at ELSE subscribers.last_interaction_at END",
+                    ),
+                )
+                .to_owned(),
+        );
+        db.execute(&insert).await?;
+    }
+    Ok(())
+}
+
+/// A subscriber as GetSubscriber shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriberView {
+    pub psid: String,
+    pub first_seen_at: i64,
+    pub last_interaction_at: Option<i64>,
+    pub tags: Vec<String>,
+    pub topics: Vec<SubscriberTopic>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubscriberTopic {
+    pub topic: String,
+    pub counts: BTreeMap<optins::OptInState, u32>,
+    /// When the first usable opt-in on the topic expires.
+    pub next_expiry: Option<i64>,
+}
+
+pub async fn get_subscriber(
+    db: &impl ConnectionTrait,
+    page_id: &PageId,
+    psid: &Psid,
+    now: i64,
+) -> Result<SubscriberView, StoreError> {
+    let subscriber =
+        subscribers::Entity::find_by_id((page_id.as_str().to_string(), psid.as_str().to_string()))
+            .one(db)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+    let tags = tags::Entity::find()
+        .filter(tags::Column::PageId.eq(page_id.as_str()))
+        .filter(tags::Column::Psid.eq(psid.as_str()))
+        .order_by_asc(tags::Column::Tag)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|t| t.tag)
+        .collect();
+    // A single user's opt-ins are few; they are counted here rather than in SQL.
+    let rows = optins::Entity::find()
+        .filter(optins::Column::PageId.eq(page_id.as_str()))
+        .filter(optins::Column::Psid.eq(psid.as_str()))
+        .all(db)
+        .await?;
+    let mut topics: BTreeMap<String, SubscriberTopic> = BTreeMap::new();
+    for row in rows {
+        let state = optins::OptInState::effective(&row.state, row.expires_at, now);
+        let topic = topics
+            .entry(row.topic.clone())
+            .or_insert_with(|| SubscriberTopic {
+                topic: row.topic.clone(),
+                ..SubscriberTopic::default()
+            });
+        *topic.counts.entry(state).or_default() += 1;
+        if state == optins::OptInState::Active {
+            topic.next_expiry = Some(
+                topic
+                    .next_expiry
+                    .map_or(row.expires_at, |t| t.min(row.expires_at)),
+            );
+        }
+    }
+    Ok(SubscriberView {
+        psid: subscriber.psid,
+        first_seen_at: subscriber.first_seen_at,
+        last_interaction_at: subscriber.last_interaction_at,
+        tags,
+        topics: topics.into_values().collect(),
+    })
+}
+
+/// Adds and removes tags; unknown users become subscribers (a CRM may tag before they write).
+/// Returns how many subscribers' tags changed.
+pub async fn tag_subscribers(
+    db: &DatabaseConnection,
+    page_id: &PageId,
+    psids: &BTreeSet<Psid>,
+    add: &BTreeSet<Tag>,
+    remove: &BTreeSet<Tag>,
+    now: i64,
+) -> Result<u64, StoreError> {
+    let txn = db.begin().await?;
+    let touches: HashMap<(&str, &str), SubscriberTouch> = psids
+        .iter()
+        .map(|psid| {
+            (
+                (page_id.as_str(), psid.as_str()),
+                SubscriberTouch {
+                    first_seen_at: now,
+                    last_interaction_at: None,
+                },
+            )
+        })
+        .collect();
+    upsert_subscribers(&txn, &touches).await?;
+    let mut changed: BTreeSet<&str> = BTreeSet::new();
+    let psid_list: Vec<&str> = psids.iter().map(Psid::as_str).collect();
+    for chunk in psid_list.chunks(500) {
+        if !remove.is_empty() {
+            let removed = tags::Entity::find()
+                .select_only()
+                .column(tags::Column::Psid)
+                .filter(tags::Column::PageId.eq(page_id.as_str()))
+                .filter(tags::Column::Psid.is_in(chunk.iter().copied()))
+                .filter(tags::Column::Tag.is_in(remove.iter().map(Tag::as_str)))
+                .into_tuple::<String>()
+                .all(&txn)
+                .await?;
+            tags::Entity::delete_many()
+                .filter(tags::Column::PageId.eq(page_id.as_str()))
+                .filter(tags::Column::Psid.is_in(chunk.iter().copied()))
+                .filter(tags::Column::Tag.is_in(remove.iter().map(Tag::as_str)))
+                .exec(&txn)
+                .await?;
+            for psid in removed {
+                if let Some(known) = chunk.iter().find(|p| **p == psid) {
+                    changed.insert(known);
+                }
+            }
+        }
+        if !add.is_empty() {
+            let mut insert = Query::insert();
+            insert.into_table(tags::Entity).columns([
+                tags::Column::PageId,
+                tags::Column::Psid,
+                tags::Column::Tag,
+            ]);
+            for psid in chunk {
+                for tag in add {
+                    insert.values_panic([
+                        page_id.as_str().into(),
+                        (*psid).into(),
+                        tag.as_str().into(),
+                    ]);
+                }
+            }
+            insert.on_conflict(
+                OnConflict::columns([tags::Column::PageId, tags::Column::Psid, tags::Column::Tag])
+                    .do_nothing()
+                    .to_owned(),
+            );
+            // Which users gained a tag: those without every added tag before the insert.
+            let before = tags::Entity::find()
+                .filter(tags::Column::PageId.eq(page_id.as_str()))
+                .filter(tags::Column::Psid.is_in(chunk.iter().copied()))
+                .filter(tags::Column::Tag.is_in(add.iter().map(Tag::as_str)))
+                .all(&txn)
+                .await?;
+            let mut had: HashMap<&str, usize> = HashMap::new();
+            for row in &before {
+                if let Some(known) = chunk.iter().find(|p| **p == row.psid) {
+                    *had.entry(known).or_default() += 1;
+                }
+            }
+            txn.execute(&insert).await?;
+            for psid in chunk {
+                if had.get(psid).copied().unwrap_or(0) < add.len() {
+                    changed.insert(psid);
+                }
+            }
+        }
+    }
+    txn.commit().await?;
+    Ok(changed.len() as u64)
+}
+
+/// Erases a user: opt-ins, opt-in requests, tags and the subscriber row. Returns the number of
+/// opt-ins erased; `NotFound` when the page knew nothing of the user.
+pub async fn delete_subscriber(
+    db: &DatabaseConnection,
+    page_id: &PageId,
+    psid: &Psid,
+) -> Result<u64, StoreError> {
+    let txn = db.begin().await?;
+    let opt_ins = optins::Entity::delete_many()
+        .filter(optins::Column::PageId.eq(page_id.as_str()))
+        .filter(optins::Column::Psid.eq(psid.as_str()))
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    optins::requests::Entity::delete_many()
+        .filter(optins::requests::Column::PageId.eq(page_id.as_str()))
+        .filter(optins::requests::Column::Psid.eq(psid.as_str()))
+        .exec(&txn)
+        .await?;
+    tags::Entity::delete_many()
+        .filter(tags::Column::PageId.eq(page_id.as_str()))
+        .filter(tags::Column::Psid.eq(psid.as_str()))
+        .exec(&txn)
+        .await?;
+    let subscriber = subscribers::Entity::delete_by_id((
+        page_id.as_str().to_string(),
+        psid.as_str().to_string(),
+    ))
+    .exec(&txn)
+    .await?
+    .rows_affected;
+    if subscriber == 0 && opt_ins == 0 {
+        return Err(StoreError::NotFound);
+    }
+    txn.commit().await?;
+    Ok(opt_ins)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentRecord {
+    pub id: String,
+    pub page_id: String,
+    pub name: String,
+    pub rule: SegmentRule,
+    pub created_at: i64,
+}
+
+impl TryFrom<segments::Model> for SegmentRecord {
+    type Error = StoreError;
+
+    fn try_from(m: segments::Model) -> Result<Self, StoreError> {
+        let rule = serde_json::from_str(&m.rule).map_err(|e| {
+            StoreError::Db(DbErr::Custom(format!(
+                "segment {} has a bad rule: {e}",
+                m.id
+            )))
+        })?;
+        Ok(SegmentRecord {
+            id: m.id,
+            page_id: m.page_id,
+            name: m.name,
+            rule,
+            created_at: m.created_at,
+        })
+    }
+}
+
+pub async fn create_segment(
+    db: &impl ConnectionTrait,
+    page_id: &PageId,
+    name: &str,
+    rule: &SegmentRule,
+    now: i64,
+) -> Result<SegmentRecord, StoreError> {
+    let model = segments::Model {
+        id: uuid::Uuid::new_v4().to_string(),
+        page_id: page_id.as_str().to_string(),
+        name: name.to_string(),
+        rule: serde_json::to_string(rule).expect("a rule serializes"),
+        created_at: now,
+    };
+    segments::Entity::insert(segments::ActiveModel {
+        id: Set(model.id.clone()),
+        page_id: Set(model.page_id.clone()),
+        name: Set(model.name.clone()),
+        rule: Set(model.rule.clone()),
+        created_at: Set(now),
+    })
+    .exec_without_returning(db)
+    .await?;
+    SegmentRecord::try_from(model)
+}
+
+pub async fn list_segments(
+    db: &impl ConnectionTrait,
+    page_id: &PageId,
+    after_name: Option<&str>,
+    limit: u64,
+) -> Result<Vec<SegmentRecord>, StoreError> {
+    let mut query = segments::Entity::find()
+        .filter(segments::Column::PageId.eq(page_id.as_str()))
+        .order_by_asc(segments::Column::Name)
+        .limit(limit);
+    if let Some(after) = after_name {
+        query = query.filter(segments::Column::Name.gt(after));
+    }
+    query
+        .all(db)
+        .await?
+        .into_iter()
+        .map(SegmentRecord::try_from)
+        .collect()
+}
+
+pub async fn get_segment(db: &impl ConnectionTrait, id: &str) -> Result<SegmentRecord, StoreError> {
+    segments::Entity::find_by_id(id.to_string())
+        .one(db)
+        .await?
+        .ok_or(StoreError::NotFound)?
+        .try_into()
+}
+
+pub async fn delete_segment(db: &impl ConnectionTrait, id: &str) -> Result<(), StoreError> {
+    let deleted = segments::Entity::delete_by_id(id.to_string())
+        .exec(db)
+        .await?
+        .rows_affected;
+    if deleted == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
+}

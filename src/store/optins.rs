@@ -1,0 +1,384 @@
+//! Opt-ins and opt-in requests: ingestion (webhook and RecordOptIn), the per-topic ledger, and
+//! listing. "Expired" is computed from `expires_at` in every read, so no read depends on a sweep.
+
+use std::collections::{BTreeMap, HashMap};
+
+use sea_orm::{
+    Condition, ConnectionTrait, DatabaseBackend, FromQueryResult, QueryFilter, QueryOrder,
+    QuerySelect, Statement, TransactionTrait,
+    entity::prelude::*,
+    sea_query::{OnConflict, Query},
+};
+
+use super::{StoreError, audience};
+use crate::domain::{OPT_IN_LIFETIME_MS, OptInToken, PageId, Psid, Topic};
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "optins")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    pub page_id: String,
+    pub psid: String,
+    pub topic: String,
+    pub token: String,
+    pub opted_in_at: i64,
+    pub expires_at: i64,
+    pub state: String,
+    pub used_at: Option<i64>,
+    pub delivery_id: Option<String>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}
+
+pub mod requests {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "optin_requests")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub page_id: String,
+        pub psid: String,
+        pub topic: String,
+        pub title: String,
+        pub sent_at: i64,
+        pub message_id: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Stored states. `expired` is also what an `active` row past `expires_at` reads as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OptInState {
+    Active,
+    Reserved,
+    Used,
+    Rejected,
+    Expired,
+}
+
+impl OptInState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OptInState::Active => "active",
+            OptInState::Reserved => "reserved",
+            OptInState::Used => "used",
+            OptInState::Rejected => "rejected",
+            OptInState::Expired => "expired",
+        }
+    }
+
+    fn from_stored(stored: &str) -> Self {
+        match stored {
+            "reserved" => OptInState::Reserved,
+            "used" => OptInState::Used,
+            "rejected" => OptInState::Rejected,
+            "expired" => OptInState::Expired,
+            _ => OptInState::Active,
+        }
+    }
+
+    /// The state a row reads as at `now`.
+    pub fn effective(stored: &str, expires_at: i64, now: i64) -> Self {
+        match Self::from_stored(stored) {
+            OptInState::Active if expires_at <= now => OptInState::Expired,
+            state => state,
+        }
+    }
+}
+
+/// One event from Facebook (or a gateway) about one user of a page.
+#[derive(Clone, Debug)]
+pub struct IncomingEvent {
+    pub psid: Psid,
+    pub at_ms: i64,
+    pub kind: EventKind,
+}
+
+#[derive(Clone, Debug)]
+pub enum EventKind {
+    /// A one-time notification opt-in.
+    OptIn { topic: Topic, token: OptInToken },
+    /// A message, postback or opt-in: the user is inside the window from `at_ms`.
+    Interaction,
+    /// Anything else about the user (reads, deliveries): known, window unchanged.
+    Seen,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IngestReport {
+    pub opt_ins_created: u64,
+    pub events: u64,
+}
+
+/// Stores the events of one or more pages in one transaction: every event's user is upserted
+/// (first seen never moves later, last interaction never earlier), every new token becomes an
+/// opt-in, and a token seen before changes nothing.
+pub async fn ingest(
+    db: &DatabaseConnection,
+    pages: &[(PageId, Vec<IncomingEvent>)],
+) -> Result<IngestReport, StoreError> {
+    let mut report = IngestReport::default();
+    let mut subscribers: HashMap<(&str, &str), audience::SubscriberTouch> = HashMap::new();
+    let mut optin_rows = Vec::new();
+    let mut seen_tokens = std::collections::HashSet::new();
+    for (page_id, events) in pages {
+        for event in events {
+            report.events += 1;
+            let interaction = match &event.kind {
+                EventKind::Seen => None,
+                _ => Some(event.at_ms),
+            };
+            subscribers
+                .entry((page_id.as_str(), event.psid.as_str()))
+                .and_modify(|touch| touch.merge(event.at_ms, interaction))
+                .or_insert(audience::SubscriberTouch {
+                    first_seen_at: event.at_ms,
+                    last_interaction_at: interaction,
+                });
+            if let EventKind::OptIn { topic, token } = &event.kind
+                && seen_tokens.insert((page_id.as_str(), token.as_str()))
+            {
+                optin_rows.push((page_id, &event.psid, topic, token, event.at_ms));
+            }
+        }
+    }
+
+    let txn = db.begin().await?;
+    audience::upsert_subscribers(&txn, &subscribers).await?;
+    // Within SQLite's and PostgreSQL's limits on bound parameters per statement.
+    for chunk in optin_rows.chunks(1000) {
+        let mut insert = Query::insert();
+        insert.into_table(Entity).columns([
+            Column::PageId,
+            Column::Psid,
+            Column::Topic,
+            Column::Token,
+            Column::OptedInAt,
+            Column::ExpiresAt,
+            Column::State,
+        ]);
+        for (page_id, psid, topic, token, at) in chunk {
+            insert.values_panic([
+                page_id.as_str().into(),
+                psid.as_str().into(),
+                topic.as_str().into(),
+                token.as_str().into(),
+                (*at).into(),
+                (at + OPT_IN_LIFETIME_MS).into(),
+                OptInState::Active.as_str().into(),
+            ]);
+        }
+        insert.on_conflict(
+            OnConflict::columns([Column::PageId, Column::Token])
+                .do_nothing()
+                .to_owned(),
+        );
+        report.opt_ins_created += txn.execute(&insert).await?.rows_affected();
+    }
+    txn.commit().await?;
+    Ok(report)
+}
+
+pub async fn find_by_token(
+    db: &impl ConnectionTrait,
+    page_id: &PageId,
+    token: &OptInToken,
+) -> Result<Model, StoreError> {
+    Entity::find()
+        .filter(Column::PageId.eq(page_id.as_str()))
+        .filter(Column::Token.eq(token.as_str()))
+        .one(db)
+        .await?
+        .ok_or(StoreError::NotFound)
+}
+
+pub async fn record_request(
+    db: &impl ConnectionTrait,
+    page_id: &PageId,
+    psid: &Psid,
+    topic: &Topic,
+    title: &str,
+    message_id: &str,
+    sent_at: i64,
+) -> Result<(), StoreError> {
+    requests::Entity::insert(requests::ActiveModel {
+        id: sea_orm::ActiveValue::NotSet,
+        page_id: sea_orm::ActiveValue::Set(page_id.as_str().into()),
+        psid: sea_orm::ActiveValue::Set(psid.as_str().into()),
+        topic: sea_orm::ActiveValue::Set(topic.as_str().into()),
+        title: sea_orm::ActiveValue::Set(title.into()),
+        sent_at: sea_orm::ActiveValue::Set(sent_at),
+        message_id: sea_orm::ActiveValue::Set(message_id.into()),
+    })
+    .exec_without_returning(db)
+    .await?;
+    Ok(())
+}
+
+/// The ledger of one topic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TopicLedger {
+    pub topic: String,
+    pub active: u64,
+    pub reserved: u64,
+    pub used: u64,
+    pub expired: u64,
+    pub rejected: u64,
+    pub expiring_soon: u64,
+    pub requests_sent: u64,
+    pub subscribers: u64,
+}
+
+#[derive(FromQueryResult)]
+struct LedgerRow {
+    topic: String,
+    active: i64,
+    reserved: i64,
+    used: i64,
+    expired: i64,
+    rejected: i64,
+    expiring_soon: i64,
+    subscribers: i64,
+}
+
+#[derive(FromQueryResult)]
+struct RequestsRow {
+    topic: String,
+    requests_sent: i64,
+}
+
+/// How long before its expiry an opt-in counts as "expiring soon".
+pub const EXPIRING_SOON_MS: i64 = 30 * 24 * 60 * 60 * 1000;
+
+fn placeholder(backend: DatabaseBackend, n: usize) -> String {
+    match backend {
+        DatabaseBackend::Postgres => format!("${n}"),
+        _ => "?".to_string(),
+    }
+}
+
+/// Per topic of the page, counted by the database (no rows are loaded).
+pub async fn ledger(
+    db: &impl ConnectionTrait,
+    page_id: &PageId,
+    now: i64,
+) -> Result<Vec<TopicLedger>, StoreError> {
+    let backend = db.get_database_backend();
+    let p1 = placeholder(backend, 1);
+    let soon = now + EXPIRING_SOON_MS;
+    // `now` and `soon` are integers this code computed, so they are written into the SQL.
+    let sql = format!(
+        "SELECT topic, \
+           SUM(CASE WHEN state = 'active' AND expires_at > {now} THEN 1 ELSE 0 END) AS active, \
+           SUM(CASE WHEN state = 'reserved' THEN 1 ELSE 0 END) AS reserved, \
+           SUM(CASE WHEN state = 'used' THEN 1 ELSE 0 END) AS used, \
+           SUM(CASE WHEN state = 'expired' OR (state = 'active' AND expires_at <= {now}) THEN 1 ELSE 0 END) AS expired, \
+           SUM(CASE WHEN state = 'rejected' THEN 1 ELSE 0 END) AS rejected, \
+           SUM(CASE WHEN state = 'active' AND expires_at > {now} AND expires_at <= {soon} THEN 1 ELSE 0 END) AS expiring_soon, \
+           COUNT(DISTINCT psid) AS subscribers \
+         FROM optins WHERE page_id = {p1} GROUP BY topic"
+    );
+    let rows = LedgerRow::find_by_statement(Statement::from_sql_and_values(
+        backend,
+        sql,
+        [page_id.as_str().into()],
+    ))
+    .all(db)
+    .await?;
+    let requests = RequestsRow::find_by_statement(Statement::from_sql_and_values(
+        backend,
+        format!(
+            "SELECT topic, COUNT(*) AS requests_sent FROM optin_requests \
+             WHERE page_id = {p1} GROUP BY topic"
+        ),
+        [page_id.as_str().into()],
+    ))
+    .all(db)
+    .await?;
+
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    let mut topics: BTreeMap<String, TopicLedger> = BTreeMap::new();
+    for row in rows {
+        topics.insert(
+            row.topic.clone(),
+            TopicLedger {
+                topic: row.topic,
+                active: count(row.active),
+                reserved: count(row.reserved),
+                used: count(row.used),
+                expired: count(row.expired),
+                rejected: count(row.rejected),
+                expiring_soon: count(row.expiring_soon),
+                requests_sent: 0,
+                subscribers: count(row.subscribers),
+            },
+        );
+    }
+    for row in requests {
+        topics
+            .entry(row.topic.clone())
+            .or_insert_with(|| TopicLedger {
+                topic: row.topic.clone(),
+                ..TopicLedger::default()
+            })
+            .requests_sent = count(row.requests_sent);
+    }
+    Ok(topics.into_values().collect())
+}
+
+/// Which opt-ins to list.
+#[derive(Clone, Debug, Default)]
+pub struct OptInFilter {
+    pub topic: Option<Topic>,
+    pub psid: Option<Psid>,
+    pub state: Option<OptInState>,
+}
+
+/// Up to `limit` opt-ins of the page by id, after `after_id`.
+pub async fn list(
+    db: &impl ConnectionTrait,
+    page_id: &PageId,
+    filter: &OptInFilter,
+    after_id: Option<i64>,
+    limit: u64,
+    now: i64,
+) -> Result<Vec<Model>, StoreError> {
+    let mut query = Entity::find()
+        .filter(Column::PageId.eq(page_id.as_str()))
+        .order_by_asc(Column::Id)
+        .limit(limit);
+    if let Some(after) = after_id {
+        query = query.filter(Column::Id.gt(after));
+    }
+    if let Some(topic) = &filter.topic {
+        query = query.filter(Column::Topic.eq(topic.as_str()));
+    }
+    if let Some(psid) = &filter.psid {
+        query = query.filter(Column::Psid.eq(psid.as_str()));
+    }
+    query = match filter.state {
+        None => query,
+        Some(OptInState::Active) => query
+            .filter(Column::State.eq("active"))
+            .filter(Column::ExpiresAt.gt(now)),
+        Some(OptInState::Expired) => query.filter(
+            Condition::any().add(Column::State.eq("expired")).add(
+                Condition::all()
+                    .add(Column::State.eq("active"))
+                    .add(Column::ExpiresAt.lte(now)),
+            ),
+        ),
+        Some(state) => query.filter(Column::State.eq(state.as_str())),
+    };
+    Ok(query.all(db).await?)
+}

@@ -1,0 +1,247 @@
+//! The webhook: subscription checks, signed opt-ins from the sandbox (as Facebook posts them),
+//! forged or malformed POSTs storing nothing, several pages and events per POST, redelivery.
+
+use std::time::Duration;
+
+use otnd::pb::{
+    GetSubscriberRequest, ListOptInsRequest, ListTopicsRequest, OptInState, TopicSummary,
+};
+use serde_json::{Value, json};
+
+use crate::{
+    backend_tests,
+    helpers::{TestApp, TestDatabase, page_app_secret, page_verify_token, spawn_app},
+};
+
+pub async fn topics(app: &mut TestApp, page_id: &str) -> Vec<TopicSummary> {
+    app.optins
+        .list_topics(ListTopicsRequest {
+            page_id: page_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .topics
+}
+
+pub async fn active_on(app: &mut TestApp, page_id: &str, topic: &str) -> u64 {
+    topics(app, page_id)
+        .await
+        .iter()
+        .find(|t| t.topic == topic)
+        .map_or(0, |t| t.active)
+}
+
+/// Waits until the page has `n` active opt-ins on `topic`.
+pub async fn wait_for_active(app: &mut TestApp, page_id: &str, topic: &str, n: u64) {
+    let deadline = Duration::from_secs(15);
+    let started = std::time::Instant::now();
+    loop {
+        let active = active_on(app, page_id, topic).await;
+        if active == n {
+            return;
+        }
+        assert!(
+            active < n,
+            "more active opt-ins ({active}) than expected ({n})"
+        );
+        assert!(
+            started.elapsed() < deadline,
+            "{active} of {n} opt-ins on {topic:?} arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn sign(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    format!(
+        "sha256={}",
+        hex::encode(ring::hmac::sign(&key, body).as_ref())
+    )
+}
+
+async fn post(app: &TestApp, body: &[u8], signature: Option<&str>) -> (u16, String) {
+    let mut request = otnd::graph::http_client()
+        .post(app.http_url("/webhook"))
+        .header("Content-Type", "application/json")
+        .body(body.to_vec());
+    if let Some(signature) = signature {
+        request = request.header("X-Hub-Signature-256", signature);
+    }
+    let response = request.send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+fn optin_event(psid: &str, page_id: &str, topic: &str, token: &str, at: i64) -> Value {
+    json!({"sender": {"id": psid}, "recipient": {"id": page_id}, "timestamp": at,
+           "optin": {"type": "one_time_notif_req", "payload": topic, "one_time_notif_token": token}})
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+backend_tests! {
+    async fn subscription_checks_answer_the_challenge_only_for_a_page_verify_token(db) {
+        let mut app = spawn_app(&db).await;
+        app.register_page("100").await;
+        let client = otnd::graph::http_client();
+        let get = |query: String| {
+            let request = client.get(format!("{}?{query}", app.http_url("/webhook")));
+            async move {
+                let response = request.send().await.unwrap();
+                (response.status().as_u16(), response.text().await.unwrap())
+            }
+        };
+        let token = page_verify_token("100");
+        assert_eq!(
+            get(format!("hub.mode=subscribe&hub.verify_token={token}&hub.challenge=1158201444")).await,
+            (200, "1158201444".to_string())
+        );
+        assert_eq!(get("hub.mode=subscribe&hub.verify_token=nope&hub.challenge=1".into()).await.0, 403);
+        assert_eq!(get(format!("hub.mode=unsubscribe&hub.verify_token={token}&hub.challenge=1")).await.0, 403);
+        assert_eq!(get("hub.mode=subscribe".into()).await.0, 400);
+    }
+
+    async fn signed_opt_ins_from_the_sandbox_become_opt_ins(db) {
+        let mut app = spawn_app(&db).await;
+        app.register_page("200").await;
+        // A topic with characters Facebook escapes, stored exactly as the user's payload.
+        let topic = "Été 🎉 Sale!";
+        let answer = app.sandbox_admin("/__sandbox/optins",
+            json!({"page_id": "200", "psid": "u1", "payload": topic})).await;
+        let token = answer["token"].as_str().unwrap().to_string();
+        wait_for_active(&mut app, "200", topic, 1).await;
+
+        let listed = app.optins.list_opt_ins(ListOptInsRequest {
+            page_id: "200".into(), ..Default::default()
+        }).await.unwrap().into_inner().opt_ins;
+        assert_eq!(listed.len(), 1);
+        let opt_in = &listed[0];
+        assert_eq!((opt_in.psid.as_str(), opt_in.topic.as_str()), ("u1", topic));
+        assert_eq!(opt_in.state(), OptInState::Active);
+        assert_eq!(opt_in.token_fingerprint, otnd::domain::fingerprint(&token));
+        assert!(!format!("{listed:?}").contains(&token), "the token itself is never returned");
+        let year_ms = 365 * 24 * 3600 * 1000;
+        let (opted, expires) = (opt_in.opt_in_time.unwrap(), opt_in.expire_time.unwrap());
+        assert_eq!((expires.seconds - opted.seconds) * 1000, year_ms);
+
+        // The opt-in made the user a subscriber inside the window.
+        let subscriber = app.audience.get_subscriber(GetSubscriberRequest {
+            page_id: "200".into(), psid: "u1".into(),
+        }).await.unwrap().into_inner().subscriber.unwrap();
+        assert!(subscriber.window_open);
+        assert_eq!(subscriber.topics[0].active, 1);
+    }
+
+    async fn bulk_opt_ins_arrive_in_posts_of_100(db) {
+        let mut app = spawn_app(&db).await;
+        app.register_page("300").await;
+        app.sandbox_admin("/__sandbox/optins", json!({"page_id": "300", "psid_prefix": "fan-",
+            "count": 250, "payload": "Tickets"})).await;
+        wait_for_active(&mut app, "300", "Tickets", 250).await;
+        let ledger = topics(&mut app, "300").await;
+        assert_eq!(ledger[0].subscribers, 250);
+    }
+
+    async fn forged_missing_and_malformed_posts_store_nothing(db) {
+        let mut app = spawn_app(&db).await;
+        app.register_page("400").await;
+        let body = json!({"object": "page", "entry": [{"id": "400", "time": now_ms(), "messaging": [
+            optin_event("u1", "400", "t", "tok-forged", now_ms())]}]}).to_string();
+        let body = body.as_bytes();
+
+        assert_eq!(post(&app, body, None).await.0, 401, "no signature");
+        assert_eq!(post(&app, body, Some("sha1=abc")).await.0, 401, "not sha256");
+        assert_eq!(post(&app, body, Some("sha256=zz")).await.0, 401, "not hex");
+        assert_eq!(post(&app, body, Some(&sign("wrong-secret", body))).await.0, 403, "forged");
+        // Signed, then altered: the signature is over the exact bytes.
+        let signature = sign(&page_app_secret("400"), body);
+        let altered = String::from_utf8(body.to_vec()).unwrap().replace("tok-forged", "tok-altered");
+        assert_eq!(post(&app, altered.as_bytes(), Some(&signature)).await.0, 403, "altered");
+        let not_json = b"{\"object\": \"page\", \"entry\": [";
+        assert_eq!(post(&app, not_json, Some(&sign(&page_app_secret("400"), not_json))).await.0, 400);
+
+        assert!(topics(&mut app, "400").await.is_empty(), "nothing was stored");
+        let subscriber = app.audience.get_subscriber(GetSubscriberRequest {
+            page_id: "400".into(), psid: "u1".into() }).await;
+        assert_eq!(subscriber.unwrap_err().code(), tonic::Code::NotFound);
+
+        // The genuine POST is taken.
+        assert_eq!(post(&app, body, Some(&signature)).await, (200, "EVENT_RECEIVED".into()));
+        assert_eq!(active_on(&mut app, "400", "t").await, 1);
+    }
+
+    async fn one_post_with_several_pages_and_events_and_its_redelivery(db) {
+        let mut app = spawn_app(&db).await;
+        app.register_page("500").await;
+        let now = now_ms();
+        let body = json!({"object": "page", "entry": [
+            {"id": "500", "time": now, "messaging": [
+                optin_event("u1", "500", "Spring Sale!", "tok-1", now),
+                optin_event("u2", "500", "spring sale", "tok-2", now),
+                optin_event("u1", "500", "Spring Sale!", "tok-1", now),
+                {"sender": {"id": "u3"}, "recipient": {"id": "500"}, "timestamp": now, "postback": {"payload": "YES"}},
+                {"sender": {"id": "u4"}, "recipient": {"id": "500"}, "timestamp": now, "read": {"watermark": now}},
+                {"sender": {"id": "500"}, "recipient": {"id": "u1"}, "timestamp": now, "message": {"is_echo": true, "text": "echo"}},
+                {"sender": {"id": "u5"}, "recipient": {"id": "500"}, "timestamp": now,
+                 "optin": {"type": "notification_messages", "payload": "weekly", "notification_messages_token": "r"}},
+            ]},
+            // A page otnd does not manage: skipped, not fatal.
+            {"id": "999", "time": now, "messaging": [optin_event("x", "999", "t", "tok-x", now)]},
+        ]}).to_string();
+        let signature = sign(&page_app_secret("500"), body.as_bytes());
+        for _ in 0..2 {
+            assert_eq!(post(&app, body.as_bytes(), Some(&signature)).await.0, 200);
+        }
+        let ledger = topics(&mut app, "500").await;
+        let names: Vec<(&str, u64)> = ledger.iter().map(|t| (t.topic.as_str(), t.active)).collect();
+        assert_eq!(names, [("Spring Sale!", 1), ("spring sale", 1)], "exact topics, each token once");
+
+        let get = |psid: &'static str| {
+            let mut audience = app.audience.clone();
+            async move {
+                audience.get_subscriber(GetSubscriberRequest { page_id: "500".into(), psid: psid.into() })
+                    .await.map(|r| r.into_inner().subscriber.unwrap())
+            }
+        };
+        assert!(get("u3").await.unwrap().window_open, "a postback opens the window");
+        let reader = get("u4").await.unwrap();
+        assert!(!reader.window_open && reader.last_interaction_time.is_none(), "a read does not");
+        assert!(get("u5").await.unwrap().topics.is_empty(), "other opt-in types are not OTN opt-ins");
+        assert!(get("500").await.is_err(), "the page's echo made no subscriber");
+    }
+
+    async fn an_older_event_never_moves_the_window_back(db) {
+        let mut app = spawn_app(&db).await;
+        app.register_page("600").await;
+        let now = now_ms();
+        let message = |at: i64| json!({"object": "page", "entry": [{"id": "600", "time": at, "messaging": [
+            {"sender": {"id": "u1"}, "recipient": {"id": "600"}, "timestamp": at, "message": {"mid": format!("m{at}"), "text": "hi"}}]}]})
+            .to_string();
+        let secret = page_app_secret("600");
+        let recent = message(now);
+        let old = message(now - 3 * 24 * 3600 * 1000);
+        assert_eq!(post(&app, recent.as_bytes(), Some(&sign(&secret, recent.as_bytes()))).await.0, 200);
+        assert_eq!(post(&app, old.as_bytes(), Some(&sign(&secret, old.as_bytes()))).await.0, 200);
+        let subscriber = app.audience.get_subscriber(GetSubscriberRequest {
+            page_id: "600".into(), psid: "u1".into() }).await.unwrap().into_inner().subscriber.unwrap();
+        assert!(subscriber.window_open);
+        let last = subscriber.last_interaction_time.unwrap();
+        assert_eq!(last.seconds * 1000 + i64::from(last.nanos) / 1_000_000, now);
+        let first = subscriber.first_seen_time.unwrap();
+        assert_eq!(first.seconds * 1000, (now - 3 * 24 * 3600 * 1000) / 1000 * 1000, "first seen moved earlier");
+    }
+}
+
+#[tokio::test]
+async fn a_post_for_unregistered_pages_is_acknowledged_and_ignored() {
+    let db = TestDatabase::sqlite();
+    let app = spawn_app(&db).await;
+    let body = json!({"object": "page", "entry": [{"id": "777", "time": 1, "messaging": [
+        optin_event("u", "777", "t", "tok", 1)]}]})
+    .to_string();
+    let (status, text) = post(&app, body.as_bytes(), Some(&sign("any", body.as_bytes()))).await;
+    assert_eq!((status, text.as_str()), (200, "ignored"));
+}
