@@ -3,11 +3,13 @@
 
 mod helpers;
 
+mod audience;
 mod auth;
 mod binary;
 mod contract;
 mod hardening;
 mod health;
+mod optins;
 mod pages;
 mod restart;
 mod sandbox;
