@@ -331,3 +331,80 @@ pub async fn shutdown_signal() {
         () = terminate => {},
     }
 }
+
+/// An application running on a thread of its own, in its own actix System over a multi-thread
+/// tokio runtime, exactly as `otnd serve` runs it: for tests, benchmarks and embedding.
+pub struct BackgroundApp {
+    pub grpc_port: u16,
+    pub http_port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl BackgroundApp {
+    /// Starts the application and waits until it serves (blocking). Start-up errors are
+    /// returned with their whole cause chain.
+    pub fn start(settings: Settings, worker_threads: usize) -> anyhow::Result<Self> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(u16, u16), String>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("otnd-app".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(worker_threads.max(1))
+                    .enable_all()
+                    .build()?;
+                actix::System::with_tokio_rt(move || runtime).block_on(async move {
+                    let app = match Application::build(settings).await {
+                        Ok(app) => app,
+                        Err(err) => {
+                            let _ = ready_tx.send(Err(format!("{err:#}")));
+                            return Err(err);
+                        }
+                    };
+                    let _ = ready_tx.send(Ok((app.grpc_port(), app.http_port())));
+                    app.run_until_stopped(async move {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                })
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok((grpc_port, http_port))) => Ok(BackgroundApp {
+                grpc_port,
+                http_port,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+            Ok(Err(message)) => {
+                let _ = thread.join();
+                Err(anyhow::anyhow!(message))
+            }
+            Err(_) => Err(anyhow::anyhow!(
+                "the application thread ended before it served: {:?}",
+                thread.join().map(|r| r.err().map(|e| format!("{e:#}")))
+            )),
+        }
+    }
+
+    /// Asks for a graceful shutdown and waits for it (blocking).
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(anyhow::anyhow!("the application thread panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for BackgroundApp {
+    fn drop(&mut self) {
+        // Dropped without `stop`: still shut down, without waiting.
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -5,8 +5,6 @@
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::mpsc,
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -19,10 +17,9 @@ use otnd::{
         page_service_client::PageServiceClient, send_service_client::SendServiceClient,
         story_service_client::StoryServiceClient,
     },
-    startup::Application,
+    startup::BackgroundApp,
 };
 use sea_orm::{ConnectionTrait, Database};
-use tokio::sync::oneshot;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 /// The master key the harness gives every app unless a test asks for none.
@@ -179,8 +176,7 @@ pub struct TestApp {
     pub sends: SendServiceClient<Channel>,
     /// The Graph sandbox otnd talks to (apps started by `spawn_app*`).
     pub sandbox: Option<RunningSandbox>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
+    app: Option<BackgroundApp>,
 }
 
 pub async fn spawn_app(db: &TestDatabase) -> TestApp {
@@ -211,39 +207,12 @@ pub async fn try_spawn(settings: Settings) -> Result<TestApp, String> {
 /// As [`try_spawn`], connecting over TLS to a server whose certificate `ca_pem` signs (for the
 /// name `localhost`).
 pub async fn try_spawn_tls(settings: Settings, ca_pem: Option<&[u8]>) -> Result<TestApp, String> {
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<(u16, u16), String>>();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        actix::System::with_tokio_rt(move || runtime).block_on(async move {
-            let app = match Application::build(settings).await {
-                Ok(app) => app,
-                Err(err) => {
-                    let _ = ready_tx.send(Err(format!("{err:#}")));
-                    return Err(err);
-                }
-            };
-            let _ = ready_tx.send(Ok((app.grpc_port(), app.http_port())));
-            app.run_until_stopped(async move {
-                let _ = stop_rx.await;
-            })
-            .await
-        })
-    });
-    let ready = tokio::task::spawn_blocking(move || ready_rx.recv())
+    let app = tokio::task::spawn_blocking(move || BackgroundApp::start(settings, 2))
         .await
-        .expect("the start-up waiter");
-    let (grpc_port, http_port) = match ready {
-        Ok(Ok(ports)) => ports,
-        Ok(Err(message)) => {
-            let _ = thread.join();
-            return Err(message);
-        }
-        Err(_) => return Err(format!("the application thread died: {:?}", thread.join())),
-    };
+        .expect("the start-up waiter")
+        .map_err(|e| format!("{e:#}"))?;
+    let grpc_port = app.grpc_port;
+    let http_port = app.http_port;
     let endpoint = match ca_pem {
         None => Channel::from_shared(format!("http://127.0.0.1:{grpc_port}")).expect("a URI"),
         Some(ca_pem) => Channel::from_shared(format!("https://127.0.0.1:{grpc_port}"))
@@ -269,8 +238,7 @@ pub async fn try_spawn_tls(settings: Settings, ca_pem: Option<&[u8]>) -> Result<
         sends: SendServiceClient::new(channel.clone()),
         channel,
         sandbox: None,
-        stop: Some(stop_tx),
-        thread: Some(thread),
+        app: Some(app),
     })
 }
 
@@ -335,23 +303,10 @@ impl TestApp {
 
     /// Asks for a graceful shutdown and waits for the application to finish it.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let thread = self.thread.take().expect("a running app");
-        tokio::task::spawn_blocking(move || thread.join())
+        let app = self.app.take().expect("a running app");
+        tokio::task::spawn_blocking(move || app.stop())
             .await
             .expect("the joiner")
-            .map_err(|_| anyhow::anyhow!("the application thread panicked"))?
-    }
-}
-
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        // A test that did not stop its app still shuts it down; nobody waits for it.
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
     }
 }
 
