@@ -40,7 +40,10 @@ fn main() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let env: BTreeMap<String, String> = [
-        ("OTN_DATABASE_URL", format!("sqlite://{}?mode=rwc", dir.path().join("otnd.db").display())),
+        (
+            "OTN_DATABASE_URL",
+            format!("sqlite://{}?mode=rwc", dir.path().join("otnd.db").display()),
+        ),
         ("OTN_GRPC_ADDR", "127.0.0.1:0".into()),
         ("OTN_HTTP_ADDR", "127.0.0.1:0".into()),
         ("OTN_MASTER_KEY", STANDARD.encode([7u8; 32])),
@@ -51,13 +54,20 @@ fn main() -> anyhow::Result<()> {
     let settings = Settings::load_from(None, &env).map_err(|e| anyhow::anyhow!("{e}"))?;
     let app = BackgroundApp::start(settings, 2)?;
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let result = runtime.block_on(drive(app.grpc_port, app.http_port, posts, concurrency));
     app.stop()?;
     result
 }
 
-async fn drive(grpc_port: u16, http_port: u16, posts: usize, concurrency: usize) -> anyhow::Result<()> {
+async fn drive(
+    grpc_port: u16,
+    http_port: u16,
+    posts: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
     let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))?
         .connect()
         .await?;
@@ -110,7 +120,9 @@ async fn drive(grpc_port: u16, http_port: u16, posts: usize, concurrency: usize)
             let mut failures = 0u64;
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
-                let Some((body, signature)) = bodies.get(index) else { break };
+                let Some((body, signature)) = bodies.get(index) else {
+                    break;
+                };
                 let sent = Instant::now();
                 let response = http
                     .post(url.as_str())
@@ -143,11 +155,16 @@ async fn drive(grpc_port: u16, http_port: u16, posts: usize, concurrency: usize)
     };
 
     let ledger = OptInServiceClient::new(channel)
-        .list_topics(ListTopicsRequest { page_id: PAGE.into() })
+        .list_topics(ListTopicsRequest {
+            page_id: PAGE.into(),
+        })
         .await?
         .into_inner()
         .topics;
-    let stored = ledger.iter().find(|t| t.topic == TOPIC).map_or(0, |t| t.active);
+    let stored = ledger
+        .iter()
+        .find(|t| t.topic == TOPIC)
+        .map_or(0, |t| t.active);
     let sent = (posts * EVENTS_PER_POST) as f64;
 
     println!("otnd webhook ingestion on SQLite: signed POSTs of {EVENTS_PER_POST} opt-ins");
@@ -157,7 +174,14 @@ async fn drive(grpc_port: u16, http_port: u16, posts: usize, concurrency: usize)
     println!("  opt-ins stored (ledger)    {stored}");
     println!("  wall time                  {wall:.2} s");
     println!("  opt-ins/s                  {:.0}", sent / wall);
-    println!("  POST latency p50 / p99     {:.1} ms / {:.1} ms", percentile(0.50), percentile(0.99));
-    anyhow::ensure!(stored as usize == posts * EVENTS_PER_POST, "every opt-in stored once");
+    println!(
+        "  POST latency p50 / p99     {:.1} ms / {:.1} ms",
+        percentile(0.50),
+        percentile(0.99)
+    );
+    anyhow::ensure!(
+        stored as usize == posts * EVENTS_PER_POST,
+        "every opt-in stored once"
+    );
     Ok(())
 }

@@ -245,3 +245,22 @@ async fn a_post_for_unregistered_pages_is_acknowledged_and_ignored() {
     let (status, text) = post(&app, body.as_bytes(), Some(&sign("any", body.as_bytes()))).await;
     assert_eq!((status, text.as_str()), (200, "ignored"));
 }
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_refused_unread() {
+    let db = TestDatabase::sqlite();
+    let mut app = spawn_app(&db).await;
+    app.register_page("800").await;
+    let padding = "x".repeat(otnd::webhook::MAX_BODY_BYTES);
+    let body = json!({"object": "page", "entry": [{"id": "800", "time": 1, "messaging": [
+        optin_event("u", "800", &padding, "tok", 1)]}]})
+    .to_string();
+    let (status, _) = post(
+        &app,
+        body.as_bytes(),
+        Some(&sign(&page_app_secret("800"), body.as_bytes())),
+    )
+    .await;
+    assert_eq!(status, 413);
+    assert!(topics(&mut app, "800").await.is_empty());
+}
