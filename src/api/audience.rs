@@ -11,7 +11,7 @@ use super::{
     time::timestamp_from_ms,
 };
 use crate::{
-    domain::{Psid, SegmentRule, Violations, WINDOW_MS, char_len, parse_tags},
+    domain::{PageId, Psid, SegmentRule, Violations, WINDOW_MS, char_len, parse_tags},
     store::{
         Store,
         audience::{self, SegmentRecord, SubscriberTouch, SubscriberView},
@@ -34,11 +34,7 @@ impl Audience {
         Audience { store }
     }
 
-    async fn subscriber(
-        &self,
-        page_id: &crate::domain::PageId,
-        psid: &Psid,
-    ) -> Result<pb::Subscriber, ApiError> {
+    async fn subscriber(&self, page_id: &PageId, psid: &Psid) -> Result<pb::Subscriber, ApiError> {
         let now = now_ms();
         let view = audience::get_subscriber(&self.store.db, page_id, psid, now)
             .await
@@ -47,6 +43,14 @@ impl Audience {
             })?;
         Ok(subscriber_to_proto(page_id.as_str(), view, now))
     }
+}
+
+/// The (page, user) pair GetSubscriber and DeleteSubscriber address.
+fn subscriber_key(page_id: &str, psid: &str) -> Result<(PageId, Psid), ApiError> {
+    let mut v = Violations::new();
+    let page_id = v.check("page_id", parse_page_id(page_id));
+    let psid = v.check("psid", parse_psid(psid));
+    Ok(v.finish(|| Some((page_id?, psid?)))?)
 }
 
 fn subscriber_to_proto(page_id: &str, view: SubscriberView, now: i64) -> pb::Subscriber {
@@ -177,12 +181,7 @@ impl AudienceService for Audience {
         request: Request<pb::GetSubscriberRequest>,
     ) -> Result<Response<pb::GetSubscriberResponse>, Status> {
         let req = request.into_inner();
-        let mut v = Violations::new();
-        let page_id = v.check("page_id", parse_page_id(&req.page_id));
-        let psid = v.check("psid", parse_psid(&req.psid));
-        let (page_id, psid) = v
-            .finish(|| Some((page_id?, psid?)))
-            .map_err(ApiError::from)?;
+        let (page_id, psid) = subscriber_key(&req.page_id, &req.psid)?;
         Ok(Response::new(pb::GetSubscriberResponse {
             subscriber: Some(self.subscriber(&page_id, &psid).await?),
         }))
@@ -193,12 +192,7 @@ impl AudienceService for Audience {
         request: Request<pb::DeleteSubscriberRequest>,
     ) -> Result<Response<pb::DeleteSubscriberResponse>, Status> {
         let req = request.into_inner();
-        let mut v = Violations::new();
-        let page_id = v.check("page_id", parse_page_id(&req.page_id));
-        let psid = v.check("psid", parse_psid(&req.psid));
-        let (page_id, psid) = v
-            .finish(|| Some((page_id?, psid?)))
-            .map_err(ApiError::from)?;
+        let (page_id, psid) = subscriber_key(&req.page_id, &req.psid)?;
         let deleted = audience::delete_subscriber(&self.store.db, &page_id, &psid)
             .await
             .map_err(|e| {
