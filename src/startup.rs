@@ -9,7 +9,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
 use crate::{
-    api::{Audience, GuardLayer, MAX_REQUEST_BYTES, NotYetImplemented, OptIns, Pages, pb},
+    api::{Audience, GuardLayer, MAX_REQUEST_BYTES, OptIns, Pages, Sends, Stories, pb},
     config::{DatabaseUrl, Settings, TlsFiles},
     crypto::{self, KeyFileOutcome, MasterKey, SecretCipher},
     engine::EngineHandle,
@@ -149,9 +149,13 @@ impl Application {
             self.graph.clone(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let stories = pb::story_service_server::StoryServiceServer::new(NotYetImplemented)
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let sends = pb::send_service_server::SendServiceServer::new(NotYetImplemented)
+        let stories = pb::story_service_server::StoryServiceServer::new(Stories::new(
+            self.store.clone(),
+            self.cipher.clone(),
+            self.graph.clone(),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let sends = pb::send_service_server::SendServiceServer::new(Sends::new(self.store.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
 
         let mut builder = Server::builder();

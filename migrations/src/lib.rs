@@ -8,6 +8,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_pages;
 mod m20261123_000002_audience_optins;
+mod m20261123_000003_stories;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261123_000001_pages::Migration),
             Box::new(m20261123_000002_audience_optins::Migration),
+            Box::new(m20261123_000003_stories::Migration),
         ]
     }
 }

@@ -155,7 +155,8 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
-        // The ledger per topic, and a send's audience: usable opt-ins of a topic by expiry.
+        // The ledger per topic, a send's audience and its estimate: usable opt-ins of a topic by
+        // expiry, covering the user so counts of distinct users never visit the table.
         manager
             .create_index(
                 Index::create()
@@ -165,6 +166,7 @@ impl MigrationTrait for Migration {
                     .col(Optins::Topic)
                     .col(Optins::State)
                     .col(Optins::ExpiresAt)
+                    .col(Optins::Psid)
                     .to_owned(),
             )
             .await?;

@@ -280,7 +280,12 @@ impl AudienceService for Audience {
         }
         audience::delete_segment(&self.store.db, &id)
             .await
-            .map_err(|e| ApiError::from_store(e, || format!("segment {id}")))?;
+            .map_err(|e| match e {
+                crate::store::StoreError::InUse => ApiError::FailedPrecondition(format!(
+                    "segment {id} is used by a story: change or delete the story first"
+                )),
+                e => ApiError::from_store(e, || format!("segment {id}")),
+            })?;
         Ok(Response::new(pb::DeleteSegmentResponse {}))
     }
 }

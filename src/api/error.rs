@@ -42,6 +42,13 @@ impl ApiError {
             StoreError::AlreadyExists => {
                 ApiError::AlreadyExists(format!("{} already exists", what()))
             }
+            StoreError::Conflict => ApiError::FailedPrecondition(format!(
+                "{} changed while this request ran; read it again and retry",
+                what()
+            )),
+            StoreError::InUse => {
+                ApiError::FailedPrecondition(format!("{} is still in use", what()))
+            }
             other => ApiError::internal(other),
         }
     }

@@ -6,7 +6,9 @@ mod error;
 mod guard;
 mod optins;
 mod pages;
+mod sends;
 mod shared;
+mod stories;
 mod time;
 
 pub use audience::Audience;
@@ -14,6 +16,8 @@ pub use error::ApiError;
 pub use guard::GuardLayer;
 pub use optins::OptIns;
 pub use pages::Pages;
+pub use sends::Sends;
+pub use stories::Stories;
 
 /// The generated code of `proto/otn/v1`, clients included.
 #[allow(clippy::all, clippy::pedantic)]
@@ -24,13 +28,6 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/otn_descriptor.bin"));
 }
-
-/// Services whose issue is not done yet: every RPC answers UNIMPLEMENTED.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NotYetImplemented;
-
-impl pb::story_service_server::StoryService for NotYetImplemented {}
-impl pb::send_service_server::SendService for NotYetImplemented {}
 
 /// The largest request otnd decodes.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;

@@ -3,12 +3,14 @@
 
 mod audience;
 mod page;
+mod story;
 
 pub use audience::{
     OPT_IN_LIFETIME_MS, OptInToken, Psid, SegmentRule, Tag, Topic, WINDOW_MS, fingerprint,
     parse_tags,
 };
 pub use page::{NewPage, PageChanges, PageId, PageName, PageSecret, SendRate};
+pub use story::{Button, ButtonInput, ButtonKind, ContentInput, StoryContent, content_hash};
 
 /// One broken rule: the field path (as the client spelled it, e.g. `send_rate_per_second`) and
 /// what the rule is.

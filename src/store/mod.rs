@@ -4,6 +4,7 @@ pub mod audience;
 pub mod meta;
 pub mod optins;
 pub mod pages;
+pub mod stories;
 
 use std::{path::PathBuf, str::FromStr, time::Duration};
 
@@ -85,6 +86,12 @@ pub enum StoreError {
     AlreadyExists,
     #[error("not found")]
     NotFound,
+    /// The row changed (or moved to a state that forbids the write) since it was read.
+    #[error("changed concurrently")]
+    Conflict,
+    /// Another row still refers to this one.
+    #[error("still in use")]
+    InUse,
     #[error("a stored secret does not decrypt: {0}")]
     Sealed(#[from] crate::crypto::OpenError),
     #[error(transparent)]
@@ -95,6 +102,7 @@ impl From<DbErr> for StoreError {
     fn from(err: DbErr) -> Self {
         match err.sql_err() {
             Some(SqlErr::UniqueConstraintViolation(_)) => StoreError::AlreadyExists,
+            Some(SqlErr::ForeignKeyConstraintViolation(_)) => StoreError::InUse,
             _ => StoreError::Db(err),
         }
     }

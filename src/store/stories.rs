@@ -1,0 +1,376 @@
+//! Stories, their review, and the estimate of who a send would reach.
+
+use sea_orm::{
+    ActiveValue::{NotSet, Set},
+    ConnectionTrait, DatabaseBackend, FromQueryResult, QueryFilter, QueryOrder, QuerySelect,
+    Statement, Value,
+    entity::prelude::*,
+};
+
+use super::StoreError;
+use crate::domain::{PageId, SegmentRule, StoryContent, WINDOW_MS, content_hash};
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "stories")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: String,
+    pub page_id: String,
+    pub topic: String,
+    pub content: String,
+    pub content_hash: String,
+    pub include_window_users: bool,
+    pub segment_id: Option<String>,
+    pub reviewed_hash: Option<String>,
+    pub reviewed_at: Option<i64>,
+    pub reviewer_psid: Option<String>,
+    pub state: String,
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}
+
+pub const STATE_DRAFT: &str = "draft";
+pub const STATE_SENT: &str = "sent";
+
+impl Model {
+    /// Reviewed only while the content is exactly what the reviewer saw.
+    pub fn reviewed(&self) -> bool {
+        self.reviewed_hash.as_deref() == Some(self.content_hash.as_str())
+    }
+
+    pub fn story_content(&self) -> Option<StoryContent> {
+        serde_json::from_str(&self.content)
+            .ok()
+            .and_then(|message| StoryContent::from_graph_message(&message))
+    }
+
+    /// The Graph message as stored (what sends and previews use).
+    pub fn graph_message(&self) -> serde_json::Value {
+        serde_json::from_str(&self.content).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+fn stored_content(content: &StoryContent) -> (String, String) {
+    let json = content.to_graph_message().to_string();
+    let hash = content_hash(&json);
+    (json, hash)
+}
+
+pub struct NewStory<'a> {
+    pub page_id: &'a PageId,
+    pub topic: &'a str,
+    pub content: &'a StoryContent,
+    pub include_window_users: bool,
+    pub segment_id: Option<&'a str>,
+}
+
+pub async fn create(
+    db: &impl ConnectionTrait,
+    story: NewStory<'_>,
+    now: i64,
+) -> Result<Model, StoreError> {
+    let (content, hash) = stored_content(story.content);
+    let model = Model {
+        id: uuid::Uuid::new_v4().to_string(),
+        page_id: story.page_id.as_str().to_string(),
+        topic: story.topic.to_string(),
+        content,
+        content_hash: hash,
+        include_window_users: story.include_window_users,
+        segment_id: story.segment_id.map(str::to_string),
+        reviewed_hash: None,
+        reviewed_at: None,
+        reviewer_psid: None,
+        state: STATE_DRAFT.into(),
+        version: 1,
+        created_at: now,
+        updated_at: now,
+    };
+    Entity::insert(ActiveModel::from(model.clone()))
+        .exec_without_returning(db)
+        .await?;
+    Ok(model)
+}
+
+pub async fn get(db: &impl ConnectionTrait, id: &str) -> Result<Model, StoreError> {
+    Entity::find_by_id(id.to_string())
+        .one(db)
+        .await?
+        .ok_or(StoreError::NotFound)
+}
+
+pub async fn list(
+    db: &impl ConnectionTrait,
+    page_id: &PageId,
+    topic: Option<&str>,
+    after_id: Option<&str>,
+    limit: u64,
+) -> Result<Vec<Model>, StoreError> {
+    let mut query = Entity::find()
+        .filter(Column::PageId.eq(page_id.as_str()))
+        .order_by_asc(Column::Id)
+        .limit(limit);
+    if let Some(topic) = topic {
+        query = query.filter(Column::Topic.eq(topic));
+    }
+    if let Some(after) = after_id {
+        query = query.filter(Column::Id.gt(after));
+    }
+    Ok(query.all(db).await?)
+}
+
+/// What an update changes; `None` keeps a field.
+#[derive(Default)]
+pub struct StoryChanges<'a> {
+    pub topic: Option<&'a str>,
+    pub content: Option<&'a StoryContent>,
+    pub include_window_users: Option<bool>,
+    /// `Some(None)` removes the segment.
+    pub segment_id: Option<Option<&'a str>>,
+}
+
+/// Applies changes to the version that was read; `Conflict` when another writer got there first
+/// or the story was sent meanwhile.
+pub async fn update(
+    db: &impl ConnectionTrait,
+    current: &Model,
+    changes: &StoryChanges<'_>,
+    now: i64,
+) -> Result<Model, StoreError> {
+    let mut model = ActiveModel {
+        id: Set(current.id.clone()),
+        version: Set(current.version + 1),
+        updated_at: Set(now),
+        ..Default::default()
+    };
+    if let Some(topic) = changes.topic {
+        model.topic = Set(topic.to_string());
+    }
+    if let Some(content) = changes.content {
+        let (json, hash) = stored_content(content);
+        model.content = Set(json);
+        model.content_hash = Set(hash);
+    }
+    if let Some(include) = changes.include_window_users {
+        model.include_window_users = Set(include);
+    }
+    if let Some(segment) = changes.segment_id {
+        model.segment_id = Set(segment.map(str::to_string));
+    }
+    let result = Entity::update_many()
+        .set(model)
+        .filter(Column::Id.eq(current.id.as_str()))
+        .filter(Column::Version.eq(current.version))
+        .filter(Column::State.eq(STATE_DRAFT))
+        .exec(db)
+        .await?;
+    if result.rows_affected == 0 {
+        return Err(StoreError::Conflict);
+    }
+    get(db, &current.id).await
+}
+
+pub async fn delete(db: &impl ConnectionTrait, current: &Model) -> Result<(), StoreError> {
+    let result = Entity::delete_many()
+        .filter(Column::Id.eq(current.id.as_str()))
+        .filter(Column::State.eq(STATE_DRAFT))
+        .exec(db)
+        .await?;
+    if result.rows_affected == 0 {
+        return Err(StoreError::Conflict);
+    }
+    Ok(())
+}
+
+/// Records a review of the content whose hash the reviewer was sent. `Conflict` when the content
+/// changed while the preview was on its way: that review vouches for nothing stored.
+pub async fn record_review(
+    db: &impl ConnectionTrait,
+    story_id: &str,
+    reviewed_hash: &str,
+    reviewer_psid: &str,
+    now: i64,
+) -> Result<Model, StoreError> {
+    let result = Entity::update_many()
+        .set(ActiveModel {
+            reviewed_hash: Set(Some(reviewed_hash.to_string())),
+            reviewed_at: Set(Some(now)),
+            reviewer_psid: Set(Some(reviewer_psid.to_string())),
+            updated_at: Set(now),
+            id: NotSet,
+            ..Default::default()
+        })
+        .filter(Column::Id.eq(story_id))
+        .filter(Column::ContentHash.eq(reviewed_hash))
+        .exec(db)
+        .await?;
+    if result.rows_affected == 0 {
+        return Err(StoreError::Conflict);
+    }
+    get(db, story_id).await
+}
+
+/// Who a send of the story would reach now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AudienceEstimate {
+    pub token_recipients: u64,
+    pub window_recipients: u64,
+    pub excluded_expired: u64,
+    pub excluded_by_segment: u64,
+}
+
+/// SQL text with parameters bound in the backend's placeholder style.
+struct Sql {
+    backend: DatabaseBackend,
+    text: String,
+    values: Vec<Value>,
+}
+
+impl Sql {
+    fn new(backend: DatabaseBackend) -> Self {
+        Sql {
+            backend,
+            text: String::new(),
+            values: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, text: &str) -> &mut Self {
+        self.text.push_str(text);
+        self
+    }
+
+    fn bind(&mut self, value: impl Into<Value>) -> &mut Self {
+        self.values.push(value.into());
+        let placeholder = match self.backend {
+            DatabaseBackend::Postgres => format!("${}", self.values.len()),
+            _ => "?".to_string(),
+        };
+        self.text.push_str(&placeholder);
+        self
+    }
+
+    /// `EXISTS`-based conditions that hold for users (`alias.psid`) in the segment.
+    fn segment_condition(&mut self, alias: &str, rule: &SegmentRule) -> &mut Self {
+        let tag_exists = |sql: &mut Sql, tags: &mut dyn Iterator<Item = &String>| {
+            sql.push(&format!(
+                "EXISTS (SELECT 1 FROM subscriber_tags t WHERE t.page_id = {alias}.page_id AND t.psid = {alias}.psid AND t.tag IN ("
+            ));
+            for (i, tag) in tags.enumerate() {
+                if i > 0 {
+                    sql.push(", ");
+                }
+                sql.bind(tag.as_str());
+            }
+            sql.push("))");
+        };
+        self.push("(1 = 1");
+        for tag in &rule.all_tags {
+            self.push(" AND ");
+            tag_exists(self, &mut std::iter::once(tag));
+        }
+        if !rule.any_tags.is_empty() {
+            self.push(" AND ");
+            tag_exists(self, &mut rule.any_tags.iter());
+        }
+        if !rule.none_tags.is_empty() {
+            self.push(" AND NOT ");
+            tag_exists(self, &mut rule.none_tags.iter());
+        }
+        self.push(")");
+        self
+    }
+
+    fn statement(&self) -> Statement {
+        Statement::from_sql_and_values(self.backend, self.text.clone(), self.values.clone())
+    }
+}
+
+#[derive(FromQueryResult)]
+struct Count {
+    n: i64,
+}
+
+async fn count(db: &impl ConnectionTrait, sql: &Sql) -> Result<u64, StoreError> {
+    let row = Count::find_by_statement(sql.statement()).one(db).await?;
+    Ok(row.map_or(0, |r| u64::try_from(r.n).unwrap_or(0)))
+}
+
+/// Counted by the database: distinct users with a usable opt-in on the topic (after the
+/// segment), window users without one, users whose opt-ins on the topic all expired, and users
+/// the segment leaves out.
+pub async fn estimate(
+    db: &impl ConnectionTrait,
+    story: &Model,
+    segment: Option<&SegmentRule>,
+    now: i64,
+) -> Result<AudienceEstimate, StoreError> {
+    let backend = db.get_database_backend();
+    let page = story.page_id.as_str();
+    let topic = story.topic.as_str();
+    let usable = |sql: &mut Sql, alias: &str| {
+        sql.push(&format!("{alias}.page_id = ")).bind(page);
+        sql.push(&format!(" AND {alias}.topic = ")).bind(topic);
+        sql.push(&format!(
+            " AND {alias}.state = 'active' AND {alias}.expires_at > {now}"
+        ));
+    };
+
+    let mut tokens = Sql::new(backend);
+    tokens.push("SELECT COUNT(DISTINCT o.psid) AS n FROM optins o WHERE ");
+    usable(&mut tokens, "o");
+    let mut excluded_by_segment = 0;
+    if let Some(rule) = segment {
+        let mut outside = Sql::new(backend);
+        outside.push("SELECT COUNT(DISTINCT o.psid) AS n FROM optins o WHERE ");
+        usable(&mut outside, "o");
+        outside.push(" AND NOT ").segment_condition("o", rule);
+        excluded_by_segment = count(db, &outside).await?;
+        tokens.push(" AND ").segment_condition("o", rule);
+    }
+    let token_recipients = count(db, &tokens).await?;
+
+    let mut expired = Sql::new(backend);
+    expired
+        .push("SELECT COUNT(DISTINCT o.psid) AS n FROM optins o WHERE o.page_id = ")
+        .bind(page);
+    expired.push(" AND o.topic = ").bind(topic);
+    expired.push(&format!(
+        " AND (o.state = 'expired' OR (o.state = 'active' AND o.expires_at <= {now})) AND NOT EXISTS (SELECT 1 FROM optins u WHERE "
+    ));
+    usable(&mut expired, "u");
+    expired.push(" AND u.psid = o.psid)");
+    let excluded_expired = count(db, &expired).await?;
+
+    let window_recipients = if story.include_window_users {
+        let mut window = Sql::new(backend);
+        let since = now - WINDOW_MS;
+        window
+            .push("SELECT COUNT(*) AS n FROM subscribers s WHERE s.page_id = ")
+            .bind(page);
+        window.push(&format!(
+            " AND s.last_interaction_at > {since} AND NOT EXISTS (SELECT 1 FROM optins u WHERE "
+        ));
+        usable(&mut window, "u");
+        window.push(" AND u.psid = s.psid)");
+        if let Some(rule) = segment {
+            window.push(" AND ").segment_condition("s", rule);
+        }
+        count(db, &window).await?
+    } else {
+        0
+    };
+
+    Ok(AudienceEstimate {
+        token_recipients,
+        window_recipients,
+        excluded_expired,
+        excluded_by_segment,
+    })
+}
