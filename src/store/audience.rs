@@ -426,13 +426,23 @@ pub async fn get_segment(db: &impl ConnectionTrait, id: &str) -> Result<SegmentR
         .try_into()
 }
 
-pub async fn delete_segment(db: &impl ConnectionTrait, id: &str) -> Result<(), StoreError> {
+/// Deletes a segment no story uses (`InUse` otherwise; the foreign key is the backstop).
+pub async fn delete_segment(db: &DatabaseConnection, id: &str) -> Result<(), StoreError> {
+    let txn = db.begin().await?;
+    let users = super::stories::Entity::find()
+        .filter(super::stories::Column::SegmentId.eq(id))
+        .count(&txn)
+        .await?;
+    if users > 0 {
+        return Err(StoreError::InUse);
+    }
     let deleted = segments::Entity::delete_by_id(id.to_string())
-        .exec(db)
+        .exec(&txn)
         .await?
         .rows_affected;
     if deleted == 0 {
         return Err(StoreError::NotFound);
     }
+    txn.commit().await?;
     Ok(())
 }

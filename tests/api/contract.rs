@@ -21,7 +21,11 @@ async fn the_send_engine_rpcs_answer_unimplemented_until_it_lands() {
         code_of(sends.resume_send(ResumeSendRequest::default()).await),
         code_of(sends.cancel_send(CancelSendRequest::default()).await),
         code_of(sends.watch_send(WatchSendRequest::default()).await),
-        code_of(sends.list_deliveries(ListDeliveriesRequest::default()).await),
+        code_of(
+            sends
+                .list_deliveries(ListDeliveriesRequest::default())
+                .await,
+        ),
     ];
     assert!(codes.iter().all(|c| *c == Code::Unimplemented), "{codes:?}");
 }

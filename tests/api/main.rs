@@ -14,5 +14,6 @@ mod optins;
 mod pages;
 mod restart;
 mod sandbox;
+mod stories;
 mod tls;
 mod webhook;
