@@ -371,4 +371,25 @@ backend_tests! {
         let status = app.stories.get_story(GetStoryRequest { story_id: String::new() }).await.unwrap_err();
         assert_eq!(violated_fields(&status), ["story_id"]);
     }
+
+    async fn a_sent_story_can_no_longer_be_edited_or_deleted(db) {
+        let mut app = spawn_app(&db).await;
+        app.register_page(PAGE).await;
+        let (story, _) = create(&mut app, story_request("Sale", text("x"))).await;
+        // The state the send engine gives a story when its first send starts.
+        let settings = crate::helpers::settings_for(&db, &[]).unwrap();
+        let store = otnd::store::Store::connect(&settings.database_url).await.unwrap();
+        use sea_orm::ConnectionTrait;
+        store.db.execute_unprepared(&format!("UPDATE stories SET state = 'sent' WHERE id = '{}'", story.story_id))
+            .await.unwrap();
+        store.close().await;
+
+        let edit = app.stories.update_story(UpdateStoryRequest {
+            story_id: story.story_id.clone(), content: text("y"), ..Default::default() }).await.unwrap_err();
+        assert_eq!(edit.code(), Code::FailedPrecondition);
+        assert!(edit.message().contains("has been sent"), "{edit:?}");
+        let delete = app.stories.delete_story(DeleteStoryRequest { story_id: story.story_id.clone() }).await.unwrap_err();
+        assert_eq!(delete.code(), Code::FailedPrecondition);
+        assert_eq!(get(&mut app, &story.story_id).await.state(), otnd::pb::StoryState::Sent);
+    }
 }
