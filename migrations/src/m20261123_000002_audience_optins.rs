@@ -44,6 +44,18 @@ impl MigrationTrait for Migration {
             )
             .await?;
 
+        // Who is inside the 24-hour window.
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_subscribers_page_interaction")
+                    .table(Subscribers::Table)
+                    .col(Subscribers::PageId)
+                    .col(Subscribers::LastInteractionAt)
+                    .to_owned(),
+            )
+            .await?;
+
         manager
             .create_table(
                 Table::create()
@@ -70,7 +82,7 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
-        // Segment rules ask "who on this page has tag T".
+        // Segment rules ask "who on this page has tag T": answered from the index alone.
         manager
             .create_index(
                 Index::create()
@@ -78,6 +90,7 @@ impl MigrationTrait for Migration {
                     .table(SubscriberTags::Table)
                     .col(SubscriberTags::PageId)
                     .col(SubscriberTags::Tag)
+                    .col(SubscriberTags::Psid)
                     .to_owned(),
             )
             .await?;
@@ -155,18 +168,18 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
-        // The ledger per topic, a send's audience and its estimate: usable opt-ins of a topic by
-        // expiry, covering the user so counts of distinct users never visit the table.
+        // A topic's opt-ins user by user (a send's audience: each user's first-expiring usable
+        // opt-in; the estimate: one streaming pass grouped by user), covering state and expiry.
         manager
             .create_index(
                 Index::create()
-                    .name("idx_optins_page_topic_state_expiry")
+                    .name("idx_optins_page_topic_psid")
                     .table(Optins::Table)
                     .col(Optins::PageId)
                     .col(Optins::Topic)
+                    .col(Optins::Psid)
                     .col(Optins::State)
                     .col(Optins::ExpiresAt)
-                    .col(Optins::Psid)
                     .to_owned(),
             )
             .await?;

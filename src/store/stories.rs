@@ -256,12 +256,16 @@ impl Sql {
         self
     }
 
-    /// `EXISTS`-based conditions that hold for users (`alias.psid`) in the segment.
-    fn segment_condition(&mut self, alias: &str, rule: &SegmentRule) -> &mut Self {
-        let tag_exists = |sql: &mut Sql, tags: &mut dyn Iterator<Item = &String>| {
+    /// A boolean expression true for users (`column`, a psid) in the segment. Each tag
+    /// condition is an uncorrelated set, which SQLite and PostgreSQL build once per query.
+    fn in_segment(&mut self, column: &str, page_id: &str, rule: &SegmentRule) -> &mut Self {
+        let tagged = |sql: &mut Sql, negate: bool, tags: &mut dyn Iterator<Item = &String>| {
+            let not = if negate { "NOT " } else { "" };
             sql.push(&format!(
-                "EXISTS (SELECT 1 FROM subscriber_tags t WHERE t.page_id = {alias}.page_id AND t.psid = {alias}.psid AND t.tag IN ("
-            ));
+                " AND {column} {not}IN (SELECT t.psid FROM subscriber_tags t WHERE t.page_id = "
+            ))
+            .bind(page_id);
+            sql.push(" AND t.tag IN (");
             for (i, tag) in tags.enumerate() {
                 if i > 0 {
                     sql.push(", ");
@@ -272,16 +276,13 @@ impl Sql {
         };
         self.push("(1 = 1");
         for tag in &rule.all_tags {
-            self.push(" AND ");
-            tag_exists(self, &mut std::iter::once(tag));
+            tagged(self, false, &mut std::iter::once(tag));
         }
         if !rule.any_tags.is_empty() {
-            self.push(" AND ");
-            tag_exists(self, &mut rule.any_tags.iter());
+            tagged(self, false, &mut rule.any_tags.iter());
         }
         if !rule.none_tags.is_empty() {
-            self.push(" AND NOT ");
-            tag_exists(self, &mut rule.none_tags.iter());
+            tagged(self, true, &mut rule.none_tags.iter());
         }
         self.push(")");
         self
@@ -293,18 +294,20 @@ impl Sql {
 }
 
 #[derive(FromQueryResult)]
+struct TopicCounts {
+    tokens_all: i64,
+    tokens_in_segment: i64,
+    expired_only: i64,
+}
+
+#[derive(FromQueryResult)]
 struct Count {
     n: i64,
 }
 
-async fn count(db: &impl ConnectionTrait, sql: &Sql) -> Result<u64, StoreError> {
-    let row = Count::find_by_statement(sql.statement()).one(db).await?;
-    Ok(row.map_or(0, |r| u64::try_from(r.n).unwrap_or(0)))
-}
-
 /// Counted by the database: distinct users with a usable opt-in on the topic (after the
 /// segment), window users without one, users whose opt-ins on the topic all expired, and users
-/// the segment leaves out.
+/// the segment leaves out. The topic's opt-ins are read once, user by user, in index order.
 pub async fn estimate(
     db: &impl ConnectionTrait,
     story: &Model,
@@ -314,39 +317,31 @@ pub async fn estimate(
     let backend = db.get_database_backend();
     let page = story.page_id.as_str();
     let topic = story.topic.as_str();
-    let usable = |sql: &mut Sql, alias: &str| {
-        sql.push(&format!("{alias}.page_id = ")).bind(page);
-        sql.push(&format!(" AND {alias}.topic = ")).bind(topic);
-        sql.push(&format!(
-            " AND {alias}.state = 'active' AND {alias}.expires_at > {now}"
-        ));
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+
+    let mut per_user = Sql::new(backend);
+    per_user
+        .push("SELECT COALESCE(SUM(CASE WHEN x.usable > 0 THEN 1 ELSE 0 END), 0) AS tokens_all, ");
+    per_user.push("COALESCE(SUM(CASE WHEN x.usable > 0 AND ");
+    match segment {
+        Some(rule) => per_user.in_segment("x.psid", page, rule),
+        None => per_user.push("1 = 1"),
     };
-
-    let mut tokens = Sql::new(backend);
-    tokens.push("SELECT COUNT(DISTINCT o.psid) AS n FROM optins o WHERE ");
-    usable(&mut tokens, "o");
-    let mut excluded_by_segment = 0;
-    if let Some(rule) = segment {
-        let mut outside = Sql::new(backend);
-        outside.push("SELECT COUNT(DISTINCT o.psid) AS n FROM optins o WHERE ");
-        usable(&mut outside, "o");
-        outside.push(" AND NOT ").segment_condition("o", rule);
-        excluded_by_segment = count(db, &outside).await?;
-        tokens.push(" AND ").segment_condition("o", rule);
-    }
-    let token_recipients = count(db, &tokens).await?;
-
-    let mut expired = Sql::new(backend);
-    expired
-        .push("SELECT COUNT(DISTINCT o.psid) AS n FROM optins o WHERE o.page_id = ")
-        .bind(page);
-    expired.push(" AND o.topic = ").bind(topic);
-    expired.push(&format!(
-        " AND (o.state = 'expired' OR (o.state = 'active' AND o.expires_at <= {now})) AND NOT EXISTS (SELECT 1 FROM optins u WHERE "
-    ));
-    usable(&mut expired, "u");
-    expired.push(" AND u.psid = o.psid)");
-    let excluded_expired = count(db, &expired).await?;
+    per_user.push(" THEN 1 ELSE 0 END), 0) AS tokens_in_segment, ");
+    per_user.push("COALESCE(SUM(CASE WHEN x.usable = 0 AND x.lapsed > 0 THEN 1 ELSE 0 END), 0) AS expired_only ");
+    per_user.push(&format!(
+        "FROM (SELECT o.psid, \
+           SUM(CASE WHEN o.state = 'active' AND o.expires_at > {now} THEN 1 ELSE 0 END) AS usable, \
+           SUM(CASE WHEN o.state = 'expired' OR (o.state = 'active' AND o.expires_at <= {now}) THEN 1 ELSE 0 END) AS lapsed \
+         FROM optins o WHERE o.page_id = "
+    ))
+    .bind(page);
+    per_user.push(" AND o.topic = ").bind(topic);
+    per_user.push(" GROUP BY o.psid) x");
+    let counts = TopicCounts::find_by_statement(per_user.statement())
+        .one(db)
+        .await?
+        .ok_or_else(|| StoreError::Db(DbErr::Custom("the estimate returned no row".into())))?;
 
     let window_recipients = if story.include_window_users {
         let mut window = Sql::new(backend);
@@ -354,23 +349,30 @@ pub async fn estimate(
         window
             .push("SELECT COUNT(*) AS n FROM subscribers s WHERE s.page_id = ")
             .bind(page);
+        window
+            .push(&format!(
+                " AND s.last_interaction_at > {since} AND NOT EXISTS (SELECT 1 FROM optins u \
+              WHERE u.page_id = s.page_id AND u.topic = "
+            ))
+            .bind(topic);
         window.push(&format!(
-            " AND s.last_interaction_at > {since} AND NOT EXISTS (SELECT 1 FROM optins u WHERE "
+            " AND u.psid = s.psid AND u.state = 'active' AND u.expires_at > {now})"
         ));
-        usable(&mut window, "u");
-        window.push(" AND u.psid = s.psid)");
         if let Some(rule) = segment {
-            window.push(" AND ").segment_condition("s", rule);
+            window.push(" AND ").in_segment("s.psid", page, rule);
         }
-        count(db, &window).await?
+        let row = Count::find_by_statement(window.statement()).one(db).await?;
+        row.map_or(0, |r| n(r.n))
     } else {
         0
     };
 
+    let tokens_all = n(counts.tokens_all);
+    let token_recipients = n(counts.tokens_in_segment);
     Ok(AudienceEstimate {
         token_recipients,
         window_recipients,
-        excluded_expired,
-        excluded_by_segment,
+        excluded_expired: n(counts.expired_only),
+        excluded_by_segment: tokens_all - token_recipients,
     })
 }
