@@ -277,6 +277,13 @@ async fn serve_on_defaults_keeps_secrets_out_of_logs_and_stops_on_sigterm() {
         log.contains("page created") && log.contains("page updated"),
         "{log}"
     );
+    // One span per RPC, naming the method and tagged with the page id.
+    let created = served.wait_for_line("page created", Duration::from_secs(1));
+    assert!(
+        created.contains(r#""method":"otn.v1.PageService/CreatePage""#)
+            && created.contains(r#""page_id":"7001""#),
+        "{created}"
+    );
     for secret in &secrets {
         assert!(!log.contains(secret.as_str()), "a secret reached the log");
     }
