@@ -4,6 +4,7 @@ pub mod audience;
 pub mod meta;
 pub mod optins;
 pub mod pages;
+mod sql;
 pub mod stories;
 
 use std::{path::PathBuf, str::FromStr, time::Duration};

@@ -4,13 +4,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use sea_orm::{
-    Condition, ConnectionTrait, DatabaseBackend, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect, Statement, TransactionTrait,
+    Condition, ConnectionTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait,
     entity::prelude::*,
     sea_query::{OnConflict, Query},
 };
 
-use super::{StoreError, audience};
+use super::{StoreError, audience, sql::Sql};
 use crate::domain::{OPT_IN_LIFETIME_MS, OptInToken, PageId, Psid, Topic};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -260,13 +260,6 @@ struct RequestsRow {
 /// How long before its expiry an opt-in counts as "expiring soon".
 pub const EXPIRING_SOON_MS: i64 = 30 * 24 * 60 * 60 * 1000;
 
-fn placeholder(backend: DatabaseBackend, n: usize) -> String {
-    match backend {
-        DatabaseBackend::Postgres => format!("${n}"),
-        _ => "?".to_string(),
-    }
-}
-
 /// Per topic of the page, counted by the database (no rows are loaded).
 pub async fn ledger(
     db: &impl ConnectionTrait,
@@ -274,10 +267,10 @@ pub async fn ledger(
     now: i64,
 ) -> Result<Vec<TopicLedger>, StoreError> {
     let backend = db.get_database_backend();
-    let p1 = placeholder(backend, 1);
     let soon = now + EXPIRING_SOON_MS;
     // `now` and `soon` are integers this code computed, so they are written into the SQL.
-    let sql = format!(
+    let mut ledger = Sql::new(backend);
+    ledger.push(&format!(
         "SELECT topic, \
            SUM(CASE WHEN state = 'active' AND expires_at > {now} THEN 1 ELSE 0 END) AS active, \
            SUM(CASE WHEN state = 'reserved' THEN 1 ELSE 0 END) AS reserved, \
@@ -286,25 +279,21 @@ pub async fn ledger(
            SUM(CASE WHEN state = 'rejected' THEN 1 ELSE 0 END) AS rejected, \
            SUM(CASE WHEN state = 'active' AND expires_at > {now} AND expires_at <= {soon} THEN 1 ELSE 0 END) AS expiring_soon, \
            COUNT(DISTINCT psid) AS subscribers \
-         FROM optins WHERE page_id = {p1} GROUP BY topic"
-    );
-    let rows = LedgerRow::find_by_statement(Statement::from_sql_and_values(
-        backend,
-        sql,
-        [page_id.as_str().into()],
+         FROM optins WHERE page_id = "
     ))
-    .all(db)
-    .await?;
-    let requests = RequestsRow::find_by_statement(Statement::from_sql_and_values(
-        backend,
-        format!(
-            "SELECT topic, COUNT(*) AS requests_sent FROM optin_requests \
-             WHERE page_id = {p1} GROUP BY topic"
-        ),
-        [page_id.as_str().into()],
-    ))
-    .all(db)
-    .await?;
+    .bind(page_id.as_str())
+    .push(" GROUP BY topic");
+    let rows = LedgerRow::find_by_statement(ledger.statement())
+        .all(db)
+        .await?;
+    let mut requests = Sql::new(backend);
+    requests
+        .push("SELECT topic, COUNT(*) AS requests_sent FROM optin_requests WHERE page_id = ")
+        .bind(page_id.as_str())
+        .push(" GROUP BY topic");
+    let requests = RequestsRow::find_by_statement(requests.statement())
+        .all(db)
+        .await?;
 
     let count = |n: i64| u64::try_from(n).unwrap_or(0);
     let mut topics: BTreeMap<String, TopicLedger> = BTreeMap::new();

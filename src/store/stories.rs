@@ -2,12 +2,11 @@
 
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ConnectionTrait, DatabaseBackend, FromQueryResult, QueryFilter, QueryOrder, QuerySelect,
-    Statement, Value,
+    ConnectionTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect,
     entity::prelude::*,
 };
 
-use super::StoreError;
+use super::{StoreError, sql::Sql};
 use crate::domain::{PageId, SegmentRule, StoryContent, WINDOW_MS, content_hash};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -225,72 +224,41 @@ pub struct AudienceEstimate {
     pub excluded_by_segment: u64,
 }
 
-/// SQL text with parameters bound in the backend's placeholder style.
-struct Sql {
-    backend: DatabaseBackend,
-    text: String,
-    values: Vec<Value>,
-}
-
-impl Sql {
-    fn new(backend: DatabaseBackend) -> Self {
-        Sql {
-            backend,
-            text: String::new(),
-            values: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, text: &str) -> &mut Self {
-        self.text.push_str(text);
-        self
-    }
-
-    fn bind(&mut self, value: impl Into<Value>) -> &mut Self {
-        self.values.push(value.into());
-        let placeholder = match self.backend {
-            DatabaseBackend::Postgres => format!("${}", self.values.len()),
-            _ => "?".to_string(),
-        };
-        self.text.push_str(&placeholder);
-        self
-    }
-
-    /// A boolean expression true for users (`column`, a psid) in the segment. Each tag
-    /// condition is an uncorrelated set, which SQLite and PostgreSQL build once per query.
-    fn in_segment(&mut self, column: &str, page_id: &str, rule: &SegmentRule) -> &mut Self {
-        let tagged = |sql: &mut Sql, negate: bool, tags: &mut dyn Iterator<Item = &String>| {
-            let not = if negate { "NOT " } else { "" };
-            sql.push(&format!(
-                " AND {column} {not}IN (SELECT t.psid FROM subscriber_tags t WHERE t.page_id = "
-            ))
-            .bind(page_id);
-            sql.push(" AND t.tag IN (");
-            for (i, tag) in tags.enumerate() {
-                if i > 0 {
-                    sql.push(", ");
-                }
-                sql.bind(tag.as_str());
+/// A boolean expression true for users (`column`, a psid) in the segment. Each tag
+/// condition is an uncorrelated set, which SQLite and PostgreSQL build once per query.
+fn in_segment<'s>(
+    sql: &'s mut Sql,
+    column: &str,
+    page_id: &str,
+    rule: &SegmentRule,
+) -> &'s mut Sql {
+    let tagged = |sql: &mut Sql, negate: bool, tags: &mut dyn Iterator<Item = &String>| {
+        let not = if negate { "NOT " } else { "" };
+        sql.push(&format!(
+            " AND {column} {not}IN (SELECT t.psid FROM subscriber_tags t WHERE t.page_id = "
+        ))
+        .bind(page_id);
+        sql.push(" AND t.tag IN (");
+        for (i, tag) in tags.enumerate() {
+            if i > 0 {
+                sql.push(", ");
             }
-            sql.push("))");
-        };
-        self.push("(1 = 1");
-        for tag in &rule.all_tags {
-            tagged(self, false, &mut std::iter::once(tag));
+            sql.bind(tag.as_str());
         }
-        if !rule.any_tags.is_empty() {
-            tagged(self, false, &mut rule.any_tags.iter());
-        }
-        if !rule.none_tags.is_empty() {
-            tagged(self, true, &mut rule.none_tags.iter());
-        }
-        self.push(")");
-        self
+        sql.push("))");
+    };
+    sql.push("(1 = 1");
+    for tag in &rule.all_tags {
+        tagged(sql, false, &mut std::iter::once(tag));
     }
-
-    fn statement(&self) -> Statement {
-        Statement::from_sql_and_values(self.backend, self.text.clone(), self.values.clone())
+    if !rule.any_tags.is_empty() {
+        tagged(sql, false, &mut rule.any_tags.iter());
     }
+    if !rule.none_tags.is_empty() {
+        tagged(sql, true, &mut rule.none_tags.iter());
+    }
+    sql.push(")");
+    sql
 }
 
 #[derive(FromQueryResult)]
@@ -324,7 +292,7 @@ pub async fn estimate(
         .push("SELECT COALESCE(SUM(CASE WHEN x.usable > 0 THEN 1 ELSE 0 END), 0) AS tokens_all, ");
     per_user.push("COALESCE(SUM(CASE WHEN x.usable > 0 AND ");
     match segment {
-        Some(rule) => per_user.in_segment("x.psid", page, rule),
+        Some(rule) => in_segment(&mut per_user, "x.psid", page, rule),
         None => per_user.push("1 = 1"),
     };
     per_user.push(" THEN 1 ELSE 0 END), 0) AS tokens_in_segment, ");
@@ -359,7 +327,8 @@ pub async fn estimate(
             " AND u.psid = s.psid AND u.state = 'active' AND u.expires_at > {now})"
         ));
         if let Some(rule) = segment {
-            window.push(" AND ").in_segment("s.psid", page, rule);
+            window.push(" AND ");
+            in_segment(&mut window, "s.psid", page, rule);
         }
         let row = Count::find_by_statement(window.statement()).one(db).await?;
         row.map_or(0, |r| n(r.n))
