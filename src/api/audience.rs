@@ -5,9 +5,9 @@ use std::collections::{BTreeSet, HashMap};
 use tonic::{Request, Response, Status};
 
 use super::{
-    ApiError, page_size, page_token, paginate,
+    ApiError, paginate,
     pb::{self, audience_service_server::AudienceService},
-    shared::{ensure_page, ms_from_timestamp, parse_page_id, parse_psid},
+    shared::{ensure_page, ms_from_timestamp, page_listing, parse_page_id, parse_psid},
     time::timestamp_from_ms,
 };
 use crate::{
@@ -247,17 +247,14 @@ impl AudienceService for Audience {
         request: Request<pb::ListSegmentsRequest>,
     ) -> Result<Response<pb::ListSegmentsResponse>, Status> {
         let req = request.into_inner();
-        let mut v = Violations::new();
-        let page_id = v.check("page_id", parse_page_id(&req.page_id));
-        let size = v.check("page_size", page_size(req.page_size));
-        let after = v.check(
-            "page_token",
-            page_token::decode(PAGE_TOKEN_KIND, &req.page_token),
-        );
-        let (page_id, size, after) = v
-            .finish(|| Some((page_id?, size?, after?)))
-            .map_err(ApiError::from)?;
-        ensure_page(&self.store, &page_id).await?;
+        let (page_id, size, after) = page_listing(
+            &self.store,
+            &req.page_id,
+            req.page_size,
+            &req.page_token,
+            PAGE_TOKEN_KIND,
+        )
+        .await?;
         let segments =
             audience::list_segments(&self.store.db, &page_id, after.as_deref(), size + 1)
                 .await

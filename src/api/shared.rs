@@ -4,7 +4,7 @@ use prost_types::Timestamp;
 
 use super::ApiError;
 use crate::{
-    domain::{PageId, Psid},
+    domain::{PageId, Psid, Violations},
     store::{Store, pages},
 };
 
@@ -17,6 +17,23 @@ pub fn parse_page_id(raw: &str) -> Result<PageId, String> {
 
 pub fn parse_psid(raw: &str) -> Result<Psid, String> {
     Psid::parse(raw)
+}
+
+/// The page, page size and page token of a List RPC over one registered page's rows.
+pub async fn page_listing(
+    store: &Store,
+    page_id: &str,
+    page_size: i32,
+    page_token: &str,
+    kind: &str,
+) -> Result<(PageId, u64, Option<String>), ApiError> {
+    let mut v = Violations::new();
+    let page_id = v.check("page_id", parse_page_id(page_id));
+    let size = v.check("page_size", super::page_size(page_size));
+    let after = v.check("page_token", super::page_token::decode(kind, page_token));
+    let (page_id, size, after) = v.finish(|| Some((page_id?, size?, after?)))?;
+    ensure_page(store, &page_id).await?;
+    Ok((page_id, size, after))
 }
 
 /// NOT_FOUND unless the page is registered.

@@ -3,9 +3,9 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    ApiError, page_size, page_token, paginate,
+    ApiError, paginate,
     pb::{self, story_service_server::StoryService},
-    shared::{ensure_page, parse_page_id, parse_psid},
+    shared::{ensure_page, page_listing, parse_page_id, parse_psid},
     time::timestamp_from_ms,
 };
 use crate::{
@@ -269,17 +269,14 @@ impl StoryService for Stories {
         request: Request<pb::ListStoriesRequest>,
     ) -> Result<Response<pb::ListStoriesResponse>, Status> {
         let req = request.into_inner();
-        let mut v = Violations::new();
-        let page_id = v.check("page_id", parse_page_id(&req.page_id));
-        let size = v.check("page_size", page_size(req.page_size));
-        let after = v.check(
-            "page_token",
-            page_token::decode(PAGE_TOKEN_KIND, &req.page_token),
-        );
-        let (page_id, size, after) = v
-            .finish(|| Some((page_id?, size?, after?)))
-            .map_err(ApiError::from)?;
-        ensure_page(&self.store, &page_id).await?;
+        let (page_id, size, after) = page_listing(
+            &self.store,
+            &req.page_id,
+            req.page_size,
+            &req.page_token,
+            PAGE_TOKEN_KIND,
+        )
+        .await?;
         let topic = (!req.topic.is_empty()).then_some(req.topic.as_str());
         let rows = stories::list(&self.store.db, &page_id, topic, after.as_deref(), size + 1)
             .await
