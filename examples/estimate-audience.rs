@@ -6,26 +6,24 @@
 //! a tenth `churned`) through the store's ingestion, then times EstimateAudience over gRPC for a
 //! story to everyone and for one aimed at a segment (vip and not churned) with window users.
 
-use std::{collections::BTreeMap, time::Instant};
+#[path = "common/mod.rs"]
+mod common;
+use common::PAGE;
+use std::time::Instant;
 
-use base64::{Engine as _, engine::general_purpose::STANDARD};
 use otnd::{
-    config::Settings,
     domain::{OptInToken, PageId, Psid, Topic},
     pb::{
-        CreatePageRequest, CreateSegmentRequest, CreateStoryRequest, EstimateAudienceRequest,
-        SegmentRule, StoryContent, TagSubscribersRequest,
-        audience_service_client::AudienceServiceClient, page_service_client::PageServiceClient,
+        CreateSegmentRequest, CreateStoryRequest, EstimateAudienceRequest, SegmentRule,
+        StoryContent, TagSubscribersRequest, audience_service_client::AudienceServiceClient,
         story_content::Kind, story_service_client::StoryServiceClient,
     },
-    startup::BackgroundApp,
     store::{
         Store,
         optins::{EventKind, IncomingEvent},
     },
 };
 
-const PAGE: &str = "1234567890";
 const TOPIC: &str = "Tickets on sale";
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
@@ -34,27 +32,15 @@ fn main() -> anyhow::Result<()> {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
-    let dir = tempfile::tempdir()?;
-    let env: BTreeMap<String, String> = [
-        (
-            "OTN_DATABASE_URL",
-            format!("sqlite://{}?mode=rwc", dir.path().join("otnd.db").display()),
-        ),
-        ("OTN_GRPC_ADDR", "127.0.0.1:0".into()),
-        ("OTN_HTTP_ADDR", "127.0.0.1:0".into()),
-        ("OTN_MASTER_KEY", STANDARD.encode([7u8; 32])),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let settings = Settings::load_from(None, &env).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let database = settings.database_url.clone();
-    let app = BackgroundApp::start(settings, 2)?;
+    let bench = common::start_on_sqlite()?;
+    let app = &bench.app;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(run(app.grpc_port, database, opt_ins));
+    let result = runtime.block_on(run(app.grpc_port, bench.database.clone(), opt_ins));
+    let common::Bench { app, dir, .. } = bench;
     app.stop()?;
+    drop(dir);
     result
 }
 
@@ -63,19 +49,7 @@ async fn run(
     database: otnd::config::DatabaseUrl,
     opt_ins: usize,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))?
-        .connect()
-        .await?;
-    PageServiceClient::new(channel.clone())
-        .create_page(CreatePageRequest {
-            page_id: PAGE.into(),
-            name: "Benchmark".into(),
-            access_token: "EAAB-bench".into(),
-            app_secret: "secret".into(),
-            verify_token: String::new(),
-            send_rate_per_second: None,
-        })
-        .await?;
+    let channel = common::connect_and_register(grpc_port, "secret").await?;
 
     let loading = Instant::now();
     let store = Store::connect(&database).await?;

@@ -7,8 +7,10 @@
 //! does, from CONCURRENCY connections. Every token must be stored exactly once: the ledger is
 //! checked through ListTopics at the end.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::PAGE;
 use std::{
-    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -16,18 +18,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use base64::{Engine as _, engine::general_purpose::STANDARD};
-use otnd::{
-    config::Settings,
-    pb::{
-        CreatePageRequest, ListTopicsRequest, opt_in_service_client::OptInServiceClient,
-        page_service_client::PageServiceClient,
-    },
-    startup::BackgroundApp,
-};
+use otnd::pb::{ListTopicsRequest, opt_in_service_client::OptInServiceClient};
 use serde_json::json;
 
-const PAGE: &str = "1234567890";
 const APP_SECRET: &str = "bench-app-secret";
 const EVENTS_PER_POST: usize = 100;
 const TOPIC: &str = "Tickets on sale";
@@ -38,27 +31,16 @@ fn main() -> anyhow::Result<()> {
     let concurrency: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(8);
     let posts = opt_ins.div_ceil(EVENTS_PER_POST);
 
-    let dir = tempfile::tempdir()?;
-    let env: BTreeMap<String, String> = [
-        (
-            "OTN_DATABASE_URL",
-            format!("sqlite://{}?mode=rwc", dir.path().join("otnd.db").display()),
-        ),
-        ("OTN_GRPC_ADDR", "127.0.0.1:0".into()),
-        ("OTN_HTTP_ADDR", "127.0.0.1:0".into()),
-        ("OTN_MASTER_KEY", STANDARD.encode([7u8; 32])),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let settings = Settings::load_from(None, &env).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let app = BackgroundApp::start(settings, 2)?;
+    let bench = common::start_on_sqlite()?;
+    let app = &bench.app;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let result = runtime.block_on(drive(app.grpc_port, app.http_port, posts, concurrency));
+    let common::Bench { app, dir, .. } = bench;
     app.stop()?;
+    drop(dir);
     result
 }
 
@@ -68,19 +50,7 @@ async fn drive(
     posts: usize,
     concurrency: usize,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))?
-        .connect()
-        .await?;
-    PageServiceClient::new(channel.clone())
-        .create_page(CreatePageRequest {
-            page_id: PAGE.into(),
-            name: "Benchmark".into(),
-            access_token: "EAAB-bench".into(),
-            app_secret: APP_SECRET.into(),
-            verify_token: String::new(),
-            send_rate_per_second: None,
-        })
-        .await?;
+    let channel = common::connect_and_register(grpc_port, APP_SECRET).await?;
 
     // Bodies and signatures are made before the clock starts: only otnd is measured.
     let now = chrono::Utc::now().timestamp_millis();
