@@ -51,6 +51,14 @@ const SETTINGS: &[(&str, &str, Option<&str>)] = &[
         "OTN_SHUTDOWN_GRACE_SECONDS",
         Some("10"),
     ),
+    ("app_rate_per_second", "OTN_APP_RATE_PER_SECOND", Some("0")),
+    ("send_batch_max", "OTN_SEND_BATCH_MAX", Some("50")),
+    ("enforce_page_rate", "OTN_ENFORCE_PAGE_RATE", Some("true")),
+    (
+        "graph_timeout_seconds",
+        "OTN_GRAPH_TIMEOUT_SECONDS",
+        Some("20"),
+    ),
 ];
 
 /// The environment variable that names a config file when `--config` is not given.
@@ -75,6 +83,15 @@ pub struct Settings {
     pub max_concurrent_requests: usize,
     /// How long a shutdown waits for open requests and streams before closing them.
     pub shutdown_grace: Duration,
+    /// Send API calls per second for the whole app, all pages together; `None`: no app limit.
+    pub app_rate_per_second: Option<u32>,
+    /// Most sends per Graph batch request (1: no batching). Paced pages batch less (see the
+    /// engine's pacing): a batch never exceeds 1% of the page's rate.
+    pub send_batch_max: usize,
+    /// Pace each page at its `send_rate_per_second`. Off only for benchmarks against a sandbox.
+    pub enforce_page_rate: bool,
+    /// How long one Graph API call may take before it counts as timed out (and ambiguous).
+    pub graph_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -319,6 +336,7 @@ fn read_file_layer(
         let text = match value {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
             other => {
                 problems.push(format!(
                     "{key} in {}: expected a string or an integer, found {}",
@@ -372,6 +390,21 @@ impl Parser<'_> {
             parse_in_range(s, 1, 600).map(Duration::from_secs)
         });
 
+        let app_rate_per_second = self.parse(raw, "app_rate_per_second", |s| {
+            parse_in_range(s, 0, 1_000_000).map(|n| u32::try_from(n).ok().filter(|&n| n > 0))
+        });
+        let send_batch_max = self.parse(raw, "send_batch_max", |s| {
+            parse_in_range(s, 1, crate::graph::MAX_BATCH_ITEMS as u64).map(|n| n as usize)
+        });
+        let enforce_page_rate = self.parse(raw, "enforce_page_rate", |s| match s {
+            "true" | "1" | "on" => Ok(true),
+            "false" | "0" | "off" => Ok(false),
+            other => Err(format!("'{other}' is not a boolean (true or false)")),
+        });
+        let graph_timeout = self.parse(raw, "graph_timeout_seconds", |s| {
+            parse_in_range(s, 1, 600).map(Duration::from_secs)
+        });
+
         let tls = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             (None, None) => None,
@@ -416,6 +449,10 @@ impl Parser<'_> {
             request_timeout: request_timeout?,
             max_concurrent_requests: max_concurrent_requests?,
             shutdown_grace: shutdown_grace?,
+            app_rate_per_second: app_rate_per_second?,
+            send_batch_max: send_batch_max?,
+            enforce_page_rate: enforce_page_rate?,
+            graph_timeout: graph_timeout?,
         })
     }
 

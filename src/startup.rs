@@ -12,14 +12,14 @@ use crate::{
     api::{Audience, GuardLayer, MAX_REQUEST_BYTES, OptIns, Pages, Sends, Stories, pb},
     config::{DatabaseUrl, Settings, TlsFiles},
     crypto::{self, KeyFileOutcome, MasterKey, SecretCipher},
-    engine::EngineHandle,
+    engine::{EngineHandle, PacingSettings},
     graph::GraphClient,
     http::{self, HttpState},
     store::{self, Store, meta},
 };
 
-/// How long one Graph API call may take before it counts as timed out (and ambiguous).
-const GRAPH_TIMEOUT: Duration = Duration::from_secs(20);
+/// Deliveries an unpaced page keeps in flight (benchmarks; paced pages derive theirs).
+const UNPACED_IN_FLIGHT: usize = 2000;
 
 /// The services health reports on, besides the whole server ("").
 const SERVICE_NAMES: &[&str] = &[
@@ -49,8 +49,12 @@ impl Application {
     /// the engine. Must run inside an `actix::System`.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let tls = settings.tls.as_ref().map(tls_config).transpose()?;
-        let graph = GraphClient::new(&settings.graph_url, &settings.graph_version, GRAPH_TIMEOUT)
-            .context("Failed to build the Graph API client")?;
+        let graph = GraphClient::new(
+            &settings.graph_url,
+            &settings.graph_version,
+            settings.graph_timeout,
+        )
+        .context("Failed to build the Graph API client")?;
         let master_key = resolve_master_key(&settings)?;
         let cipher = SecretCipher::new(&master_key);
 
@@ -76,7 +80,23 @@ impl Application {
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
 
-        let engine = EngineHandle::start(store.clone());
+        if !settings.enforce_page_rate {
+            tracing::warn!(
+                "OTN_ENFORCE_PAGE_RATE is off: pages are sent to as fast as Graph answers; \
+                 for benchmarks against a sandbox only"
+            );
+        }
+        let engine = EngineHandle::start(
+            store.clone(),
+            cipher.clone(),
+            graph.clone(),
+            PacingSettings {
+                enforce_page_rate: settings.enforce_page_rate,
+                max_batch: settings.send_batch_max,
+                app_rate: settings.app_rate_per_second,
+                unpaced_in_flight: UNPACED_IN_FLIGHT,
+            },
+        );
         tracing::info!(
             %grpc_addr,
             %http_addr,
@@ -155,8 +175,12 @@ impl Application {
             self.graph.clone(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let sends = pb::send_service_server::SendServiceServer::new(Sends::new(self.store.clone()))
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let sends = pb::send_service_server::SendServiceServer::new(Sends::new(
+            self.store.clone(),
+            self.engine.clone(),
+            stop_rx.clone(),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
 
         let mut builder = Server::builder();
         if let Some(tls) = self.tls {
@@ -184,6 +208,7 @@ impl Application {
             store: self.store.clone(),
             cipher: self.cipher.clone(),
             serving: serving_rx,
+            metrics: crate::engine::metrics::prometheus(),
         });
         let http_server = axum::serve(self.http_listener, http_app)
             .with_graceful_shutdown(stopped(stop_rx.clone()))
@@ -203,7 +228,7 @@ impl Application {
 
         let _ = serving_tx.send(false);
         set_health(&health, ServingStatus::NotServing).await;
-        if let Err(err) = self.engine.shutdown().await {
+        if let Err(err) = self.engine.shutdown(self.shutdown_grace).await {
             tracing::warn!(error = %err, "engine did not confirm its shutdown");
         }
         let _ = stop_tx.send(true);

@@ -9,6 +9,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261123_000001_pages;
 mod m20261123_000002_audience_optins;
 mod m20261123_000003_stories;
+mod m20261124_000004_sends;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000001_pages::Migration),
             Box::new(m20261123_000002_audience_optins::Migration),
             Box::new(m20261123_000003_stories::Migration),
+            Box::new(m20261124_000004_sends::Migration),
         ]
     }
 }

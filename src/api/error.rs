@@ -77,6 +77,10 @@ impl From<ApiError> for Status {
                 Status::deadline_exceeded(err.to_string())
             }
             ApiError::Engine(err @ EngineError::Stopped) => Status::unavailable(err.to_string()),
+            ApiError::Engine(EngineError::Store(err)) => {
+                tracing::error!(error = ?err, "request failed in the engine");
+                Status::internal("internal error; the cause is in otnd's log")
+            }
             ApiError::Graph(failure) => graph_status(&failure),
             ApiError::Internal(cause) => {
                 tracing::error!(error = ?cause, "request failed");

@@ -139,6 +139,7 @@ where
             "rpc",
             method = %method.trim_start_matches('/'),
             page_id = tracing::field::Empty,
+            send_id = tracing::field::Empty,
         );
         Box::pin(
             async move {

@@ -1,28 +1,192 @@
-//! SendService. The send engine is the next piece of work; until it lands, StartSend already
-//! enforces the review rule, and every other RPC answers UNIMPLEMENTED.
+//! SendService: start a reviewed story's send, steer it, watch it, list what happened.
 
+use std::{pin::Pin, time::Duration};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use super::{
-    ApiError,
+    ApiError, page_size, page_token, paginate,
     pb::{self, send_service_server::SendService},
+    shared::page_listing,
+    time::timestamp_from_ms,
 };
 use crate::{
     domain::{Violations, char_len},
-    store::{Store, stories},
+    engine::{EngineError, EngineHandle, Progress, SendCommand},
+    store::{
+        Store, StoreError, audience, now_ms,
+        sends::{self, NewSend, Started},
+        stories,
+    },
 };
 
 const REQUEST_ID_MAX_CHARS: usize = 128;
+const SENDS_TOKEN_KIND: &str = "sends";
+const DELIVERIES_TOKEN_KIND: &str = "deliveries";
+/// WatchSend sends at most one snapshot per this interval (about 10 a second).
+const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
 pub struct Sends {
     store: Store,
+    engine: EngineHandle,
+    /// Becomes true when the server shuts down: open watches end.
+    stopping: watch::Receiver<bool>,
 }
 
 impl Sends {
-    pub fn new(store: Store) -> Self {
-        Sends { store }
+    pub fn new(store: Store, engine: EngineHandle, stopping: watch::Receiver<bool>) -> Self {
+        Sends {
+            store,
+            engine,
+            stopping,
+        }
+    }
+
+    async fn load(&self, send_id: &str) -> Result<sends::Send, ApiError> {
+        if send_id.is_empty() {
+            return Err(Violations::single("send_id", "is required").into());
+        }
+        let send = sends::get(&self.store.db, send_id)
+            .await
+            .map_err(|e| ApiError::from_store(e, || format!("send {send_id}")))?;
+        tracing::Span::current().record("page_id", send.page_id.as_str());
+        tracing::Span::current().record("send_id", send.id.as_str());
+        Ok(send)
+    }
+
+    async fn command(&self, send_id: &str, command: SendCommand) -> Result<pb::Send, ApiError> {
+        let send = self.load(send_id).await?;
+        match self.engine.command(&send.page_id, &send.id, command).await {
+            Ok(send) => Ok(send_to_proto(&send)),
+            Err(EngineError::Store(StoreError::Conflict)) => {
+                let current = self.load(send_id).await?;
+                let allowed = match command {
+                    SendCommand::Pause => "queued or running",
+                    SendCommand::Resume => "paused or halted",
+                    SendCommand::Cancel => "queued, running, paused or halted",
+                };
+                Err(ApiError::FailedPrecondition(format!(
+                    "send {} is {}; only a {allowed} send can be {}",
+                    current.id,
+                    current.state,
+                    match command {
+                        SendCommand::Pause => "paused",
+                        SendCommand::Resume => "resumed",
+                        SendCommand::Cancel => "cancelled",
+                    }
+                )))
+            }
+            Err(EngineError::Store(err)) => {
+                Err(ApiError::from_store(err, || format!("send {send_id}")))
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 }
+
+pub fn state_to_proto(state: &str) -> pb::SendState {
+    match state {
+        sends::QUEUED => pb::SendState::Queued,
+        sends::RUNNING => pb::SendState::Running,
+        sends::PAUSED => pb::SendState::Paused,
+        sends::COMPLETED => pb::SendState::Completed,
+        sends::CANCELLED => pb::SendState::Cancelled,
+        sends::HALTED => pb::SendState::Halted,
+        _ => pb::SendState::Unspecified,
+    }
+}
+
+fn state_from_proto(state: pb::SendState) -> Option<&'static str> {
+    match state {
+        pb::SendState::Unspecified => None,
+        pb::SendState::Queued => Some(sends::QUEUED),
+        pb::SendState::Running => Some(sends::RUNNING),
+        pb::SendState::Paused => Some(sends::PAUSED),
+        pb::SendState::Completed => Some(sends::COMPLETED),
+        pb::SendState::Cancelled => Some(sends::CANCELLED),
+        pb::SendState::Halted => Some(sends::HALTED),
+    }
+}
+
+fn delivery_state_to_proto(state: &str) -> pb::DeliveryState {
+    match state {
+        sends::PENDING => pb::DeliveryState::Pending,
+        sends::IN_FLIGHT => pb::DeliveryState::InFlight,
+        sends::SENT => pb::DeliveryState::Sent,
+        sends::FAILED => pb::DeliveryState::Failed,
+        sends::SKIPPED => pb::DeliveryState::Skipped,
+        sends::UNKNOWN => pb::DeliveryState::Unknown,
+        _ => pb::DeliveryState::Unspecified,
+    }
+}
+
+fn delivery_state_from_proto(state: pb::DeliveryState) -> Option<&'static str> {
+    match state {
+        pb::DeliveryState::Unspecified => None,
+        pb::DeliveryState::Pending => Some(sends::PENDING),
+        pb::DeliveryState::InFlight => Some(sends::IN_FLIGHT),
+        pb::DeliveryState::Sent => Some(sends::SENT),
+        pb::DeliveryState::Failed => Some(sends::FAILED),
+        pb::DeliveryState::Skipped => Some(sends::SKIPPED),
+        pb::DeliveryState::Unknown => Some(sends::UNKNOWN),
+    }
+}
+
+pub fn progress_to_proto(progress: &Progress) -> pb::SendProgress {
+    pb::SendProgress {
+        send_id: progress.send_id.clone(),
+        state: state_to_proto(&progress.state).into(),
+        total: progress.total,
+        pending: progress.pending,
+        in_flight: progress.in_flight,
+        sent: progress.sent,
+        failed: progress.failed,
+        skipped: progress.skipped,
+        unknown: progress.unknown,
+        rate_per_second: progress.rate_per_second,
+        eta_seconds: progress.eta_seconds,
+        last_error: progress.last_error.clone(),
+    }
+}
+
+pub fn send_to_proto(send: &sends::Send) -> pb::Send {
+    pb::Send {
+        send_id: send.id.clone(),
+        story_id: send.story_id.clone(),
+        page_id: send.page_id.clone(),
+        state: state_to_proto(&send.state).into(),
+        progress: Some(progress_to_proto(&Progress::from_send(send))),
+        create_time: Some(timestamp_from_ms(send.created_at)),
+        start_time: send.started_at.map(timestamp_from_ms),
+        finish_time: send.finished_at.map(timestamp_from_ms),
+        request_id: send.request_id.clone(),
+    }
+}
+
+fn delivery_to_proto(d: sends::delivery::Model) -> pb::Delivery {
+    pb::Delivery {
+        delivery_id: d.id.to_string(),
+        psid: d.psid,
+        route: match d.route.as_str() {
+            sends::ROUTE_TOKEN => pb::Route::Token,
+            sends::ROUTE_WINDOW => pb::Route::Window,
+            _ => pb::Route::Unspecified,
+        }
+        .into(),
+        state: delivery_state_to_proto(&d.state).into(),
+        message_id: d.message_id.unwrap_or_default(),
+        error_code: d.error_code.unwrap_or_default(),
+        error_subcode: d.error_subcode.unwrap_or_default(),
+        error_message: d.error_message.unwrap_or_default(),
+        attempts: u32::try_from(d.attempts).unwrap_or(0),
+        confirmed_by_token: d.confirmed_by_token,
+        update_time: Some(timestamp_from_ms(d.updated_at)),
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchSendResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl SendService for Sends {
@@ -43,6 +207,16 @@ impl SendService for Sends {
             );
         }
         v.finish(|| Some(())).map_err(ApiError::from)?;
+
+        // A retry of a request that already made its send answers with that send, whatever
+        // happened to the story since.
+        if let Some(existing) = sends::find_by_request_id(&self.store.db, &req.request_id)
+            .await
+            .map_err(ApiError::internal)?
+        {
+            return same_request(existing, &req.story_id);
+        }
+
         let story = stories::get(&self.store.db, &req.story_id)
             .await
             .map_err(|e| ApiError::from_store(e, || format!("story {}", req.story_id)))?;
@@ -62,8 +236,229 @@ impl SendService for Sends {
             ))
             .into());
         }
-        Err(Status::unimplemented(
-            "the story is reviewed, but the send engine is not built yet",
-        ))
+        let segment = match &story.segment_id {
+            Some(id) => Some(
+                audience::get_segment(&self.store.db, id)
+                    .await
+                    .map_err(ApiError::internal)?
+                    .rule,
+            ),
+            None => None,
+        };
+        let started = sends::start(
+            &self.store.db,
+            NewSend {
+                story: &story,
+                request_id: &req.request_id,
+                segment: segment.as_ref(),
+            },
+            now_ms(),
+        )
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict => ApiError::FailedPrecondition(format!(
+                "story {} changed while the send was being started; review it again",
+                story.id
+            )),
+            other => ApiError::internal(other),
+        })?;
+        let send = match started {
+            Started::Existing(existing) => return same_request(existing, &req.story_id),
+            Started::Created(send) => send,
+        };
+        tracing::Span::current().record("send_id", send.id.as_str());
+        tracing::info!(send_id = %send.id, story_id = %story.id, topic = %send.topic, "send started");
+        // The send is committed: a lost wake-up only waits for the page actor's next tick.
+        if let Err(err) = self.engine.wake(&send.page_id).await {
+            tracing::warn!(send_id = %send.id, error = %err, "could not wake the page actor");
+        }
+        Ok(Response::new(pb::StartSendResponse {
+            send: Some(send_to_proto(&send)),
+        }))
     }
+
+    async fn get_send(
+        &self,
+        request: Request<pb::GetSendRequest>,
+    ) -> Result<Response<pb::GetSendResponse>, Status> {
+        let send = self.load(&request.get_ref().send_id).await?;
+        Ok(Response::new(pb::GetSendResponse {
+            send: Some(send_to_proto(&send)),
+        }))
+    }
+
+    async fn list_sends(
+        &self,
+        request: Request<pb::ListSendsRequest>,
+    ) -> Result<Response<pb::ListSendsResponse>, Status> {
+        let req = request.into_inner();
+        let state = pb::SendState::try_from(req.state).map_err(|_| {
+            ApiError::from(Violations::single(
+                "state",
+                format!("{} is not a SendState", req.state),
+            ))
+        })?;
+        let (page_id, size, after) = page_listing(
+            &self.store,
+            &req.page_id,
+            req.page_size,
+            &req.page_token,
+            SENDS_TOKEN_KIND,
+        )
+        .await?;
+        let rows = sends::list(
+            &self.store.db,
+            sends::SendFilter {
+                page_id: page_id.as_str(),
+                story_id: (!req.story_id.is_empty()).then_some(req.story_id.as_str()),
+                state: state_from_proto(state),
+            },
+            after.as_deref(),
+            size + 1,
+        )
+        .await
+        .map_err(ApiError::internal)?;
+        let (rows, next_page_token) = paginate(rows, size, SENDS_TOKEN_KIND, |s| s.id.clone());
+        Ok(Response::new(pb::ListSendsResponse {
+            sends: rows.iter().map(send_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn pause_send(
+        &self,
+        request: Request<pb::PauseSendRequest>,
+    ) -> Result<Response<pb::PauseSendResponse>, Status> {
+        let send = self
+            .command(&request.get_ref().send_id, SendCommand::Pause)
+            .await?;
+        Ok(Response::new(pb::PauseSendResponse { send: Some(send) }))
+    }
+
+    async fn resume_send(
+        &self,
+        request: Request<pb::ResumeSendRequest>,
+    ) -> Result<Response<pb::ResumeSendResponse>, Status> {
+        let send = self
+            .command(&request.get_ref().send_id, SendCommand::Resume)
+            .await?;
+        Ok(Response::new(pb::ResumeSendResponse { send: Some(send) }))
+    }
+
+    async fn cancel_send(
+        &self,
+        request: Request<pb::CancelSendRequest>,
+    ) -> Result<Response<pb::CancelSendResponse>, Status> {
+        let send = self
+            .command(&request.get_ref().send_id, SendCommand::Cancel)
+            .await?;
+        Ok(Response::new(pb::CancelSendResponse { send: Some(send) }))
+    }
+
+    async fn watch_send(
+        &self,
+        request: Request<pb::WatchSendRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let send = self.load(&request.get_ref().send_id).await?;
+        let mut snapshots = self.engine.watch(Progress::from_send(&send));
+        let mut stopping = self.stopping.clone();
+        let store = self.store.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let progress = snapshots.borrow_and_update().clone();
+                let finished = progress.is_finished();
+                let message = pb::WatchSendResponse {
+                    progress: Some(progress_to_proto(&progress)),
+                };
+                // A slow client waits here alone: the channel keeps only the newest snapshot.
+                if tx.send(Ok(message)).await.is_err() || finished {
+                    return;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(WATCH_INTERVAL) => {}
+                    _ = stopping.changed() => return,
+                }
+                tokio::select! {
+                    changed = snapshots.changed() => {
+                        if changed.is_err() {
+                            // The hub let go of the channel: the send ended. Its final state
+                            // is in the database.
+                            if let Ok(last) = sends::get(&store.db, &progress.send_id).await {
+                                let last = Progress::from_send(&last);
+                                let _ = tx.send(Ok(pb::WatchSendResponse {
+                                    progress: Some(progress_to_proto(&last)),
+                                })).await;
+                            }
+                            return;
+                        }
+                    }
+                    _ = stopping.changed() => return,
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_deliveries(
+        &self,
+        request: Request<pb::ListDeliveriesRequest>,
+    ) -> Result<Response<pb::ListDeliveriesResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let state = match pb::DeliveryState::try_from(req.state) {
+            Ok(state) => Some(delivery_state_from_proto(state)),
+            Err(_) => {
+                v.add("state", format!("{} is not a DeliveryState", req.state));
+                None
+            }
+        };
+        let size = v.check("page_size", page_size(req.page_size));
+        let after = v.check(
+            "page_token",
+            page_token::decode(DELIVERIES_TOKEN_KIND, &req.page_token).and_then(|after| {
+                after
+                    .map(|a| {
+                        a.parse::<i64>()
+                            .map_err(|_| "is not a next_page_token this list returned".to_string())
+                    })
+                    .transpose()
+            }),
+        );
+        if req.send_id.is_empty() {
+            v.add("send_id", "is required");
+        }
+        let (state, size, after) = v
+            .finish(|| Some((state?, size?, after?)))
+            .map_err(ApiError::from)?;
+        let send = self.load(&req.send_id).await?;
+        let rows = sends::list_deliveries(&self.store.db, &send.id, state, after, size + 1)
+            .await
+            .map_err(ApiError::internal)?;
+        let (rows, next_page_token) =
+            paginate(rows, size, DELIVERIES_TOKEN_KIND, |d| d.id.to_string());
+        Ok(Response::new(pb::ListDeliveriesResponse {
+            deliveries: rows.into_iter().map(delivery_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+}
+
+/// A request id seen before: the same story gets its send back; another is a client bug.
+fn same_request(
+    existing: sends::Send,
+    story_id: &str,
+) -> Result<Response<pb::StartSendResponse>, Status> {
+    if existing.story_id != story_id {
+        return Err(ApiError::AlreadyExists(format!(
+            "request_id {} already started send {} of story {}; use a new request_id for \
+             another send",
+            existing.request_id, existing.id, existing.story_id
+        ))
+        .into());
+    }
+    Ok(Response::new(pb::StartSendResponse {
+        send: Some(send_to_proto(&existing)),
+    }))
 }

@@ -1,17 +1,31 @@
 //! The send engine: actix actors behind one facade, [`EngineHandle`]. Nothing outside this module
 //! knows actix. The database is the queue; actors keep no state that is not also in a row.
 //!
-//! For now the engine is the supervisor alone; page actors and the sender pool arrive with the
-//! send engine.
+//! - the supervisor owns the page actors' registry and resumes unfinished sends at start-up;
+//! - a page actor per page is the only writer of its opt-ins and deliveries (see `page`);
+//! - the sender pool calls the Graph API, paced per page and app-wide (see `pacing`);
+//! - the progress hub carries snapshots to watchers (see `progress`).
 
+pub mod metrics;
+mod pacing;
+mod page;
+mod policy;
+pub mod progress;
+mod sender;
 mod supervisor;
 
 use std::time::Duration;
 
 use actix::{Actor, Addr, MailboxError};
+use tokio::sync::watch;
 
-use crate::store::Store;
-use supervisor::{GetStatus, Shutdown, Supervisor};
+pub use pacing::PacingSettings;
+pub use progress::Progress;
+
+use crate::{crypto::SecretCipher, graph::GraphClient, store::Store, store::StoreError};
+use page::{Command, Control, Deps, InFlight, Wake};
+use progress::ProgressHub;
+use supervisor::{GetStatus, PageAddr, Shutdown, Supervisor};
 
 /// How long a request path waits for an actor before answering DEADLINE_EXCEEDED.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -20,6 +34,7 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct EngineHandle {
     supervisor: Addr<Supervisor>,
+    hub: ProgressHub,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, actix::MessageResponse)]
@@ -37,6 +52,8 @@ pub enum EngineError {
     Timeout,
     #[error("the engine has stopped")]
     Stopped,
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl From<MailboxError> for EngineError {
@@ -48,11 +65,31 @@ impl From<MailboxError> for EngineError {
     }
 }
 
+pub use page::Command as SendCommand;
+
 impl EngineHandle {
     /// Starts the engine's actors. Must be called inside a running `actix::System`.
-    pub fn start(store: Store) -> Self {
+    pub fn start(
+        store: Store,
+        cipher: SecretCipher,
+        graph: GraphClient,
+        pacing: PacingSettings,
+    ) -> Self {
+        let _ = metrics::prometheus();
+        let arbiters = supervisor::start_arbiters();
+        let pacer = pacing::Pacer::new(pacing);
+        let pool = sender::SenderPool::start(&arbiters, graph, pacer.clone());
+        let hub = ProgressHub::default();
+        let deps = Deps {
+            store,
+            cipher,
+            pool,
+            pacer,
+            hub: hub.clone(),
+        };
         EngineHandle {
-            supervisor: Supervisor::new(store).start(),
+            supervisor: Supervisor::new(deps, arbiters).start(),
+            hub,
         }
     }
 
@@ -60,8 +97,54 @@ impl EngineHandle {
         Ok(self.supervisor.send(GetStatus).timeout(ASK_TIMEOUT).await?)
     }
 
-    /// Stops taking new work and waits for work in flight to be recorded.
-    pub async fn shutdown(&self) -> Result<(), EngineError> {
-        Ok(self.supervisor.send(Shutdown).timeout(ASK_TIMEOUT).await?)
+    async fn page(&self, page_id: &str) -> Result<Addr<page::PageActor>, EngineError> {
+        self.supervisor
+            .send(PageAddr(page_id.to_string()))
+            .timeout(ASK_TIMEOUT)
+            .await?
+            .ok_or(EngineError::Stopped)
+    }
+
+    /// Tells the page's actor that its sends changed in the database (persist first, then
+    /// wake: a lost wake-up only delays the work until the actor's next tick).
+    pub async fn wake(&self, page_id: &str) -> Result<(), EngineError> {
+        let page = self.page(page_id).await?;
+        page.try_send(Wake).map_err(|err| match err {
+            actix::dev::SendError::Full(_) => EngineError::Busy,
+            actix::dev::SendError::Closed(_) => EngineError::Stopped,
+        })
+    }
+
+    /// Pause, resume or cancel, in order with the page's own steps.
+    pub async fn command(
+        &self,
+        page_id: &str,
+        send_id: &str,
+        command: Command,
+    ) -> Result<crate::store::sends::Send, EngineError> {
+        let page = self.page(page_id).await?;
+        Ok(page
+            .send(Control {
+                send_id: send_id.to_string(),
+                command,
+            })
+            .timeout(ASK_TIMEOUT)
+            .await??)
+    }
+
+    /// Deliveries the page has in flight right now.
+    pub async fn in_flight(&self, page_id: &str) -> Result<usize, EngineError> {
+        let page = self.page(page_id).await?;
+        Ok(page.send(InFlight).timeout(ASK_TIMEOUT).await?)
+    }
+
+    /// Snapshots of a send, from `current` on.
+    pub fn watch(&self, current: Progress) -> watch::Receiver<Progress> {
+        self.hub.subscribe(current)
+    }
+
+    /// Stops taking new work and waits (at most `grace`) for work in flight to be recorded.
+    pub async fn shutdown(&self, grace: Duration) -> Result<(), EngineError> {
+        Ok(self.supervisor.send(Shutdown).timeout(grace).await?)
     }
 }

@@ -13,11 +13,13 @@ pub struct HttpState {
     pub cipher: SecretCipher,
     /// True from the end of start-up until shutdown begins.
     pub serving: watch::Receiver<bool>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route(
             "/webhook",
             get(webhook::verify)
@@ -25,6 +27,17 @@ pub fn router(state: HttpState) -> Router {
                 .layer(DefaultBodyLimit::max(webhook::MAX_BODY_BYTES)),
         )
         .with_state(Arc::new(state))
+}
+
+/// Prometheus text exposition of the engine's counters and histograms.
+async fn metrics(State(state): State<Arc<HttpState>>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
 /// 200 while serving with a reachable database; 503 with the reason otherwise.

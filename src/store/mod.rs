@@ -4,6 +4,7 @@ pub mod audience;
 pub mod meta;
 pub mod optins;
 pub mod pages;
+pub mod sends;
 mod sql;
 pub mod stories;
 

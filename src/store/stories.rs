@@ -226,7 +226,7 @@ pub struct AudienceEstimate {
 
 /// A boolean expression true for users (`column`, a psid) in the segment. Each tag
 /// condition is an uncorrelated set, which SQLite and PostgreSQL build once per query.
-fn in_segment<'s>(
+pub(super) fn in_segment<'s>(
     sql: &'s mut Sql,
     column: &str,
     page_id: &str,

@@ -207,6 +207,10 @@ pub async fn try_spawn(settings: Settings) -> Result<TestApp, String> {
 /// As [`try_spawn`], connecting over TLS to a server whose certificate `ca_pem` signs (for the
 /// name `localhost`).
 pub async fn try_spawn_tls(settings: Settings, ca_pem: Option<&[u8]>) -> Result<TestApp, String> {
+    // With RUST_LOG set (e.g. `RUST_LOG=otnd=debug cargo test x -- --nocapture`), the app logs.
+    if std::env::var_os("RUST_LOG").is_some() {
+        otnd::telemetry::init(otnd::config::LogFormat::Pretty);
+    }
     let app = tokio::task::spawn_blocking(move || BackgroundApp::start(settings, 2))
         .await
         .expect("the start-up waiter")

@@ -14,6 +14,7 @@ mod optins;
 mod pages;
 mod restart;
 mod sandbox;
+mod sends;
 mod stories;
 mod tls;
 mod webhook;

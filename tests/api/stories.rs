@@ -303,12 +303,13 @@ backend_tests! {
         let status = app.sends.start_send(StartSendRequest { story_id: "nope".into(), request_id: "r".into() })
             .await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound);
-        // Once reviewed it passes the gate (the engine itself is not built yet).
+        // Once reviewed it passes the gate, and the story is locked.
         reviewer_writes(&app, "boss", 0).await;
         preview(&mut app, &story.story_id, "boss").await.unwrap();
-        let status = app.sends.start_send(StartSendRequest { story_id: story.story_id, request_id: "r1".into() })
-            .await.unwrap_err();
-        assert_eq!(status.code(), Code::Unimplemented);
+        let send = app.sends.start_send(StartSendRequest { story_id: story.story_id.clone(), request_id: "r1".into() })
+            .await.unwrap().into_inner().send.unwrap();
+        assert_eq!(send.story_id, story.story_id);
+        assert_eq!(get(&mut app, &story.story_id).await.state(), otnd::pb::StoryState::Sent);
     }
 
     async fn estimates_count_tokens_window_users_expiry_and_segments(db) {

@@ -1,0 +1,782 @@
+//! The page actor: the only writer of its page's opt-ins and deliveries.
+//!
+//! Its database work happens in two kinds of steps, each an `AtomicResponse` so that no other
+//! message (and no other step) runs until it is committed: a *pump* (recover, materialise,
+//! claim pending deliveries and commit them `in_flight`, then hand them to the sender pool) and
+//! a *flush* (record the outcomes that came back, in one transaction per send). Two sends of
+//! the page therefore never interleave their reservations, and nothing reaches Facebook that is
+//! not committed in flight first. The actor's memory holds only what is also in a row, or what
+//! recovery would settle the same way if it were lost.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use actix::{
+    ActorFutureExt, AsyncContext, AtomicResponse, Context, Handler, Message, ResponseActFuture,
+    Supervised, WrapFuture, prelude::*,
+};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::{
+    metrics,
+    pacing::Pacer,
+    policy::{self, PageSignal},
+    progress::{Progress, ProgressHub},
+    sender::{Dispatch, Item, ItemResult, SenderPool, To},
+};
+use crate::{
+    crypto::SecretCipher,
+    domain::PageId,
+    graph::Failure,
+    store::{
+        Store, StoreError, now_ms, pages,
+        pages::PageCredentials,
+        sends::{self, Claimed, Outcome, ROUTE_TOKEN},
+    },
+};
+
+/// How often an idle or waiting page looks for due work (retries, throttle holds, new sends).
+const TICK: Duration = Duration::from_millis(200);
+/// How often the page's rate and credentials are read again (UpdatePage takes effect).
+const PAGE_RELOAD: Duration = Duration::from_secs(5);
+/// A token is presented only if it stays valid this long: the call must reach Facebook first.
+const MIN_TOKEN_LIFE_MS: i64 = 60_000;
+/// Recipients materialised per step at least: small enough that the first call goes out at
+/// once, large enough to amortise the query.
+const MIN_MATERIALIZE: u64 = 500;
+/// Window over which a send's rate is measured.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct Deps {
+    pub store: Store,
+    pub cipher: SecretCipher,
+    pub pool: SenderPool,
+    pub pacer: Pacer,
+    pub hub: ProgressHub,
+}
+
+#[derive(Clone)]
+struct PageConfig {
+    rate: u32,
+    credentials: Arc<PageCredentials>,
+}
+
+struct ActiveSend {
+    send: sends::Send,
+    message: Arc<Value>,
+    finished_at: VecDeque<(Instant, u64)>,
+}
+
+impl ActiveSend {
+    fn new(send: sends::Send) -> Self {
+        let message = Arc::new(serde_json::from_str(&send.message).unwrap_or(Value::Null));
+        ActiveSend {
+            send,
+            message,
+            finished_at: VecDeque::new(),
+        }
+    }
+
+    fn progress(&mut self) -> Progress {
+        let now = Instant::now();
+        while self
+            .finished_at
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW)
+        {
+            self.finished_at.pop_front();
+        }
+        let mut progress = Progress::from_send(&self.send);
+        if let Some((first, _)) = self.finished_at.front() {
+            let span = now.duration_since(*first).as_secs_f64().max(1.0);
+            let done: u64 = self.finished_at.iter().map(|(_, n)| n).sum();
+            progress.rate_per_second = done as f64 / span;
+            if progress.rate_per_second > 0.0 {
+                progress.eta_seconds =
+                    (progress.pending + progress.in_flight) as f64 / progress.rate_per_second;
+            }
+        }
+        progress
+    }
+}
+
+pub struct PageActor {
+    page_id: String,
+    deps: Deps,
+    config: Option<PageConfig>,
+    config_loaded: Option<Instant>,
+    sends: Vec<ActiveSend>,
+    /// Round-robin start among the running sends.
+    turn: usize,
+    /// Dispatched deliveries whose answers have not come back, by delivery id.
+    dispatched: HashMap<i64, (String, Claimed)>,
+    /// Decided outcomes not yet recorded, by send.
+    unrecorded: Vec<(String, Outcome)>,
+    signals: Vec<PageSignal>,
+    /// Claims wait until then (a throttled answer).
+    hold_until: Option<Instant>,
+    /// In-flight rows of an earlier life (or an uncertain commit) must be settled first.
+    needs_recovery: bool,
+    reload_sends: bool,
+    pump_scheduled: bool,
+    flush_scheduled: bool,
+    draining: bool,
+    drain_waiters: Vec<oneshot::Sender<()>>,
+    /// Moves on when the page halts or resumes: jobs of an older generation are not attempted,
+    /// and their page-level answers (sent with old credentials) halt nothing.
+    gate: Arc<AtomicU64>,
+}
+
+impl PageActor {
+    pub fn new(page_id: String, deps: Deps) -> Self {
+        PageActor {
+            page_id,
+            deps,
+            config: None,
+            config_loaded: None,
+            sends: Vec::new(),
+            turn: 0,
+            dispatched: HashMap::new(),
+            unrecorded: Vec::new(),
+            signals: Vec::new(),
+            hold_until: None,
+            needs_recovery: true,
+            reload_sends: true,
+            pump_scheduled: false,
+            flush_scheduled: false,
+            draining: false,
+            drain_waiters: Vec::new(),
+            gate: Arc::default(),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.dispatched.len() + self.unrecorded.len()
+    }
+
+    fn schedule_pump(&mut self, ctx: &mut Context<Self>) {
+        if !self.pump_scheduled {
+            self.pump_scheduled = true;
+            ctx.notify(Pump);
+        }
+    }
+
+    fn schedule_flush(&mut self, ctx: &mut Context<Self>) {
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            ctx.notify(Flush);
+        }
+    }
+
+    fn release_drain_waiters(&mut self) {
+        if self.draining && self.in_flight() == 0 {
+            for waiter in self.drain_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// The sends to drive are exactly `rows` (a reload: the page's running sends).
+    fn replace_sends(&mut self, rows: Vec<sends::Send>) {
+        let mut old: HashMap<String, ActiveSend> = self
+            .sends
+            .drain(..)
+            .map(|a| (a.send.id.clone(), a))
+            .collect();
+        self.sends = rows
+            .into_iter()
+            .map(|row| match old.remove(&row.id) {
+                Some(mut active) => {
+                    active.send = row;
+                    active
+                }
+                None => ActiveSend::new(row),
+            })
+            .collect();
+    }
+
+    /// Counters as the database has them now, published; a send that stopped running (paused,
+    /// halted, cancelled, completed) is no longer driven.
+    fn refresh(&mut self, rows: Vec<sends::Send>) {
+        let now = Instant::now();
+        for row in rows {
+            match self.sends.iter_mut().find(|a| a.send.id == row.id) {
+                Some(active) => {
+                    let ended = |s: &sends::Send| s.sent + s.failed + s.skipped + s.unknown;
+                    let newly = ended(&row) - ended(&active.send);
+                    if newly > 0 {
+                        active
+                            .finished_at
+                            .push_back((now, u64::try_from(newly).unwrap_or(0)));
+                    }
+                    active.send = row;
+                }
+                None => self.deps.hub.publish(Progress::from_send(&row)),
+            }
+        }
+        for active in &mut self.sends {
+            self.deps.hub.publish(active.progress());
+        }
+        self.sends.retain(|a| a.send.state == sends::RUNNING);
+        let pending: i64 = self.sends.iter().map(|a| a.send.pending()).sum();
+        metrics::page_gauges(&self.page_id, self.in_flight(), pending);
+    }
+
+    fn dispatch(&mut self, ctx: &mut Context<Self>, send_index: usize, claimed: Vec<Claimed>) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let batch = self.deps.pacer.batch_size(config.rate);
+        let active = &self.sends[send_index];
+        let send_id = active.send.id.clone();
+        let message = active.message.clone();
+        for chunk in claimed.chunks(batch) {
+            let items: Vec<Item> = chunk
+                .iter()
+                .map(|c| Item {
+                    delivery_id: c.id,
+                    to: match (&c.token, c.route.as_str()) {
+                        (Some(token), ROUTE_TOKEN) => To::Token(token.clone()),
+                        _ => To::Psid(c.psid.clone()),
+                    },
+                })
+                .collect();
+            for c in chunk {
+                self.dispatched.insert(c.id, (send_id.clone(), c.clone()));
+            }
+            let ids: Vec<i64> = chunk.iter().map(|c| c.id).collect();
+            let generation = self.gate.load(Ordering::SeqCst);
+            let job = Dispatch {
+                page_id: self.page_id.clone(),
+                rate: config.rate,
+                credentials: config.credentials.clone(),
+                message: message.clone(),
+                items,
+                gate: self.gate.clone(),
+                generation,
+            };
+            ctx.spawn(self.deps.pool.dispatch(job).into_actor(self).map(
+                move |answer, act: &mut PageActor, ctx| {
+                    let results: Vec<ItemResult> = match answer {
+                        Ok(Some(results)) => results,
+                        Ok(None) => {
+                            act.not_attempted(&ids, ctx);
+                            return;
+                        }
+                        // The sender is gone; it may have called Facebook: ambiguous.
+                        Err(_) => ids
+                            .iter()
+                            .map(|id| {
+                                (
+                                    *id,
+                                    Err(Failure::transport(
+                                        "the sender stopped before answering".into(),
+                                        true,
+                                    )),
+                                )
+                            })
+                            .collect(),
+                    };
+                    act.answers(results, generation, ctx);
+                },
+            ));
+        }
+    }
+
+    fn answers(&mut self, results: Vec<ItemResult>, generation: u64, ctx: &mut Context<Self>) {
+        let now = now_ms();
+        let current = generation == self.gate.load(Ordering::SeqCst);
+        for (id, result) in results {
+            let Some((send_id, claimed)) = self.dispatched.remove(&id) else {
+                continue;
+            };
+            let decision = policy::decide(&claimed, result, now);
+            if current && decision.signal != PageSignal::None {
+                self.signals.push(decision.signal);
+            }
+            self.unrecorded.push((send_id, decision.outcome));
+        }
+        self.schedule_flush(ctx);
+    }
+
+    /// Jobs dropped before their call: back to pending, as if never claimed.
+    fn not_attempted(&mut self, ids: &[i64], ctx: &mut Context<Self>) {
+        let now = now_ms();
+        for id in ids {
+            if let Some((send_id, claimed)) = self.dispatched.remove(id) {
+                self.unrecorded
+                    .push((send_id, policy::not_attempted(&claimed, now)));
+            }
+        }
+        self.schedule_flush(ctx);
+    }
+}
+
+impl Actor for PageActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Requests from the API are few and answered quickly; work arrives through the database.
+        ctx.set_mailbox_capacity(256);
+        ctx.run_interval(TICK, |act, ctx| {
+            let wants_work = !act.sends.is_empty() || act.needs_recovery || act.reload_sends;
+            if wants_work && !act.draining {
+                act.schedule_pump(ctx);
+            }
+            if !act.unrecorded.is_empty() {
+                act.schedule_flush(ctx);
+            }
+        });
+        self.schedule_pump(ctx);
+        tracing::debug!(page_id = %self.page_id, "page actor started");
+    }
+}
+
+impl Supervised for PageActor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        // Answers of the last life are lost with its futures; their rows are still in flight,
+        // and recovery settles them exactly as after a crash.
+        tracing::warn!(page_id = %self.page_id, "page actor restarting");
+        self.dispatched.clear();
+        self.unrecorded.clear();
+        self.signals.clear();
+        self.sends.clear();
+        self.needs_recovery = true;
+        self.reload_sends = true;
+        self.pump_scheduled = false;
+        self.flush_scheduled = false;
+    }
+}
+
+/// Something changed in the database for this page (a send started, the page was updated).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Wake;
+
+impl Handler<Wake> for PageActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
+        self.reload_sends = true;
+        self.config_loaded = None;
+        self.schedule_pump(ctx);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Pump;
+
+struct PumpPlan {
+    recover: bool,
+    reload_sends: bool,
+    reload_config: bool,
+    capacity: usize,
+    sends: Vec<sends::Send>,
+    turn: usize,
+}
+
+#[derive(Default)]
+struct PumpResult {
+    recovered: u64,
+    config: Option<PageConfig>,
+    reloaded: Option<Vec<sends::Send>>,
+    claims: Vec<(String, Vec<Claimed>)>,
+    refreshed: Vec<sends::Send>,
+    completed: Vec<sends::Send>,
+}
+
+async fn pump(deps: Deps, page_id: String, plan: PumpPlan) -> Result<PumpResult, StoreError> {
+    let db = &deps.store.db;
+    let now = now_ms();
+    let mut result = PumpResult::default();
+    if plan.recover {
+        for send in sends::page_sends(db, &page_id).await? {
+            if send.in_flight > 0 || send.state == sends::RUNNING {
+                let n = sends::recover_in_flight(db, &send.id, now).await?;
+                if n > 0 {
+                    tracing::warn!(page_id, send_id = %send.id, recovered = n,
+                        "deliveries found in flight settled by recovery");
+                }
+                result.recovered += n;
+            }
+        }
+    }
+    if plan.reload_config {
+        let id = PageId::parse(&page_id).map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e)))?;
+        let record = pages::get(db, &id).await?;
+        let credentials = pages::credentials(db, &deps.cipher, &id).await?;
+        result.config = Some(PageConfig {
+            rate: record.send_rate_per_second,
+            credentials: Arc::new(credentials),
+        });
+    }
+    let mut running = plan.sends;
+    if plan.reload_sends || plan.recover {
+        let mut rows = Vec::new();
+        for send in sends::page_sends(db, &page_id).await? {
+            match send.state.as_str() {
+                sends::QUEUED => rows.push(
+                    sends::transition(db, &send.id, &[sends::QUEUED], sends::RUNNING, None, now)
+                        .await?,
+                ),
+                sends::RUNNING => rows.push(send),
+                _ => {}
+            }
+        }
+        result.reloaded = Some(rows.clone());
+        running = rows;
+    }
+    let mut capacity = plan.capacity;
+    if capacity > 0 && !running.is_empty() {
+        let n = running.len();
+        for k in 0..n {
+            if capacity == 0 {
+                break;
+            }
+            let send = &running[(plan.turn + k) % n];
+            let mut claimed =
+                sends::claim(db, &send.id, now, MIN_TOKEN_LIFE_MS, capacity as u64).await?;
+            if claimed.len() < capacity && !send.audience_done() {
+                let fresh = sends::get(db, &send.id).await?;
+                let want = (capacity as u64).max(MIN_MATERIALIZE);
+                sends::materialize(db, &fresh, now, MIN_TOKEN_LIFE_MS, want).await?;
+                let more = sends::claim(
+                    db,
+                    &send.id,
+                    now,
+                    MIN_TOKEN_LIFE_MS,
+                    (capacity - claimed.len()) as u64,
+                )
+                .await?;
+                claimed.extend(more);
+            }
+            capacity -= claimed.len();
+            if !claimed.is_empty() {
+                result.claims.push((send.id.clone(), claimed));
+            }
+        }
+    }
+    // Counters as they are now; sends with nothing left complete.
+    for send in &running {
+        if sends::complete_if_done(db, &send.id, now).await? {
+            result.completed.push(sends::get(db, &send.id).await?);
+        } else {
+            result.refreshed.push(sends::get(db, &send.id).await?);
+        }
+    }
+    Ok(result)
+}
+
+impl Handler<Pump> for PageActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _: Pump, _: &mut Context<Self>) -> Self::Result {
+        self.pump_scheduled = false;
+        let config = self.config.as_ref().map(|c| c.rate);
+        let held = self.hold_until.is_some_and(|until| until > Instant::now());
+        let capacity = match config {
+            Some(rate) if !self.draining && !held => self
+                .deps
+                .pacer
+                .in_flight_cap(rate)
+                .saturating_sub(self.in_flight()),
+            _ => 0,
+        };
+        let recover = self.needs_recovery && self.in_flight() == 0;
+        let plan = PumpPlan {
+            recover,
+            reload_sends: self.reload_sends,
+            reload_config: self.config.is_none()
+                || self
+                    .config_loaded
+                    .is_none_or(|at| at.elapsed() >= PAGE_RELOAD),
+            // Nothing is claimed before the page's settings are known.
+            capacity,
+            sends: self.sends.iter().map(|a| a.send.clone()).collect(),
+            turn: self.turn,
+        };
+        if plan.reload_config {
+            self.config_loaded = Some(Instant::now());
+        }
+        self.turn = self.turn.wrapping_add(1);
+        let reloading = plan.reload_sends;
+        self.reload_sends = false;
+        let fut = pump(self.deps.clone(), self.page_id.clone(), plan);
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+            move |result, act, ctx| match result {
+                Err(err) => {
+                    tracing::error!(page_id = %act.page_id, error = %err, "page step failed; retrying");
+                    // A claim may have committed even though its answer was lost.
+                    act.needs_recovery = true;
+                    act.reload_sends |= reloading;
+                    if act.config.is_none() {
+                        act.config_loaded = None;
+                    }
+                }
+                Ok(result) => {
+                    if recover {
+                        act.needs_recovery = false;
+                        metrics::recovered(result.recovered);
+                    }
+                    if let Some(config) = result.config {
+                        act.config = Some(config);
+                    }
+                    if let Some(rows) = result.reloaded {
+                        act.replace_sends(rows);
+                    }
+                    let claimed_any = !result.claims.is_empty();
+                    for (send_id, claimed) in result.claims {
+                        if let Some(index) = act.sends.iter().position(|a| a.send.id == send_id) {
+                            act.dispatch(ctx, index, claimed);
+                        }
+                    }
+                    for done in &result.completed {
+                        tracing::info!(page_id = %act.page_id, send_id = %done.id,
+                            sent = done.sent, failed = done.failed, skipped = done.skipped,
+                            unknown = done.unknown, "send completed");
+                    }
+                    let mut rows = result.refreshed;
+                    rows.extend(result.completed);
+                    act.refresh(rows);
+                    // More may be claimable at once (a full claim); otherwise the tick or the
+                    // next answers bring the next step.
+                    if claimed_any && act.in_flight() < act.config.as_ref().map_or(0, |c| act.deps.pacer.in_flight_cap(c.rate)) {
+                        act.schedule_pump(ctx);
+                    }
+                }
+            },
+        )))
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Flush;
+
+async fn flush(
+    deps: Deps,
+    page_id: String,
+    outcomes: Vec<(String, Outcome)>,
+    halt: Option<String>,
+) -> Result<Vec<sends::Send>, StoreError> {
+    let db = &deps.store.db;
+    let now = now_ms();
+    let mut by_send: HashMap<String, Vec<Outcome>> = HashMap::new();
+    for (send_id, outcome) in outcomes {
+        by_send.entry(send_id).or_default().push(outcome);
+    }
+    for (send_id, outcomes) in &by_send {
+        sends::record(db, send_id, outcomes, now).await?;
+    }
+    if let Some(reason) = halt {
+        sends::halt_page(db, &page_id, &reason, now).await?;
+    }
+    let mut rows = Vec::new();
+    for send_id in by_send.keys() {
+        rows.push(sends::get(db, send_id).await?);
+    }
+    Ok(rows)
+}
+
+impl Handler<Flush> for PageActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
+        self.flush_scheduled = false;
+        let outcomes = std::mem::take(&mut self.unrecorded);
+        let signals = std::mem::take(&mut self.signals);
+        let mut halt = None;
+        for signal in &signals {
+            match signal {
+                PageSignal::Throttled { wait, app_wide } => {
+                    metrics::throttled(&self.page_id);
+                    self.deps
+                        .pacer
+                        .throttled(&self.page_id, app_wide.then_some(*wait));
+                    let until = Instant::now() + *wait;
+                    if self.hold_until.is_none_or(|h| h < until) {
+                        self.hold_until = Some(until);
+                    }
+                }
+                PageSignal::Halt { reason } => {
+                    // Jobs still waiting for their turn are not attempted.
+                    self.gate.fetch_add(1, Ordering::SeqCst);
+                    halt = Some(reason.clone());
+                }
+                PageSignal::None => {}
+            }
+        }
+        if let Some(reason) = &halt {
+            tracing::warn!(page_id = %self.page_id, %reason, "halting the page's sends");
+        }
+        let counts = count_outcomes(&outcomes);
+        let fut = flush(
+            self.deps.clone(),
+            self.page_id.clone(),
+            outcomes.clone(),
+            halt.clone(),
+        );
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+            move |result, act, ctx| {
+                match result {
+                    Err(err) => {
+                        tracing::error!(page_id = %act.page_id, error = %err,
+                            "recording outcomes failed; retrying");
+                        // Nothing of it was committed: record it again later.
+                        let mut outcomes = outcomes;
+                        outcomes.append(&mut act.unrecorded);
+                        act.unrecorded = outcomes;
+                        if let Some(reason) = halt {
+                            act.signals.push(PageSignal::Halt { reason });
+                        }
+                    }
+                    Ok(rows) => {
+                        for (outcome, n) in counts {
+                            metrics::outcome(outcome, n);
+                        }
+                        act.refresh(rows);
+                        if halt.is_some() {
+                            act.reload_sends = true;
+                        }
+                        act.release_drain_waiters();
+                        if !act.draining {
+                            act.schedule_pump(ctx);
+                        }
+                    }
+                }
+            },
+        )))
+    }
+}
+
+fn count_outcomes(outcomes: &[(String, Outcome)]) -> Vec<(&'static str, u64)> {
+    let mut counts: HashMap<&'static str, u64> = HashMap::new();
+    for (_, outcome) in outcomes {
+        let name = match outcome {
+            Outcome::Sent {
+                confirmed_by_token: true,
+                ..
+            } => "sent_confirmed_by_token",
+            Outcome::Sent { .. } => "sent",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Unknown { .. } => "unknown",
+        };
+        *counts.entry(name).or_default() += 1;
+    }
+    counts.into_iter().collect()
+}
+
+/// Operator commands, serialised with the page's steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Pause,
+    Resume,
+    Cancel,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<sends::Send, StoreError>")]
+pub struct Control {
+    pub send_id: String,
+    pub command: Command,
+}
+
+impl Handler<Control> for PageActor {
+    type Result = AtomicResponse<Self, Result<sends::Send, StoreError>>;
+
+    fn handle(&mut self, msg: Control, _: &mut Context<Self>) -> Self::Result {
+        let store = self.deps.store.clone();
+        let fut = async move {
+            let db = &store.db;
+            let now = now_ms();
+            match msg.command {
+                Command::Pause => {
+                    sends::transition(
+                        db,
+                        &msg.send_id,
+                        &[sends::QUEUED, sends::RUNNING],
+                        sends::PAUSED,
+                        None,
+                        now,
+                    )
+                    .await
+                }
+                Command::Resume => {
+                    sends::transition(
+                        db,
+                        &msg.send_id,
+                        &[sends::PAUSED, sends::HALTED],
+                        sends::RUNNING,
+                        Some(""),
+                        now,
+                    )
+                    .await
+                }
+                Command::Cancel => sends::cancel(db, &msg.send_id, now).await,
+            }
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+            move |result, act, ctx| {
+                if let Ok(send) = &result {
+                    tracing::info!(page_id = %act.page_id, send_id = %send.id,
+                        state = %send.state, command = ?msg.command, "send command applied");
+                    act.deps.hub.publish(Progress::from_send(send));
+                    if msg.command == Command::Resume {
+                        // A fixed page: read its credentials again, and stop holding; answers
+                        // to calls made before now halt nothing.
+                        act.gate.fetch_add(1, Ordering::SeqCst);
+                        act.config_loaded = None;
+                        act.hold_until = None;
+                    }
+                    act.reload_sends = true;
+                    act.schedule_pump(ctx);
+                }
+                result
+            },
+        )))
+    }
+}
+
+/// Stop claiming; answer when every delivery in flight is recorded.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+impl Handler<Drain> for PageActor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+        self.draining = true;
+        let (tx, rx) = oneshot::channel();
+        self.drain_waiters.push(tx);
+        self.release_drain_waiters();
+        Box::pin(
+            async move {
+                let _ = rx.await;
+            }
+            .into_actor(self),
+        )
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct InFlight;
+
+impl Handler<InFlight> for PageActor {
+    type Result = usize;
+
+    fn handle(&mut self, _: InFlight, _: &mut Context<Self>) -> usize {
+        self.in_flight()
+    }
+}

@@ -1,0 +1,309 @@
+//! What an attempt's answer means for its delivery (GRAPH_API.md's error classes, DESIGN.md's
+//! exactly-once rules). Pure: the page actor applies the decision.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::{
+    graph::{Class, Delivered, Failure, SendKind},
+    store::sends::{Claimed, DeliveryError, Outcome, ROUTE_TOKEN},
+};
+
+/// Attempts before a transient failure is final.
+pub const MAX_ATTEMPTS: i32 = 5;
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What the page must do besides recording the outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PageSignal {
+    None,
+    /// Slow down; hold claims until `wait` has passed.
+    Throttled {
+        wait: Duration,
+        app_wide: bool,
+    },
+    /// The page cannot send: halt its sends.
+    Halt {
+        reason: String,
+    },
+}
+
+pub struct Decision {
+    pub outcome: Outcome,
+    pub signal: PageSignal,
+}
+
+fn error_of(failure: &Failure) -> DeliveryError {
+    let narrow = |v: i64| i32::try_from(v).ok();
+    DeliveryError {
+        code: (failure.error.code != 0)
+            .then_some(failure.error.code)
+            .and_then(narrow),
+        subcode: failure.error.subcode.and_then(narrow),
+        message: failure.error.message.clone(),
+    }
+}
+
+/// Exponential backoff with full jitter over the upper half: attempt 1 waits 125-250 ms.
+pub fn backoff(attempt: i32) -> Duration {
+    let exp = u32::try_from(attempt.clamp(1, 16) - 1).unwrap_or(0);
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(2u32.saturating_pow(exp))
+        .min(BACKOFF_MAX);
+    let low = ceiling / 2;
+    low + ceiling
+        .saturating_sub(low)
+        .mul_f64(rand::thread_rng().r#gen::<f64>())
+}
+
+/// A claimed delivery whose call was never made: pending again, the attempt not counted.
+pub fn not_attempted(delivery: &Claimed, now_ms: i64) -> Outcome {
+    Outcome::Retry {
+        id: delivery.id,
+        at: now_ms,
+        ambiguous: false,
+        refund_attempt: true,
+        error: DeliveryError {
+            code: None,
+            subcode: None,
+            message: "not attempted: the page halted or resumed before its turn".into(),
+        },
+    }
+}
+
+pub fn decide(delivery: &Claimed, result: Result<Delivered, Failure>, now_ms: i64) -> Decision {
+    let token = delivery.route == ROUTE_TOKEN;
+    let kind = if token {
+        SendKind::Token
+    } else {
+        SendKind::Standard
+    };
+    let id = delivery.id;
+    let plain = |outcome| Decision {
+        outcome,
+        signal: PageSignal::None,
+    };
+    let failure = match result {
+        Ok(delivered) => {
+            return plain(Outcome::Sent {
+                id,
+                message_id: Some(delivered.message_id),
+                confirmed_by_token: false,
+                optin_id: delivery.optin_id,
+            });
+        }
+        Err(failure) => failure,
+    };
+    // The token was spent, and an earlier attempt may have landed: that attempt is the one
+    // Facebook accepted. Nothing else can have spent it: it was reserved for this delivery.
+    if delivery.ambiguous && failure.is_token_spent(kind) {
+        return plain(Outcome::Sent {
+            id,
+            message_id: None,
+            confirmed_by_token: true,
+            optin_id: delivery.optin_id,
+        });
+    }
+    let error = error_of(&failure);
+    match failure.class {
+        Class::Transient { ambiguous } => {
+            if ambiguous && !token {
+                // No idempotency key for standard messages: at most once.
+                return plain(Outcome::Unknown { id, error });
+            }
+            if delivery.attempts >= MAX_ATTEMPTS {
+                return plain(if ambiguous || delivery.ambiguous {
+                    Outcome::Unknown { id, error }
+                } else {
+                    Outcome::Failed {
+                        id,
+                        error,
+                        reject_optin: None,
+                    }
+                });
+            }
+            plain(Outcome::Retry {
+                id,
+                at: now_ms + backoff(delivery.attempts).as_millis() as i64,
+                ambiguous,
+                refund_attempt: false,
+                error,
+            })
+        }
+        Class::Throttled { wait } => Decision {
+            outcome: Outcome::Retry {
+                id,
+                at: now_ms + wait.as_millis() as i64,
+                ambiguous: false,
+                refund_attempt: true,
+                error,
+            },
+            // Code 4 is the app's own limit, shared by every page.
+            signal: PageSignal::Throttled {
+                wait,
+                app_wide: failure.error.code == 4,
+            },
+        },
+        Class::RecipientPermanent => plain(Outcome::Failed {
+            id,
+            error,
+            reject_optin: if token { delivery.optin_id } else { None },
+        }),
+        Class::PagePermanent => {
+            let reason = format!("the page cannot send: {failure}");
+            Decision {
+                outcome: Outcome::Retry {
+                    id,
+                    at: now_ms,
+                    ambiguous: false,
+                    refund_attempt: true,
+                    error,
+                },
+                signal: PageSignal::Halt { reason },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::classify::{ErrorBody, classify};
+
+    fn claimed(route: &str, attempts: i32, ambiguous: bool) -> Claimed {
+        Claimed {
+            id: 7,
+            psid: "u1".into(),
+            route: route.into(),
+            attempts,
+            ambiguous,
+            token: (route == ROUTE_TOKEN).then(|| "tok".to_string()),
+            expires_at: Some(i64::MAX),
+            optin_id: (route == ROUTE_TOKEN).then_some(70),
+        }
+    }
+
+    fn graph_error(status: u16, code: i64, subcode: Option<i64>) -> Failure {
+        classify(
+            status,
+            ErrorBody {
+                message: format!("(#{code}) x"),
+                code,
+                error_subcode: subcode,
+                fbtrace_id: None,
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn a_spent_token_after_an_ambiguous_attempt_is_a_confirmed_send() {
+        let d = decide(
+            &claimed("token", 2, true),
+            Err(graph_error(400, 100, None)),
+            0,
+        );
+        assert_eq!(
+            d.outcome,
+            Outcome::Sent {
+                id: 7,
+                message_id: None,
+                confirmed_by_token: true,
+                optin_id: Some(70)
+            }
+        );
+        // Without an ambiguous attempt before, the token was refused: failed, opt-in rejected.
+        let d = decide(
+            &claimed("token", 1, false),
+            Err(graph_error(400, 100, None)),
+            0,
+        );
+        assert!(matches!(
+            d.outcome,
+            Outcome::Failed {
+                reject_optin: Some(70),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn an_ambiguous_window_send_is_unknown_and_a_token_send_is_retried() {
+        let timeout = Failure::transport("timed out".into(), true);
+        let d = decide(&claimed("window", 1, false), Err(timeout.clone()), 0);
+        assert!(matches!(d.outcome, Outcome::Unknown { .. }));
+        let d = decide(&claimed("token", 1, false), Err(timeout), 1000);
+        match d.outcome {
+            Outcome::Retry {
+                at,
+                ambiguous: true,
+                ..
+            } => assert!((1125..=1250).contains(&at), "{at}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn transient_failures_are_bounded() {
+        let refused = Failure::transport("connection refused".into(), false);
+        let d = decide(
+            &claimed("window", MAX_ATTEMPTS, false),
+            Err(refused.clone()),
+            0,
+        );
+        assert!(matches!(d.outcome, Outcome::Failed { .. }));
+        let d = decide(&claimed("token", MAX_ATTEMPTS, true), Err(refused), 0);
+        assert!(matches!(d.outcome, Outcome::Unknown { .. }));
+    }
+
+    #[test]
+    fn throttling_waits_and_never_drops() {
+        let d = decide(
+            &claimed("token", 3, false),
+            Err(graph_error(400, 613, None)),
+            0,
+        );
+        assert!(matches!(
+            d.outcome,
+            Outcome::Retry {
+                refund_attempt: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            d.signal,
+            PageSignal::Throttled {
+                app_wide: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn page_failures_halt_without_failing_the_recipient() {
+        for (code, subcode) in [(190, None), (10, Some(1893063))] {
+            let d = decide(
+                &claimed("token", 1, false),
+                Err(graph_error(400, code, subcode)),
+                0,
+            );
+            assert!(matches!(
+                d.outcome,
+                Outcome::Retry {
+                    refund_attempt: true,
+                    ..
+                }
+            ));
+            assert!(matches!(d.signal, PageSignal::Halt { .. }));
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) <= Duration::from_millis(250));
+        assert!(backoff(3) >= Duration::from_millis(500));
+        assert!(backoff(30) <= BACKOFF_MAX);
+    }
+}

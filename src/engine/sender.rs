@@ -1,0 +1,152 @@
+//! The sender pool: actors that call the Graph API for page actors, paced by the [`Pacer`].
+//! A sender keeps no state: what it was asked to send is already `in_flight` in the database,
+//! so a lost answer is settled by the page actor's recovery, never by guessing.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use actix::{Actor, Addr, ArbiterHandle, Context, Handler, Message, ResponseFuture};
+use serde_json::Value;
+
+use super::{metrics, pacing::Pacer};
+use crate::{
+    graph::{BatchSend, Delivered, Failure, GraphClient, Recipient},
+    store::pages::PageCredentials,
+};
+
+/// Who one item goes to.
+#[derive(Clone, Debug)]
+pub enum To {
+    Token(String),
+    Psid(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Item {
+    pub delivery_id: i64,
+    pub to: To,
+}
+
+/// One Graph request's worth of items for one page (a single send, or a batch).
+pub struct Dispatch {
+    pub page_id: String,
+    pub rate: u32,
+    pub credentials: Arc<PageCredentials>,
+    pub message: Arc<Value>,
+    pub items: Vec<Item>,
+    /// The page's generation now and when this job was made: when they differ (the page halted
+    /// or was resumed meanwhile), the job is not attempted.
+    pub gate: Arc<AtomicU64>,
+    pub generation: u64,
+}
+
+pub type ItemResult = (i64, Result<Delivered, Failure>);
+
+impl Message for Dispatch {
+    /// `None`: not attempted (the page's generation moved on while the job waited).
+    type Result = Option<Vec<ItemResult>>;
+}
+
+pub struct Sender {
+    graph: GraphClient,
+    pacer: Pacer,
+}
+
+impl Actor for Sender {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Page actors never hold more than their in-flight cap here; this bounds the sum.
+        ctx.set_mailbox_capacity(4096);
+    }
+}
+
+impl Handler<Dispatch> for Sender {
+    type Result = ResponseFuture<Option<Vec<ItemResult>>>;
+
+    fn handle(&mut self, job: Dispatch, _: &mut Context<Self>) -> Self::Result {
+        let graph = self.graph.clone();
+        let pacer = self.pacer.clone();
+        Box::pin(async move {
+            pacer.acquire(&job.page_id, job.rate, job.items.len()).await;
+            if job.gate.load(Ordering::SeqCst) != job.generation {
+                return None;
+            }
+            let started = Instant::now();
+            fn recipient(to: &To) -> Recipient<'_> {
+                match to {
+                    To::Token(token) => Recipient::Token(token.as_str()),
+                    To::Psid(psid) => Recipient::Psid(psid.as_str()),
+                }
+            }
+            let results = if let [item] = job.items.as_slice() {
+                let result = graph
+                    .send(&job.credentials, recipient(&item.to), &job.message)
+                    .await;
+                vec![(item.delivery_id, result)]
+            } else {
+                let sends: Vec<BatchSend<'_>> = job
+                    .items
+                    .iter()
+                    .map(|item| BatchSend {
+                        recipient: recipient(&item.to),
+                        message: &job.message,
+                    })
+                    .collect();
+                match graph.send_batch(&job.credentials, &sends).await {
+                    Ok(results) => job
+                        .items
+                        .iter()
+                        .map(|item| item.delivery_id)
+                        .zip(results)
+                        .collect(),
+                    // The request as a whole failed: every item shares its fate.
+                    Err(failure) => job
+                        .items
+                        .iter()
+                        .map(|item| (item.delivery_id, Err(failure.clone())))
+                        .collect(),
+                }
+            };
+            metrics::graph_call(started.elapsed(), job.items.len());
+            Some(results)
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct SenderPool {
+    senders: Arc<Vec<Addr<Sender>>>,
+    next: Arc<AtomicUsize>,
+}
+
+impl SenderPool {
+    pub fn start(arbiters: &[ArbiterHandle], graph: GraphClient, pacer: Pacer) -> Self {
+        let senders = arbiters
+            .iter()
+            .map(|arbiter| {
+                let (graph, pacer) = (graph.clone(), pacer.clone());
+                Sender::start_in_arbiter(arbiter, move |_| Sender { graph, pacer })
+            })
+            .collect();
+        SenderPool {
+            senders: Arc::new(senders),
+            next: Arc::default(),
+        }
+    }
+
+    /// Hands a job to the next sender; the future resolves with one result per item (or a
+    /// mailbox error if the sender is gone, which leaves the items in flight for recovery).
+    pub fn dispatch(
+        &self,
+        job: Dispatch,
+    ) -> impl Future<Output = Result<Option<Vec<ItemResult>>, actix::MailboxError>> + 'static {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
+        self.senders[n].send(job)
+    }
+}
