@@ -18,7 +18,7 @@ use crate::pages::create_request;
 const OTND: &str = env!("CARGO_BIN_EXE_otnd");
 
 /// The binary with a clean environment (no OTN_* from the caller) in `dir`.
-fn otnd(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+pub(crate) fn otnd(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(OTND);
     command
         .args(args)
@@ -130,14 +130,14 @@ fn version_and_migrate_work() {
 }
 
 /// A running `otnd serve` whose stderr is collected line by line.
-struct Served {
+pub(crate) struct Served {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     new_line: mpsc::Receiver<()>,
 }
 
 impl Served {
-    fn start(dir: &Path, env: &[(&str, &str)]) -> Self {
+    pub(crate) fn start(dir: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = otnd(dir, &[], env).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -157,7 +157,7 @@ impl Served {
     }
 
     /// Waits for a log line containing `needle` and returns it.
-    fn wait_for_line(&self, needle: &str, deadline: Duration) -> String {
+    pub(crate) fn wait_for_line(&self, needle: &str, deadline: Duration) -> String {
         let started = Instant::now();
         loop {
             if let Some(line) = self
@@ -179,11 +179,17 @@ impl Served {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
 
-    fn terminate(&mut self, deadline: Duration) -> ExitStatus {
+    /// SIGKILL: no shutdown, no drain; whatever was in flight stays in flight.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub(crate) fn terminate(&mut self, deadline: Duration) -> ExitStatus {
         let pid = self.child.id().to_string();
         assert!(
             Command::new("kill")
@@ -214,7 +220,7 @@ impl Drop for Served {
 }
 
 /// The value of a JSON log field, e.g. `"grpc_addr":"127.0.0.1:4242"`.
-fn json_field(line: &str, field: &str) -> String {
+pub(crate) fn json_field(line: &str, field: &str) -> String {
     let start = line.find(&format!("\"{field}\":\"")).unwrap() + field.len() + 4;
     line[start..].split('"').next().unwrap().to_string()
 }

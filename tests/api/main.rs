@@ -7,6 +7,7 @@ mod audience;
 mod auth;
 mod binary;
 mod contract;
+mod crash;
 mod graph;
 mod hardening;
 mod health;
