@@ -7,6 +7,9 @@ use otnd::{
     telemetry,
 };
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// otnd: Facebook Messenger One-Time Notifications behind a gRPC API.
 #[derive(Parser)]
 #[command(version, about)]

@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// Deliveries an unpaced page keeps in flight (benchmarks; paced pages derive theirs).
-const UNPACED_IN_FLIGHT: usize = 2000;
+const UNPACED_IN_FLIGHT: usize = 4000;
 
 /// The services health reports on, besides the whole server ("").
 const SERVICE_NAMES: &[&str] = &[

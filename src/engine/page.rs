@@ -48,9 +48,9 @@ const TICK: Duration = Duration::from_millis(200);
 const PAGE_RELOAD: Duration = Duration::from_secs(5);
 /// A token is presented only if it stays valid this long: the call must reach Facebook first.
 const MIN_TOKEN_LIFE_MS: i64 = 60_000;
-/// Recipients materialised per step at least: small enough that the first call goes out at
-/// once, large enough to amortise the query.
-const MIN_MATERIALIZE: u64 = 500;
+/// Answers are recorded together: at once when this many wait, else after `FLUSH_DELAY`.
+const FLUSH_AT: usize = 512;
+const FLUSH_DELAY: Duration = Duration::from_millis(2);
 /// Window over which a send's rate is measured.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 
@@ -304,7 +304,28 @@ impl PageActor {
             }
             self.unrecorded.push((send_id, decision.outcome));
         }
-        self.schedule_flush(ctx);
+        self.flush_soon(ctx);
+    }
+
+    /// One transaction for many answers: now when enough wait (or nothing else is coming),
+    /// else a moment later.
+    fn flush_soon(&mut self, ctx: &mut Context<Self>) {
+        if self.unrecorded.len() >= FLUSH_AT || self.dispatched.is_empty() {
+            self.schedule_flush(ctx);
+        } else if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            ctx.run_later(FLUSH_DELAY, |_, ctx| ctx.notify(Flush));
+        }
+    }
+
+    /// Room for a claim worth a database step: a quarter of the cap, or everything is back.
+    fn worth_pumping(&self) -> bool {
+        let Some(config) = &self.config else {
+            return false;
+        };
+        let cap = self.deps.pacer.in_flight_cap(config.rate);
+        let room = cap.saturating_sub(self.in_flight());
+        self.dispatched.is_empty() || room >= (cap / 4).max(self.deps.pacer.batch_size(config.rate))
     }
 
     /// Jobs dropped before their call: back to pending, as if never claimed.
@@ -435,6 +456,7 @@ async fn pump(deps: Deps, page_id: String, plan: PumpPlan) -> Result<PumpResult,
         result.reloaded = Some(rows.clone());
         running = rows;
     }
+    let mut materialized: Vec<String> = Vec::new();
     let mut capacity = plan.capacity;
     if capacity > 0 && !running.is_empty() {
         let n = running.len();
@@ -443,20 +465,15 @@ async fn pump(deps: Deps, page_id: String, plan: PumpPlan) -> Result<PumpResult,
                 break;
             }
             let send = &running[(plan.turn + k) % n];
+            // Retries and recovered deliveries first, then new recipients, claimed as they
+            // are materialised.
             let mut claimed =
                 sends::claim(db, &send.id, now, MIN_TOKEN_LIFE_MS, capacity as u64).await?;
             if claimed.len() < capacity && !send.audience_done() {
                 let fresh = sends::get(db, &send.id).await?;
-                let want = (capacity as u64).max(MIN_MATERIALIZE);
-                sends::materialize(db, &fresh, now, MIN_TOKEN_LIFE_MS, want).await?;
-                let more = sends::claim(
-                    db,
-                    &send.id,
-                    now,
-                    MIN_TOKEN_LIFE_MS,
-                    (capacity - claimed.len()) as u64,
-                )
-                .await?;
+                let want = (capacity - claimed.len()) as u64;
+                let more = sends::materialize(db, &fresh, now, MIN_TOKEN_LIFE_MS, want).await?;
+                materialized.push(send.id.clone());
                 claimed.extend(more);
             }
             capacity -= claimed.len();
@@ -465,11 +482,14 @@ async fn pump(deps: Deps, page_id: String, plan: PumpPlan) -> Result<PumpResult,
             }
         }
     }
-    // Counters as they are now; sends with nothing left complete.
+    // A send that had nothing to claim may be done; one that moved is read back for progress.
     for send in &running {
-        if sends::complete_if_done(db, &send.id, now).await? {
+        let claimed = result.claims.iter().any(|(id, _)| *id == send.id);
+        if !claimed && send.in_flight == 0 && sends::complete_if_done(db, &send.id, now).await? {
             result.completed.push(sends::get(db, &send.id).await?);
-        } else {
+            continue;
+        }
+        if claimed || materialized.contains(&send.id) {
             result.refreshed.push(sends::get(db, &send.id).await?);
         }
     }
@@ -509,8 +529,10 @@ impl Handler<Pump> for PageActor {
         }
         self.turn = self.turn.wrapping_add(1);
         let reloading = plan.reload_sends;
+        let had_config = self.config.is_some();
         self.reload_sends = false;
         let fut = pump(self.deps.clone(), self.page_id.clone(), plan);
+        let began = Instant::now();
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| match result {
                 Err(err) => {
@@ -529,11 +551,19 @@ impl Handler<Pump> for PageActor {
                     }
                     if let Some(config) = result.config {
                         act.config = Some(config);
+                        // The first step only learnt the page's rate: claim at once.
+                        if !had_config {
+                            act.schedule_pump(ctx);
+                        }
                     }
                     if let Some(rows) = result.reloaded {
                         act.replace_sends(rows);
                     }
                     let claimed_any = !result.claims.is_empty();
+                    tracing::debug!(page_id = %act.page_id,
+                        claimed = result.claims.iter().map(|(_, c)| c.len()).sum::<usize>(),
+                        in_flight = act.in_flight(), took_ms = began.elapsed().as_secs_f64() * 1e3,
+                        "pump step");
                     for (send_id, claimed) in result.claims {
                         if let Some(index) = act.sends.iter().position(|a| a.send.id == send_id) {
                             act.dispatch(ctx, index, claimed);
@@ -619,6 +649,8 @@ impl Handler<Flush> for PageActor {
             tracing::warn!(page_id = %self.page_id, %reason, "halting the page's sends");
         }
         let counts = count_outcomes(&outcomes);
+        let began = Instant::now();
+        let recorded = outcomes.len();
         let fut = flush(
             self.deps.clone(),
             self.page_id.clone(),
@@ -640,6 +672,8 @@ impl Handler<Flush> for PageActor {
                         }
                     }
                     Ok(rows) => {
+                        tracing::debug!(page_id = %act.page_id, recorded,
+                            took_ms = began.elapsed().as_secs_f64() * 1e3, "flush step");
                         for (outcome, n) in counts {
                             metrics::outcome(outcome, n);
                         }
@@ -648,7 +682,7 @@ impl Handler<Flush> for PageActor {
                             act.reload_sends = true;
                         }
                         act.release_drain_waiters();
-                        if !act.draining {
+                        if !act.draining && act.worth_pumping() {
                             act.schedule_pump(ctx);
                         }
                     }

@@ -12,6 +12,9 @@ use crate::{
 
 /// Attempts before a transient failure is final.
 pub const MAX_ATTEMPTS: i32 = 5;
+/// A token delivery that may have landed is retried longer: the retry is safe (the token is
+/// single-use), and it is the only way to learn the outcome.
+pub const MAX_ATTEMPTS_AMBIGUOUS_TOKEN: i32 = 10;
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -113,7 +116,12 @@ pub fn decide(delivery: &Claimed, result: Result<Delivered, Failure>, now_ms: i6
                 // No idempotency key for standard messages: at most once.
                 return plain(Outcome::Unknown { id, error });
             }
-            if delivery.attempts >= MAX_ATTEMPTS {
+            let limit = if token && (ambiguous || delivery.ambiguous) {
+                MAX_ATTEMPTS_AMBIGUOUS_TOKEN
+            } else {
+                MAX_ATTEMPTS
+            };
+            if delivery.attempts >= limit {
                 return plain(if ambiguous || delivery.ambiguous {
                     Outcome::Unknown { id, error }
                 } else {
@@ -254,7 +262,20 @@ mod tests {
             0,
         );
         assert!(matches!(d.outcome, Outcome::Failed { .. }));
-        let d = decide(&claimed("token", MAX_ATTEMPTS, true), Err(refused), 0);
+        let d = decide(
+            &claimed("token", MAX_ATTEMPTS, true),
+            Err(refused.clone()),
+            0,
+        );
+        assert!(
+            matches!(d.outcome, Outcome::Retry { .. }),
+            "an ambiguous token is retried longer"
+        );
+        let d = decide(
+            &claimed("token", MAX_ATTEMPTS_AMBIGUOUS_TOKEN, true),
+            Err(refused),
+            0,
+        );
         assert!(matches!(d.outcome, Outcome::Unknown { .. }));
     }
 

@@ -140,8 +140,9 @@ impl SenderPool {
         }
     }
 
-    /// Hands a job to the next sender; the future resolves with one result per item (or a
-    /// mailbox error if the sender is gone, which leaves the items in flight for recovery).
+    /// Hands a job to the next sender (round robin: one page's calls use every core); the
+    /// future resolves with one result per item (or a mailbox error if the sender is gone,
+    /// which leaves the items in flight for recovery).
     pub fn dispatch(
         &self,
         job: Dispatch,

@@ -183,22 +183,29 @@ impl GraphClient {
             sends.len() <= MAX_BATCH_ITEMS,
             "callers split batches at {MAX_BATCH_ITEMS}"
         );
+        // Sends of one batch usually share their message: serialised once.
+        let mut encoded: Vec<(*const Value, String)> = Vec::new();
         let items: Vec<Value> = sends
             .iter()
             .map(|send| {
-                let form = message_body(send.recipient, send.message);
-                let body: String = url::form_urlencoded::Serializer::new(String::new())
-                    .extend_pairs(
-                        form.as_object()
-                            .expect("a message body is an object")
-                            .iter()
-                            .map(|(key, value)| match value {
-                                Value::String(text) => (key.clone(), text.clone()),
-                                other => (key.clone(), other.to_string()),
-                            }),
-                    )
-                    .finish();
-                json!({"method": "POST", "relative_url": "me/messages", "body": body})
+                let message = match encoded
+                    .iter()
+                    .find(|(ptr, _)| std::ptr::eq(*ptr, send.message))
+                {
+                    Some((_, text)) => text.clone(),
+                    None => {
+                        let text = send.message.to_string();
+                        encoded.push((send.message, text.clone()));
+                        text
+                    }
+                };
+                let mut form = url::form_urlencoded::Serializer::new(String::new());
+                form.append_pair("recipient", &send.recipient.to_json().to_string());
+                if send.recipient.kind() == SendKind::Standard {
+                    form.append_pair("messaging_type", "UPDATE");
+                }
+                form.append_pair("message", &message);
+                json!({"method": "POST", "relative_url": "me/messages", "body": form.finish()})
             })
             .collect();
         let url = self.url("", credentials);

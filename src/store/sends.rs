@@ -485,25 +485,35 @@ async fn set_optin_state(
 struct Candidate {
     id: i64,
     psid: String,
+    token: Option<String>,
+    expires_at: Option<i64>,
 }
 
-/// Materialises up to `limit` more recipients of the send: each user's first-expiring usable
-/// opt-in is reserved (token route), then, when asked, users inside the window without one
-/// (window route); the segment applies to both. Returns how many deliveries it added.
+#[derive(FromQueryResult)]
+struct Inserted {
+    id: i64,
+    psid: String,
+}
+
+/// Materialises up to `limit` more recipients of the send and claims them at once: each
+/// user's first-expiring usable opt-in is reserved (token route), then, when asked, users
+/// inside the window without one (window route); the segment applies to both. The new
+/// deliveries are committed `in_flight` (attempt 1) in the same transaction, ready for the
+/// sender pool.
 pub async fn materialize(
     db: &DatabaseConnection,
     send: &Send,
     now: i64,
     min_token_life_ms: i64,
     limit: u64,
-) -> Result<u64, StoreError> {
+) -> Result<Vec<Claimed>, StoreError> {
     let backend = db.get_database_backend();
     let segment = send.segment();
     let txn = db.begin().await?;
-    let (added, phase, cursor) = match send.audience_phase.as_str() {
+    let (claimed, phase, cursor) = match send.audience_phase.as_str() {
         PHASE_TOKEN => {
             let mut sql = Sql::new(backend);
-            sql.push("SELECT o.id, o.psid FROM optins o WHERE o.page_id = ")
+            sql.push("SELECT o.id, o.psid, o.token, o.expires_at FROM optins o WHERE o.page_id = ")
                 .bind(send.page_id.as_str())
                 .push(" AND o.topic = ")
                 .bind(send.topic.as_str())
@@ -529,23 +539,24 @@ pub async fn materialize(
                 }
             }
             let cursor = chosen.last().map(|c| c.psid.clone());
-            let added = insert_deliveries(&txn, send, ROUTE_TOKEN, &chosen, now).await?;
+            let claimed = insert_deliveries(&txn, send, ROUTE_TOKEN, &chosen, now).await?;
             let optin_ids: Vec<i64> = chosen.iter().map(|c| c.id).collect();
             let reserved = set_optin_state(&txn, &optin_ids, &["active"], "reserved", None).await?;
-            if reserved != added || added != chosen.len() as u64 {
+            if reserved != claimed.len() as u64 || claimed.len() != chosen.len() {
                 // Only this page's actor reserves opt-ins: another writer is at work.
                 return Err(StoreError::Conflict);
             }
             match (exhausted, send.include_window_users) {
-                (false, _) => (added, PHASE_TOKEN, cursor.unwrap_or_default()),
-                (true, true) => (added, PHASE_WINDOW, String::new()),
-                (true, false) => (added, PHASE_DONE, String::new()),
+                (false, _) => (claimed, PHASE_TOKEN, cursor.unwrap_or_default()),
+                (true, true) => (claimed, PHASE_WINDOW, String::new()),
+                (true, false) => (claimed, PHASE_DONE, String::new()),
             }
         }
         PHASE_WINDOW => {
             let mut sql = Sql::new(backend);
             sql.push(
-                "SELECT CAST(0 AS BIGINT) AS id, s.psid FROM subscribers s WHERE s.page_id = ",
+                "SELECT CAST(0 AS BIGINT) AS id, s.psid, CAST(NULL AS TEXT) AS token, \
+                 CAST(NULL AS BIGINT) AS expires_at FROM subscribers s WHERE s.page_id = ",
             )
             .bind(send.page_id.as_str())
             .push(" AND s.last_interaction_at > ")
@@ -554,7 +565,7 @@ pub async fn materialize(
             .bind(send.audience_cursor.as_str())
             .push(
                 " AND NOT EXISTS (SELECT 1 FROM optins u WHERE u.page_id = s.page_id \
-                     AND u.psid = s.psid AND u.topic = ",
+                 AND u.psid = s.psid AND u.topic = ",
             )
             .bind(send.topic.as_str())
             .push(" AND u.state = 'active' AND u.expires_at > ")
@@ -571,16 +582,16 @@ pub async fn materialize(
             let exhausted = (rows.len() as u64) < limit;
             let cursor = rows.last().map(|c| c.psid.clone());
             // A user who already has this send's token delivery is skipped by the unique key.
-            let added = insert_deliveries(&txn, send, ROUTE_WINDOW, &rows, now).await?;
+            let claimed = insert_deliveries(&txn, send, ROUTE_WINDOW, &rows, now).await?;
             if exhausted {
-                (added, PHASE_DONE, String::new())
+                (claimed, PHASE_DONE, String::new())
             } else {
-                (added, PHASE_WINDOW, cursor.unwrap_or_default())
+                (claimed, PHASE_WINDOW, cursor.unwrap_or_default())
             }
         }
         _ => {
             txn.commit().await?;
-            return Ok(0);
+            return Ok(Vec::new());
         }
     };
     send::Entity::update_many()
@@ -589,28 +600,31 @@ pub async fn materialize(
         .filter(send::Column::Id.eq(send.id.as_str()))
         .exec(&txn)
         .await?;
+    let added = claimed.len() as i64;
     apply_counters(
         &txn,
         &send.id,
         CounterDelta {
-            total: added as i64,
+            total: added,
+            in_flight: added,
             ..Default::default()
         },
         now,
     )
     .await?;
     txn.commit().await?;
-    Ok(added)
+    Ok(claimed)
 }
 
+/// Inserts the recipients' deliveries `in_flight` (attempt 1) and returns them as claimed.
 async fn insert_deliveries(
     db: &impl ConnectionTrait,
     send: &Send,
     route: &str,
     recipients: &[Candidate],
     now: i64,
-) -> Result<u64, StoreError> {
-    let mut added = 0;
+) -> Result<Vec<Claimed>, StoreError> {
+    let mut claimed = Vec::with_capacity(recipients.len());
     for chunk in recipients.chunks(ROWS_PER_STATEMENT) {
         let mut sql = Sql::new(db.get_database_backend());
         sql.push(
@@ -631,17 +645,36 @@ async fn insert_deliveries(
                 } else {
                     None
                 })
-                .push(", 'pending', 0, ")
+                .push(", 'in_flight', 1, ")
                 .bind(false)
                 .push(", ")
                 .bind(false)
                 .push(", 0, ")
                 .bind(now);
         });
-        sql.push(" ON CONFLICT (send_id, psid) DO NOTHING");
-        added += db.execute_raw(sql.statement()).await?.rows_affected();
+        sql.push(" ON CONFLICT (send_id, psid) DO NOTHING RETURNING id, psid");
+        let inserted = Inserted::find_by_statement(sql.statement()).all(db).await?;
+        // RETURNING gives no order guarantee: match the rows back by psid.
+        let by_psid: std::collections::HashMap<&str, &Candidate> =
+            chunk.iter().map(|c| (c.psid.as_str(), c)).collect();
+        for row in inserted {
+            let Some(candidate) = by_psid.get(row.psid.as_str()) else {
+                continue;
+            };
+            claimed.push(Claimed {
+                id: row.id,
+                psid: row.psid,
+                route: route.to_string(),
+                attempts: 1,
+                ambiguous: false,
+                token: candidate.token.clone(),
+                expires_at: candidate.expires_at,
+                optin_id: (route == ROUTE_TOKEN).then_some(candidate.id),
+            });
+        }
     }
-    Ok(added)
+    claimed.sort_by_key(|c| c.id);
+    Ok(claimed)
 }
 
 /// A delivery handed to the sender pool.

@@ -264,8 +264,7 @@ pub(super) fn in_segment<'s>(
 #[derive(FromQueryResult)]
 struct TopicCounts {
     tokens_all: i64,
-    tokens_in_segment: i64,
-    expired_only: i64,
+    with_any: i64,
 }
 
 #[derive(FromQueryResult)]
@@ -273,9 +272,22 @@ struct Count {
     n: i64,
 }
 
+/// The topic's users with a usable opt-in, as a sorted set expression (for INTERSECT/EXCEPT).
+fn push_usable_psids(sql: &mut Sql, page: &str, topic: &str, now: i64) {
+    sql.push("SELECT o.psid FROM optins o WHERE o.page_id = ")
+        .bind(page)
+        .push(" AND o.topic = ")
+        .bind(topic)
+        .push(&format!(" AND o.state = 'active' AND o.expires_at > {now}"));
+}
+
 /// Counted by the database: distinct users with a usable opt-in on the topic (after the
-/// segment), window users without one, users whose opt-ins on the topic all expired, and users
-/// the segment leaves out. The topic's opt-ins are read once, user by user, in index order.
+/// segment), window users without one, users whose opt-ins on the topic all lapsed, and users
+/// the segment leaves out.
+///
+/// Each count walks an index in psid order: `COUNT(DISTINCT psid)` over the topic's index, and
+/// the segment as INTERSECT / EXCEPT of sorted index ranges (the `ORDER BY` makes SQLite merge
+/// them instead of building temporary B-trees), never a lookup per user.
 pub async fn estimate(
     db: &impl ConnectionTrait,
     story: &Model,
@@ -287,29 +299,62 @@ pub async fn estimate(
     let topic = story.topic.as_str();
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
 
-    let mut per_user = Sql::new(backend);
-    per_user
-        .push("SELECT COALESCE(SUM(CASE WHEN x.usable > 0 THEN 1 ELSE 0 END), 0) AS tokens_all, ");
-    per_user.push("COALESCE(SUM(CASE WHEN x.usable > 0 AND ");
-    match segment {
-        Some(rule) => in_segment(&mut per_user, "x.psid", page, rule),
-        None => per_user.push("1 = 1"),
-    };
-    per_user.push(" THEN 1 ELSE 0 END), 0) AS tokens_in_segment, ");
-    per_user.push("COALESCE(SUM(CASE WHEN x.usable = 0 AND x.lapsed > 0 THEN 1 ELSE 0 END), 0) AS expired_only ");
-    per_user.push(&format!(
-        "FROM (SELECT o.psid, \
-           SUM(CASE WHEN o.state = 'active' AND o.expires_at > {now} THEN 1 ELSE 0 END) AS usable, \
-           SUM(CASE WHEN o.state = 'expired' OR (o.state = 'active' AND o.expires_at <= {now}) THEN 1 ELSE 0 END) AS lapsed \
-         FROM optins o WHERE o.page_id = "
-    ))
-    .bind(page);
-    per_user.push(" AND o.topic = ").bind(topic);
-    per_user.push(" GROUP BY o.psid) x");
-    let counts = TopicCounts::find_by_statement(per_user.statement())
+    // An active opt-in is usable or lapsed: users with an active or expired opt-in, less the
+    // usable ones, are those whose opt-ins all lapsed.
+    let mut totals = Sql::new(backend);
+    totals
+        .push("SELECT (SELECT COUNT(DISTINCT o.psid) FROM optins o WHERE o.page_id = ")
+        .bind(page)
+        .push(" AND o.topic = ")
+        .bind(topic)
+        .push(&format!(
+            " AND o.state = 'active' AND o.expires_at > {now}) AS tokens_all, "
+        ))
+        .push("(SELECT COUNT(DISTINCT o.psid) FROM optins o WHERE o.page_id = ")
+        .bind(page)
+        .push(" AND o.topic = ")
+        .bind(topic)
+        .push(" AND o.state IN ('active', 'expired')) AS with_any");
+    let counts = TopicCounts::find_by_statement(totals.statement())
         .one(db)
         .await?
         .ok_or_else(|| StoreError::Db(DbErr::Custom("the estimate returned no row".into())))?;
+    let tokens_all = n(counts.tokens_all);
+
+    let token_recipients = match segment {
+        None => tokens_all,
+        Some(rule) => {
+            let mut sql = Sql::new(backend);
+            sql.push("SELECT COUNT(*) AS n FROM (");
+            push_usable_psids(&mut sql, page, topic, now);
+            let tags = |sql: &mut Sql, op: &str, tags: &mut dyn Iterator<Item = &String>| {
+                sql.push(&format!(
+                    " {op} SELECT t.psid FROM subscriber_tags t WHERE t.page_id = "
+                ))
+                .bind(page)
+                .push(" AND t.tag IN (");
+                for (i, tag) in tags.enumerate() {
+                    if i > 0 {
+                        sql.push(", ");
+                    }
+                    sql.bind(tag.as_str());
+                }
+                sql.push(")");
+            };
+            for tag in &rule.all_tags {
+                tags(&mut sql, "INTERSECT", &mut std::iter::once(tag));
+            }
+            if !rule.any_tags.is_empty() {
+                tags(&mut sql, "INTERSECT", &mut rule.any_tags.iter());
+            }
+            for tag in &rule.none_tags {
+                tags(&mut sql, "EXCEPT", &mut std::iter::once(tag));
+            }
+            sql.push(" ORDER BY 1) s");
+            let row = Count::find_by_statement(sql.statement()).one(db).await?;
+            row.map_or(0, |r| n(r.n))
+        }
+    };
 
     let window_recipients = if story.include_window_users {
         let mut window = Sql::new(backend);
@@ -336,12 +381,10 @@ pub async fn estimate(
         0
     };
 
-    let tokens_all = n(counts.tokens_all);
-    let token_recipients = n(counts.tokens_in_segment);
     Ok(AudienceEstimate {
         token_recipients,
         window_recipients,
-        excluded_expired: n(counts.expired_only),
-        excluded_by_segment: tokens_all - token_recipients,
+        excluded_expired: n(counts.with_any).saturating_sub(tokens_all),
+        excluded_by_segment: tokens_all.saturating_sub(token_recipients),
     })
 }

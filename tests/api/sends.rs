@@ -276,6 +276,50 @@ backend_tests! {
         assert!(metrics.contains("otnd_graph_call_seconds_bucket"), "{metrics}");
     }
 
+    async fn many_watchers_and_stalled_ones_never_hold_the_send_back(db) {
+        let mut app = spawn_app(&db).await;
+        app.register_page(PAGE).await;
+        set_rate(&mut app, PAGE, 300).await;
+        opt_in_many(&mut app, PAGE, "fan-", 600).await;
+        let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest::default()).await;
+        let send = start(&mut app, &story_id, "watched").await;
+        let watch = |app: &TestApp| {
+            let mut sends = app.sends.clone();
+            let send_id = send.send_id.clone();
+            async move {
+                sends.watch_send(WatchSendRequest { send_id }).await.unwrap().into_inner()
+            }
+        };
+        // Watchers that never read, and watchers that hang up at once.
+        let mut stalled = Vec::new();
+        for _ in 0..5 {
+            stalled.push(watch(&app).await);
+            drop(watch(&app).await);
+        }
+        let watching = std::time::Instant::now();
+        let readers: Vec<_> = (0..10).map(|_| {
+            let stream = watch(&app);
+            tokio::spawn(async move {
+                let mut stream = stream.await;
+                let mut seen = Vec::new();
+                while let Some(m) = stream.message().await.unwrap() {
+                    seen.push(m.progress.unwrap());
+                }
+                seen
+            })
+        }).collect();
+        wait_for_state(&mut app, &send.send_id, SendState::Completed, Duration::from_secs(30)).await;
+        for reader in readers {
+            let seen = tokio::time::timeout(Duration::from_secs(10), reader).await.unwrap().unwrap();
+            let last = seen.last().unwrap();
+            assert_eq!((last.state(), last.sent), (SendState::Completed, 600));
+            // At most about 10 snapshots a second (one every 100 ms, plus the first and last).
+            let limit = (watching.elapsed().as_secs_f64() * 10.0).ceil() as usize + 2;
+            assert!(seen.len() <= limit, "{} snapshots, at most {limit}", seen.len());
+        }
+        drop(stalled);
+    }
+
     async fn pacing_never_exceeds_the_page_rate_in_any_second(db) {
         let mut app = spawn_app(&db).await;
         app.register_page(PAGE).await;
@@ -419,11 +463,13 @@ backend_tests! {
             }
         }).await;
         let (total, sent, failed, skipped, unknown) = counters(&done);
-        assert_eq!((total, failed, unknown), (60, 0, 0));
-        assert_eq!(sent + skipped, 60);
-        assert!(skipped > 0);
-        // The skipped users' tokens are theirs again, and the sandbox saw exactly the sent ones.
-        assert_eq!(active(&mut app, PAGE).await, skipped);
+        assert_eq!((failed, unknown), (0, 0));
+        // Recipients are materialised as the send goes: the total is who it reached for.
+        assert_eq!(sent + skipped, total);
+        assert!(sent < 60);
+        // Everyone not sent to keeps (or has back) their token, and the sandbox saw exactly
+        // the sent ones.
+        assert_eq!(active(&mut app, PAGE).await, 60 - sent);
         assert_eq!(accepted_token_sends(&app, PAGE).await as u64, sent);
         let status = app.sends.cancel_send(CancelSendRequest { send_id: send.send_id }).await.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition);
@@ -485,8 +531,10 @@ backend_tests! {
         assert_eq!(sent + failed + skipped + unknown, 301);
         assert_eq!(skipped, 0);
         let stats = assert_no_duplicates(&app).await;
-        // otnd's sent is exactly what Facebook accepted.
-        assert_eq!(accepted_token_sends(&app, PAGE).await as u64, sent, "{stats}");
+        // Every operation ends ok, failed or indeterminate: what Facebook accepted is otnd's
+        // sent, plus at most the deliveries otnd reports as unknown.
+        let accepted = accepted_token_sends(&app, PAGE).await as u64;
+        assert!(sent <= accepted && accepted <= sent + unknown, "sent {sent}, unknown {unknown}, accepted {accepted}; {stats}");
         let failed_rows = deliveries(&mut app, &send.send_id, DeliveryState::Failed).await;
         let ghost = failed_rows.iter().find(|d| d.psid == "ghost").expect("the unknown token failed");
         assert_eq!(ghost.error_code, 100);
