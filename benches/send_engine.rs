@@ -399,6 +399,8 @@ async fn s1() {
     for p in 0..pages {
         stories.push(s.page_with_story(&format!("{}", 3000 + p), per_page).await);
     }
+    let (_, cpu_before) = s.otnd.usage();
+    let (_, sandbox_before) = s.sandbox_proc.usage();
     let started = Instant::now();
     let mut ids = Vec::new();
     for story in &stories {
@@ -411,7 +413,59 @@ async fn s1() {
     let limit = 300.0 * f64::from(pages);
     // The last page's last answer arrives 150 ms after its call: not time spent sending.
     let sending = elapsed - 0.15;
+    // Steady state, from the sandbox's ledger: each page's calls between its first and last
+    // second, over that span.
+    let messages = s.sandbox("/__sandbox/messages", None).await;
+    let mut per_page: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    for m in messages["messages"].as_array().unwrap() {
+        if m["token"].is_string() {
+            per_page
+                .entry(m["page_id"].as_str().unwrap().to_string())
+                .or_default()
+                .push(m["time_ms"].as_i64().unwrap());
+        }
+    }
+    let shares: Vec<f64> = per_page
+        .values_mut()
+        .map(|times| {
+            times.sort_unstable();
+            let (first, last) = (times[0] + 1000, times[times.len() - 1] - 1000);
+            let inside = times.iter().filter(|&&t| t >= first && t < last).count();
+            inside as f64 / ((last - first) as f64 / 1000.0) / 300.0
+        })
+        .collect();
+    if std::env::var_os("BENCH_S1_SECONDS").is_some() {
+        for (page, times) in per_page.iter().take(2) {
+            let mut seconds: std::collections::BTreeMap<i64, usize> = Default::default();
+            for t in times {
+                *seconds.entry(t / 1000).or_default() += 1;
+            }
+            let gaps: Vec<i64> = times
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .filter(|g| *g > 15)
+                .collect();
+            println!(
+                "page {page}: per second {:?}; gaps over 15 ms: {gaps:?}",
+                seconds.values().collect::<Vec<_>>()
+            );
+        }
+    }
+    // From the first call any page made to the last one (the sandbox's clock): ramp included.
+    let all: Vec<i64> = per_page.values().flatten().copied().collect();
+    let span_s = (all.iter().max().unwrap() - all.iter().min().unwrap()) as f64 / 1000.0;
+    let span_share = all.len() as f64 / span_s / limit;
+    let steady = shares.iter().sum::<f64>() / shares.len() as f64;
+    let worst = shares.iter().copied().fold(f64::INFINITY, f64::min);
     let (rss, cpu) = s.otnd.usage();
+    let (_, sandbox_cpu) = s.sandbox_proc.usage();
+    println!(
+        "S1  share of the limit: {steady:.3} in steady state (each page's calls after its first \
+         and before its last second; lowest page {worst:.3}), {span_share:.3} from the first call \
+         to the last; CPU while sending: otnd {:.1} s, sandbox {:.1} s",
+        cpu - cpu_before,
+        sandbox_cpu - sandbox_before
+    );
     println!(
         "S1  {pages} pages x 300/s, 150 ms latency: {total} deliveries in {elapsed:.2} s = {:.0}/s, \
          {:.3} of the {limit:.0}/s limit (613 answers: {}, otnd CPU {cpu:.1} s, peak RSS {rss:.0} MiB)",

@@ -25,7 +25,7 @@ const THROTTLE_SLOWDOWN: f64 = 0.5;
 /// ...and recovers by this factor for every clean interval.
 const RECOVERY_STEP: f64 = 1.25;
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(5);
-/// Spreads calls of pages that wake together.
+/// Spreads calls of pages that wake together on the app-wide limit.
 const JITTER: Duration = Duration::from_millis(2);
 
 /// Per-page pacing settings that do not depend on the page.
@@ -46,10 +46,22 @@ struct PageLimiter {
     factor: f64,
     last_change: Instant,
     limiter: Arc<DefaultDirectRateLimiter>,
+    /// One waiter at a time polls the limiter, the others queue here in order: many jobs
+    /// sleeping on one limiter would all wake for every cell (a thundering herd that costs
+    /// more CPU than the sends).
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Calls per second the limiter lets through for a page at `rate`: 99% of it, and at least one
+/// call a second below it, so that a call delayed on its way (a new connection, a busy core)
+/// cannot squeeze one call too many into a second at low rates either.
+fn effective_rate(rate: u32, factor: f64) -> f64 {
+    let r = f64::from(rate) * factor;
+    (r * RATE_SHARE).min(r - 1.0).max(0.5)
 }
 
 fn page_limiter(rate: u32, factor: f64) -> (DefaultDirectRateLimiter, u32) {
-    let effective = (f64::from(rate) * RATE_SHARE * factor).max(0.5);
+    let effective = effective_rate(rate, factor);
     let burst = burst_for(rate, factor);
     let quota = Quota::with_period(Duration::from_secs_f64(1.0 / effective))
         .expect("a positive rate has a positive period")
@@ -86,12 +98,17 @@ impl Pacer {
         }
     }
 
-    /// Items per Graph request for a page at `rate`: a batch never exceeds the burst.
+    /// Items per Graph request for a page at `rate`: one cell less than the burst where the
+    /// burst allows it, so that a job that wakes a little late can still take its cells on the
+    /// schedule (with a batch as large as the burst, every late wake-up is a slot lost).
     pub fn batch_size(&self, rate: u32) -> usize {
         if !self.settings.enforce_page_rate {
             return self.settings.max_batch.max(1);
         }
-        (burst_for(rate, 1.0) as usize).clamp(1, self.settings.max_batch.max(1))
+        let burst = burst_for(rate, 1.0) as usize;
+        burst
+            .saturating_sub(1)
+            .clamp(1, self.settings.max_batch.max(1))
     }
 
     /// Deliveries a page keeps in flight: about what its rate sends in half a second (Graph's
@@ -104,7 +121,11 @@ impl Pacer {
         ((rate as usize).div_ceil(2)).max(batch * 2)
     }
 
-    fn limiter(&self, page_id: &str, rate: u32) -> Arc<DefaultDirectRateLimiter> {
+    fn limiter(
+        &self,
+        page_id: &str,
+        rate: u32,
+    ) -> (Arc<DefaultDirectRateLimiter>, Arc<tokio::sync::Mutex<()>>) {
         let mut pages = self.pages.lock().expect("the pacer lock is never poisoned");
         let entry = pages.entry(page_id.to_string()).or_insert_with(|| {
             let (limiter, _) = page_limiter(rate, 1.0);
@@ -113,6 +134,7 @@ impl Pacer {
                 factor: 1.0,
                 last_change: Instant::now(),
                 limiter: Arc::new(limiter),
+                turn: Arc::default(),
             }
         });
         let mut rebuild = false;
@@ -128,7 +150,7 @@ impl Pacer {
         if rebuild {
             entry.limiter = Arc::new(page_limiter(rate, entry.factor).0);
         }
-        entry.limiter.clone()
+        (entry.limiter.clone(), entry.turn.clone())
     }
 
     /// Waits until `n` calls of the page (at `rate`) may go out.
@@ -145,11 +167,15 @@ impl Pacer {
         }
         let n = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
         if self.settings.enforce_page_rate {
-            let limiter = self.limiter(page_id, rate);
-            take(&limiter, n).await;
+            // No jitter here: a late wake-up is a slot lost for good (GCRA does not lend it
+            // back), and the page's waiters take their turns in order anyway.
+            let (limiter, turn) = self.limiter(page_id, rate);
+            let _turn = turn.lock().await;
+            take(&limiter, n, Jitter::up_to(Duration::ZERO)).await;
         }
         if let Some(app) = &self.app {
-            take(app, n).await;
+            // Pages waiting on the app-wide limit wake together: spread them.
+            take(app, n, Jitter::up_to(JITTER)).await;
         }
     }
 
@@ -179,18 +205,15 @@ impl Pacer {
 }
 
 /// Takes `n` cells, in pieces no larger than the limiter's burst.
-async fn take(limiter: &DefaultDirectRateLimiter, n: u32) {
+async fn take(limiter: &DefaultDirectRateLimiter, n: u32, jitter: Jitter) {
     let mut left = n;
     while left > 0 {
         let piece = NonZeroU32::new(left).unwrap_or(NonZeroU32::MIN);
-        match limiter
-            .until_n_ready_with_jitter(piece, Jitter::up_to(JITTER))
-            .await
-        {
+        match limiter.until_n_ready_with_jitter(piece, jitter).await {
             Ok(()) => left = 0,
             Err(_) => {
                 // More than the burst: take one cell at a time.
-                limiter.until_ready_with_jitter(Jitter::up_to(JITTER)).await;
+                limiter.until_ready_with_jitter(jitter).await;
                 left -= 1;
             }
         }
@@ -213,7 +236,8 @@ mod tests {
     #[test]
     fn batches_never_exceed_a_hundredth_of_the_rate() {
         let paced = pacer(true);
-        assert_eq!(paced.batch_size(300), 3);
+        assert_eq!(paced.batch_size(300), 2);
+        assert_eq!(paced.batch_size(200), 1);
         assert_eq!(paced.batch_size(40), 1);
         assert_eq!(paced.batch_size(1), 1);
         assert_eq!(pacer(false).batch_size(300), 50);
@@ -224,7 +248,15 @@ mod tests {
         let paced = pacer(true);
         assert_eq!(paced.in_flight_cap(300), 150);
         assert_eq!(paced.in_flight_cap(1), 2);
+        assert_eq!(paced.in_flight_cap(40), 20);
         assert_eq!(pacer(false).in_flight_cap(300), 2000);
+    }
+
+    #[test]
+    fn the_pace_keeps_a_call_of_margin_at_low_rates() {
+        assert!((effective_rate(300, 1.0) - 297.0).abs() < 1e-9);
+        assert!((effective_rate(40, 1.0) - 39.0).abs() < 1e-9);
+        assert!((effective_rate(1, 1.0) - 0.5).abs() < 1e-9);
     }
 
     #[tokio::test]
