@@ -386,6 +386,42 @@ backend_tests! {
         assert_eq!(active(&mut app, PAGE).await, 5);
     }
 
+    async fn a_window_message_that_may_have_landed_is_unknown_and_never_retried(db) {
+        let mut app = spawn_app_with(&db, &[("OTN_GRAPH_TIMEOUT_SECONDS", "1")]).await;
+        app.register_page(PAGE).await;
+        set_rate(&mut app, PAGE, 300).await;
+        for n in 0..40 {
+            app.sandbox_admin("/__sandbox/interactions",
+                json!({"page_id": PAGE, "psid": format!("w{n}"), "text": "hi", "deliver_webhook": true})).await;
+        }
+        eventually(Duration::from_secs(10), "window users recorded", || {
+            let mut audience = app.audience.clone();
+            async move {
+                audience.get_subscriber(otnd::pb::GetSubscriberRequest { page_id: PAGE.into(), psid: "w39".into() })
+                    .await.ok()
+            }
+        }).await;
+        let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest {
+            include_window_users: true, ..Default::default() }).await;
+        // Half the answers are lost after the message was accepted, some connections drop.
+        app.sandbox_admin("/__sandbox/faults",
+            json!({"seed": 3, "accept_then_fail_rate": 0.4, "reset_rate": 0.1})).await;
+        let send = start(&mut app, &story_id, "window").await;
+        let done = wait_for_state(&mut app, &send.send_id, SendState::Completed, Duration::from_secs(30)).await;
+        let (total, sent, failed, skipped, unknown) = counters(&done);
+        assert_eq!((total, failed, skipped), (40, 0, 0));
+        assert_eq!(sent + unknown, 40);
+        assert!(unknown > 0, "some answers were lost");
+        let stats = assert_no_duplicates(&app).await;
+        let unknowns = deliveries(&mut app, &send.send_id, DeliveryState::Unknown).await;
+        assert!(unknowns.iter().all(|d| d.attempts == 1 && d.route() == Route::Window), "{unknowns:?}");
+        // Each standard message was attempted once: the sandbox saw at most one per user.
+        let messages = sandbox_get(&app, &format!("/__sandbox/messages?page_id={PAGE}")).await;
+        let to_window_users = messages["messages"].as_array().unwrap().iter()
+            .filter(|m| m["psid"].as_str().unwrap().starts_with('w')).count() as u64;
+        assert!(to_window_users >= sent && to_window_users <= sent + unknown, "{stats}");
+    }
+
     async fn two_sends_on_one_topic_share_no_token(db) {
         let mut app = spawn_app(&db).await;
         app.register_page(PAGE).await;
