@@ -23,7 +23,7 @@ pub use pacing::PacingSettings;
 pub use progress::Progress;
 
 use crate::{crypto::SecretCipher, graph::GraphClient, store::Store, store::StoreError};
-use page::{Command, Control, Deps, InFlight, Wake};
+use page::{Command, Control, Deps, Wake};
 use progress::ProgressHub;
 use supervisor::{GetStatus, PageAddr, Shutdown, Supervisor};
 
@@ -130,12 +130,6 @@ impl EngineHandle {
             })
             .timeout(ASK_TIMEOUT)
             .await??)
-    }
-
-    /// Deliveries the page has in flight right now.
-    pub async fn in_flight(&self, page_id: &str) -> Result<usize, EngineError> {
-        let page = self.page(page_id).await?;
-        Ok(page.send(InFlight).timeout(ASK_TIMEOUT).await?)
     }
 
     /// Snapshots of a send, from `current` on.

@@ -802,15 +802,3 @@ impl Handler<Drain> for PageActor {
         )
     }
 }
-
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct InFlight;
-
-impl Handler<InFlight> for PageActor {
-    type Result = usize;
-
-    fn handle(&mut self, _: InFlight, _: &mut Context<Self>) -> usize {
-        self.in_flight()
-    }
-}

@@ -105,8 +105,4 @@ impl ProgressHub {
             .or_insert_with(|| watch::channel(current).0)
             .subscribe()
     }
-
-    pub fn watched_sends(&self) -> usize {
-        self.channels.lock().map(|c| c.len()).unwrap_or(0)
-    }
 }
