@@ -12,6 +12,10 @@
 //! - `s1`: 20 pages x 300/s, sandbox latency 150 ms and a 300/s limit per page, 3,000
 //!   recipients each: the achieved share of the limit, and 613s (must be 0).
 //! - `mem`: 1,000,000 recipients on one page, unpaced: peak RSS of otnd (VmHWM) and CPU seconds.
+//! - `peer`: the npm `messaging-api-messenger` client's `sendBatch` in a plain loop (1 and 8
+//!   loops, no persistence) sending the same number of tokens to the same sandbox
+//!   (`tests/peer/messaging-api-messenger/batch-loop.cjs`; needs Node.js and npm): the rate S0
+//!   is compared with.
 //!
 //! Sizes can be changed with `S0_RECIPIENTS`, `S1_PER_PAGE`, `MEM_RECIPIENTS`, `FIRST_RECIPIENTS`.
 
@@ -495,6 +499,81 @@ async fn mem() {
     );
 }
 
+async fn peer() {
+    let tokens = env_or("S0_RECIPIENTS", 20_000);
+    let source =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peer/messaging-api-messenger");
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["package.json", "package-lock.json", "batch-loop.cjs"] {
+        std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
+    }
+    let npm = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(dir.path())
+        .status()
+        .expect("npm runs");
+    assert!(npm.success(), "npm ci failed");
+    for loops in [1, 8] {
+        let mut sandbox = Command::new(SANDBOX);
+        sandbox.args(["--addr", "127.0.0.1:0"]);
+        let (sandbox, line) = spawn_until(sandbox, "graph-sandbox listening on");
+        let url = format!("http://{}", line.rsplit(' ').next().unwrap());
+        let client = otnd::graph::http_client();
+        client
+            .post(format!("{url}/__sandbox/pages"))
+            .json(&json!({"page_id": "5000", "access_token": "EAAB-peer", "app_secret": "peer"}))
+            .send()
+            .await
+            .unwrap();
+        let issued: Value = client
+            .post(format!("{url}/__sandbox/optins"))
+            .json(
+                &json!({"page_id": "5000", "psid_prefix": "p", "count": tokens,
+                "payload": TOPIC, "deliver_webhook": false}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let list: Vec<&str> = issued["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        let file = dir.path().join("tokens.txt");
+        std::fs::write(&file, list.join("\n")).unwrap();
+        let (_, cpu_before) = sandbox.usage();
+        let output = Command::new("node")
+            .arg("batch-loop.cjs")
+            .current_dir(dir.path())
+            .env("SANDBOX_URL", &url)
+            .env("PAGE_TOKEN", "EAAB-peer")
+            .env("APP_SECRET", "peer")
+            .env("TOKENS_FILE", &file)
+            .env("LOOPS", loops.to_string())
+            .output()
+            .expect("node runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let (_, cpu) = sandbox.usage();
+        println!(
+            "peer messaging-api-messenger sendBatch, {loops} loop(s): {} of {tokens} accepted in \
+             {:.2} s = {:.0} sends/s (sandbox CPU {:.2} s)",
+            result["accepted"],
+            result["seconds"].as_f64().unwrap(),
+            result["per_second"].as_f64().unwrap(),
+            cpu - cpu_before
+        );
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; scenario names are the other arguments.
     let wanted: Vec<String> = std::env::args()
@@ -523,6 +602,9 @@ fn main() {
         }
         if run("mem") {
             mem().await;
+        }
+        if run("peer") {
+            peer().await;
         }
     });
 }
