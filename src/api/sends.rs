@@ -62,20 +62,14 @@ impl Sends {
             Ok(send) => Ok(send_to_proto(&send)),
             Err(EngineError::Store(StoreError::Conflict)) => {
                 let current = self.load(send_id).await?;
-                let allowed = match command {
-                    SendCommand::Pause => "queued or running",
-                    SendCommand::Resume => "paused or halted",
-                    SendCommand::Cancel => "queued, running, paused or halted",
+                let (allowed, done) = match command {
+                    SendCommand::Pause => ("queued or running", "paused"),
+                    SendCommand::Resume => ("paused or halted", "resumed"),
+                    SendCommand::Cancel => ("queued, running, paused or halted", "cancelled"),
                 };
                 Err(ApiError::FailedPrecondition(format!(
-                    "send {} is {}; only a {allowed} send can be {}",
-                    current.id,
-                    current.state,
-                    match command {
-                        SendCommand::Pause => "paused",
-                        SendCommand::Resume => "resumed",
-                        SendCommand::Cancel => "cancelled",
-                    }
+                    "send {} is {}; only a {allowed} send can be {done}",
+                    current.id, current.state
                 )))
             }
             Err(EngineError::Store(err)) => {

@@ -419,17 +419,23 @@ async fn pump(deps: Deps, page_id: String, plan: PumpPlan) -> Result<PumpResult,
     let db = &deps.store.db;
     let now = now_ms();
     let mut result = PumpResult::default();
+    // The page's sends, read once for recovery and the reload below.
+    let mut listed = None;
     if plan.recover {
-        for send in sends::page_sends(db, &page_id).await? {
-            if send.in_flight > 0 || send.state == sends::RUNNING {
+        let mut rows = sends::page_sends(db, &page_id).await?;
+        for send in &mut rows {
+            // The counter moves in the transactions that move the deliveries: it is exact.
+            if send.in_flight > 0 {
                 let n = sends::recover_in_flight(db, &send.id, now).await?;
                 if n > 0 {
                     tracing::warn!(page_id, send_id = %send.id, recovered = n,
                         "deliveries found in flight settled by recovery");
                 }
                 result.recovered += n;
+                *send = sends::get(db, &send.id).await?;
             }
         }
+        listed = Some(rows);
     }
     if plan.reload_config {
         let id = PageId::parse(&page_id).map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e)))?;
@@ -442,8 +448,12 @@ async fn pump(deps: Deps, page_id: String, plan: PumpPlan) -> Result<PumpResult,
     }
     let mut running = plan.sends;
     if plan.reload_sends || plan.recover {
+        let listed = match listed {
+            Some(rows) => rows,
+            None => sends::page_sends(db, &page_id).await?,
+        };
         let mut rows = Vec::new();
-        for send in sends::page_sends(db, &page_id).await? {
+        for send in listed {
             match send.state.as_str() {
                 sends::QUEUED => rows.push(
                     sends::transition(db, &send.id, &[sends::QUEUED], sends::RUNNING, None, now)

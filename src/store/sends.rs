@@ -964,7 +964,7 @@ pub async fn recover_in_flight(
         .bind(send_id)
         .push(" AND state = 'in_flight' AND route = 'window'");
     let unknown = txn.execute_raw(unknown.statement()).await?.rows_affected();
-    // Recount rather than trust the counter: it was written by the process that stopped.
+    // Every delivery of the send that was in flight has just moved: none is left.
     let mut fix = Sql::new(backend);
     fix.push("UPDATE sends SET in_flight = 0, unknown = unknown + ")
         .bind(unknown as i64)
