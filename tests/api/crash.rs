@@ -330,6 +330,14 @@ backend_tests! {
             .start_send(StartSendRequest { story_id, request_id: "drain".into() })
             .await.unwrap().into_inner().send.unwrap();
         wait_until(&channel, &send.send_id, "some sent", |s| sent(s) >= 100).await;
+        // The real binary's metrics, mid-send.
+        let metrics = otnd::graph::http_client().get(format!("http://{http}/metrics")).send().await.unwrap();
+        assert_eq!(metrics.status(), 200);
+        let metrics = metrics.text().await.unwrap();
+        for name in ["otnd_deliveries_total{outcome=\"sent\"}", "otnd_graph_call_seconds_bucket",
+                     "otnd_deliveries_in_flight{page_id=\"4242\"}", "otnd_deliveries_pending{page_id=\"4242\"}"] {
+            assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+        }
         let status = served.terminate(Duration::from_secs(15));
         assert!(status.success(), "{}", served.log());
         served.wait_for_line("every delivery in flight is recorded", Duration::from_secs(1));

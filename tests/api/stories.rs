@@ -303,6 +303,11 @@ backend_tests! {
         let status = app.sends.start_send(StartSendRequest { story_id: "nope".into(), request_id: "r".into() })
             .await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound);
+        // Refused requests stored nothing.
+        let listed = app.sends.list_sends(otnd::pb::ListSendsRequest { page_id: PAGE.into(), ..Default::default() })
+            .await.unwrap().into_inner().sends;
+        assert!(listed.is_empty(), "{listed:?}");
+        assert_eq!(get(&mut app, &story.story_id).await.state(), otnd::pb::StoryState::Draft);
         // Once reviewed it passes the gate, and the story is locked.
         reviewer_writes(&app, "boss", 0).await;
         preview(&mut app, &story.story_id, "boss").await.unwrap();
