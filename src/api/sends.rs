@@ -16,7 +16,7 @@ use crate::{
     domain::{Violations, char_len},
     engine::{EngineError, EngineHandle, Progress, SendCommand},
     store::{
-        Store, StoreError, audience, now_ms,
+        Store, StoreError, now_ms,
         sends::{self, NewSend, Started},
         stories,
     },
@@ -230,15 +230,9 @@ impl SendService for Sends {
             ))
             .into());
         }
-        let segment = match &story.segment_id {
-            Some(id) => Some(
-                audience::get_segment(&self.store.db, id)
-                    .await
-                    .map_err(ApiError::internal)?
-                    .rule,
-            ),
-            None => None,
-        };
+        let segment = stories::segment_rule(&self.store.db, &story)
+            .await
+            .map_err(ApiError::internal)?;
         let started = sends::start(
             &self.store.db,
             NewSend {

@@ -404,15 +404,9 @@ impl StoryService for Stories {
         request: Request<pb::EstimateAudienceRequest>,
     ) -> Result<Response<pb::EstimateAudienceResponse>, Status> {
         let story = self.load(&request.get_ref().story_id).await?;
-        let segment = match &story.segment_id {
-            Some(id) => Some(
-                audience::get_segment(&self.store.db, id)
-                    .await
-                    .map_err(ApiError::internal)?
-                    .rule,
-            ),
-            None => None,
-        };
+        let segment = stories::segment_rule(&self.store.db, &story)
+            .await
+            .map_err(ApiError::internal)?;
         let estimate = stories::estimate(&self.store.db, &story, segment.as_ref(), now_ms())
             .await
             .map_err(ApiError::internal)?;

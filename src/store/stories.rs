@@ -124,6 +124,18 @@ pub async fn list(
     Ok(query.all(db).await?)
 }
 
+/// The rule of the story's segment, if it is aimed at one (a send freezes it; an estimate
+/// applies it).
+pub async fn segment_rule(
+    db: &impl ConnectionTrait,
+    story: &Model,
+) -> Result<Option<SegmentRule>, StoreError> {
+    match &story.segment_id {
+        Some(id) => Ok(Some(super::audience::get_segment(db, id).await?.rule)),
+        None => Ok(None),
+    }
+}
+
 /// What an update changes; `None` keeps a field.
 #[derive(Default)]
 pub struct StoryChanges<'a> {
