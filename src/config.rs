@@ -59,6 +59,7 @@ const SETTINGS: &[(&str, &str, Option<&str>)] = &[
         "OTN_GRAPH_TIMEOUT_SECONDS",
         Some("20"),
     ),
+    ("max_active_sends", "OTN_MAX_ACTIVE_SENDS", Some("100")),
 ];
 
 /// The environment variable that names a config file when `--config` is not given.
@@ -92,6 +93,9 @@ pub struct Settings {
     pub enforce_page_rate: bool,
     /// How long one Graph API call may take before it counts as timed out (and ambiguous).
     pub graph_timeout: Duration,
+    /// Most sends queued or running at once; StartSend beyond it is RESOURCE_EXHAUSTED, so a
+    /// slow Graph API cannot pile up work without bound.
+    pub max_active_sends: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -404,6 +408,8 @@ impl Parser<'_> {
         let graph_timeout = self.parse(raw, "graph_timeout_seconds", |s| {
             parse_in_range(s, 1, 600).map(Duration::from_secs)
         });
+        let max_active_sends =
+            self.parse(raw, "max_active_sends", |s| parse_in_range(s, 1, 1_000_000));
 
         let tls = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
@@ -453,6 +459,7 @@ impl Parser<'_> {
             send_batch_max: send_batch_max?,
             enforce_page_rate: enforce_page_rate?,
             graph_timeout: graph_timeout?,
+            max_active_sends: max_active_sends?,
         })
     }
 

@@ -38,6 +38,7 @@ pub struct Application {
     tls: Option<ServerTlsConfig>,
     guard: GuardLayer,
     shutdown_grace: Duration,
+    max_active_sends: u64,
     store: Store,
     cipher: SecretCipher,
     graph: GraphClient,
@@ -80,6 +81,14 @@ impl Application {
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
 
+        match crate::crashpoint::describe() {
+            Ok(None) => {}
+            Ok(Some(point)) => tracing::warn!(
+                %point,
+                "a test crash point is armed: this process will abort when it passes it"
+            ),
+            Err(problem) => bail!(problem),
+        }
         if !settings.enforce_page_rate {
             tracing::warn!(
                 "OTN_ENFORCE_PAGE_RATE is off: pages are sent to as fast as Graph answers; \
@@ -117,6 +126,7 @@ impl Application {
                 settings.request_timeout,
             ),
             shutdown_grace: settings.shutdown_grace,
+            max_active_sends: settings.max_active_sends,
             store,
             cipher,
             graph,
@@ -179,6 +189,7 @@ impl Application {
             self.store.clone(),
             self.engine.clone(),
             stop_rx.clone(),
+            self.max_active_sends,
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 

@@ -20,6 +20,9 @@ pub enum ApiError {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Load shed: the server holds as much of this kind of work as it takes.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
     /// Facebook refused or failed a call made for this request.
@@ -70,6 +73,7 @@ impl From<ApiError> for Status {
             ApiError::NotFound(message) => Status::not_found(message),
             ApiError::AlreadyExists(message) => Status::already_exists(message),
             ApiError::FailedPrecondition(message) => Status::failed_precondition(message),
+            ApiError::ResourceExhausted(message) => Status::resource_exhausted(message),
             ApiError::Engine(err @ EngineError::Busy) => {
                 Status::resource_exhausted(err.to_string())
             }

@@ -33,14 +33,21 @@ pub struct Sends {
     engine: EngineHandle,
     /// Becomes true when the server shuts down: open watches end.
     stopping: watch::Receiver<bool>,
+    max_active_sends: u64,
 }
 
 impl Sends {
-    pub fn new(store: Store, engine: EngineHandle, stopping: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        store: Store,
+        engine: EngineHandle,
+        stopping: watch::Receiver<bool>,
+        max_active_sends: u64,
+    ) -> Self {
         Sends {
             store,
             engine,
             stopping,
+            max_active_sends,
         }
     }
 
@@ -239,6 +246,7 @@ impl SendService for Sends {
                 story: &story,
                 request_id: &req.request_id,
                 segment: segment.as_ref(),
+                max_active: self.max_active_sends,
             },
             now_ms(),
         )
@@ -252,6 +260,13 @@ impl SendService for Sends {
         })?;
         let send = match started {
             Started::Existing(existing) => return same_request(existing, &req.story_id),
+            Started::Shed { active } => {
+                return Err(ApiError::ResourceExhausted(format!(
+                    "{active} sends are queued or running, the most this server takes at once \
+                     (OTN_MAX_ACTIVE_SENDS); retry with the same request_id when one finishes"
+                ))
+                .into());
+            }
             Started::Created(send) => send,
         };
         tracing::Span::current().record("send_id", send.id.as_str());

@@ -488,6 +488,7 @@ async fn pump(deps: Deps, page_id: String, plan: PumpPlan) -> Result<PumpResult,
             }
             capacity -= claimed.len();
             if !claimed.is_empty() {
+                crate::crashpoint::pass("in-flight-committed");
                 result.claims.push((send.id.clone(), claimed));
             }
         }

@@ -114,6 +114,7 @@ impl Handler<Dispatch> for Sender {
                 }
             };
             metrics::graph_call(started.elapsed(), job.items.len());
+            crate::crashpoint::pass("graph-answered");
             Some(results)
         })
     }

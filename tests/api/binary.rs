@@ -189,15 +189,28 @@ impl Served {
         let _ = self.child.wait();
     }
 
-    pub(crate) fn terminate(&mut self, deadline: Duration) -> ExitStatus {
-        let pid = self.child.id().to_string();
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`TERM`, `STOP`, `CONT`...) and returns at once.
+    pub(crate) fn signal(&self, name: &str) {
         assert!(
             Command::new("kill")
-                .args(["-TERM", &pid])
+                .args([&format!("-{name}"), &self.child.id().to_string()])
                 .status()
                 .unwrap()
                 .success()
         );
+    }
+
+    pub(crate) fn terminate(&mut self, deadline: Duration) -> ExitStatus {
+        self.signal("TERM");
+        self.wait_exit(deadline)
+    }
+
+    /// Waits for the process to exit on its own.
+    pub(crate) fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -205,7 +218,8 @@ impl Served {
             }
             assert!(
                 started.elapsed() < deadline,
-                "otnd did not exit after SIGTERM"
+                "otnd did not exit within {deadline:?}: {}",
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
