@@ -59,7 +59,7 @@ impl Application {
         let master_key = resolve_master_key(&settings)?;
         let cipher = SecretCipher::new(&master_key);
 
-        let store = Store::connect(&settings.database_url).await?;
+        let store = Store::connect_serving(&settings.database_url).await?;
         store.migrate().await?;
         match meta::check_master_key(&store.db, &cipher)
             .await

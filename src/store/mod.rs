@@ -8,7 +8,14 @@ pub mod sends;
 mod sql;
 pub mod stories;
 
-use std::{path::PathBuf, str::FromStr, time::Duration};
+use std::{
+    fs::File,
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context;
 use migration::{Migrator, MigratorTrait};
@@ -26,9 +33,65 @@ const SQLITE_CACHE_KIB: u32 = 16 * 1024;
 #[derive(Clone, Debug)]
 pub struct Store {
     pub db: DatabaseConnection,
+    /// On SQLite, the lock that keeps a second otnd off the same file (released with the last
+    /// clone of the store, or by the OS when the process dies).
+    _instance_lock: Option<Arc<File>>,
+}
+
+/// Takes the SQLite database's instance lock (`<file>.lock`), or says who holds it. One page
+/// actor per page is what makes each token be used once; two processes on one file would each
+/// run their own. More instances need PostgreSQL (and its page leases).
+fn lock_sqlite_instance(database: &Path) -> anyhow::Result<File> {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("Failed to open the instance lock {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            // Who holds it, for the message the next one prints.
+            file.set_len(0)?;
+            write!(file, "{}", std::process::id())?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            anyhow::bail!(
+                "another otnd (pid {}) is already serving the SQLite database {}: SQLite takes one \
+                 instance; stop that one first, or run several instances on PostgreSQL",
+                holder.trim(),
+                database.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(err)) => {
+            Err(err).with_context(|| format!("Failed to lock the instance lock {}", path.display()))
+        }
+    }
 }
 
 impl Store {
+    /// The store a serving instance uses: on a SQLite file, only once the instance lock is
+    /// held (see [`lock_sqlite_instance`]).
+    pub async fn connect_serving(url: &DatabaseUrl) -> anyhow::Result<Self> {
+        let instance_lock = match url {
+            DatabaseUrl::Sqlite(raw) => match sqlite_file(raw)? {
+                Some(file) => Some(Arc::new(lock_sqlite_instance(&file)?)),
+                None => None,
+            },
+            DatabaseUrl::Postgres(_) => None,
+        };
+        let mut store = Store::connect(url).await?;
+        store._instance_lock = instance_lock;
+        Ok(store)
+    }
+
+    /// A store without the instance lock: for migrations, tools and inspection.
     pub async fn connect(url: &DatabaseUrl) -> anyhow::Result<Self> {
         let mut options = ConnectOptions::new(url.connection_string());
         // sqlx logs every statement at info by default: too loud, and statements carry values.
@@ -52,7 +115,10 @@ impl Store {
         let db = Database::connect(options)
             .await
             .with_context(|| format!("Failed to connect to the {} database", url.backend_name()))?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            _instance_lock: None,
+        })
     }
 
     /// Applies every pending migration.

@@ -111,6 +111,35 @@ fn a_start_that_cannot_listen_exits_non_zero_naming_the_address() {
 }
 
 #[test]
+fn a_second_instance_on_one_sqlite_file_is_refused_and_the_first_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("OTN_GRPC_ADDR", "127.0.0.1:0"),
+        ("OTN_HTTP_ADDR", "127.0.0.1:0"),
+        ("OTN_LOG_FORMAT", "json"),
+    ];
+    let mut first = Served::start(dir.path(), &env);
+    first.wait_for_line("otnd ready", Duration::from_secs(30));
+
+    let second = otnd(dir.path(), &["serve"], &env).output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "another otnd (pid {}) is already serving",
+            first.pid()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("PostgreSQL"), "{stderr}");
+
+    // The lock goes with the process, however it ends: after a SIGKILL a new one starts.
+    first.kill();
+    let third = Served::start(dir.path(), &env);
+    third.wait_for_line("otnd ready", Duration::from_secs(30));
+}
+
+#[test]
 fn version_and_migrate_work() {
     let dir = tempfile::tempdir().unwrap();
     let output = otnd(dir.path(), &["version"], &[]).output().unwrap();
