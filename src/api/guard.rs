@@ -165,7 +165,7 @@ where
                     }
                 };
                 let response = match tokio::time::timeout(shared.timeout, inner.call(req)).await {
-                    Ok(result) => result?,
+                    Ok(result) => undecodable_is_invalid(result?),
                     Err(_) => Status::deadline_exceeded(format!(
                         "the request took longer than otnd's limit of {} s",
                         shared.timeout.as_secs()
@@ -190,6 +190,27 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// A request that is not the method's protobuf message is the caller's fault: tonic answers it
+/// with INTERNAL (gRPC's library convention), otnd with INVALID_ARGUMENT, keeping INTERNAL for
+/// its own failures. Such an answer is trailers-only, so its status is in the headers.
+fn undecodable_is_invalid(response: Response<Body>) -> Response<Body> {
+    match Status::from_header_map(response.headers()) {
+        Some(status)
+            if status.code() == tonic::Code::Internal
+                && status
+                    .message()
+                    .starts_with("failed to decode Protobuf message") =>
+        {
+            Status::invalid_argument(format!(
+                "the request is not this method's protobuf message ({})",
+                status.message()
+            ))
+            .into_http()
+        }
+        _ => response,
     }
 }
 

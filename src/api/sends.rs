@@ -201,7 +201,9 @@ impl SendService for Sends {
             v.add("story_id", "is required");
         }
         let len = char_len(&req.request_id);
-        if len == 0 || len > REQUEST_ID_MAX_CHARS {
+        if req.request_id.contains('\0') {
+            v.add("request_id", "must not contain a NUL character");
+        } else if len == 0 || len > REQUEST_ID_MAX_CHARS {
             v.add(
                 "request_id",
                 format!("must be 1 to {REQUEST_ID_MAX_CHARS} characters, chosen by the client so a retry is safe"),

@@ -66,6 +66,10 @@ impl Topic {
         if len > max_chars {
             return Err(format!("must be at most {max_chars} characters, got {len}"));
         }
+        // PostgreSQL's text cannot hold it (SQLite's can): refused on both, alike.
+        if raw.contains('\0') {
+            return Err("must not contain a NUL character".into());
+        }
         Ok(Topic(raw.to_string()))
     }
 

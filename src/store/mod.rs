@@ -178,7 +178,26 @@ impl From<DbErr> for StoreError {
         match err.sql_err() {
             Some(SqlErr::UniqueConstraintViolation(_)) => StoreError::AlreadyExists,
             Some(SqlErr::ForeignKeyConstraintViolation(_)) => StoreError::InUse,
+            _ if is_nul_in_text(&err) => StoreError::NotFound,
             _ => StoreError::Db(err),
         }
+    }
+}
+
+/// PostgreSQL refuses a NUL character in text (SQLSTATE 22021), in a key looked up as much as
+/// in a value stored. Values are validated before they reach the store; an id with a NUL in it
+/// names nothing that can exist.
+fn is_nul_in_text(err: &DbErr) -> bool {
+    use sea_orm::RuntimeErr;
+    let runtime = match err {
+        DbErr::Query(runtime) | DbErr::Exec(runtime) => runtime,
+        _ => return false,
+    };
+    match runtime {
+        RuntimeErr::SqlxError(sqlx) => sqlx
+            .as_database_error()
+            .and_then(|db| db.code())
+            .is_some_and(|code| code == "22021"),
+        _ => false,
     }
 }

@@ -81,6 +81,12 @@ fn signature(headers: &HeaderMap) -> Option<[u8; 32]> {
     Some(signature)
 }
 
+/// Whether `signature` is the HMAC-SHA256 of the raw `body` under the app `secret`, compared in
+/// constant time.
+fn signed_with(secret: &[u8], body: &[u8], signature: &[u8; 32]) -> bool {
+    constant_time_eq(&hmac_sha256(secret, body), signature)
+}
+
 pub async fn receive(
     State(state): State<Arc<HttpState>>,
     headers: HeaderMap,
@@ -121,10 +127,7 @@ pub async fn receive(
     // One app signs a POST; only pages whose app secret produced this signature are taken.
     let signed_by: Vec<_> = secrets
         .iter()
-        .filter(|(_, secret)| {
-            let expected = hmac_sha256(secret.expose_secret().as_bytes(), &body);
-            constant_time_eq(&expected, &signature)
-        })
+        .filter(|(_, secret)| signed_with(secret.expose_secret().as_bytes(), &body, &signature))
         .map(|(id, _)| id.clone())
         .collect();
     if signed_by.is_empty() {
@@ -152,6 +155,176 @@ pub async fn receive(
             // Not acknowledged: Facebook delivers it again.
             tracing::error!(error = %err, "webhook could not be stored");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    //! X-Hub-Signature-256 under random bodies, secrets and headers, judged against ring's HMAC
+    //! (an implementation independent of the one the check uses).
+
+    use axum::http::HeaderValue;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Cases each property below tries.
+    pub const SIGNATURE_CASES: u32 = 1000;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: SIGNATURE_CASES,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn oracle_hex(secret: &[u8], body: &[u8]) -> String {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        hex::encode(ring::hmac::sign(&key, body).as_ref())
+    }
+
+    /// The check `receive` makes: the header read, then compared with the body's HMAC.
+    fn verifies(headers: &HeaderMap, secret: &[u8], body: &[u8]) -> bool {
+        signature(headers).is_some_and(|sig| signed_with(secret, body, &sig))
+    }
+
+    /// The header as a client can send it; `None` for bytes no HTTP header can carry.
+    fn with_header(value: &[u8]) -> Option<HeaderMap> {
+        let value = HeaderValue::from_bytes(value).ok()?;
+        let mut headers = HeaderMap::new();
+        headers.insert("x-hub-signature-256", value);
+        Some(headers)
+    }
+
+    fn signed(secret: &[u8], body: &[u8]) -> HeaderMap {
+        with_header(format!("sha256={}", oracle_hex(secret, body)).as_bytes())
+            .expect("sha256=<hex> is a valid header value")
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(any::<u8>(), 0..4096)
+    }
+
+    /// App secrets are printable text (Facebook's are 32 hex digits); up to 200 bytes, beyond
+    /// HMAC's 64-byte block where keys are hashed first.
+    fn secret() -> impl Strategy<Value = Vec<u8>> {
+        "[!-~]{1,200}".prop_map(String::into_bytes)
+    }
+
+    /// Signature headers that are malformed for the given right hex digits.
+    fn malformed(right_hex: String) -> impl Strategy<Value = Option<Vec<u8>>> {
+        let len = right_hex.len();
+        let hex1 = right_hex.clone();
+        let hex2 = right_hex.clone();
+        let hex3 = right_hex.clone();
+        let hex4 = right_hex.clone();
+        let hex5 = right_hex.clone();
+        prop_oneof![
+            // No header at all, an empty one, the prefix alone.
+            Just(None),
+            Just(Some(Vec::new())),
+            Just(Some(b"sha256=".to_vec())),
+            // The right digits without the prefix, or under another algorithm's prefix.
+            Just(Some(right_hex.clone().into_bytes())),
+            Just(Some(format!("sha1={right_hex}").into_bytes())),
+            // Truncated, or longer than 32 bytes.
+            (0..len).prop_map(move |cut| Some(format!("sha256={}", &hex1[..cut]).into_bytes())),
+            "[0-9a-f]{1,16}"
+                .prop_map(move |extra| Some(format!("sha256={hex2}{extra}").into_bytes())),
+            // One digit that is not hex.
+            (0..len, "[g-zG-Z\\-_ .+/=]").prop_map(move |(at, bad)| {
+                let mut digits = hex3.clone();
+                digits.replace_range(at..at + 1, &bad);
+                Some(format!("sha256={digits}").into_bytes())
+            }),
+            // Anything after the prefix, or anything at all.
+            ".{0,80}".prop_map(|text| Some(format!("sha256={text}").into_bytes())),
+            prop::collection::vec(any::<u8>(), 0..100).prop_map(Some),
+            // The right digits with something around them.
+            "[ -~]{1,4}".prop_map(move |junk| Some(format!("sha256={hex4}{junk}").into_bytes())),
+            "[ -~]{1,4}".prop_map(move |junk| Some(format!("{junk}sha256={hex5}").into_bytes())),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn the_right_signature_verifies(body in body(), secret in secret()) {
+            prop_assert!(verifies(&signed(&secret, &body), &secret, &body));
+        }
+
+        #[test]
+        fn any_bit_flipped_in_the_body_is_refused(
+            body in prop::collection::vec(any::<u8>(), 1..4096),
+            secret in secret(),
+            at in any::<prop::sample::Index>(),
+            bit in 0..8u8,
+        ) {
+            let headers = signed(&secret, &body);
+            let mut altered = body.clone();
+            altered[at.index(body.len())] ^= 1 << bit;
+            prop_assert!(!verifies(&headers, &secret, &altered));
+        }
+
+        #[test]
+        fn any_bit_flipped_in_the_signature_is_refused(
+            body in body(),
+            secret in secret(),
+            at in 0..32usize,
+            bit in 0..8u8,
+        ) {
+            let mut digest = hex::decode(oracle_hex(&secret, &body)).unwrap();
+            digest[at] ^= 1 << bit;
+            let headers = with_header(format!("sha256={}", hex::encode(digest)).as_bytes()).unwrap();
+            prop_assert!(!verifies(&headers, &secret, &body));
+        }
+
+        /// A bit flipped anywhere in the header's text is refused, unless it only changed the
+        /// case of a hex digit (the same signature).
+        #[test]
+        fn any_bit_flipped_in_the_header_text_is_refused(
+            body in body(),
+            secret in secret(),
+            at in 0..71usize,
+            bit in 0..8u8,
+        ) {
+            let right = oracle_hex(&secret, &body);
+            let mut header = format!("sha256={right}").into_bytes();
+            header[at] ^= 1 << bit;
+            let same = header.starts_with(b"sha256=") && header[7..].eq_ignore_ascii_case(right.as_bytes());
+            // Bytes no header can carry (control characters) never reach the check.
+            if let Some(headers) = with_header(&header) {
+                prop_assert_eq!(verifies(&headers, &secret, &body), same, "header {:?}", String::from_utf8_lossy(&header));
+            }
+        }
+
+        #[test]
+        fn another_secret_is_refused(body in body(), secret in secret(), other in secret()) {
+            prop_assume!(secret != other);
+            prop_assert!(!verifies(&signed(&other, &body), &secret, &body));
+        }
+
+        #[test]
+        fn malformed_headers_are_refused(
+            (body, secret, header) in (body(), secret())
+                .prop_flat_map(|(body, secret)| {
+                    let right = oracle_hex(&secret, &body);
+                    (Just(body), Just(secret), malformed(right))
+                }),
+        ) {
+            let headers = match &header {
+                None => Some(HeaderMap::new()),
+                Some(value) => with_header(value),
+            };
+            if let Some(headers) = headers {
+                prop_assert!(
+                    !verifies(&headers, &secret, &body),
+                    "header {:?}", header.as_deref().map(String::from_utf8_lossy)
+                );
+            }
         }
     }
 }

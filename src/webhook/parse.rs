@@ -34,6 +34,19 @@ fn id_of(value: Option<&Value>) -> Option<String> {
     }
 }
 
+/// The times otnd takes from Facebook: 0001-01-01 to 9999-12-31 in epoch milliseconds, the range
+/// of a protobuf Timestamp (and of `RecordOptIn`). A time outside it is treated as absent, so
+/// that no date arithmetic downstream (an opt-in's expiry a year on, the 24-hour window) can
+/// overflow.
+const MIN_TIME_MS: i64 = -62_135_596_800_000;
+const MAX_TIME_MS: i64 = 253_402_300_799_999;
+
+fn time_of(value: Option<&Value>) -> Option<i64> {
+    value
+        .and_then(Value::as_i64)
+        .filter(|ms| (MIN_TIME_MS..=MAX_TIME_MS).contains(ms))
+}
+
 pub fn parse(body: &[u8], now_ms: i64) -> Result<ParsedWebhook, ParseError> {
     let envelope: Value =
         serde_json::from_slice(body).map_err(|e| ParseError::NotJson(e.to_string()))?;
@@ -56,7 +69,7 @@ pub fn parse(body: &[u8], now_ms: i64) -> Result<ParsedWebhook, ParseError> {
             parsed.skipped += 1;
             continue;
         };
-        let entry_time = entry.get("time").and_then(Value::as_i64).unwrap_or(now_ms);
+        let entry_time = time_of(entry.get("time")).unwrap_or(now_ms);
         for event in messaging {
             match parse_event(event, &page_id, entry_time) {
                 Some(event) => parsed.pages.entry(page_id.clone()).or_default().push(event),
@@ -74,10 +87,7 @@ fn parse_event(event: &Value, page_id: &PageId, entry_time: i64) -> Option<Incom
         return None;
     }
     let psid = Psid::parse(&sender).ok()?;
-    let at_ms = event
-        .get("timestamp")
-        .and_then(Value::as_i64)
-        .unwrap_or(entry_time);
+    let at_ms = time_of(event.get("timestamp")).unwrap_or(entry_time);
     let kind = if let Some(optin) = event.get("optin") {
         match optin.get("type").and_then(Value::as_str) {
             Some("one_time_notif_req") => {
@@ -155,6 +165,23 @@ mod tests {
             parsed.skipped, 3,
             "the echo, the event without a sender, the feed entry"
         );
+    }
+
+    #[test]
+    fn times_no_clock_gives_fall_back_to_the_entry_time_then_now() {
+        let body = |time: Value, timestamp: Value| {
+            events(
+                json!({"object": "page", "entry": [{"id": "111", "time": time, "messaging": [
+                {"sender": {"id": "u1"}, "timestamp": timestamp,
+                 "optin": {"type": "one_time_notif_req", "payload": "t", "one_time_notif_token": "k"}}]}]}),
+            )
+        };
+        let at = |parsed: ParsedWebhook| parsed.pages[&PageId::parse("111").unwrap()][0].at_ms;
+        assert_eq!(at(body(json!(5), json!(i64::MAX))), 5);
+        assert_eq!(at(body(json!(5), json!(MAX_TIME_MS + 1))), 5);
+        assert_eq!(at(body(json!(5), json!(MAX_TIME_MS))), MAX_TIME_MS);
+        assert_eq!(at(body(json!(i64::MIN), json!(MIN_TIME_MS - 1))), 0, "now");
+        assert_eq!(at(body(json!(u64::MAX), json!(MIN_TIME_MS))), MIN_TIME_MS);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod auth;
 mod binary;
 mod contract;
 mod faults;
+mod fuzz;
 mod graph;
 mod hardening;
 mod health;
