@@ -60,6 +60,8 @@ const SETTINGS: &[(&str, &str, Option<&str>)] = &[
         Some("20"),
     ),
     ("max_active_sends", "OTN_MAX_ACTIVE_SENDS", Some("100")),
+    ("instance_id", "OTN_INSTANCE_ID", None),
+    ("lease_seconds", "OTN_LEASE_SECONDS", Some("10")),
 ];
 
 /// The environment variable that names a config file when `--config` is not given.
@@ -96,6 +98,13 @@ pub struct Settings {
     /// Most sends queued or running at once; StartSend beyond it is RESOURCE_EXHAUSTED, so a
     /// slow Graph API cannot pile up work without bound.
     pub max_active_sends: u64,
+    /// This instance's name among those sharing a PostgreSQL database; one restarted under the
+    /// same name takes its pages back at once. `None`: a new random name per start (on SQLite,
+    /// which takes one instance, a fixed one).
+    pub instance_id: Option<String>,
+    /// How long a page's lease lasts without renewal: a dead instance's pages move to another
+    /// within about this long. Renewed every third of it.
+    pub lease_ttl: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -410,6 +419,21 @@ impl Parser<'_> {
         });
         let max_active_sends =
             self.parse(raw, "max_active_sends", |s| parse_in_range(s, 1, 1_000_000));
+        let instance_id = self.parse(raw, "instance_id", |s| {
+            let ok = (1..=64).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if ok {
+                Ok(s.to_string())
+            } else {
+                Err(format!(
+                    "'{s}' is not 1 to 64 letters, digits, '-', '_' or '.'"
+                ))
+            }
+        });
+        let lease_ttl = self.parse(raw, "lease_seconds", |s| {
+            parse_in_range(s, 2, 300).map(Duration::from_secs)
+        });
 
         let tls = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
@@ -460,6 +484,8 @@ impl Parser<'_> {
             enforce_page_rate: enforce_page_rate?,
             graph_timeout: graph_timeout?,
             max_active_sends: max_active_sends?,
+            instance_id,
+            lease_ttl: lease_ttl?,
         })
     }
 

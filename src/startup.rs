@@ -12,7 +12,7 @@ use crate::{
     api::{Audience, GuardLayer, MAX_REQUEST_BYTES, OptIns, Pages, Sends, Stories, pb},
     config::{DatabaseUrl, Settings, TlsFiles},
     crypto::{self, KeyFileOutcome, MasterKey, SecretCipher},
-    engine::{EngineHandle, PacingSettings},
+    engine::{EngineHandle, LeaseSettings, PacingSettings},
     graph::GraphClient,
     http::{self, HttpState},
     store::{self, Store, meta},
@@ -20,6 +20,9 @@ use crate::{
 
 /// Deliveries an unpaced page keeps in flight (benchmarks; paced pages derive theirs).
 const UNPACED_IN_FLIGHT: usize = 4000;
+
+/// Page leases on SQLite: effectively forever (see where it is used).
+const SQLITE_LEASE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// The services health reports on, besides the whole server ("").
 const SERVICE_NAMES: &[&str] = &[
@@ -59,7 +62,8 @@ impl Application {
         let master_key = resolve_master_key(&settings)?;
         let cipher = SecretCipher::new(&master_key);
 
-        let store = Store::connect_serving(&settings.database_url).await?;
+        let instance = instance_id(&settings);
+        let store = Store::connect_serving(&settings.database_url, &instance).await?;
         store.migrate().await?;
         match meta::check_master_key(&store.db, &cipher)
             .await
@@ -105,11 +109,21 @@ impl Application {
                 app_rate: settings.app_rate_per_second,
                 unpaced_in_flight: UNPACED_IN_FLIGHT,
             },
+            LeaseSettings {
+                instance: instance.clone(),
+                ttl: match settings.database_url {
+                    // One instance by construction (the instance lock): its leases never need
+                    // renewing, and a round runs only at start and when a page gets work.
+                    DatabaseUrl::Sqlite(_) => SQLITE_LEASE,
+                    DatabaseUrl::Postgres(_) => settings.lease_ttl,
+                },
+            },
         );
         tracing::info!(
             %grpc_addr,
             %http_addr,
             database = settings.database_url.backend_name(),
+            %instance,
             tls = tls.is_some(),
             api_keys = !settings.api_keys.is_empty(),
             "otnd ready"
@@ -445,6 +459,18 @@ impl Drop for BackgroundApp {
         // Dropped without `stop`: still shut down, without waiting.
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+    }
+}
+
+/// This instance's name among those sharing the database. On SQLite, which takes one instance
+/// (see the instance lock), the name is fixed, so a restart takes its pages back at once.
+fn instance_id(settings: &Settings) -> String {
+    match (&settings.instance_id, &settings.database_url) {
+        (Some(id), _) => id.clone(),
+        (None, DatabaseUrl::Sqlite(_)) => "sqlite".to_string(),
+        (None, DatabaseUrl::Postgres(_)) => {
+            format!("otnd-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
         }
     }
 }

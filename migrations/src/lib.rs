@@ -10,6 +10,7 @@ mod m20261123_000001_pages;
 mod m20261123_000002_audience_optins;
 mod m20261123_000003_stories;
 mod m20261124_000004_sends;
+mod m20261124_000005_leases;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000002_audience_optins::Migration),
             Box::new(m20261123_000003_stories::Migration),
             Box::new(m20261124_000004_sends::Migration),
+            Box::new(m20261124_000005_leases::Migration),
         ]
     }
 }

@@ -27,6 +27,9 @@ const SENDS_TOKEN_KIND: &str = "sends";
 const DELIVERIES_TOKEN_KIND: &str = "deliveries";
 /// WatchSend sends at most one snapshot per this interval (about 10 a second).
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
+/// A watcher with no news from this instance's engine reads the send from the database this
+/// often: the page may run on another instance (or the send be steered from one).
+const WATCH_DB_REFRESH: Duration = Duration::from_millis(500);
 
 pub struct Sends {
     store: Store,
@@ -370,8 +373,12 @@ impl SendService for Sends {
         let store = self.store.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            let mut from_db: Option<Progress> = None;
             loop {
-                let progress = snapshots.borrow_and_update().clone();
+                let progress = match from_db.take() {
+                    Some(progress) => progress,
+                    None => snapshots.borrow_and_update().clone(),
+                };
                 let finished = progress.is_finished();
                 let message = pb::WatchSendResponse {
                     progress: Some(progress_to_proto(&progress)),
@@ -384,22 +391,34 @@ impl SendService for Sends {
                     () = tokio::time::sleep(WATCH_INTERVAL) => {}
                     _ = stopping.changed() => return,
                 }
-                tokio::select! {
-                    changed = snapshots.changed() => {
-                        if changed.is_err() {
-                            // The hub let go of the channel: the send ended. Its final state
-                            // is in the database.
-                            if let Ok(last) = sends::get(&store.db, &progress.send_id).await {
-                                let last = Progress::from_send(&last);
-                                let _ = tx.send(Ok(pb::WatchSendResponse {
-                                    progress: Some(progress_to_proto(&last)),
-                                })).await;
+                loop {
+                    tokio::select! {
+                        changed = snapshots.changed() => {
+                            if changed.is_err() {
+                                // The hub let go of the channel: the send ended. Its final
+                                // state is in the database.
+                                if let Ok(last) = sends::get(&store.db, &progress.send_id).await {
+                                    let last = Progress::from_send(&last);
+                                    let _ = tx.send(Ok(pb::WatchSendResponse {
+                                        progress: Some(progress_to_proto(&last)),
+                                    })).await;
+                                }
+                                return;
                             }
-                            return;
+                            break;
+                        }
+                        _ = stopping.changed() => return,
+                        () = tx.closed() => return,
+                        () = tokio::time::sleep(WATCH_DB_REFRESH) => {
+                            if let Ok(row) = sends::get(&store.db, &progress.send_id).await {
+                                let fresh = Progress::from_send(&row);
+                                if !fresh.same_counts(&progress) {
+                                    from_db = Some(fresh);
+                                    break;
+                                }
+                            }
                         }
                     }
-                    _ = stopping.changed() => return,
-                    () = tx.closed() => return,
                 }
             }
         });

@@ -21,11 +21,15 @@ use tokio::sync::watch;
 
 pub use pacing::PacingSettings;
 pub use progress::Progress;
+pub use supervisor::LeaseSettings;
 
 use crate::{crypto::SecretCipher, graph::GraphClient, store::Store, store::StoreError};
 use page::{Command, Control, Deps, Wake};
 use progress::ProgressHub;
-use supervisor::{GetStatus, PageAddr, Shutdown, Supervisor};
+use supervisor::{GetStatus, PageAddr, PageChanged, Route, Shutdown, Supervisor};
+
+/// The PostgreSQL channel on which instances tell each other that a page has new work.
+const PAGES_CHANNEL: &str = "otnd_pages";
 
 /// How long a request path waits for an actor before answering DEADLINE_EXCEEDED.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,6 +39,7 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct EngineHandle {
     supervisor: Addr<Supervisor>,
     hub: ProgressHub,
+    store: Store,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, actix::MessageResponse)]
@@ -74,6 +79,7 @@ impl EngineHandle {
         cipher: SecretCipher,
         graph: GraphClient,
         pacing: PacingSettings,
+        leases: LeaseSettings,
     ) -> Self {
         let _ = metrics::prometheus();
         let arbiters = supervisor::start_arbiters();
@@ -81,15 +87,20 @@ impl EngineHandle {
         let pool = sender::SenderPool::start(&arbiters, graph, pacer.clone());
         let hub = ProgressHub::default();
         let deps = Deps {
-            store,
+            store: store.clone(),
             cipher,
             pool,
             pacer,
             hub: hub.clone(),
         };
+        let supervisor = Supervisor::new(deps, arbiters, leases).start();
+        if store.db.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+            actix::spawn(listen_for_pages(store.clone(), supervisor.clone()));
+        }
         EngineHandle {
-            supervisor: Supervisor::new(deps, arbiters).start(),
+            supervisor,
             hub,
+            store,
         }
     }
 
@@ -97,22 +108,47 @@ impl EngineHandle {
         Ok(self.supervisor.send(GetStatus).timeout(ASK_TIMEOUT).await?)
     }
 
-    async fn page(&self, page_id: &str) -> Result<Addr<page::PageActor>, EngineError> {
-        self.supervisor
+    async fn route(&self, page_id: &str) -> Result<Route, EngineError> {
+        Ok(self
+            .supervisor
             .send(PageAddr(page_id.to_string()))
             .timeout(ASK_TIMEOUT)
-            .await?
-            .ok_or(EngineError::Stopped)
+            .await?)
     }
 
-    /// Tells the page's actor that its sends changed in the database (persist first, then
-    /// wake: a lost wake-up only delays the work until the actor's next tick).
+    /// Tells the page's owner that its sends changed in the database (persist first, then
+    /// wake: a lost wake-up only delays the work until the owner's next round). The owner may
+    /// be this instance, another one (told through PostgreSQL), or nobody yet (this instance
+    /// tries to take the page at once).
     pub async fn wake(&self, page_id: &str) -> Result<(), EngineError> {
-        let page = self.page(page_id).await?;
-        page.try_send(Wake).map_err(|err| match err {
-            actix::dev::SendError::Full(_) => EngineError::Busy,
-            actix::dev::SendError::Closed(_) => EngineError::Stopped,
-        })
+        match self.route(page_id).await? {
+            Route::Local(page) => page.try_send(Wake).map_err(|err| match err {
+                actix::dev::SendError::Full(_) => EngineError::Busy,
+                actix::dev::SendError::Closed(_) => EngineError::Stopped,
+            }),
+            Route::Elsewhere => {
+                self.supervisor.do_send(PageChanged(page_id.to_string()));
+                self.tell_other_instances(page_id).await;
+                Ok(())
+            }
+            Route::Stopped => Err(EngineError::Stopped),
+        }
+    }
+
+    async fn tell_other_instances(&self, page_id: &str) {
+        let db = &self.store.db;
+        if db.get_database_backend() != sea_orm::DatabaseBackend::Postgres {
+            return;
+        }
+        let notify = sea_orm::Statement::from_sql_and_values(
+            sea_orm::DatabaseBackend::Postgres,
+            "SELECT pg_notify($1, $2)",
+            [PAGES_CHANNEL.into(), page_id.into()],
+        );
+        if let Err(err) = sea_orm::ConnectionTrait::execute_raw(db, notify).await {
+            // The owner's next lease round finds the work anyway.
+            tracing::warn!(page_id, error = %err, "could not notify the other instances");
+        }
     }
 
     /// Pause, resume or cancel, in order with the page's own steps.
@@ -122,14 +158,21 @@ impl EngineHandle {
         send_id: &str,
         command: Command,
     ) -> Result<crate::store::sends::Send, EngineError> {
-        let page = self.page(page_id).await?;
-        Ok(page
-            .send(Control {
-                send_id: send_id.to_string(),
-                command,
-            })
-            .timeout(ASK_TIMEOUT)
-            .await??)
+        match self.route(page_id).await? {
+            Route::Local(page) => Ok(page
+                .send(Control {
+                    send_id: send_id.to_string(),
+                    command,
+                })
+                .timeout(ASK_TIMEOUT)
+                .await??),
+            Route::Elsewhere => {
+                let send = page::apply_command(&self.store, send_id, command).await?;
+                self.tell_other_instances(page_id).await;
+                Ok(send)
+            }
+            Route::Stopped => Err(EngineError::Stopped),
+        }
     }
 
     /// Snapshots of a send, from `current` on.
@@ -140,5 +183,32 @@ impl EngineHandle {
     /// Stops taking new work and waits (at most `grace`) for work in flight to be recorded.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), EngineError> {
         Ok(self.supervisor.send(Shutdown).timeout(grace).await?)
+    }
+}
+
+/// Wakes this instance's supervisor whenever another instance says a page has new work. If the
+/// listening connection fails, the lease rounds (every third of a lease) still find the work;
+/// the listener reconnects after a pause.
+async fn listen_for_pages(store: Store, supervisor: Addr<Supervisor>) {
+    use sea_orm::sqlx::postgres::PgListener;
+    loop {
+        let pool = store.db.get_postgres_connection_pool();
+        let listening = async {
+            let mut listener = PgListener::connect_with(pool).await?;
+            listener.listen(PAGES_CHANNEL).await?;
+            loop {
+                let notification = listener.recv().await?;
+                supervisor.do_send(PageChanged(notification.payload().to_string()));
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sea_orm::sqlx::Error>(())
+        };
+        if let Err(err) = listening.await {
+            if !supervisor.connected() {
+                return;
+            }
+            tracing::warn!(error = %err, "page notifications interrupted; listening again shortly");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

@@ -36,7 +36,9 @@ use crate::{
     domain::PageId,
     graph::Failure,
     store::{
-        Store, StoreError, now_ms, pages,
+        Store, StoreError,
+        leases::Fence,
+        now_ms, pages,
         pages::PageCredentials,
         sends::{self, Claimed, Outcome, ROUTE_TOKEN},
     },
@@ -133,13 +135,19 @@ pub struct PageActor {
     /// Moves on when the page halts or resumes: jobs of an older generation are not attempted,
     /// and their page-level answers (sent with old credentials) halt nothing.
     gate: Arc<AtomicU64>,
+    /// The page's lease as this actor was given it: checked in every transaction it writes.
+    fence: Fence,
+    /// The lease went to another owner: this actor writes nothing more and stays stopped.
+    lost: bool,
 }
 
 impl PageActor {
-    pub fn new(page_id: String, deps: Deps) -> Self {
+    pub fn new(page_id: String, deps: Deps, fence: Fence) -> Self {
         PageActor {
             page_id,
             deps,
+            fence,
+            lost: false,
             config: None,
             config_loaded: None,
             sends: Vec::new(),
@@ -156,6 +164,23 @@ impl PageActor {
             drain_waiters: Vec::new(),
             gate: Arc::default(),
         }
+    }
+
+    /// Another instance holds the page now (or is about to): stop without writing anything.
+    /// Deliveries in flight stay in flight for the new owner's recovery, as after a crash.
+    fn lose_the_page(&mut self, ctx: &mut Context<Self>) {
+        if !self.lost {
+            tracing::warn!(page_id = %self.page_id, generation = self.fence.generation,
+                "this instance no longer holds the page's lease; its actor stops here");
+        }
+        self.lost = true;
+        self.gate.fetch_add(1, Ordering::SeqCst);
+        self.dispatched.clear();
+        self.unrecorded.clear();
+        for waiter in self.drain_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        ctx.stop();
     }
 
     fn in_flight(&self) -> usize {
@@ -345,6 +370,11 @@ impl Actor for PageActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.lost {
+            // A supervised restart after the lease was lost: nothing to do here any more.
+            ctx.stop();
+            return;
+        }
         // Requests from the API are few and answered quickly; work arrives through the database.
         ctx.set_mailbox_capacity(256);
         ctx.run_interval(TICK, |act, ctx| {
@@ -415,7 +445,12 @@ struct PumpResult {
     completed: Vec<sends::Send>,
 }
 
-async fn pump(deps: Deps, page_id: String, plan: PumpPlan) -> Result<PumpResult, StoreError> {
+async fn pump(
+    deps: Deps,
+    page_id: String,
+    fence: Fence,
+    plan: PumpPlan,
+) -> Result<PumpResult, StoreError> {
     let db = &deps.store.db;
     let now = now_ms();
     let mut result = PumpResult::default();
@@ -426,7 +461,7 @@ async fn pump(deps: Deps, page_id: String, plan: PumpPlan) -> Result<PumpResult,
         for send in &mut rows {
             // The counter moves in the transactions that move the deliveries: it is exact.
             if send.in_flight > 0 {
-                let n = sends::recover_in_flight(db, &send.id, now).await?;
+                let n = sends::recover_in_flight(db, &fence, &send.id, now).await?;
                 if n > 0 {
                     tracing::warn!(page_id, send_id = %send.id, recovered = n,
                         "deliveries found in flight settled by recovery");
@@ -477,12 +512,20 @@ async fn pump(deps: Deps, page_id: String, plan: PumpPlan) -> Result<PumpResult,
             let send = &running[(plan.turn + k) % n];
             // Retries and recovered deliveries first, then new recipients, claimed as they
             // are materialised.
-            let mut claimed =
-                sends::claim(db, &send.id, now, MIN_TOKEN_LIFE_MS, capacity as u64).await?;
+            let mut claimed = sends::claim(
+                db,
+                &fence,
+                &send.id,
+                now,
+                MIN_TOKEN_LIFE_MS,
+                capacity as u64,
+            )
+            .await?;
             if claimed.len() < capacity && !send.audience_done() {
                 let fresh = sends::get(db, &send.id).await?;
                 let want = (capacity - claimed.len()) as u64;
-                let more = sends::materialize(db, &fresh, now, MIN_TOKEN_LIFE_MS, want).await?;
+                let more =
+                    sends::materialize(db, &fence, &fresh, now, MIN_TOKEN_LIFE_MS, want).await?;
                 materialized.push(send.id.clone());
                 claimed.extend(more);
             }
@@ -542,10 +585,16 @@ impl Handler<Pump> for PageActor {
         let reloading = plan.reload_sends;
         let had_config = self.config.is_some();
         self.reload_sends = false;
-        let fut = pump(self.deps.clone(), self.page_id.clone(), plan);
+        let fut = pump(
+            self.deps.clone(),
+            self.page_id.clone(),
+            self.fence.clone(),
+            plan,
+        );
         let began = Instant::now();
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| match result {
+                Err(StoreError::Fenced) => act.lose_the_page(ctx),
                 Err(err) => {
                     tracing::error!(page_id = %act.page_id, error = %err, "page step failed; retrying");
                     // A claim may have committed even though its answer was lost.
@@ -606,6 +655,7 @@ struct Flush;
 async fn flush(
     deps: Deps,
     page_id: String,
+    fence: Fence,
     outcomes: Vec<(String, Outcome)>,
     halt: Option<String>,
 ) -> Result<Vec<sends::Send>, StoreError> {
@@ -616,7 +666,7 @@ async fn flush(
         by_send.entry(send_id).or_default().push(outcome);
     }
     for (send_id, outcomes) in &by_send {
-        sends::record(db, send_id, outcomes, now).await?;
+        sends::record(db, &fence, send_id, outcomes, now).await?;
     }
     if let Some(reason) = halt {
         sends::halt_page(db, &page_id, &reason, now).await?;
@@ -665,12 +715,14 @@ impl Handler<Flush> for PageActor {
         let fut = flush(
             self.deps.clone(),
             self.page_id.clone(),
+            self.fence.clone(),
             outcomes.clone(),
             halt.clone(),
         );
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| {
                 match result {
+                    Err(StoreError::Fenced) => act.lose_the_page(ctx),
                     Err(err) => {
                         tracing::error!(page_id = %act.page_id, error = %err,
                             "recording outcomes failed; retrying");
@@ -741,35 +793,8 @@ impl Handler<Control> for PageActor {
 
     fn handle(&mut self, msg: Control, _: &mut Context<Self>) -> Self::Result {
         let store = self.deps.store.clone();
-        let fut = async move {
-            let db = &store.db;
-            let now = now_ms();
-            match msg.command {
-                Command::Pause => {
-                    sends::transition(
-                        db,
-                        &msg.send_id,
-                        &[sends::QUEUED, sends::RUNNING],
-                        sends::PAUSED,
-                        None,
-                        now,
-                    )
-                    .await
-                }
-                Command::Resume => {
-                    sends::transition(
-                        db,
-                        &msg.send_id,
-                        &[sends::PAUSED, sends::HALTED],
-                        sends::RUNNING,
-                        Some(""),
-                        now,
-                    )
-                    .await
-                }
-                Command::Cancel => sends::cancel(db, &msg.send_id, now).await,
-            }
-        };
+        let (send_id, command) = (msg.send_id.clone(), msg.command);
+        let fut = async move { apply_command(&store, &send_id, command).await };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| {
                 if let Ok(send) = &result {
@@ -789,6 +814,56 @@ impl Handler<Control> for PageActor {
                 result
             },
         )))
+    }
+}
+
+/// Pause, resume or cancel as a change of the send's rows: safe from any instance (the owner's
+/// own steps re-check the send's state in their transactions). The owner reads its sends again
+/// when woken.
+pub async fn apply_command(
+    store: &Store,
+    send_id: &str,
+    command: Command,
+) -> Result<sends::Send, StoreError> {
+    let db = &store.db;
+    let now = now_ms();
+    match command {
+        Command::Pause => {
+            sends::transition(
+                db,
+                send_id,
+                &[sends::QUEUED, sends::RUNNING],
+                sends::PAUSED,
+                None,
+                now,
+            )
+            .await
+        }
+        Command::Resume => {
+            sends::transition(
+                db,
+                send_id,
+                &[sends::PAUSED, sends::HALTED],
+                sends::RUNNING,
+                Some(""),
+                now,
+            )
+            .await
+        }
+        Command::Cancel => sends::cancel(db, send_id, now).await,
+    }
+}
+
+/// The page's lease is gone (lost, or handed over after a drain): stop for good.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Lost;
+
+impl Handler<Lost> for PageActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Lost, ctx: &mut Context<Self>) {
+        self.lose_the_page(ctx);
     }
 }
 

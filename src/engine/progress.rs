@@ -29,6 +29,29 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// The same state and counters (rate and ETA aside).
+    pub fn same_counts(&self, other: &Progress) -> bool {
+        (
+            &self.state,
+            self.total,
+            self.pending,
+            self.in_flight,
+            self.sent,
+            self.failed,
+            self.skipped,
+            self.unknown,
+        ) == (
+            &other.state,
+            other.total,
+            other.pending,
+            other.in_flight,
+            other.sent,
+            other.failed,
+            other.skipped,
+            other.unknown,
+        )
+    }
+
     /// The stored counters; rate and ETA are the page actor's to add.
     pub fn from_send(send: &Send) -> Self {
         let n = |v: i64| u64::try_from(v).unwrap_or(0);

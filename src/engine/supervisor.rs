@@ -1,4 +1,7 @@
-use std::collections::HashMap;
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use actix::{
     Actor, ActorFutureExt, Addr, Arbiter, ArbiterHandle, AsyncContext, Context, Handler, Message,
@@ -7,44 +10,247 @@ use actix::{
 
 use super::{
     EngineStatus,
-    page::{Deps, Drain, PageActor, Wake},
+    page::{Deps, Drain, Lost, PageActor, Wake},
 };
-use crate::store::sends;
+use crate::store::{
+    StoreError,
+    leases::{self, Fence},
+    now_ms, sends,
+};
 
-/// Owns the registry of page actors: starts them on demand, spread over a few Arbiters, starts a
-/// new one when one has died, and at start-up wakes every page with unfinished work.
+/// Who this instance is among those sharing the database, and how long its leases last.
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    pub instance: String,
+    pub ttl: Duration,
+}
+
+struct Owned {
+    fence: Fence,
+    addr: Option<Addr<PageActor>>,
+}
+
+/// Owns the registry of page actors. A page's actor runs here only while this instance holds
+/// the page's lease: the supervisor renews its leases every third of their life, takes pages
+/// with unfinished sends that nobody holds (up to a fair share of them, the less loaded
+/// instances first), gives pages back when it holds more than its share (drained first), and
+/// stops the actor of a page whose lease it lost. Actors are spread over a few Arbiters and
+/// restarted if one dies.
 pub struct Supervisor {
     deps: Deps,
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
-    pages: HashMap<String, Addr<PageActor>>,
+    pages: HashMap<String, Owned>,
     accepting_work: bool,
+    leases: LeaseSettings,
+    ticking: bool,
+    /// Something asked for a round while one ran: another follows at once.
+    tick_again: bool,
+}
+
+/// Where requests about a page go.
+#[derive(actix::MessageResponse)]
+pub enum Route {
+    /// This instance runs the page.
+    Local(Addr<PageActor>),
+    /// Another instance does (or nobody yet): the database and a notification reach it.
+    Elsewhere,
+    /// The engine is shutting down.
+    Stopped,
 }
 
 impl Supervisor {
-    pub fn new(deps: Deps, arbiters: Vec<ArbiterHandle>) -> Self {
+    pub fn new(deps: Deps, arbiters: Vec<ArbiterHandle>, leases: LeaseSettings) -> Self {
         Supervisor {
             deps,
             arbiters,
             next_arbiter: 0,
             pages: HashMap::new(),
             accepting_work: true,
+            leases,
+            ticking: false,
+            tick_again: false,
         }
     }
 
-    fn page(&mut self, page_id: &str) -> Addr<PageActor> {
-        if let Some(addr) = self.pages.get(page_id)
+    fn page(&mut self, page_id: &str) -> Option<Addr<PageActor>> {
+        let owned = self.pages.get_mut(page_id)?;
+        if let Some(addr) = &owned.addr
             && addr.connected()
         {
-            return addr.clone();
+            return Some(addr.clone());
         }
         let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
         self.next_arbiter += 1;
-        let (id, deps) = (page_id.to_string(), self.deps.clone());
-        let addr = actix::Supervisor::start_in_arbiter(arbiter, move |_| PageActor::new(id, deps));
-        self.pages.insert(page_id.to_string(), addr.clone());
-        addr
+        let (id, deps, fence) = (page_id.to_string(), self.deps.clone(), owned.fence.clone());
+        let addr =
+            actix::Supervisor::start_in_arbiter(arbiter, move |_| PageActor::new(id, deps, fence));
+        owned.addr = Some(addr.clone());
+        Some(addr)
     }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if !self.accepting_work {
+            return;
+        }
+        if self.ticking {
+            self.tick_again = true;
+            return;
+        }
+        self.ticking = true;
+        self.tick_again = false;
+        let db = self.deps.store.db.clone();
+        let settings = self.leases.clone();
+        let running: HashSet<String> = self.pages.keys().cloned().collect();
+        ctx.spawn(
+            async move { lease_round(&db, &settings, &running).await }
+                .into_actor(self)
+                .map(|result, act, ctx| {
+                    act.ticking = false;
+                    match result {
+                        Ok(round) => act.apply(round, ctx),
+                        Err(err) => {
+                            tracing::error!(error = %err, "could not renew or take page leases")
+                        }
+                    }
+                    if act.tick_again {
+                        act.tick(ctx);
+                    }
+                }),
+        );
+    }
+
+    fn apply(&mut self, round: LeaseRound, ctx: &mut Context<Self>) {
+        if !self.accepting_work {
+            return;
+        }
+        let held: HashMap<String, Fence> = round
+            .renewed
+            .into_iter()
+            .map(|f| (f.page_id.clone(), f))
+            .collect();
+        let lost: Vec<String> = self
+            .pages
+            .iter()
+            .filter(|(page, owned)| held.get(*page) != Some(&owned.fence))
+            .map(|(page, _)| page.clone())
+            .collect();
+        for page_id in lost {
+            if let Some(Owned {
+                addr: Some(addr), ..
+            }) = self.pages.remove(&page_id)
+            {
+                tracing::warn!(%page_id, "lost the page's lease");
+                addr.do_send(Lost);
+            }
+        }
+        for fence in round.acquired {
+            tracing::info!(page_id = %fence.page_id, generation = fence.generation,
+                instance = %self.leases.instance, "took the page's lease; resuming its sends");
+            let page_id = fence.page_id.clone();
+            self.pages
+                .insert(page_id.clone(), Owned { fence, addr: None });
+            if let Some(addr) = self.page(&page_id) {
+                addr.do_send(Wake);
+            }
+        }
+        // More than a fair share (an instance joined): hand the surplus over, each page drained
+        // first so that nothing it has in flight is left for recovery.
+        let surplus = self.pages.len().saturating_sub(round.target + 1);
+        let handing: Vec<String> = self.pages.keys().take(surplus).cloned().collect();
+        for page_id in handing {
+            let Some(owned) = self.pages.remove(&page_id) else {
+                continue;
+            };
+            let db = self.deps.store.db.clone();
+            tracing::info!(%page_id, target = round.target, "handing the page to a less loaded instance");
+            ctx.spawn(
+                async move {
+                    if let Some(addr) = &owned.addr {
+                        let _ = addr.send(Drain).await;
+                        addr.do_send(Lost);
+                    }
+                    if let Err(err) = leases::release(&db, &owned.fence).await {
+                        tracing::warn!(page_id = %owned.fence.page_id, error = %err,
+                            "could not release the page's lease; it expires by itself");
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+    }
+}
+
+struct LeaseRound {
+    renewed: Vec<Fence>,
+    acquired: Vec<Fence>,
+    /// This instance's fair share of the pages with work.
+    target: usize,
+}
+
+/// One round of lease work: heartbeat, renew what is held, take unheld pages with work up to a
+/// fair share.
+async fn lease_round(
+    db: &sea_orm::DatabaseConnection,
+    settings: &LeaseSettings,
+    running: &HashSet<String>,
+) -> Result<LeaseRound, StoreError> {
+    let ttl_ms = settings.ttl.as_millis() as i64;
+    let now = now_ms();
+    leases::heartbeat(db, &settings.instance, now).await?;
+    let mut renewed = leases::renew(db, &settings.instance, ttl_ms, now).await?;
+    // Leases of this instance's name that no actor here runs: an earlier life of this instance
+    // (restarted under the same name) held them. Taken again, with a new generation, which
+    // fences that life should it still be about.
+    let mut acquired = Vec::new();
+    let orphans: Vec<String> = renewed
+        .iter()
+        .filter(|f| !running.contains(&f.page_id))
+        .map(|f| f.page_id.clone())
+        .collect();
+    renewed.retain(|f| running.contains(&f.page_id));
+    for page_id in &orphans {
+        if let Some(fence) =
+            leases::acquire(db, page_id, &settings.instance, ttl_ms, now_ms()).await?
+        {
+            acquired.push(fence);
+        }
+    }
+    let work = sends::pages_with_work(db).await?;
+    let live = leases::live_instances(db, now - ttl_ms).await?.max(1) as usize;
+    let held: HashSet<&str> = renewed
+        .iter()
+        .chain(&acquired)
+        .map(|f| f.page_id.as_str())
+        .collect();
+    let all: HashSet<&str> = work
+        .iter()
+        .map(String::as_str)
+        .chain(held.iter().copied())
+        .collect();
+    let target = all.len().div_ceil(live);
+    let wanted: Vec<&String> = work.iter().filter(|p| !held.contains(p.as_str())).collect();
+    let held = held.len() - acquired.len();
+    if !wanted.is_empty() && held + acquired.len() < target {
+        // The less loaded an instance, the sooner it tries: new pages go to the least loaded.
+        let wait = Duration::from_millis(25 * (held + acquired.len()) as u64).min(settings.ttl / 6);
+        tokio::time::sleep(wait).await;
+        for page_id in wanted {
+            if held + acquired.len() >= target {
+                break;
+            }
+            if let Some(fence) =
+                leases::acquire(db, page_id, &settings.instance, ttl_ms, now_ms()).await?
+            {
+                acquired.push(fence);
+            }
+        }
+    }
+    Ok(LeaseRound {
+        renewed,
+        acquired,
+        target,
+    })
 }
 
 /// Arbiters for the engine's actors: one per core, at least two.
@@ -66,22 +272,11 @@ impl Actor for Supervisor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(1024);
-        // Resume what an earlier life left unfinished: the database is the queue.
-        let store = self.deps.store.clone();
-        ctx.spawn(
-            async move { sends::pages_with_work(&store.db).await }
-                .into_actor(self)
-                .map(|result, act, _| match result {
-                    Ok(pages) => {
-                        for page_id in pages {
-                            tracing::info!(%page_id, "resuming the page's unfinished sends");
-                            act.page(&page_id).do_send(Wake);
-                        }
-                    }
-                    Err(err) => tracing::error!(error = %err, "could not list unfinished sends"),
-                }),
-        );
-        tracing::debug!("engine supervisor started");
+        // The first round resumes what an earlier life left unfinished (the database is the
+        // queue); later ones keep the leases and share the pages.
+        self.tick(ctx);
+        ctx.run_interval(self.leases.ttl / 3, |act, ctx| act.tick(ctx));
+        tracing::debug!(instance = %self.leases.instance, "engine supervisor started");
     }
 }
 
@@ -95,21 +290,51 @@ impl Handler<GetStatus> for Supervisor {
     fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> EngineStatus {
         EngineStatus {
             accepting_work: self.accepting_work,
-            page_actors: self.pages.values().filter(|a| a.connected()).count(),
+            page_actors: self
+                .pages
+                .values()
+                .filter(|o| o.addr.as_ref().is_some_and(Addr::connected))
+                .count(),
         }
     }
 }
 
-/// The page's actor (started if needed), or `None` once the engine stopped taking work.
+/// Where requests about the page go.
 #[derive(Message)]
-#[rtype(result = "Option<Addr<PageActor>>")]
+#[rtype(result = "Route")]
 pub struct PageAddr(pub String);
 
 impl Handler<PageAddr> for Supervisor {
-    type Result = Option<Addr<PageActor>>;
+    type Result = Route;
 
-    fn handle(&mut self, msg: PageAddr, _: &mut Context<Self>) -> Option<Addr<PageActor>> {
-        self.accepting_work.then(|| self.page(&msg.0))
+    fn handle(&mut self, msg: PageAddr, _: &mut Context<Self>) -> Route {
+        if !self.accepting_work {
+            return Route::Stopped;
+        }
+        match self.page(&msg.0) {
+            Some(addr) => Route::Local(addr),
+            None => Route::Elsewhere,
+        }
+    }
+}
+
+/// A page has new work somewhere in the fleet (a send started or was steered on any instance):
+/// wake its actor if it runs here, else try to take the page now rather than at the next round.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PageChanged(pub String);
+
+impl Handler<PageChanged> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PageChanged, ctx: &mut Context<Self>) {
+        if !self.accepting_work {
+            return;
+        }
+        match self.page(&msg.0) {
+            Some(addr) => addr.do_send(Wake),
+            None => self.tick(ctx),
+        }
     }
 }
 
@@ -123,16 +348,25 @@ impl Handler<Shutdown> for Supervisor {
     fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
         self.accepting_work = false;
         tracing::info!("engine stopped taking new work; waiting for deliveries in flight");
-        let drains: Vec<_> = self
-            .pages
-            .values()
+        let owned: Vec<Owned> = self.pages.drain().map(|(_, o)| o).collect();
+        let drains: Vec<_> = owned
+            .iter()
+            .filter_map(|o| o.addr.as_ref())
             .filter(|a| a.connected())
             .map(|a| a.send(Drain))
             .collect();
+        let db = self.deps.store.db.clone();
+        let instance = self.leases.instance.clone();
         Box::pin(
             async move {
                 futures::future::join_all(drains).await;
                 tracing::info!("every delivery in flight is recorded");
+                // Give the pages up at once, so another instance takes them without waiting
+                // for the leases to expire.
+                for o in &owned {
+                    let _ = leases::release(&db, &o.fence).await;
+                }
+                let _ = leases::leave(&db, &instance).await;
             }
             .into_actor(self),
         )

@@ -1,6 +1,7 @@
 //! Persistence: the only module that speaks SQL. One submodule per aggregate.
 
 pub mod audience;
+pub mod leases;
 pub mod meta;
 pub mod optins;
 pub mod pages;
@@ -78,7 +79,7 @@ fn lock_sqlite_instance(database: &Path) -> anyhow::Result<File> {
 impl Store {
     /// The store a serving instance uses: on a SQLite file, only once the instance lock is
     /// held (see [`lock_sqlite_instance`]).
-    pub async fn connect_serving(url: &DatabaseUrl) -> anyhow::Result<Self> {
+    pub async fn connect_serving(url: &DatabaseUrl, instance: &str) -> anyhow::Result<Self> {
         let instance_lock = match url {
             DatabaseUrl::Sqlite(raw) => match sqlite_file(raw)? {
                 Some(file) => Some(Arc::new(lock_sqlite_instance(&file)?)),
@@ -86,13 +87,17 @@ impl Store {
             },
             DatabaseUrl::Postgres(_) => None,
         };
-        let mut store = Store::connect(url).await?;
+        let mut store = Store::open(url, Some(instance)).await?;
         store._instance_lock = instance_lock;
         Ok(store)
     }
 
     /// A store without the instance lock: for migrations, tools and inspection.
     pub async fn connect(url: &DatabaseUrl) -> anyhow::Result<Self> {
+        Store::open(url, None).await
+    }
+
+    async fn open(url: &DatabaseUrl, instance: Option<&str>) -> anyhow::Result<Self> {
         let mut options = ConnectOptions::new(url.connection_string());
         // sqlx logs every statement at info by default: too loud, and statements carry values.
         options.sqlx_logging(false);
@@ -111,6 +116,11 @@ impl Store {
             });
         } else {
             options.max_connections(20);
+            if let Some(instance) = instance {
+                // How a stuck instance's sessions are found and ended (see leases::acquire).
+                let name = format!("{}{instance}", leases::APPLICATION_NAME_PREFIX);
+                options.map_sqlx_postgres_opts(move |opts| opts.application_name(&name));
+            }
         }
         let db = Database::connect(options)
             .await
@@ -167,6 +177,9 @@ pub enum StoreError {
     /// Another row still refers to this one.
     #[error("still in use")]
     InUse,
+    /// This instance no longer holds the page's lease at the generation it was given.
+    #[error("the page's lease passed to another owner")]
+    Fenced,
     #[error("a stored secret does not decrypt: {0}")]
     Sealed(#[from] crate::crypto::OpenError),
     #[error(transparent)]

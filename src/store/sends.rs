@@ -10,7 +10,7 @@ use sea_orm::{
     QuerySelect, TransactionTrait, entity::prelude::*, sea_query::OnConflict,
 };
 
-use super::{StoreError, sql::Sql, stories};
+use super::{StoreError, leases::Fence, sql::Sql, stories};
 use crate::domain::{SegmentRule, WINDOW_MS};
 
 pub const QUEUED: &str = "queued";
@@ -527,6 +527,7 @@ struct Inserted {
 /// sender pool.
 pub async fn materialize(
     db: &DatabaseConnection,
+    fence: &Fence,
     send: &Send,
     now: i64,
     min_token_life_ms: i64,
@@ -535,6 +536,7 @@ pub async fn materialize(
     let backend = db.get_database_backend();
     let segment = send.segment();
     let txn = db.begin().await?;
+    fence.check(&txn).await?;
     let (claimed, phase, cursor) = match send.audience_phase.as_str() {
         PHASE_TOKEN => {
             let mut sql = Sql::new(backend);
@@ -619,12 +621,18 @@ pub async fn materialize(
             return Ok(Vec::new());
         }
     };
-    send::Entity::update_many()
+    let moved = send::Entity::update_many()
         .col_expr(send::Column::AudiencePhase, Expr::value(phase))
         .col_expr(send::Column::AudienceCursor, Expr::value(cursor))
         .filter(send::Column::Id.eq(send.id.as_str()))
+        .filter(send::Column::State.eq(RUNNING))
         .exec(&txn)
         .await?;
+    if moved.rows_affected == 0 {
+        // Paused or cancelled meanwhile (by an instance that does not own the page): nobody
+        // is claimed; the actor reads its sends again.
+        return Err(StoreError::Conflict);
+    }
     let added = claimed.len() as i64;
     apply_counters(
         &txn,
@@ -722,6 +730,7 @@ pub struct Claimed {
 /// unknown) and the opt-in expired.
 pub async fn claim(
     db: &DatabaseConnection,
+    fence: &Fence,
     send_id: &str,
     now: i64,
     min_token_life_ms: i64,
@@ -729,6 +738,7 @@ pub async fn claim(
 ) -> Result<Vec<Claimed>, StoreError> {
     let backend = db.get_database_backend();
     let txn = db.begin().await?;
+    fence.check(&txn).await?;
     let mut sql = Sql::new(backend);
     sql.push(
         "SELECT d.id, d.psid, d.route, d.attempts + 1 AS attempts, d.ambiguous, o.token, \
@@ -757,7 +767,11 @@ pub async fn claim(
         .bind(now)
         .push(" WHERE id IN ");
         push_id_list(&mut sql, chunk);
-        txn.execute_raw(sql.statement()).await?;
+        // Still pending: a cancel (which may come from another instance) skips pending rows.
+        sql.push(" AND state = 'pending'");
+        if txn.execute_raw(sql.statement()).await?.rows_affected() != chunk.len() as u64 {
+            return Err(StoreError::Conflict);
+        }
     }
     delta.in_flight = ids.len() as i64;
     if !lapsed.is_empty() {
@@ -842,6 +856,7 @@ pub struct DeliveryError {
 /// Records outcomes of in-flight deliveries of one send (a batch, one transaction).
 pub async fn record(
     db: &DatabaseConnection,
+    fence: &Fence,
     send_id: &str,
     outcomes: &[Outcome],
     now: i64,
@@ -851,6 +866,7 @@ pub async fn record(
     }
     let backend = db.get_database_backend();
     let txn = db.begin().await?;
+    fence.check(&txn).await?;
     let mut delta = CounterDelta {
         in_flight: -(outcomes.len() as i64),
         ..Default::default()
@@ -963,11 +979,13 @@ pub async fn record(
 /// `unknown` and is never retried. Returns how many deliveries were recovered.
 pub async fn recover_in_flight(
     db: &DatabaseConnection,
+    fence: &Fence,
     send_id: &str,
     now: i64,
 ) -> Result<u64, StoreError> {
     let backend = db.get_database_backend();
     let txn = db.begin().await?;
+    fence.check(&txn).await?;
     let mut retried = Sql::new(backend);
     retried
         .push("UPDATE deliveries SET state = 'pending', ambiguous = ")
@@ -1012,12 +1030,13 @@ pub async fn cancel(db: &DatabaseConnection, send_id: &str, now: i64) -> Result<
     if current.is_finished() {
         return Err(StoreError::Conflict);
     }
-    let mut release = Sql::new(backend);
-    release
-        .push("UPDATE optins SET state = 'active' WHERE state = 'reserved' AND id IN (SELECT d.optin_id FROM deliveries d WHERE d.send_id = ")
-        .bind(send_id)
-        .push(" AND d.state = 'pending' AND d.optin_id IS NOT NULL)");
-    txn.execute_raw(release.statement()).await?;
+    // Skip first, then release exactly the opt-ins of the rows skipped: a claim racing from the
+    // page's owner (cancel may run on any instance) either took a row first, and its token
+    // stays reserved for the delivery in flight, or finds it skipped.
+    #[derive(FromQueryResult)]
+    struct Skipped {
+        optin_id: Option<i64>,
+    }
     let mut skip = Sql::new(backend);
     skip.push("UPDATE deliveries SET state = 'skipped', error_message = ")
         .bind("the send was cancelled before this delivery's turn")
@@ -1025,8 +1044,13 @@ pub async fn cancel(db: &DatabaseConnection, send_id: &str, now: i64) -> Result<
         .bind(now)
         .push(" WHERE send_id = ")
         .bind(send_id)
-        .push(" AND state = 'pending'");
-    let skipped = txn.execute_raw(skip.statement()).await?.rows_affected();
+        .push(" AND state = 'pending' RETURNING optin_id");
+    let rows = Skipped::find_by_statement(skip.statement())
+        .all(&txn)
+        .await?;
+    let skipped = rows.len();
+    let released: Vec<i64> = rows.into_iter().filter_map(|r| r.optin_id).collect();
+    set_optin_state(&txn, &released, &["reserved"], "active", None).await?;
     apply_counters(
         &txn,
         send_id,

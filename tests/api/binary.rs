@@ -172,8 +172,14 @@ impl Served {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (tx, new_line) = mpsc::channel();
         let sink = lines.clone();
+        // OTN_TEST_ECHO=1 shows every child's log as it runs (for a failing test's story).
+        let echo = std::env::var_os("OTN_TEST_ECHO").is_some();
+        let pid = child.id();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("[otnd {pid}] {line}");
+                }
                 sink.lock().unwrap().push(line);
                 let _ = tx.send(());
             }

@@ -73,6 +73,9 @@ impl Harness {
             ("OTN_HTTP_ADDR", "127.0.0.1:0".into()),
             ("OTN_LOG_FORMAT", "json".into()),
             ("OTN_GRAPH_TIMEOUT_SECONDS", "2".into()),
+            // A restart is the same instance: it takes its pages back without waiting for
+            // their leases to expire (PostgreSQL; SQLite's single instance always does).
+            ("OTN_INSTANCE_ID", "faults".into()),
             ("RUST_LOG", "info".into()),
         ];
         env.extend(self.env.iter().cloned());
@@ -137,38 +140,46 @@ impl Harness {
     /// Registers the page at `rate` per second, opts every recipient in through the signed
     /// webhook, writes and reviews a story; returns its id.
     pub(crate) async fn prepare(&self, node: &Node, rate: u32) -> String {
+        self.prepare_page(node, PAGE, rate).await
+    }
+
+    /// `prepare` for any page.
+    pub(crate) async fn prepare_page(&self, node: &Node, page: &str, rate: u32) -> String {
         PageServiceClient::new(node.channel.clone())
             .create_page(CreatePageRequest {
-                page_id: PAGE.into(),
+                page_id: page.into(),
                 name: "Faults".into(),
-                access_token: page_access_token(PAGE),
-                app_secret: page_app_secret(PAGE),
-                verify_token: page_verify_token(PAGE),
+                access_token: page_access_token(page),
+                app_secret: page_app_secret(page),
+                verify_token: page_verify_token(page),
                 send_rate_per_second: Some(rate),
             })
             .await
             .unwrap();
         self.sandbox_post(
             "/__sandbox/pages",
-            json!({"page_id": PAGE, "access_token": page_access_token(PAGE),
-                   "app_secret": page_app_secret(PAGE),
+            json!({"page_id": page, "access_token": page_access_token(page),
+                   "app_secret": page_app_secret(page),
                    "webhook_url": format!("http://{}/webhook", node.http)}),
         )
         .await;
-        self.opt_in(node, "c", self.recipients, None).await;
-        self.story(node, "The doors are open").await
+        self.opt_in_page(node, page, "c", self.recipients, None)
+            .await;
+        self.story_page(node, page, "The doors are open").await
     }
 
-    /// Opts `count` users (`{prefix}{n}`) in on the topic and waits until otnd stored them all.
-    pub(crate) async fn opt_in(
+    /// Opts `count` users (`{prefix}{n}`) of `page` in on the topic and waits until otnd
+    /// stored them all.
+    pub(crate) async fn opt_in_page(
         &self,
         node: &Node,
+        page: &str,
         prefix: &str,
         count: u64,
         expires_in_seconds: Option<i64>,
     ) {
-        let before = self.active(node).await;
-        let mut body = json!({"page_id": PAGE, "psid_prefix": prefix, "count": count,
+        let before = self.active(node, page).await;
+        let mut body = json!({"page_id": page, "psid_prefix": prefix, "count": count,
                               "payload": TOPIC, "deliver_webhook": true});
         if let Some(seconds) = expires_in_seconds {
             body["expires_in_seconds"] = json!(seconds);
@@ -180,7 +191,7 @@ impl Harness {
             async move {
                 let topics = optins
                     .list_topics(otnd::pb::ListTopicsRequest {
-                        page_id: PAGE.into(),
+                        page_id: page.into(),
                     })
                     .await
                     .unwrap()
@@ -195,10 +206,10 @@ impl Harness {
         .await;
     }
 
-    async fn active(&self, node: &Node) -> u64 {
+    async fn active(&self, node: &Node, page: &str) -> u64 {
         OptInServiceClient::new(node.channel.clone())
             .list_topics(otnd::pb::ListTopicsRequest {
-                page_id: PAGE.into(),
+                page_id: page.into(),
             })
             .await
             .unwrap()
@@ -211,10 +222,14 @@ impl Harness {
 
     /// A reviewed text story on the topic.
     pub(crate) async fn story(&self, node: &Node, text: &str) -> String {
+        self.story_page(node, PAGE, text).await
+    }
+
+    pub(crate) async fn story_page(&self, node: &Node, page: &str, text: &str) -> String {
         let mut stories = StoryServiceClient::new(node.channel.clone());
         let story = stories
             .create_story(CreateStoryRequest {
-                page_id: PAGE.into(),
+                page_id: page.into(),
                 topic: TOPIC.into(),
                 content: Some(StoryContent {
                     kind: Some(Kind::Text(text.into())),
@@ -228,7 +243,7 @@ impl Harness {
             .unwrap();
         self.sandbox_post(
             "/__sandbox/interactions",
-            json!({"page_id": PAGE, "psid": "boss", "text": "ok", "deliver_webhook": false}),
+            json!({"page_id": page, "psid": "boss", "text": "ok", "deliver_webhook": false}),
         )
         .await;
         stories
@@ -323,6 +338,16 @@ pub(crate) async fn psids_in(
 /// recipient messaged twice and no token accepted twice at the sandbox; otnd's `sent` is exactly
 /// the set of recipients whose token the sandbox accepted. Returns the final progress.
 pub(crate) async fn judge(h: &Harness, channel: &Channel, send_id: &str) -> SendProgress {
+    judge_page(h, channel, send_id, PAGE).await
+}
+
+/// [`judge`] for a send of any page.
+pub(crate) async fn judge_page(
+    h: &Harness,
+    channel: &Channel,
+    send_id: &str,
+    page: &str,
+) -> SendProgress {
     let send = progress_of(channel, send_id).await;
     let state = send.state();
     let p = send.progress.unwrap();
@@ -341,7 +366,7 @@ pub(crate) async fn judge(h: &Harness, channel: &Channel, send_id: &str) -> Send
         "an expired token was presented: {stats}"
     );
     let messages = h
-        .sandbox_get(&format!("/__sandbox/messages?page_id={PAGE}"))
+        .sandbox_get(&format!("/__sandbox/messages?page_id={page}"))
         .await;
     let mut accepted: Vec<String> = messages["messages"]
         .as_array()

@@ -8,6 +8,7 @@ mod auth;
 mod binary;
 mod contract;
 mod faults;
+mod fleet;
 mod fuzz;
 mod graph;
 mod hardening;

@@ -1,0 +1,292 @@
+//! Scale-out: three `otnd` processes (the real binary) on one PostgreSQL database and one
+//! sandbox. Each page is run by one instance at a time (its lease); a killed instance's pages
+//! move to the others; a paused one that lost its pages records nothing after; any instance
+//! answers any RPC. Runs only when `DATABASE_URL` names a PostgreSQL server.
+
+use std::time::{Duration, Instant};
+
+use otnd::pb::{SendState, WatchSendRequest, send_service_client::SendServiceClient};
+use sea_orm::{ConnectionTrait, Database, Statement};
+use serde_json::json;
+
+use crate::{
+    helpers::{TestDatabase, eventually},
+    judge::{Harness, Node, judge_page, progress_of, start_send, wait_until},
+};
+
+const LEASE_SECONDS: &str = "3";
+
+async fn instance(h: &Harness, name: &str) -> Node {
+    h.start_with(&[
+        ("OTN_INSTANCE_ID", name),
+        ("OTN_LEASE_SECONDS", LEASE_SECONDS),
+    ])
+    .await
+}
+
+/// Who holds which page (unexpired leases), from the lease table.
+async fn owners(db: &TestDatabase) -> Vec<(String, String)> {
+    let conn = Database::connect(&db.url).await.unwrap();
+    let rows = conn
+        .query_all_raw(Statement::from_string(
+            conn.get_database_backend(),
+            format!(
+                "SELECT page_id, owner FROM page_leases WHERE expires_at > {} ORDER BY page_id",
+                otnd::store::now_ms()
+            ),
+        ))
+        .await
+        .unwrap();
+    let owners = rows
+        .iter()
+        .map(|r| {
+            (
+                r.try_get::<String>("", "page_id").unwrap(),
+                r.try_get::<String>("", "owner").unwrap(),
+            )
+        })
+        .collect();
+    conn.close().await.unwrap();
+    owners
+}
+
+/// Pages `p1..=pN`, each with `h.recipients` opted in through the first node, and a send
+/// started on each (on the nodes in turn): returns (page, send id) pairs.
+async fn sends_on_pages(
+    h: &Harness,
+    nodes: &[&Node],
+    pages: usize,
+    rate: u32,
+) -> Vec<(String, String)> {
+    let mut started = Vec::new();
+    for i in 1..=pages {
+        let page = format!("9{i:03}");
+        let story = h.prepare_page(nodes[0], &page, rate).await;
+        let node = nodes[i % nodes.len()];
+        started.push((page.clone(), start_send(&node.channel, &story, &page).await));
+    }
+    started
+}
+
+async fn all_complete_and_judged(h: &Harness, node: &Node, sends: &[(String, String)]) {
+    for (page, send_id) in sends {
+        wait_until(&node.channel, send_id, "the send to complete", |s| {
+            s.state() == SendState::Completed
+        })
+        .await;
+        let p = judge_page(h, &node.channel, send_id, page).await;
+        assert_eq!(
+            (p.sent, p.failed, p.unknown),
+            (h.recipients, 0, 0),
+            "{page}: {p:?}"
+        );
+    }
+}
+
+async fn postgres() -> Option<TestDatabase> {
+    let db = TestDatabase::postgres().await;
+    if db.is_none() {
+        eprintln!("skipped: DATABASE_URL names no PostgreSQL server");
+    }
+    db
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_the_pages_and_any_of_them_answers_for_any_page() {
+    let Some(db) = postgres().await else { return };
+    let h = Harness::new(&db, 300).await;
+    let a = instance(&h, "a").await;
+    let b = instance(&h, "b").await;
+    let c = instance(&h, "c").await;
+    h.faults(json!({"latency_ms": 20})).await;
+    let sends = sends_on_pages(&h, &[&a, &b, &c], 6, 300).await;
+
+    // WatchSend on every instance sees each send through to COMPLETED, whoever runs it.
+    let mut watchers = Vec::new();
+    for (i, (_, send_id)) in sends.iter().enumerate() {
+        let channel = [&a, &b, &c][i % 3].channel.clone();
+        let send_id = send_id.clone();
+        watchers.push(tokio::spawn(async move {
+            let mut stream = SendServiceClient::new(channel)
+                .watch_send(WatchSendRequest { send_id })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut last = None;
+            while let Some(message) = stream.message().await.unwrap() {
+                last = message.progress;
+            }
+            last.unwrap()
+        }));
+    }
+    all_complete_and_judged(&h, &a, &sends).await;
+    for watcher in watchers {
+        let last = tokio::time::timeout(Duration::from_secs(10), watcher)
+            .await
+            .expect("the watch to end")
+            .unwrap();
+        assert_eq!(last.state(), SendState::Completed, "{last:?}");
+    }
+    let owners = owners(&db).await;
+    let distinct: std::collections::HashSet<&str> =
+        owners.iter().map(|(_, o)| o.as_str()).collect();
+    assert!(distinct.len() >= 2, "the pages were not shared: {owners:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_pages_move_and_every_send_completes_once() {
+    let Some(db) = postgres().await else { return };
+    let h = Harness::new(&db, 1500).await;
+    let a = instance(&h, "a").await;
+    let b = instance(&h, "b").await;
+    let mut c = instance(&h, "c").await;
+    h.faults(json!({"latency_ms": 20})).await;
+    let sends = sends_on_pages(&h, &[&a, &b, &c], 3, 300).await;
+    eventually(Duration::from_secs(30), "instance c to run a page", || {
+        let db = &db;
+        async move { owners(db).await.iter().any(|(_, o)| o == "c").then_some(()) }
+    })
+    .await;
+    let victims: Vec<String> = owners(&db)
+        .await
+        .into_iter()
+        .filter(|(_, o)| o == "c")
+        .map(|(p, _)| p)
+        .collect();
+    c.served.kill();
+    let killed = Instant::now();
+    eventually(Duration::from_secs(30), "c's pages to move", || {
+        let (db, victims) = (&db, &victims);
+        async move {
+            let owners = owners(db).await;
+            victims
+                .iter()
+                .all(|v| owners.iter().any(|(p, o)| p == v && o != "c"))
+                .then_some(())
+        }
+    })
+    .await;
+    println!(
+        "failover: c's pages {victims:?} taken over {:.1} s after the SIGKILL (lease {LEASE_SECONDS} s)",
+        killed.elapsed().as_secs_f64()
+    );
+    all_complete_and_judged(&h, &a, &sends).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_that_lost_its_pages_records_nothing_after() {
+    let Some(db) = postgres().await else { return };
+    let h = Harness::new(&db, 1500).await;
+    let a = instance(&h, "a").await;
+    let stale = instance(&h, "stale").await;
+    // Slow answers: the paused instance holds deliveries in flight when it is stopped.
+    h.faults(json!({"latency_ms": 200})).await;
+    let sends = sends_on_pages(&h, &[&a, &stale], 2, 300).await;
+    eventually(
+        Duration::from_secs(30),
+        "the stale instance to run a page",
+        || {
+            let db = &db;
+            async move {
+                owners(db)
+                    .await
+                    .iter()
+                    .any(|(_, o)| o == "stale")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let owned = owners(&db).await;
+    let (page, send_id) = sends
+        .iter()
+        .find(|(p, _)| owned.iter().any(|(q, o)| q == p && o == "stale"))
+        .unwrap()
+        .clone();
+    wait_until(&a.channel, &send_id, "some sent", |s| {
+        s.progress.as_ref().unwrap().sent >= 100
+    })
+    .await;
+    stale.served.signal("STOP");
+    eventually(
+        Duration::from_secs(30),
+        "the paused instance's pages to move",
+        || {
+            let db = &db;
+            async move { (!owners(db).await.iter().any(|(_, o)| o == "stale")).then_some(()) }
+        },
+    )
+    .await;
+    all_complete_and_judged(&h, &a, &sends).await;
+    let before = progress_of(&a.channel, &send_id).await;
+
+    // Woken again, it still has answers to record and claims to make: all of it is fenced.
+    stale.served.signal("CONT");
+    stale
+        .served
+        .wait_for_line("no longer holds the page's lease", Duration::from_secs(30));
+    let after = progress_of(&a.channel, &send_id).await;
+    let counts = |s: &otnd::pb::Send| {
+        let p = s.progress.as_ref().unwrap();
+        (
+            p.total,
+            p.pending,
+            p.in_flight,
+            p.sent,
+            p.failed,
+            p.skipped,
+            p.unknown,
+        )
+    };
+    assert_eq!(
+        counts(&before),
+        counts(&after),
+        "{page}: a stale write landed"
+    );
+    let p = judge_page(&h, &a.channel, &send_id, &page).await;
+    assert_eq!((p.sent, p.unknown), (h.recipients, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_joining_and_leaving_under_load_take_a_share_and_lose_nothing() {
+    let Some(db) = postgres().await else { return };
+    let h = Harness::new(&db, 1200).await;
+    let a = instance(&h, "a").await;
+    h.faults(json!({"latency_ms": 50})).await;
+    // 60/s: each send lasts 20 s, long enough for the newcomers to arrive mid-send.
+    let sends = sends_on_pages(&h, &[&a], 6, 60).await;
+    eventually(Duration::from_secs(30), "a to run every page", || {
+        let db = &db;
+        async move { (owners(db).await.len() == 6).then_some(()) }
+    })
+    .await;
+    // Two join: each takes a share, handed over drained, without interrupting a send.
+    let b = instance(&h, "b").await;
+    let mut c = instance(&h, "c").await;
+    eventually(
+        Duration::from_secs(30),
+        "the newcomers to take a share",
+        || {
+            let db = &db;
+            async move {
+                let owners = owners(db).await;
+                let of = |name: &str| owners.iter().filter(|(_, o)| o == name).count();
+                (of("b") >= 1 && of("c") >= 1).then_some(())
+            }
+        },
+    )
+    .await;
+    // And one leaves cleanly: its pages are released at once, not after their leases expire.
+    assert!(c.served.terminate(Duration::from_secs(20)).success());
+    let left = Instant::now();
+    eventually(Duration::from_secs(30), "c's pages to move", || {
+        let db = &db;
+        async move { (!owners(db).await.iter().any(|(_, o)| o == "c")).then_some(()) }
+    })
+    .await;
+    println!(
+        "c's pages taken over {:.1} s after it left",
+        left.elapsed().as_secs_f64()
+    );
+    all_complete_and_judged(&h, &b, &sends).await;
+}
