@@ -1,50 +1,93 @@
 //! The send engine's figures, measured on the real binaries: `otnd` and `graph-sandbox` run as
 //! child processes, driven over gRPC and the sandbox's admin surface like any client would.
+//! BENCHMARKS.md says what each scenario does and how each figure is defined.
 //!
-//!     cargo bench --bench send_engine                 # every scenario
-//!     cargo bench --bench send_engine -- s0 first     # some of them
+//!     cargo bench --bench send_engine                 # every scenario, then one summary table
+//!     cargo bench --bench send_engine -- s0 peer      # some of them
 //!
 //! Scenarios:
 //! - `s0`: 20,000 recipients on one page, sandbox without latency or limits, page pacing off
-//!   (`OTN_ENFORCE_PAGE_RATE=false`), SQLite: deliveries per second from StartSend to COMPLETED.
-//! - `first`: the time from StartSend's answer to the first message the sandbox accepts, with
-//!   200,000 recipients to materialise (so materialising all of them first would show).
+//!   (`OTN_ENFORCE_PAGE_RATE=false`), SQLite: deliveries per second from StartSend to COMPLETED
+//!   (the median of `BENCH_RUNS` runs).
+//! - `peer`: the npm `messaging-api-messenger` client against the same sandbox with as many
+//!   tokens: `sendBatch` (50 per request) in 1 and in 8 plain loops, and single `sendMessage`
+//!   calls 64 in flight (`tests/peer/messaging-api-messenger/*-loop.cjs`; needs Node.js and npm).
+//!   S0 and the peer take turns, run by run; the table gives S0's rate divided by each.
+//! - `first`: the time from StartSend to the first message the sandbox accepts, with 200,000
+//!   recipients to materialise on a page paced at 300/s.
 //! - `s1`: 20 pages x 300/s, sandbox latency 150 ms and a 300/s limit per page, 3,000
 //!   recipients each: the achieved share of the limit, and 613s (must be 0).
-//! - `mem`: 1,000,000 recipients on one page, unpaced: peak RSS of otnd (VmHWM) and CPU seconds.
-//! - `peer`: the npm `messaging-api-messenger` client's `sendBatch` in a plain loop (1 and 8
-//!   loops, no persistence) sending the same number of tokens to the same sandbox
-//!   (`tests/peer/messaging-api-messenger/batch-loop.cjs`; needs Node.js and npm): the rate S0
-//!   is compared with.
+//! - `s2`: S1 with 2% of the sandbox's answers throttled (613 or 80006), 1,000 recipients a
+//!   page: nothing may be dropped.
+//! - `s3` (alias `mem`): 1,000,000 recipients on one topic of one page, unpaced: peak RSS.
 //!
-//! Sizes can be changed with `S0_RECIPIENTS`, `S1_PER_PAGE`, `MEM_RECIPIENTS`, `FIRST_RECIPIENTS`.
+//! Every otnd scenario also measures, during the send: time to first call, progress lag
+//! (WatchSend against the sandbox's ledger of acceptances, or its accepted count polled every
+//! 5 ms), GetSend latency (called every 10 ms), CPU seconds of otnd and of the sandbox, peak RSS
+//! (VmHWM, reset after loading) and duplicates (the sandbox's counters).
+//!
+//! Sizes: `S0_RECIPIENTS`, `S1_PER_PAGE`, `S2_PER_PAGE`, `S3_RECIPIENTS` (or `MEM_RECIPIENTS`),
+//! `FIRST_RECIPIENTS`, `BENCH_RUNS` (runs of S0 and of each peer mode, default 3).
+//! `BENCH_PROBES=0` turns the probes off (to see what they cost).
 
 use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use otnd::pb::{
     CreatePageRequest, CreateStoryRequest, GetSendRequest, ListTopicsRequest, PreviewStoryRequest,
-    SendState, StartSendRequest, StoryContent, opt_in_service_client::OptInServiceClient,
-    page_service_client::PageServiceClient, send_service_client::SendServiceClient,
-    story_content::Kind, story_service_client::StoryServiceClient,
+    SendProgress, SendState, StartSendRequest, StoryContent, WatchSendRequest,
+    opt_in_service_client::OptInServiceClient, page_service_client::PageServiceClient,
+    send_service_client::SendServiceClient, story_content::Kind,
+    story_service_client::StoryServiceClient,
 };
 use serde_json::{Value, json};
+use tokio::{task::JoinHandle, time::MissedTickBehavior};
 use tonic::transport::Channel;
 
 const OTND: &str = env!("CARGO_BIN_EXE_otnd");
 const SANDBOX: &str = env!("CARGO_BIN_EXE_graph-sandbox");
 const TOPIC: &str = "Benchmark topic";
+/// The Graph rate limit per page in S1 and S2, and the pace of `first`'s page.
+const PAGE_LIMIT: u32 = 300;
+/// S1's and S2's sandbox latency.
+const LATENCY_MS: u64 = 150;
+/// The sandbox's accepted count is polled this often during a send...
+const STATS_EVERY: Duration = Duration::from_millis(5);
+/// ...and this often until the first message is accepted (time to first call).
+const STATS_EVERY_BEFORE_FIRST: Duration = Duration::from_millis(1);
+/// GetSend is called this often while a send runs.
+const GET_SEND_EVERY: Duration = Duration::from_millis(10);
+/// Events in each opt-in webhook POST the sandbox makes (DESIGN.md: up to 100).
+const WEBHOOK_EVENTS_PER_POST: u64 = 100;
+/// S3's target: 150 MB.
+const S3_RSS_TARGET_MIB: f64 = 150e6 / (1024.0 * 1024.0);
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// `BENCH_PROBES=0` turns off what watches a send (WatchSend, GetSend every 10 ms, the stats
+/// polls), to see what they cost: first call, progress lag and GetSend are then not measured.
+fn probes() -> bool {
+    std::env::var("BENCH_PROBES").map_or(true, |v| v != "0")
+}
+
+fn send_deadline() -> Duration {
+    Duration::from_secs(env_or("BENCH_SEND_DEADLINE_S", 1800))
 }
 
 /// A child process killed when dropped.
@@ -79,6 +122,11 @@ impl Proc {
             .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
             .sum();
         (hwm_kib / 1024.0, ticks / 100.0)
+    }
+
+    /// Resets VmHWM to the current RSS (Linux >= 4.0): later peaks are the send's own.
+    fn reset_peak(&self) -> bool {
+        std::fs::write(format!("/proc/{}/clear_refs", self.0.id()), "5").is_ok()
     }
 }
 
@@ -125,22 +173,27 @@ fn spawn_until(mut command: Command, needle: &str) -> (Proc, String) {
     }
 }
 
+/// A fresh sandbox on port 0: the process and its base URL.
+fn spawn_sandbox(args: &[&str]) -> (Proc, String) {
+    let mut sandbox = Command::new(SANDBOX);
+    sandbox.args(["--addr", "127.0.0.1:0"]).args(args);
+    let (sandbox, line) = spawn_until(sandbox, "graph-sandbox listening on");
+    let url = format!("http://{}", line.rsplit(' ').next().unwrap());
+    (sandbox, url)
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
     otnd: Proc,
     sandbox_proc: Proc,
     sandbox_url: String,
+    client: reqwest::Client,
     channel: Channel,
     http: String,
 }
 
 async fn setup(sandbox_args: &[&str], otnd_env: &[(&str, &str)]) -> Setup {
-    let mut sandbox = Command::new(SANDBOX);
-    sandbox.args(["--addr", "127.0.0.1:0"]).args(sandbox_args);
-    let (sandbox, line) = spawn_until(sandbox, "graph-sandbox listening on");
-    let addr = line.rsplit(' ').next().unwrap().to_string();
-    let sandbox_url = format!("http://{addr}");
-
+    let (sandbox, sandbox_url) = spawn_sandbox(sandbox_args);
     let dir = tempfile::tempdir().unwrap();
     let mut otnd = Command::new(OTND);
     otnd.current_dir(dir.path())
@@ -175,6 +228,7 @@ async fn setup(sandbox_args: &[&str], otnd_env: &[(&str, &str)]) -> Setup {
         otnd,
         sandbox_proc: sandbox,
         sandbox_url,
+        client: otnd::graph::http_client(),
         channel,
         http: field("http_addr"),
     }
@@ -182,14 +236,14 @@ async fn setup(sandbox_args: &[&str], otnd_env: &[(&str, &str)]) -> Setup {
 
 impl Setup {
     async fn sandbox(&self, path: &str, body: Option<Value>) -> Value {
-        let client = otnd::graph::http_client();
+        let url = format!("{}{path}", self.sandbox_url);
         let request = match body {
-            Some(body) => client
-                .post(format!("{}{path}", self.sandbox_url))
-                .json(&body),
-            None => client.get(format!("{}{path}", self.sandbox_url)),
+            Some(body) => self.client.post(url).json(&body),
+            None => self.client.get(url),
         };
-        request.send().await.unwrap().json().await.unwrap()
+        let response = request.send().await.unwrap();
+        assert!(response.status().is_success(), "{path}: {response:?}");
+        response.json().await.unwrap()
     }
 
     /// Registers a page, opts `recipients` users in through signed webhooks, and writes and
@@ -202,7 +256,7 @@ impl Setup {
                 access_token: format!("EAAB-{page}"),
                 app_secret: format!("secret-{page}"),
                 verify_token: String::new(),
-                send_rate_per_second: Some(300),
+                send_rate_per_second: Some(PAGE_LIMIT),
             })
             .await
             .unwrap();
@@ -215,6 +269,11 @@ impl Setup {
             ),
         )
         .await;
+        let loading = Instant::now();
+        let posts_before = self.stats().await["webhook_posts_delivered"]
+            .as_u64()
+            .unwrap();
+        let mut posts = 0;
         let mut left = recipients;
         let mut start = 0;
         while left > 0 {
@@ -229,26 +288,28 @@ impl Setup {
             .await;
             left -= count;
             start += count;
+            posts += count.div_ceil(WEBHOOK_EVENTS_PER_POST);
         }
-        let mut optins = OptInServiceClient::new(self.channel.clone());
-        let deadline = Instant::now() + Duration::from_secs(600);
+        // The sandbox's counters say when otnd has acknowledged every webhook POST (cheap to
+        // poll, unlike counting a million opt-ins); ListTopics then confirms.
+        let deadline = Instant::now() + Duration::from_secs(900);
         loop {
-            let topics = optins
-                .list_topics(ListTopicsRequest {
-                    page_id: page.into(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .topics;
-            if topics
-                .iter()
-                .any(|t| t.topic == TOPIC && t.active == recipients)
-            {
+            let stats = self.stats().await;
+            assert_eq!(stats["webhook_posts_abandoned"], 0, "{stats}");
+            if stats["webhook_posts_delivered"].as_u64().unwrap() - posts_before >= posts {
                 break;
             }
-            assert!(Instant::now() < deadline, "opt-ins did not arrive");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(Instant::now() < deadline, "opt-ins did not arrive: {stats}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let list_topics = self.wait_active(page, recipients).await;
+        if recipients >= 100_000 {
+            println!(
+                "    page {page}: {recipients} opt-ins through signed webhooks in {:.1} s \
+                 (then ListTopics answered in {:.0} ms)",
+                loading.elapsed().as_secs_f64(),
+                ms(list_topics)
+            );
         }
         let mut stories = StoryServiceClient::new(self.channel.clone());
         let story = stories
@@ -280,84 +341,582 @@ impl Setup {
         story.story_id
     }
 
-    async fn start(&self, story_id: &str) -> String {
-        SendServiceClient::new(self.channel.clone())
-            .start_send(StartSendRequest {
-                story_id: story_id.into(),
-                request_id: format!("bench-{story_id}"),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .send
-            .unwrap()
-            .send_id
-    }
-
-    async fn wait_completed(&self, send_ids: &[String]) -> Vec<otnd::pb::SendProgress> {
-        let mut sends = SendServiceClient::new(self.channel.clone());
-        let mut done = Vec::new();
-        for id in send_ids {
-            loop {
-                let send = sends
-                    .get_send(GetSendRequest {
-                        send_id: id.clone(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .send
-                    .unwrap();
-                if send.state() == SendState::Completed {
-                    done.push(send.progress.unwrap());
-                    break;
-                }
-                assert!(
-                    matches!(send.state(), SendState::Running | SendState::Queued),
-                    "{send:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
+    /// Polls until the page's topic has `n` active opt-ins; how long the last ListTopics took.
+    async fn wait_active(&self, page: &str, n: u64) -> Duration {
+        let mut optins = OptInServiceClient::new(self.channel.clone());
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            let asked = Instant::now();
+            let topics = optins
+                .list_topics(ListTopicsRequest {
+                    page_id: page.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .topics;
+            if topics.iter().any(|t| t.topic == TOPIC && t.active == n) {
+                return asked.elapsed();
             }
+            assert!(Instant::now() < deadline, "opt-ins did not arrive");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        done
     }
 
     async fn stats(&self) -> Value {
         self.sandbox("/__sandbox/stats", None).await
     }
+
+    /// Every token message the sandbox accepted, by page: the sandbox's clock (Unix ms), sorted.
+    async fn ledger(&self) -> BTreeMap<String, Vec<i64>> {
+        let messages = self.sandbox("/__sandbox/messages", None).await;
+        let mut per_page: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        for m in messages["messages"].as_array().unwrap() {
+            if m["token"].is_string() {
+                per_page
+                    .entry(m["page_id"].as_str().unwrap().to_string())
+                    .or_default()
+                    .push(m["time_ms"].as_i64().unwrap());
+            }
+        }
+        for times in per_page.values_mut() {
+            times.sort_unstable();
+        }
+        per_page
+    }
+
+    /// Starts a send of each (page, story) and measures it until every one is COMPLETED.
+    async fn measure(&self, sends_of: &[(String, String)]) -> Measured {
+        let (rss_load, _) = self.otnd.usage();
+        let peak_reset = self.otnd.reset_peak();
+        let stats_before = self.stats().await;
+        let baseline = stats_before["accepted"].as_u64().unwrap();
+        let (_, cpu_before) = self.otnd.usage();
+        let (_, sandbox_cpu_before) = self.sandbox_proc.usage();
+        let stop = Arc::new(AtomicBool::new(false));
+        let probes = probes();
+        let poller = probes.then(|| {
+            tokio::spawn(poll_accepted(
+                self.client.clone(),
+                format!("{}/__sandbox/stats", self.sandbox_url),
+                baseline,
+                stop.clone(),
+            ))
+        });
+
+        let mut sends = SendServiceClient::new(self.channel.clone());
+        let started = Instant::now();
+        let mut ids = Vec::new();
+        let mut watchers: Vec<JoinHandle<Vec<Snapshot>>> = Vec::new();
+        for (_, story) in sends_of {
+            let id = sends
+                .start_send(StartSendRequest {
+                    story_id: story.clone(),
+                    request_id: format!("bench-{story}"),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .send
+                .unwrap()
+                .send_id;
+            if probes {
+                watchers.push(tokio::spawn(watch(self.channel.clone(), id.clone())));
+            }
+            ids.push(id);
+        }
+        let start_answered = started.elapsed();
+        let sampler = probes.then(|| {
+            tokio::spawn(sample_get_send(
+                self.channel.clone(),
+                ids.clone(),
+                stop.clone(),
+            ))
+        });
+
+        let deadline = started + send_deadline();
+        let mut streams = Vec::new();
+        for watcher in watchers {
+            let left = deadline.saturating_duration_since(Instant::now());
+            streams.push(
+                tokio::time::timeout(left, watcher)
+                    .await
+                    .expect("the sends finish before the deadline")
+                    .unwrap(),
+            );
+        }
+        // Without probes, nothing streamed: GetSend polls tell when each send ended.
+        streams.resize_with(ids.len(), Vec::new);
+        // The streams end after the send ends; GetSend confirms (and waits, should a stream
+        // have ended early).
+        let mut done = Vec::new();
+        let mut finished_at = Vec::new();
+        for (id, stream) in ids.iter().zip(&streams) {
+            let (progress, polled_at) = wait_finished(&mut sends, id, deadline).await;
+            let streamed = stream.last().filter(|s| is_finished(s.state)).map(|s| s.at);
+            finished_at.push(streamed.unwrap_or(polled_at));
+            done.push(progress);
+        }
+        let all_finished = *finished_at.iter().max().unwrap();
+        let (_, cpu_after) = self.otnd.usage();
+        let (_, sandbox_cpu_after) = self.sandbox_proc.usage();
+        let (rss_send, _) = self.otnd.usage();
+        stop.store(true, Ordering::SeqCst);
+        let get_send_ms = match sampler {
+            Some(sampler) => sampler.await.unwrap(),
+            None => Vec::new(),
+        };
+        let polls = match poller {
+            Some(poller) => poller.await.unwrap(),
+            None => Vec::new(),
+        };
+        let stats = self.stats().await;
+
+        let total: u64 = done.iter().map(|p| p.sent).sum();
+        // The ledger gives each page's k-th acceptance to the millisecond; it is fetched where
+        // it stays small, else the polled accepted count stands in (exact for one send).
+        let ledger = if total <= env_or("BENCH_LEDGER_MAX", 200_000) {
+            Some(self.ledger().await)
+        } else {
+            None
+        };
+        let lags = match &ledger {
+            Some(ledger) => ledger_lags(ledger, sends_of, &streams),
+            None => polled_lags(&polls, &streams),
+        };
+        let reached = |k: u64| polls.iter().find(|p| p.1 >= k).map(|p| p.0);
+        let completion_lag_ms = reached(total)
+            .map(|last_accepted| all_finished.saturating_duration_since(last_accepted))
+            .map(ms);
+        let count = |name: &str| {
+            stats[name].as_u64().unwrap_or(0) - stats_before[name].as_u64().unwrap_or(0)
+        };
+        Measured {
+            elapsed: all_finished.duration_since(started).as_secs_f64(),
+            done,
+            start_answered_ms: ms(start_answered),
+            first_call_ms: reached(1).map(|t| ms(t.duration_since(started))),
+            lags,
+            lag_source: if ledger.is_some() { "ledger" } else { "polled" },
+            ledger,
+            completion_lag_ms,
+            get_send_ms,
+            cpu_otnd: cpu_after - cpu_before,
+            cpu_sandbox: sandbox_cpu_after - sandbox_cpu_before,
+            rss_load,
+            rss_send,
+            peak_reset,
+            duplicate_recipients: count("recipients_with_duplicate_content"),
+            tokens_accepted_twice: count("tokens_accepted_more_than_once"),
+            tokens_presented_twice: count("tokens_presented_more_than_once"),
+            rate_limited: count("rate_limited"),
+        }
+    }
 }
 
-async fn s0() {
-    let recipients = env_or("S0_RECIPIENTS", 20_000);
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn is_finished(state: SendState) -> bool {
+    !matches!(
+        state,
+        SendState::Running | SendState::Queued | SendState::Unspecified
+    )
+}
+
+/// One WatchSend message, as received.
+struct Snapshot {
+    at: Instant,
+    /// The same moment on the wall clock (Unix ms), to compare with the sandbox's ledger.
+    wall_ms: f64,
+    sent: u64,
+    state: SendState,
+}
+
+fn wall_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+async fn watch(channel: Channel, send_id: String) -> Vec<Snapshot> {
+    let mut stream = SendServiceClient::new(channel)
+        .watch_send(WatchSendRequest { send_id })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Ok(Some(message)) = stream.message().await {
+        let at = Instant::now();
+        let wall_ms = wall_ms();
+        let progress = message.progress.unwrap();
+        seen.push(Snapshot {
+            at,
+            wall_ms,
+            sent: progress.sent,
+            state: progress.state(),
+        });
+    }
+    seen
+}
+
+/// Polls GetSend until the send has ended; its final progress and when that was seen.
+async fn wait_finished(
+    sends: &mut SendServiceClient<Channel>,
+    id: &str,
+    deadline: Instant,
+) -> (SendProgress, Instant) {
+    loop {
+        let send = sends
+            .get_send(GetSendRequest { send_id: id.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .send
+            .unwrap();
+        let seen = Instant::now();
+        if is_finished(send.state()) {
+            assert_eq!(send.state(), SendState::Completed, "{send:?}");
+            return (send.progress.unwrap(), seen);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the send did not finish: {send:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The sandbox's accepted count (above `baseline`) over time: each value with the moment a
+/// poll first answered it (the answer's arrival: at most one interval and a round trip late).
+async fn poll_accepted(
+    client: reqwest::Client,
+    url: String,
+    baseline: u64,
+    stop: Arc<AtomicBool>,
+) -> Vec<(Instant, u64)> {
+    let mut seen: Vec<(Instant, u64)> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        if let Ok(response) = client.get(&url).send().await
+            && let Ok(stats) = response.json::<Value>().await
+        {
+            let at = Instant::now();
+            let accepted = stats["accepted"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(baseline);
+            if seen.last().is_none_or(|last| accepted > last.1) {
+                seen.push((at, accepted));
+            }
+        }
+        let any = seen.last().is_some_and(|last| last.1 > 0);
+        tokio::time::sleep(if any {
+            STATS_EVERY
+        } else {
+            STATS_EVERY_BEFORE_FIRST
+        })
+        .await;
+    }
+    seen
+}
+
+/// GetSend latencies (ms), one call every `GET_SEND_EVERY` over the sends in turn.
+async fn sample_get_send(channel: Channel, ids: Vec<String>, stop: Arc<AtomicBool>) -> Vec<f64> {
+    let mut sends = SendServiceClient::new(channel);
+    let mut tick = tokio::time::interval(GET_SEND_EVERY);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut latencies = Vec::new();
+    for id in ids.iter().cycle() {
+        tick.tick().await;
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let began = Instant::now();
+        let answer = sends
+            .get_send(GetSendRequest {
+                send_id: id.clone(),
+            })
+            .await;
+        if answer.is_ok() {
+            latencies.push(ms(began.elapsed()));
+        }
+    }
+    latencies
+}
+
+/// Progress lag from the ledger: for each WatchSend message of the send on page p reporting
+/// `sent` = k > 0, its arrival minus the moment the sandbox accepted p's k-th message.
+fn ledger_lags(
+    ledger: &BTreeMap<String, Vec<i64>>,
+    sends_of: &[(String, String)],
+    streams: &[Vec<Snapshot>],
+) -> Vec<f64> {
+    let mut lags = Vec::new();
+    for ((page, _), stream) in sends_of.iter().zip(streams) {
+        let Some(times) = ledger.get(page) else {
+            continue;
+        };
+        for s in stream {
+            if s.sent > 0
+                && let Some(&accepted) = times.get(s.sent as usize - 1)
+            {
+                lags.push((s.wall_ms - accepted as f64).max(0.0));
+            }
+        }
+    }
+    lags
+}
+
+/// Progress lag from the polled accepted count: for each WatchSend message (the sends' latest
+/// `sent` added up to k > 0), its arrival minus the first poll that saw k; never negative.
+fn polled_lags(polls: &[(Instant, u64)], streams: &[Vec<Snapshot>]) -> Vec<f64> {
+    let mut snapshots: Vec<(Instant, usize, u64)> = streams
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| s.iter().map(move |s| (s.at, i, s.sent)))
+        .collect();
+    snapshots.sort_by_key(|s| s.0);
+    let mut latest = vec![0u64; streams.len()];
+    let mut lags = Vec::new();
+    for (at, send, sent) in snapshots {
+        latest[send] = sent;
+        let k: u64 = latest.iter().sum();
+        if k == 0 {
+            continue;
+        }
+        let first = polls.partition_point(|p| p.1 < k);
+        if let Some((reached, _)) = polls.get(first) {
+            lags.push(ms(at.saturating_duration_since(*reached)));
+        }
+    }
+    lags
+}
+
+/// Nearest-rank percentile of `values` (`p` from 0 to 1).
+fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+struct Measured {
+    /// From the first StartSend call to the moment every send was seen COMPLETED.
+    elapsed: f64,
+    done: Vec<SendProgress>,
+    start_answered_ms: f64,
+    first_call_ms: Option<f64>,
+    lags: Vec<f64>,
+    /// Where the lags' acceptance times come from: "ledger" or "polled".
+    lag_source: &'static str,
+    /// Token messages the sandbox accepted, by page, when fetched.
+    ledger: Option<BTreeMap<String, Vec<i64>>>,
+    completion_lag_ms: Option<f64>,
+    get_send_ms: Vec<f64>,
+    cpu_otnd: f64,
+    cpu_sandbox: f64,
+    rss_load: f64,
+    rss_send: f64,
+    peak_reset: bool,
+    duplicate_recipients: u64,
+    tokens_accepted_twice: u64,
+    tokens_presented_twice: u64,
+    rate_limited: u64,
+}
+
+impl Measured {
+    fn sent(&self) -> u64 {
+        self.done.iter().map(|p| p.sent).sum()
+    }
+
+    fn duplicates(&self) -> u64 {
+        self.duplicate_recipients + self.tokens_accepted_twice + self.tokens_presented_twice
+    }
+
+    fn rate(&self) -> f64 {
+        self.sent() as f64 / self.elapsed
+    }
+
+    /// The figures every otnd scenario prints.
+    fn describe(&self, recipients: u64) -> String {
+        let p = |v: &[f64], q| percentile(v, q).map_or("-".into(), |v| format!("{v:.1}"));
+        format!(
+            "sent {} of {recipients} in {:.2} s = {:.0}/s; StartSend answered in {:.1} ms, first \
+             call after {}; progress lag p50 {} p99 {} ms over {} snapshots ({}), completion seen {} \
+             after the last acceptance; GetSend p50 {} p99 {} ms over {} calls; CPU otnd {:.2} s, \
+             sandbox {:.2} s; otnd peak RSS {:.0} MiB while sending{} ({:.0} MiB before); \
+             duplicate recipients {}, tokens accepted twice {}, presented twice {}; 613/80006 \
+             answers {}",
+            self.sent(),
+            self.elapsed,
+            self.rate(),
+            self.start_answered_ms,
+            fmt_ms(self.first_call_ms),
+            p(&self.lags, 0.5),
+            p(&self.lags, 0.99),
+            self.lags.len(),
+            self.lag_source,
+            fmt_ms(self.completion_lag_ms),
+            p(&self.get_send_ms, 0.5),
+            p(&self.get_send_ms, 0.99),
+            self.get_send_ms.len(),
+            self.cpu_otnd,
+            self.cpu_sandbox,
+            self.rss_send,
+            if self.peak_reset {
+                ""
+            } else {
+                " (VmHWM could not be reset: whole run)"
+            },
+            self.rss_load,
+            self.duplicate_recipients,
+            self.tokens_accepted_twice,
+            self.tokens_presented_twice,
+            self.rate_limited,
+        )
+    }
+
+    /// A table row with the figures every otnd scenario has.
+    fn row(&self, name: String) -> Row {
+        Row {
+            name,
+            rate: Some(self.rate()),
+            duplicates: Some(self.duplicates()),
+            rss_mib: Some(self.rss_send),
+            first_call_ms: self.first_call_ms,
+            lag_p99_ms: percentile(&self.lags, 0.99),
+            get_send_p99_ms: percentile(&self.get_send_ms, 0.99),
+            cpu_otnd: Some(self.cpu_otnd),
+            cpu_sandbox: Some(self.cpu_sandbox),
+            ..Row::default()
+        }
+    }
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1} ms"))
+}
+
+/// One line of the summary table.
+#[derive(Default)]
+struct Row {
+    name: String,
+    rate: Option<f64>,
+    share: Option<String>,
+    duplicates: Option<u64>,
+    rss_mib: Option<f64>,
+    first_call_ms: Option<f64>,
+    lag_p99_ms: Option<f64>,
+    get_send_p99_ms: Option<f64>,
+    /// otnd's; for a peer row, the Node.js client's.
+    cpu_otnd: Option<f64>,
+    cpu_sandbox: Option<f64>,
+    target: String,
+    met: Option<bool>,
+    /// Why a target was missed besides the figure itself (lost deliveries, 613s).
+    note: String,
+}
+
+fn cell(v: Option<f64>, decimals: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.decimals$}"))
+}
+
+fn print_table(rows: &[Row], ratios: &[String]) {
+    let mut out = String::new();
+    out.push_str(
+        "| scenario | deliveries/s | share of limit | duplicates | peak RSS MiB | first call ms \
+         | progress lag p99 ms | GetSend p99 ms | CPU s otnd (peer: node) | CPU s sandbox \
+         | target | met? |\n",
+    );
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+    for r in rows {
+        let met = match r.met {
+            Some(true) => "yes".to_string(),
+            Some(false) if r.note.is_empty() => "**no**".to_string(),
+            Some(false) => format!("**no**: {}", r.note),
+            None => "-".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {met} |",
+            r.name,
+            cell(r.rate, 0),
+            r.share.clone().unwrap_or("-".into()),
+            r.duplicates.map_or("-".into(), |d| d.to_string()),
+            cell(r.rss_mib, 0),
+            cell(r.first_call_ms, 1),
+            cell(r.lag_p99_ms, 1),
+            cell(r.get_send_p99_ms, 1),
+            cell(r.cpu_otnd, 2),
+            cell(r.cpu_sandbox, 2),
+            if r.target.is_empty() { "-" } else { &r.target },
+        );
+    }
+    if !ratios.is_empty() {
+        out.push('\n');
+    }
+    for ratio in ratios {
+        let _ = writeln!(out, "- {ratio}");
+    }
+    println!("\n{out}");
+}
+
+async fn s0_once(recipients: u64) -> Measured {
     let s = setup(&[], &[("OTN_ENFORCE_PAGE_RATE", "false")]).await;
     let story = s.page_with_story("1000", recipients).await;
-    let (_, cpu_before) = s.otnd.usage();
-    let (_, sandbox_before) = s.sandbox_proc.usage();
-    let started = Instant::now();
-    let send = s.start(&story).await;
-    let done = s.wait_completed(&[send]).await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let stats = s.stats().await;
-    let (rss, cpu) = s.otnd.usage();
-    let (_, sandbox_cpu) = s.sandbox_proc.usage();
-    assert_eq!(done[0].sent, recipients);
-    println!(
-        "S0  unthrottled, no latency, SQLite: {recipients} recipients in {elapsed:.2} s = {:.0} deliveries/s \
-         (CPU while sending: otnd {:.2} s, sandbox {:.2} s; otnd peak RSS {rss:.0} MiB; duplicates {}, \
-         tokens accepted twice {})",
-        recipients as f64 / elapsed,
-        cpu - cpu_before,
-        sandbox_cpu - sandbox_before,
-        stats["recipients_with_duplicate_content"],
-        stats["tokens_accepted_more_than_once"]
-    );
+    s.measure(&[("1000".into(), story)]).await
 }
 
-async fn first_call() {
+fn s0_recipients() -> u64 {
+    env_or("S0_RECIPIENTS", 20_000)
+}
+
+/// S0's row: its median run by deliveries/s.
+fn s0_row(mut measured: Vec<Measured>) -> Row {
+    let recipients = s0_recipients();
+    let runs = measured.len();
+    measured.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    let rates: Vec<String> = measured
+        .iter()
+        .map(|m| format!("{:.0}", m.rate()))
+        .collect();
+    let median = &measured[runs / 2];
+    println!(
+        "S0  deliveries/s over {runs} runs: {} (median {:.0})",
+        rates.join(", "),
+        median.rate()
+    );
+    let mut row = median.row(format!(
+        "S0: {recipients} recipients, unthrottled, no latency (median of {runs})"
+    ));
+    let lost = median.sent() != recipients;
+    row.met = Some(!lost && median.duplicates() == 0);
+    row.note = check_note(lost, median);
+    row
+}
+
+/// Why a run fails whatever its figure: deliveries lost, or duplicates.
+fn check_note(lost: bool, m: &Measured) -> String {
+    let mut notes = Vec::new();
+    if lost {
+        notes.push(format!("sent {}", m.sent()));
+    }
+    if m.duplicates() > 0 {
+        notes.push(format!("{} duplicates", m.duplicates()));
+    }
+    notes.join(", ")
+}
+
+async fn first_call() -> Row {
     let recipients = env_or("FIRST_RECIPIENTS", 200_000);
-    let s = setup(&["--rate-limit-per-page", "300"], &[]).await;
+    let limit = PAGE_LIMIT.to_string();
+    let s = setup(&["--rate-limit-per-page", &limit], &[]).await;
     let story = s.page_with_story("2000", recipients).await;
-    let accepted_before = s.stats().await["accepted"].as_u64().unwrap();
+    let baseline = s.stats().await["accepted"].as_u64().unwrap();
     let mut sends = SendServiceClient::new(s.channel.clone());
     let started = Instant::now();
     let send = sends
@@ -371,76 +930,56 @@ async fn first_call() {
         .send
         .unwrap();
     let answered = started.elapsed();
-    loop {
-        if s.stats().await["accepted"].as_u64().unwrap() > accepted_before {
-            break;
+    let deadline = started + Duration::from_secs(30);
+    // Polled as `measure` does before the first acceptance: late by one interval at most.
+    let first = loop {
+        if s.stats().await["accepted"].as_u64().unwrap() > baseline {
+            break Some(ms(started.elapsed()));
         }
-        assert!(started.elapsed() < Duration::from_secs(30));
-    }
-    let first = started.elapsed();
+        if Instant::now() >= deadline {
+            break None;
+        }
+        tokio::time::sleep(STATS_EVERY_BEFORE_FIRST).await;
+    };
     println!(
-        "first call: {recipients} recipients, 300/s page: StartSend answered in {:.1} ms, \
-         first message accepted by the sandbox {:.1} ms after StartSend was called",
-        answered.as_secs_f64() * 1000.0,
-        first.as_secs_f64() * 1000.0
+        "first call: {recipients} recipients, {PAGE_LIMIT}/s page: StartSend answered in {:.1} ms, \
+         first message accepted by the sandbox {} after StartSend was called",
+        ms(answered),
+        fmt_ms(first)
     );
     let _ = sends
         .cancel_send(otnd::pb::CancelSendRequest {
             send_id: send.send_id,
         })
         .await;
+    Row {
+        name: format!("first: {recipients} recipients, {PAGE_LIMIT}/s page"),
+        first_call_ms: first,
+        target: "≤ 200 ms (README)".into(),
+        met: first.map(|f| f <= 200.0),
+        ..Row::default()
+    }
 }
 
-async fn s1() {
-    let per_page = env_or("S1_PER_PAGE", 3_000);
-    let pages = 20;
-    let s = setup(
-        &["--latency-ms", "150", "--rate-limit-per-page", "300"],
-        &[],
-    )
-    .await;
-    let mut stories = Vec::new();
-    for p in 0..pages {
-        stories.push(s.page_with_story(&format!("{}", 3000 + p), per_page).await);
-    }
-    let (_, cpu_before) = s.otnd.usage();
-    let (_, sandbox_before) = s.sandbox_proc.usage();
-    let started = Instant::now();
-    let mut ids = Vec::new();
-    for story in &stories {
-        ids.push(s.start(story).await);
-    }
-    let done = s.wait_completed(&ids).await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let total: u64 = done.iter().map(|p| p.sent).sum();
-    let stats = s.stats().await;
-    let limit = 300.0 * f64::from(pages);
-    // The last page's last answer arrives 150 ms after its call: not time spent sending.
-    let sending = elapsed - 0.15;
-    // Steady state, from the sandbox's ledger: each page's calls between its first and last
-    // second, over that span.
-    let messages = s.sandbox("/__sandbox/messages", None).await;
-    let mut per_page: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
-    for m in messages["messages"].as_array().unwrap() {
-        if m["token"].is_string() {
-            per_page
-                .entry(m["page_id"].as_str().unwrap().to_string())
-                .or_default()
-                .push(m["time_ms"].as_i64().unwrap());
-        }
-    }
+/// Shares of the limit from the sandbox's ledger: (steady, lowest page's steady, first call to
+/// last). Steady: each page's accepted calls after its first and before its last second, over
+/// that span; none for a page that sent for less than about three seconds.
+fn shares(
+    per_page: &BTreeMap<String, Vec<i64>>,
+    per_second: f64,
+) -> (Option<f64>, Option<f64>, f64) {
     let shares: Vec<f64> = per_page
-        .values_mut()
-        .map(|times| {
-            times.sort_unstable();
+        .values()
+        .filter_map(|times| {
             let (first, last) = (times[0] + 1000, times[times.len() - 1] - 1000);
             let inside = times.iter().filter(|&&t| t >= first && t < last).count();
-            inside as f64 / ((last - first) as f64 / 1000.0) / 300.0
+            (last - first >= 1000)
+                .then(|| inside as f64 / ((last - first) as f64 / 1000.0) / per_second)
         })
         .collect();
     if std::env::var_os("BENCH_S1_SECONDS").is_some() {
         for (page, times) in per_page.iter().take(2) {
-            let mut seconds: std::collections::BTreeMap<i64, usize> = Default::default();
+            let mut seconds: BTreeMap<i64, usize> = BTreeMap::new();
             for t in times {
                 *seconds.entry(t / 1000).or_default() += 1;
             }
@@ -455,132 +994,303 @@ async fn s1() {
             );
         }
     }
-    // From the first call any page made to the last one (the sandbox's clock): ramp included.
     let all: Vec<i64> = per_page.values().flatten().copied().collect();
     let span_s = (all.iter().max().unwrap() - all.iter().min().unwrap()) as f64 / 1000.0;
-    let span_share = all.len() as f64 / span_s / limit;
-    let steady = shares.iter().sum::<f64>() / shares.len() as f64;
-    let worst = shares.iter().copied().fold(f64::INFINITY, f64::min);
-    let (rss, cpu) = s.otnd.usage();
-    let (_, sandbox_cpu) = s.sandbox_proc.usage();
-    println!(
-        "S1  share of the limit: {steady:.3} in steady state (each page's calls after its first \
-         and before its last second; lowest page {worst:.3}), {span_share:.3} from the first call \
-         to the last; CPU while sending: otnd {:.1} s, sandbox {:.1} s",
-        cpu - cpu_before,
-        sandbox_cpu - sandbox_before
-    );
-    println!(
-        "S1  {pages} pages x 300/s, 150 ms latency: {total} deliveries in {elapsed:.2} s = {:.0}/s, \
-         {:.3} of the {limit:.0}/s limit (613 answers: {}, otnd CPU {cpu:.1} s, peak RSS {rss:.0} MiB)",
-        total as f64 / sending,
-        total as f64 / sending / limit,
-        stats["rate_limited"]
-    );
+    let span_share = all.len() as f64 / span_s / (per_second * per_page.len() as f64);
+    let steady = (!shares.is_empty()).then(|| shares.iter().sum::<f64>() / shares.len() as f64);
+    let worst = shares.iter().copied().reduce(f64::min);
+    (steady, worst, span_share)
 }
 
-async fn mem() {
-    let recipients = env_or("MEM_RECIPIENTS", 1_000_000);
+/// S1 (`throttle_rate` 0) and S2: 20 pages x 300/s, 150 ms latency.
+async fn paced(name: &str, per_page: u64, throttle_rate: f64) -> Row {
+    let pages = 20;
+    let limit = PAGE_LIMIT.to_string();
+    let latency = LATENCY_MS.to_string();
+    let s = setup(
+        &["--latency-ms", &latency, "--rate-limit-per-page", &limit],
+        &[],
+    )
+    .await;
+    let mut stories = Vec::new();
+    for p in 0..pages {
+        let page = format!("{}", 3000 + p);
+        let story = s.page_with_story(&page, per_page).await;
+        stories.push((page, story));
+    }
+    if throttle_rate > 0.0 {
+        // Only now: the reviews' previews above must not be throttled.
+        let mut faults = s.sandbox("/__sandbox/faults", None).await;
+        faults["throttle_rate"] = json!(throttle_rate);
+        let set = s.sandbox("/__sandbox/faults", Some(faults)).await;
+        assert_eq!(set["throttle_rate"], json!(throttle_rate), "{set}");
+    }
+    let m = s.measure(&stories).await;
+    let recipients = per_page * pages;
+    let limit_total = f64::from(PAGE_LIMIT) * pages as f64;
+    let ledger = match &m.ledger {
+        Some(ledger) => ledger.clone(),
+        None => s.ledger().await,
+    };
+    let (steady, worst, span) = shares(&ledger, f64::from(PAGE_LIMIT));
+    // The last answers arrive one latency after their calls: not time spent sending.
+    let overall = m.sent() as f64 / (m.elapsed - LATENCY_MS as f64 / 1000.0) / limit_total;
+    println!(
+        "{name}  {pages} pages x {PAGE_LIMIT}/s, {LATENCY_MS} ms latency, throttle rate {throttle_rate}: {}",
+        m.describe(recipients)
+    );
+    println!(
+        "{name}  share of the limit: {} in steady state (lowest page {}), \
+         {span:.3} from the first call to the last (sandbox clock), {overall:.3} from StartSend \
+         to COMPLETED",
+        cell(steady, 3),
+        cell(worst, 3)
+    );
+    let mut row = m.row(format!(
+        "{name}: {pages} pages x {PAGE_LIMIT}/s, {LATENCY_MS} ms latency{}, {per_page}/page",
+        if throttle_rate > 0.0 {
+            format!(", {:.0}% throttled", throttle_rate * 100.0)
+        } else {
+            String::new()
+        }
+    ));
+    row.share = Some(format!("{} steady, {overall:.3} overall", cell(steady, 3)));
+    let lost = m.sent() != recipients;
+    let mut note = check_note(lost, &m);
+    if throttle_rate > 0.0 {
+        row.target = "sent = recipients, 0 duplicates".into();
+        row.met = Some(!lost && m.duplicates() == 0);
+    } else {
+        row.target = "≥ 0.98 of the limit (steady), no 613".into();
+        if m.rate_limited > 0 {
+            note = [note, format!("{} × 613", m.rate_limited)]
+                .into_iter()
+                .filter(|n| !n.is_empty())
+                .collect::<Vec<_>>()
+                .join(", ");
+        }
+        row.met = Some(
+            steady.is_some_and(|share| share >= 0.98)
+                && !lost
+                && m.duplicates() == 0
+                && m.rate_limited == 0,
+        );
+    }
+    row.note = note;
+    row
+}
+
+async fn s3() -> Row {
+    let recipients = std::env::var("S3_RECIPIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| env_or("MEM_RECIPIENTS", 1_000_000));
     let s = setup(&[], &[("OTN_ENFORCE_PAGE_RATE", "false")]).await;
     let story = s.page_with_story("4000", recipients).await;
-    let (rss_loaded, _) = s.otnd.usage();
-    // Resets VmHWM (Linux >= 4.0): the peak below is the send's, not the loading's.
-    let _ = std::fs::write(format!("/proc/{}/clear_refs", s.otnd.0.id()), "5");
-    let started = Instant::now();
-    let send = s.start(&story).await;
-    let done = s.wait_completed(&[send]).await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let (rss, cpu) = s.otnd.usage();
+    let m = s.measure(&[("4000".into(), story)]).await;
     println!(
-        "mem {recipients} recipients, unpaced: peak RSS while sending {rss:.0} MiB (peak while \
-         loading the opt-ins {rss_loaded:.0} MiB), sent {} in {elapsed:.1} s = {:.0}/s, otnd CPU {cpu:.1} s",
-        done[0].sent,
-        done[0].sent as f64 / elapsed
+        "S3  {recipients} opt-ins on one topic, unpaced: {}",
+        m.describe(recipients)
     );
+    let mut row = m.row(format!("S3: {recipients} opt-ins on one topic, unpaced"));
+    let lost = m.sent() != recipients;
+    row.target = format!("peak RSS ≤ 150 MB ({S3_RSS_TARGET_MIB:.0} MiB)");
+    row.met = Some(m.rss_send <= S3_RSS_TARGET_MIB && !lost && m.duplicates() == 0);
+    row.note = check_note(lost, &m);
+    row
 }
 
-async fn peer() {
-    let tokens = env_or("S0_RECIPIENTS", 20_000);
+#[derive(Clone, Copy)]
+enum PeerMode {
+    Batch { loops: u32 },
+    Single { in_flight: u32 },
+}
+
+impl PeerMode {
+    fn label(self) -> String {
+        match self {
+            PeerMode::Batch { loops: 1 } => "sendBatch, 1 loop".into(),
+            PeerMode::Batch { loops } => format!("sendBatch, {loops} loops"),
+            PeerMode::Single { in_flight } => format!("single sendMessage, {in_flight} in flight"),
+        }
+    }
+}
+
+struct PeerRun {
+    rate: f64,
+    accepted: u64,
+    seconds: f64,
+    node_cpu: f64,
+    node_rss: f64,
+    sandbox_cpu: f64,
+    duplicates: u64,
+}
+
+async fn peer_once(dir: &std::path::Path, mode: PeerMode, tokens: u64) -> PeerRun {
+    let (sandbox, url) = spawn_sandbox(&[]);
+    let client = otnd::graph::http_client();
+    let admin = |path: &str, body: Value| {
+        let request = client.post(format!("{url}{path}")).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            assert!(response.status().is_success(), "{response:?}");
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    admin(
+        "/__sandbox/pages",
+        json!({"page_id": "5000", "access_token": "EAAB-peer", "app_secret": "peer"}),
+    )
+    .await;
+    let issued = admin(
+        "/__sandbox/optins",
+        json!({"page_id": "5000", "psid_prefix": "p", "count": tokens,
+            "payload": TOPIC, "deliver_webhook": false}),
+    )
+    .await;
+    let list: Vec<&str> = issued["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let file = dir.join("tokens.txt");
+    std::fs::write(&file, list.join("\n")).unwrap();
+    let (_, cpu_before) = sandbox.usage();
+    let mut node = Command::new("node");
+    node.current_dir(dir)
+        .env("SANDBOX_URL", &url)
+        .env("PAGE_TOKEN", "EAAB-peer")
+        .env("APP_SECRET", "peer")
+        .env("TOKENS_FILE", &file);
+    match mode {
+        PeerMode::Batch { loops } => node.arg("batch-loop.cjs").env("LOOPS", loops.to_string()),
+        PeerMode::Single { in_flight } => node
+            .arg("single-loop.cjs")
+            .env("IN_FLIGHT", in_flight.to_string()),
+    };
+    let output = node.output().expect("node runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (_, cpu_after) = sandbox.usage();
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let stats: Value = client
+        .get(format!("{url}/__sandbox/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let count = |name: &str| stats[name].as_u64().unwrap_or(0);
+    PeerRun {
+        rate: result["per_second"].as_f64().unwrap(),
+        accepted: result["accepted"].as_u64().unwrap(),
+        seconds: result["seconds"].as_f64().unwrap(),
+        node_cpu: result["cpu_seconds"].as_f64().unwrap_or(f64::NAN),
+        node_rss: result["max_rss_mib"].as_f64().unwrap_or(f64::NAN),
+        sandbox_cpu: cpu_after - cpu_before,
+        duplicates: count("recipients_with_duplicate_content")
+            + count("tokens_accepted_more_than_once")
+            + count("tokens_presented_more_than_once"),
+    }
+}
+
+const PEER_MODES: [PeerMode; 3] = [
+    PeerMode::Batch { loops: 1 },
+    PeerMode::Batch { loops: 8 },
+    PeerMode::Single { in_flight: 64 },
+];
+
+/// The peer scripts with their npm dependencies installed (`npm ci`), in a directory of their own.
+fn install_peer() -> tempfile::TempDir {
     let source =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peer/messaging-api-messenger");
     let dir = tempfile::tempdir().unwrap();
-    for file in ["package.json", "package-lock.json", "batch-loop.cjs"] {
+    for file in [
+        "package.json",
+        "package-lock.json",
+        "batch-loop.cjs",
+        "single-loop.cjs",
+    ] {
         std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
     }
     let npm = Command::new("npm")
         .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
         .current_dir(dir.path())
+        .stdout(Stdio::null())
         .status()
         .expect("npm runs");
     assert!(npm.success(), "npm ci failed");
-    for loops in [1, 8] {
-        let mut sandbox = Command::new(SANDBOX);
-        sandbox.args(["--addr", "127.0.0.1:0"]);
-        let (sandbox, line) = spawn_until(sandbox, "graph-sandbox listening on");
-        let url = format!("http://{}", line.rsplit(' ').next().unwrap());
-        let client = otnd::graph::http_client();
-        client
-            .post(format!("{url}/__sandbox/pages"))
-            .json(&json!({"page_id": "5000", "access_token": "EAAB-peer", "app_secret": "peer"}))
-            .send()
-            .await
-            .unwrap();
-        let issued: Value = client
-            .post(format!("{url}/__sandbox/optins"))
-            .json(
-                &json!({"page_id": "5000", "psid_prefix": "p", "count": tokens,
-                "payload": TOPIC, "deliver_webhook": false}),
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let list: Vec<&str> = issued["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_str().unwrap())
-            .collect();
-        let file = dir.path().join("tokens.txt");
-        std::fs::write(&file, list.join("\n")).unwrap();
-        let (_, cpu_before) = sandbox.usage();
-        let output = Command::new("node")
-            .arg("batch-loop.cjs")
-            .current_dir(dir.path())
-            .env("SANDBOX_URL", &url)
-            .env("PAGE_TOKEN", "EAAB-peer")
-            .env("APP_SECRET", "peer")
-            .env("TOKENS_FILE", &file)
-            .env("LOOPS", loops.to_string())
-            .output()
-            .expect("node runs");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let result: Value = serde_json::from_slice(&output.stdout).unwrap();
-        let (_, cpu) = sandbox.usage();
-        println!(
-            "peer messaging-api-messenger sendBatch, {loops} loop(s): {} of {tokens} accepted in \
-             {:.2} s = {:.0} sends/s (sandbox CPU {:.2} s)",
-            result["accepted"],
-            result["seconds"].as_f64().unwrap(),
-            result["per_second"].as_f64().unwrap(),
-            cpu - cpu_before
-        );
-    }
+    dir
 }
+
+/// One peer run, printed.
+async fn peer_run(dir: &std::path::Path, mode: PeerMode, run: u64, runs: u64) -> PeerRun {
+    let tokens = s0_recipients();
+    let r = peer_once(dir, mode, tokens).await;
+    println!(
+        "peer messaging-api-messenger {}, run {run}/{runs}: {} of {tokens} accepted in {:.2} s \
+         = {:.0} sends/s (node CPU {:.2} s, peak RSS {:.0} MiB; sandbox CPU {:.2} s; \
+         duplicates {})",
+        mode.label(),
+        r.accepted,
+        r.seconds,
+        r.rate,
+        r.node_cpu,
+        r.node_rss,
+        r.sandbox_cpu,
+        r.duplicates
+    );
+    r
+}
+
+/// A peer mode's row: its median run by sends/s, and that rate.
+fn peer_row(mode: PeerMode, mut measured: Vec<PeerRun>) -> (PeerMode, f64, Row) {
+    let tokens = s0_recipients();
+    let runs = measured.len();
+    measured.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    let median = &measured[runs / 2];
+    let row = Row {
+        name: format!("peer: {} ({tokens} tokens, median of {runs})", mode.label()),
+        rate: Some(median.rate),
+        duplicates: Some(median.duplicates),
+        rss_mib: Some(median.node_rss),
+        cpu_otnd: Some(median.node_cpu),
+        cpu_sandbox: Some(median.sandbox_cpu),
+        note: if median.accepted == tokens {
+            String::new()
+        } else {
+            format!("accepted {}", median.accepted)
+        },
+        ..Row::default()
+    };
+    (mode, median.rate, row)
+}
+
+const SCENARIOS: [&str; 6] = ["s0", "peer", "first", "s1", "s2", "s3"];
 
 fn main() {
     // `cargo bench` passes `--bench`; scenario names are the other arguments.
-    let wanted: Vec<String> = std::env::args()
+    let mut wanted: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
+        .map(|a| if a == "mem" { "s3".into() } else { a })
         .collect();
-    let run = |name: &str| wanted.is_empty() || wanted.iter().any(|w| w == name);
+    if wanted.is_empty() || wanted.iter().any(|w| w == "all") {
+        wanted = SCENARIOS.iter().map(|s| s.to_string()).collect();
+    }
+    for w in &wanted {
+        assert!(
+            SCENARIOS.contains(&w.as_str()),
+            "unknown scenario {w:?}: one of {SCENARIOS:?}, mem or all"
+        );
+    }
+    let run = |name: &str| wanted.iter().any(|w| w == name);
+    let runs = env_or("BENCH_RUNS", 3).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -590,21 +1300,83 @@ fn main() {
         "send engine benchmark, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    runtime.block_on(async {
-        if run("s0") {
-            s0().await;
+    let began = Instant::now();
+    let (rows, ratios) = runtime.block_on(async {
+        let mut rows = Vec::new();
+        // S0 and the peer take turns, round by round: both see the same machine.
+        let peer_dir = run("peer").then(install_peer);
+        let mut s0_runs = Vec::new();
+        let mut peer_runs: Vec<Vec<PeerRun>> = PEER_MODES.iter().map(|_| Vec::new()).collect();
+        for round in 1..=runs {
+            if run("s0") {
+                let recipients = s0_recipients();
+                let m = s0_once(recipients).await;
+                println!(
+                    "S0  unthrottled, no latency, SQLite, run {round}/{runs}: {}",
+                    m.describe(recipients)
+                );
+                s0_runs.push(m);
+            }
+            if let Some(dir) = &peer_dir {
+                for (mode, measured) in PEER_MODES.iter().zip(&mut peer_runs) {
+                    measured.push(peer_run(dir.path(), *mode, round, runs).await);
+                }
+            }
         }
+        let s0_row = (!s0_runs.is_empty()).then(|| s0_row(s0_runs));
+        let peers: Vec<(PeerMode, f64, Row)> = if peer_dir.is_some() {
+            PEER_MODES
+                .iter()
+                .zip(peer_runs)
+                .map(|(mode, measured)| peer_row(*mode, measured))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut ratios = Vec::new();
+        if let Some(mut row) = s0_row {
+            let s0_rate = row.rate.unwrap_or(0.0);
+            for (mode, rate, _) in &peers {
+                ratios.push(format!(
+                    "otnd S0 / peer {}: {:.2}×",
+                    mode.label(),
+                    s0_rate / rate
+                ));
+            }
+            row.target = "≥ 2× the peer's sendBatch (1 loop)".into();
+            let batch = peers
+                .iter()
+                .find(|(mode, ..)| matches!(mode, PeerMode::Batch { loops: 1 }));
+            match batch {
+                Some((_, rate, _)) => {
+                    row.met = Some(row.met.unwrap_or(true) && s0_rate >= 2.0 * rate);
+                }
+                None => {
+                    row.target.push_str(": peer not run");
+                    row.met = None;
+                }
+            }
+            rows.push(row);
+        }
+        rows.extend(peers.into_iter().map(|(.., row)| row));
         if run("first") {
-            first_call().await;
+            rows.push(first_call().await);
         }
         if run("s1") {
-            s1().await;
+            rows.push(paced("S1", env_or("S1_PER_PAGE", 3_000), 0.0).await);
         }
-        if run("mem") {
-            mem().await;
+        if run("s2") {
+            rows.push(paced("S2", env_or("S2_PER_PAGE", 1_000), 0.02).await);
         }
-        if run("peer") {
-            peer().await;
+        if run("s3") {
+            rows.push(s3().await);
         }
+        (rows, ratios)
     });
+    print_table(&rows, &ratios);
+    println!(
+        "whole run {:.0} s; {} cores",
+        began.elapsed().as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
 }

@@ -1,6 +1,7 @@
 // The peer of the send-engine benchmark: what a user would otherwise write, the npm
 // `messaging-api-messenger` client sending one-time-token messages with `sendBatch` (50 per
-// request) in a plain loop, no persistence, `LOOPS` loops side by side. Prints one JSON line.
+// request) in a plain loop, no persistence, `LOOPS` loops side by side. Prints one JSON line
+// (with the process's CPU seconds while sending and its peak RSS).
 //
 // Environment: SANDBOX_URL, PAGE_TOKEN, APP_SECRET, TOKENS_FILE (one token per line), LOOPS.
 const fs = require('node:fs');
@@ -17,6 +18,7 @@ async function main() {
   const loops = Number(process.env.LOOPS || 1);
   let next = 0;
   let accepted = 0;
+  const cpuBefore = process.cpuUsage();
   const started = process.hrtime.bigint();
   async function loop() {
     while (next < tokens.length) {
@@ -32,7 +34,17 @@ async function main() {
   }
   await Promise.all(Array.from({ length: loops }, loop));
   const seconds = Number(process.hrtime.bigint() - started) / 1e9;
-  console.log(JSON.stringify({ loops, accepted, seconds, per_second: accepted / seconds }));
+  const cpu = process.cpuUsage(cpuBefore);
+  console.log(
+    JSON.stringify({
+      loops,
+      accepted,
+      seconds,
+      per_second: accepted / seconds,
+      cpu_seconds: (cpu.user + cpu.system) / 1e6,
+      max_rss_mib: process.resourceUsage().maxRSS / 1024,
+    }),
+  );
 }
 
 main().catch((error) => {
