@@ -229,14 +229,22 @@ async fn lease_round(
         .chain(held.iter().copied())
         .collect();
     let target = all.len().div_ceil(live);
-    let wanted: Vec<&String> = work.iter().filter(|p| !held.contains(p.as_str())).collect();
+    // Only pages nobody holds (or whose lease lapsed): trying one another instance holds would
+    // wait on its steps' row locks for nothing.
+    let taken = leases::held_by_others(db, &settings.instance, now).await?;
+    let wanted: Vec<&String> = work
+        .iter()
+        .filter(|p| !held.contains(p.as_str()) && !taken.contains(p.as_str()))
+        .collect();
     let held = held.len() - acquired.len();
     if !wanted.is_empty() && held + acquired.len() < target {
         // The less loaded an instance, the sooner it tries: new pages go to the least loaded.
         let wait = Duration::from_millis(25 * (held + acquired.len()) as u64).min(settings.ttl / 6);
         tokio::time::sleep(wait).await;
+        // A round must end well within a lease, or this instance's own leases would lapse.
+        let until = std::time::Instant::now() + settings.ttl / 6;
         for page_id in wanted {
-            if held + acquired.len() >= target {
+            if held + acquired.len() >= target || std::time::Instant::now() > until {
                 break;
             }
             if let Some(fence) =

@@ -68,7 +68,7 @@ pub async fn acquire(
     // wait a moment, then end the expired holder's sessions (its open transactions roll back,
     // so nothing of them lands) and try again at the next round.
     let txn = db.begin().await?;
-    txn.execute_unprepared("SET LOCAL lock_timeout = '1s'")
+    txn.execute_unprepared("SET LOCAL lock_timeout = '250ms'")
         .await?;
     match try_acquire(&txn, page_id, owner, ttl_ms, now).await {
         Ok(granted) => {
@@ -198,6 +198,25 @@ pub async fn release(db: &impl ConnectionTrait, fence: &Fence) -> Result<bool, S
         .push(" AND generation = ")
         .bind(fence.generation);
     Ok(db.execute_raw(sql.statement()).await?.rows_affected() == 1)
+}
+
+/// Pages whose unexpired lease another instance holds.
+pub async fn held_by_others(
+    db: &impl ConnectionTrait,
+    owner: &str,
+    now: i64,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    #[derive(FromQueryResult)]
+    struct Held {
+        page_id: String,
+    }
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("SELECT page_id FROM page_leases WHERE owner <> ")
+        .bind(owner)
+        .push(" AND expires_at > ")
+        .bind(now);
+    let rows = Held::find_by_statement(sql.statement()).all(db).await?;
+    Ok(rows.into_iter().map(|h| h.page_id).collect())
 }
 
 /// Records that `instance` is alive.
