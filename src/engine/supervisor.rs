@@ -46,6 +46,9 @@ pub struct Supervisor {
     ticking: bool,
     /// Something asked for a round while one ran: another follows at once.
     tick_again: bool,
+    /// Pages being handed over (draining, then released): still leased here, not to be taken
+    /// back as an earlier life's.
+    handing: HashSet<String>,
 }
 
 /// Where requests about a page go.
@@ -70,6 +73,7 @@ impl Supervisor {
             leases,
             ticking: false,
             tick_again: false,
+            handing: HashSet::new(),
         }
     }
 
@@ -101,7 +105,7 @@ impl Supervisor {
         self.tick_again = false;
         let db = self.deps.store.db.clone();
         let settings = self.leases.clone();
-        let running: HashSet<String> = self.pages.keys().cloned().collect();
+        let running: HashSet<String> = self.pages.keys().chain(&self.handing).cloned().collect();
         ctx.spawn(
             async move { lease_round(&db, &settings, &running).await }
                 .into_actor(self)
@@ -164,6 +168,7 @@ impl Supervisor {
             };
             let db = self.deps.store.db.clone();
             tracing::info!(%page_id, target = round.target, "handing the page to a less loaded instance");
+            self.handing.insert(page_id.clone());
             ctx.spawn(
                 async move {
                     if let Some(addr) = &owned.addr {
@@ -174,8 +179,12 @@ impl Supervisor {
                         tracing::warn!(page_id = %owned.fence.page_id, error = %err,
                             "could not release the page's lease; it expires by itself");
                     }
+                    owned.fence.page_id
                 }
-                .into_actor(self),
+                .into_actor(self)
+                .map(|page_id, act, _| {
+                    act.handing.remove(&page_id);
+                }),
             );
         }
     }
