@@ -6,14 +6,23 @@
 //!   page, `FLEET_PER_PAGE` recipients each (default 1,500), with 1 and then 3 instances on a
 //!   fresh database each: deliveries per second from the first StartSend to the last send
 //!   COMPLETED, and the share of the 15,000/s limit.
-//! - failover: 3 instances sending; the one holding the most pages is SIGKILLed; the time until
-//!   another instance holds every one of its pages (lease `FLEET_LEASE_SECONDS`, default 10).
+//! - failover: 3 instances sending on up to 12 pages (recipients enough to outlast the kill);
+//!   the one holding the most pages is SIGKILLed; the time until another instance holds every
+//!   one of its pages (lease `FLEET_LEASE_SECONDS`, default 10).
+//!
+//! `FLEET_ECHO=1` shows the children's output (otnd logs at `warn`).
+//!
+//! `FLEET_CPU_PER_INSTANCE` (cores, e.g. `0.25`; default off) gives every otnd its own CPU
+//! budget, a cgroup with that quota: how instances on machines of their own would scale, where
+//! one machine's few cores would otherwise be shared by all of them, the sandbox and PostgreSQL.
+//! Needs a writable cgroup `cpu` controller (v2 `cpu.max` or v1 `cpu.cfs_quota_us`).
 //!
 //! PostgreSQL: `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) names the
 //! server; each run creates its own database and drops it.
 
 use std::{
     io::{BufRead, BufReader},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -51,7 +60,69 @@ impl Drop for Proc {
     }
 }
 
-fn spawn_until(mut command: Command, needle: &str) -> (Proc, String) {
+/// A cgroup whose processes share `cores` of CPU time, removed when dropped (after its
+/// processes are gone).
+struct CpuBudget {
+    dir: PathBuf,
+}
+
+impl CpuBudget {
+    fn new(name: &str, cores: f64) -> Result<CpuBudget, String> {
+        const PERIOD_US: u64 = 100_000;
+        let quota_us = ((cores * PERIOD_US as f64) as u64).max(1_000);
+        let unified = std::fs::read_to_string("/sys/fs/cgroup/cgroup.subtree_control")
+            .is_ok_and(|controllers| controllers.split_whitespace().any(|c| c == "cpu"));
+        let (dir, file, value) = if unified {
+            let dir = PathBuf::from(format!("/sys/fs/cgroup/{name}"));
+            (dir, "cpu.max", format!("{quota_us} {PERIOD_US}"))
+        } else {
+            let dir = PathBuf::from(format!("/sys/fs/cgroup/cpu/{name}"));
+            (dir, "cpu.cfs_quota_us", quota_us.to_string())
+        };
+        let budget = CpuBudget { dir };
+        let _ = std::fs::create_dir(&budget.dir);
+        if !unified {
+            std::fs::write(budget.dir.join("cpu.cfs_period_us"), PERIOD_US.to_string())
+                .map_err(|e| format!("{}: {e}", budget.dir.display()))?;
+        }
+        std::fs::write(budget.dir.join(file), value)
+            .map_err(|e| format!("{}/{file}: {e}", budget.dir.display()))?;
+        Ok(budget)
+    }
+
+    fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("{}/cgroup.procs: {e}", self.dir.display()));
+    }
+}
+
+impl Drop for CpuBudget {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// User + system CPU seconds a process has used so far (`/proc/<pid>/stat`, 100 ticks a second).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are the 14th and 15th fields of the line, the 12th and 13th after ")".
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn spawn_until(command: Command, needle: &str) -> (Proc, String) {
+    spawn_in(command, needle, None)
+}
+
+fn spawn_in(mut command: Command, needle: &str, budget: Option<&CpuBudget>) -> (Proc, String) {
     let mut child = Proc(
         command
             .stdin(Stdio::null())
@@ -60,6 +131,9 @@ fn spawn_until(mut command: Command, needle: &str) -> (Proc, String) {
             .spawn()
             .unwrap(),
     );
+    if let Some(budget) = budget {
+        budget.add(child.0.id());
+    }
     let (tx, rx) = mpsc::channel();
     for stream in [
         Box::new(child.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
@@ -78,8 +152,15 @@ fn spawn_until(mut command: Command, needle: &str) -> (Proc, String) {
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .unwrap_or_else(|_| panic!("no line with {needle:?}"));
         if line.contains(needle) {
-            // Keep draining, so the child never blocks on a full pipe.
-            std::thread::spawn(move || while rx.recv().is_ok() {});
+            // Keep draining, so the child never blocks on a full pipe; `FLEET_ECHO` shows it.
+            let echo = std::env::var_os("FLEET_ECHO").is_some();
+            std::thread::spawn(move || {
+                while let Ok(line) = rx.recv() {
+                    if echo {
+                        eprintln!("{line}");
+                    }
+                }
+            });
             return (child, line);
         }
     }
@@ -97,10 +178,14 @@ struct Fleet {
     sandbox_url: String,
     _sandbox: Proc,
     nodes: Vec<(String, Proc, Channel, String)>,
+    /// Cores each instance may use (`FLEET_CPU_PER_INSTANCE`), and the cgroups that hold them:
+    /// after `nodes`, so that they are removed once their processes are gone.
+    cpu_per_instance: Option<f64>,
+    budgets: Vec<CpuBudget>,
 }
 
 impl Fleet {
-    async fn new() -> Fleet {
+    async fn new(cpu_per_instance: Option<f64>) -> Fleet {
         let admin_url = std::env::var("DATABASE_URL")
             .unwrap_or("postgres://postgres@127.0.0.1:5432/postgres".into());
         let db_name = format!("otnd_bench_{}", uuid::Uuid::new_v4().simple());
@@ -129,6 +214,8 @@ impl Fleet {
             sandbox_url: format!("http://{}", line.rsplit(' ').next().unwrap()),
             _sandbox: sandbox,
             nodes: Vec::new(),
+            cpu_per_instance,
+            budgets: Vec::new(),
         }
     }
 
@@ -147,7 +234,12 @@ impl Fleet {
             .env("OTN_INSTANCE_ID", name)
             .env("OTN_LEASE_SECONDS", lease_seconds.to_string())
             .env("RUST_LOG", "warn,otnd::startup=info");
-        let (proc, ready) = spawn_until(otnd, "otnd ready");
+        let budget = self.cpu_per_instance.map(|cores| {
+            CpuBudget::new(&format!("{}_{name}", self.db_name), cores)
+                .unwrap_or_else(|e| panic!("FLEET_CPU_PER_INSTANCE needs a cgroup: {e}"))
+        });
+        let (proc, ready) = spawn_in(otnd, "otnd ready", budget.as_ref());
+        self.budgets.extend(budget);
         let channel = Channel::from_shared(format!("http://{}", field(&ready, "grpc_addr")))
             .unwrap()
             .connect()
@@ -323,9 +415,11 @@ impl Fleet {
             admin_url,
             db_name,
             nodes,
+            budgets,
             ..
         } = self;
         drop(nodes);
+        drop(budgets);
         let admin = Database::connect(&admin_url).await.unwrap();
         let _ = admin
             .execute_unprepared(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
@@ -334,12 +428,14 @@ impl Fleet {
     }
 }
 
-async fn throughput(instances: usize, pages: u64, per_page: u64) -> f64 {
-    let mut fleet = Fleet::new().await;
+async fn throughput(instances: usize, pages: u64, per_page: u64, cpu: Option<f64>) -> f64 {
+    let mut fleet = Fleet::new(cpu).await;
     for i in 0..instances {
         fleet.start(&format!("n{i}"), 10).await;
     }
     let stories = fleet.pages(pages, per_page).await;
+    let pids: Vec<u32> = fleet.nodes.iter().map(|n| n.1.0.id()).collect();
+    let cpu_before: Vec<f64> = pids.iter().map(|&pid| cpu_seconds(pid)).collect();
     let started = Instant::now();
     let sends = fleet.start_sends(&stories).await;
     let sent = fleet.wait_completed(&sends).await;
@@ -347,25 +443,39 @@ async fn throughput(instances: usize, pages: u64, per_page: u64) -> f64 {
     assert_eq!(sent, pages * per_page);
     let rate = sent as f64 / elapsed;
     let limit = (pages * 300) as f64;
+    let budget = cpu.map_or("no CPU budget".to_string(), |c| format!("{c} cores each"));
     println!(
-        "fleet, {instances} instance(s): {pages} pages x {per_page} recipients, {sent} sent in \
-         {elapsed:.1} s = {rate:.0} deliveries/s, {:.3} of the {limit:.0}/s limit",
+        "fleet, {instances} instance(s), {budget}: {pages} pages x {per_page} recipients, {sent} \
+         sent in {elapsed:.1} s = {rate:.0} deliveries/s, {:.3} of the {limit:.0}/s limit",
         rate / limit
     );
+    for ((name, ..), (pid, before)) in fleet.nodes.iter().zip(pids.iter().zip(cpu_before)) {
+        let used = cpu_seconds(*pid) - before;
+        let of_budget = cpu.map_or(String::new(), |c| {
+            format!(", {:.0}% of its budget", 100.0 * used / (c * elapsed))
+        });
+        println!("  {name}: {used:.1} CPU-s while sending{of_budget}");
+    }
     fleet.drop_database().await;
     rate
 }
 
-async fn failover(pages: u64, per_page: u64, lease_seconds: u64) {
-    let mut fleet = Fleet::new().await;
+async fn failover(pages: u64, per_page: u64, lease_seconds: u64, cpu: Option<f64>) {
+    let mut fleet = Fleet::new(cpu).await;
     for i in 0..3 {
         fleet.start(&format!("n{i}"), lease_seconds).await;
     }
     let stories = fleet.pages(pages, per_page).await;
     let sends = fleet.start_sends(&stories).await;
     // Sending, with the pages spread: the busiest instance dies.
+    let deadline = Instant::now() + Duration::from_secs(120);
     let victim = loop {
         let owners = fleet.owners().await;
+        assert!(
+            Instant::now() < deadline,
+            "after 120 s only {} of the {pages} pages had an owner",
+            owners.len()
+        );
         if owners.len() as u64 == pages {
             let mut counts = std::collections::BTreeMap::new();
             for (_, o) in &owners {
@@ -418,14 +528,22 @@ fn main() {
     let pages = env_or("FLEET_PAGES", 50);
     let per_page = env_or("FLEET_PER_PAGE", 1500);
     let lease = env_or("FLEET_LEASE_SECONDS", 10);
+    let cpu = std::env::var("FLEET_CPU_PER_INSTANCE").ok().map(|v| {
+        v.parse::<f64>()
+            .ok()
+            .filter(|c| *c > 0.0)
+            .unwrap_or_else(|| panic!("FLEET_CPU_PER_INSTANCE: cores, above 0 (not {v:?})"))
+    });
     println!(
         "fleet benchmark, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     runtime.block_on(async {
-        let one = throughput(1, pages, per_page).await;
-        let three = throughput(3, pages, per_page).await;
+        let one = throughput(1, pages, per_page, cpu).await;
+        let three = throughput(3, pages, per_page, cpu).await;
         println!("3 instances / 1 instance: {:.2}x", three / one);
-        failover(pages.min(12), per_page, lease).await;
+        // Sends that outlast the kill and the takeover (a lease and its rounds) by far.
+        let failover_per_page = per_page.max(300 * (lease + 10));
+        failover(pages.min(12), failover_per_page, lease, cpu).await;
     });
 }

@@ -169,10 +169,11 @@ impl PageActor {
     /// Another instance holds the page now (or is about to): stop without writing anything.
     /// Deliveries in flight stay in flight for the new owner's recovery, as after a crash.
     fn lose_the_page(&mut self, ctx: &mut Context<Self>) {
-        if !self.lost {
-            tracing::warn!(page_id = %self.page_id, generation = self.fence.generation,
-                "this instance no longer holds the page's lease; its actor stops here");
+        if self.lost {
+            return;
         }
+        tracing::warn!(page_id = %self.page_id, generation = self.fence.generation,
+            "this instance no longer holds the page's lease; its actor stops here");
         self.lost = true;
         self.gate.fetch_add(1, Ordering::SeqCst);
         self.dispatched.clear();
@@ -188,14 +189,14 @@ impl PageActor {
     }
 
     fn schedule_pump(&mut self, ctx: &mut Context<Self>) {
-        if !self.pump_scheduled {
+        if !self.pump_scheduled && !self.lost {
             self.pump_scheduled = true;
             ctx.notify(Pump);
         }
     }
 
     fn schedule_flush(&mut self, ctx: &mut Context<Self>) {
-        if !self.flush_scheduled {
+        if !self.flush_scheduled && !self.lost {
             self.flush_scheduled = true;
             ctx.notify(Flush);
         }
@@ -337,7 +338,7 @@ impl PageActor {
     fn flush_soon(&mut self, ctx: &mut Context<Self>) {
         if self.unrecorded.len() >= FLUSH_AT || self.dispatched.is_empty() {
             self.schedule_flush(ctx);
-        } else if !self.flush_scheduled {
+        } else if !self.flush_scheduled && !self.lost {
             self.flush_scheduled = true;
             ctx.run_later(FLUSH_DELAY, |_, ctx| ctx.notify(Flush));
         }
@@ -371,8 +372,10 @@ impl Actor for PageActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         if self.lost {
-            // A supervised restart after the lease was lost: nothing to do here any more.
-            ctx.stop();
+            // The supervised restart that follows the stop in `lose_the_page`. Stopping again
+            // would only be restarted again, at once and for as long as anyone holds an
+            // address of this actor: it idles instead, with nothing scheduled, and ends when
+            // the last address is dropped.
             return;
         }
         // Requests from the API are few and answered quickly; work arrives through the database.
@@ -393,6 +396,9 @@ impl Actor for PageActor {
 
 impl Supervised for PageActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
+        if self.lost {
+            return;
+        }
         // Answers of the last life are lost with its futures; their rows are still in flight,
         // and recovery settles them exactly as after a crash.
         tracing::warn!(page_id = %self.page_id, "page actor restarting");
@@ -555,6 +561,9 @@ impl Handler<Pump> for PageActor {
 
     fn handle(&mut self, _: Pump, _: &mut Context<Self>) -> Self::Result {
         self.pump_scheduled = false;
+        if self.lost {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        }
         let config = self.config.as_ref().map(|c| c.rate);
         let held = self.hold_until.is_some_and(|until| until > Instant::now());
         let capacity = match config {
@@ -683,6 +692,9 @@ impl Handler<Flush> for PageActor {
 
     fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
         self.flush_scheduled = false;
+        if self.lost {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        }
         let outcomes = std::mem::take(&mut self.unrecorded);
         let signals = std::mem::take(&mut self.signals);
         let mut halt = None;
