@@ -158,41 +158,61 @@ impl Supervisor {
                 addr.do_send(Wake);
             }
         }
+        // Pages whose sends have all ended: given up, so that the fair share below counts only
+        // pages with work, and a page that gets work again goes to whoever is least loaded.
+        for page_id in round.idle {
+            self.give_up(
+                &page_id,
+                ctx,
+                "the page has no unfinished send: giving its lease up",
+            );
+        }
         // More than a fair share (an instance joined): hand the surplus over, each page drained
         // first so that nothing it has in flight is left for recovery.
         let surplus = self.pages.len().saturating_sub(round.target + 1);
         let handing: Vec<String> = self.pages.keys().take(surplus).cloned().collect();
         for page_id in handing {
-            let Some(owned) = self.pages.remove(&page_id) else {
-                continue;
-            };
-            let db = self.deps.store.db.clone();
-            tracing::info!(%page_id, target = round.target, "handing the page to a less loaded instance");
-            self.handing.insert(page_id.clone());
-            ctx.spawn(
-                async move {
-                    if let Some(addr) = &owned.addr {
-                        let _ = addr.send(Drain).await;
-                        addr.do_send(Lost);
-                    }
-                    if let Err(err) = leases::release(&db, &owned.fence).await {
-                        tracing::warn!(page_id = %owned.fence.page_id, error = %err,
-                            "could not release the page's lease; it expires by itself");
-                    }
-                    owned.fence.page_id
-                }
-                .into_actor(self)
-                .map(|page_id, act, _| {
-                    act.handing.remove(&page_id);
-                }),
-            );
+            self.give_up(&page_id, ctx, "handing the page to a less loaded instance");
         }
+    }
+
+    /// Stops running the page here: its actor drains (every delivery in flight recorded), then
+    /// the lease is released for another round (here or elsewhere) to take.
+    fn give_up(&mut self, page_id: &str, ctx: &mut Context<Self>, why: &'static str) {
+        let Some(owned) = self.pages.remove(page_id) else {
+            return;
+        };
+        let db = self.deps.store.db.clone();
+        tracing::info!(%page_id, "{why}");
+        self.handing.insert(page_id.to_string());
+        ctx.spawn(
+            async move {
+                if let Some(addr) = &owned.addr {
+                    let _ = addr.send(Drain).await;
+                    addr.do_send(Lost);
+                }
+                if let Err(err) = leases::release(&db, &owned.fence).await {
+                    tracing::warn!(page_id = %owned.fence.page_id, error = %err,
+                        "could not release the page's lease; it expires by itself");
+                }
+                owned.fence.page_id
+            }
+            .into_actor(self)
+            .map(|page_id, act, ctx| {
+                act.handing.remove(&page_id);
+                // Work may have come for the page meanwhile: the next round finds it a home
+                // now rather than a third of a lease later.
+                act.tick(ctx);
+            }),
+        );
     }
 }
 
 struct LeaseRound {
     renewed: Vec<Fence>,
     acquired: Vec<Fence>,
+    /// Pages held here (among `renewed`) with no unfinished send and nothing in flight.
+    idle: Vec<String>,
     /// This instance's fair share of the pages with work.
     target: usize,
 }
@@ -226,18 +246,22 @@ async fn lease_round(
         }
     }
     let work = sends::pages_with_work(db).await?;
+    let with_work: HashSet<&str> = work.iter().map(String::as_str).collect();
     let live = leases::live_instances(db, now - ttl_ms).await?.max(1) as usize;
     let held: HashSet<&str> = renewed
         .iter()
         .chain(&acquired)
         .map(|f| f.page_id.as_str())
         .collect();
-    let all: HashSet<&str> = work
+    // Held pages whose sends have all ended are given up (see `apply`); the fair share counts
+    // pages with work only, or instances holding finished pages would take no new ones.
+    let idle: Vec<String> = renewed
         .iter()
-        .map(String::as_str)
-        .chain(held.iter().copied())
+        .filter(|f| !with_work.contains(f.page_id.as_str()))
+        .map(|f| f.page_id.clone())
         .collect();
-    let target = all.len().div_ceil(live);
+    let mut busy = held.iter().filter(|p| with_work.contains(*p)).count();
+    let target = work.len().div_ceil(live);
     // Only pages nobody holds (or whose lease lapsed): trying one another instance holds would
     // wait on its steps' row locks for nothing.
     let taken = leases::held_by_others(db, &settings.instance, now).await?;
@@ -245,27 +269,28 @@ async fn lease_round(
         .iter()
         .filter(|p| !held.contains(p.as_str()) && !taken.contains(p.as_str()))
         .collect();
-    let held = held.len() - acquired.len();
-    if !wanted.is_empty() && held + acquired.len() < target {
+    if !wanted.is_empty() && busy < target {
         // The less loaded an instance, the sooner it tries: new pages go to the least loaded.
-        let wait = Duration::from_millis(25 * (held + acquired.len()) as u64).min(settings.ttl / 6);
+        let wait = Duration::from_millis(25 * busy as u64).min(settings.ttl / 6);
         tokio::time::sleep(wait).await;
         // A round must end well within a lease, or this instance's own leases would lapse.
         let until = std::time::Instant::now() + settings.ttl / 6;
         for page_id in wanted {
-            if held + acquired.len() >= target || std::time::Instant::now() > until {
+            if busy >= target || std::time::Instant::now() > until {
                 break;
             }
             if let Some(fence) =
                 leases::acquire(db, page_id, &settings.instance, ttl_ms, now_ms()).await?
             {
                 acquired.push(fence);
+                busy += 1;
             }
         }
     }
     Ok(LeaseRound {
         renewed,
         acquired,
+        idle,
         target,
     })
 }

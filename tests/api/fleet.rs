@@ -50,16 +50,17 @@ async fn owners(db: &TestDatabase) -> Vec<(String, String)> {
     owners
 }
 
-/// Pages `p1..=pN`, each with `h.recipients` opted in through the first node, and a send
-/// started on each (on the nodes in turn): returns (page, send id) pairs.
+/// `pages` pages numbered from `first`, each with `h.recipients` opted in through the first
+/// node, and a send started on each (on the nodes in turn): returns (page, send id) pairs.
 async fn sends_on_pages(
     h: &Harness,
     nodes: &[&Node],
+    first: usize,
     pages: usize,
     rate: u32,
 ) -> Vec<(String, String)> {
     let mut started = Vec::new();
-    for i in 1..=pages {
+    for i in first..first + pages {
         let page = format!("9{i:03}");
         let story = h.prepare_page(nodes[0], &page, rate).await;
         let node = nodes[i % nodes.len()];
@@ -99,7 +100,7 @@ async fn three_instances_share_the_pages_and_any_of_them_answers_for_any_page() 
     let b = instance(&h, "b").await;
     let c = instance(&h, "c").await;
     h.faults(json!({"latency_ms": 20})).await;
-    let sends = sends_on_pages(&h, &[&a, &b, &c], 6, 300).await;
+    let sends = sends_on_pages(&h, &[&a, &b, &c], 1, 6, 300).await;
 
     // WatchSend on every instance sees each send through to COMPLETED, whoever runs it.
     let mut watchers = Vec::new();
@@ -127,10 +128,35 @@ async fn three_instances_share_the_pages_and_any_of_them_answers_for_any_page() 
             .unwrap();
         assert_eq!(last.state(), SendState::Completed, "{last:?}");
     }
-    let owners = owners(&db).await;
-    let distinct: std::collections::HashSet<&str> =
-        owners.iter().map(|(_, o)| o.as_str()).collect();
-    assert!(distinct.len() >= 2, "the pages were not shared: {owners:?}");
+    // The leases are given up once the sends end: who ran what is in each instance's log.
+    let ran = [&a, &b, &c]
+        .iter()
+        .filter(|n| n.served.log().contains("took the page's lease"))
+        .count();
+    assert!(ran >= 2, "the pages were not shared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_pages_are_given_up_and_new_work_still_finds_an_owner() {
+    let Some(db) = postgres().await else { return };
+    let h = Harness::new(&db, 200).await;
+    let a = instance(&h, "a").await;
+    let b = instance(&h, "b").await;
+    let first = sends_on_pages(&h, &[&a, &b], 1, 4, 300).await;
+    all_complete_and_judged(&h, &a, &first).await;
+    // Nothing left to do on any page: no instance keeps a lease. (Instances once kept finished
+    // pages, counted them in their share, and then took no new page at all.)
+    eventually(
+        Duration::from_secs(30),
+        "the finished pages' leases to be given up",
+        || {
+            let db = &db;
+            async move { owners(db).await.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    let second = sends_on_pages(&h, &[&a, &b], 5, 4, 300).await;
+    all_complete_and_judged(&h, &b, &second).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +167,7 @@ async fn a_killed_instance_pages_move_and_every_send_completes_once() {
     let b = instance(&h, "b").await;
     let mut c = instance(&h, "c").await;
     h.faults(json!({"latency_ms": 20})).await;
-    let sends = sends_on_pages(&h, &[&a, &b, &c], 3, 300).await;
+    let sends = sends_on_pages(&h, &[&a, &b, &c], 1, 3, 300).await;
     eventually(Duration::from_secs(30), "instance c to run a page", || {
         let db = &db;
         async move { owners(db).await.iter().any(|(_, o)| o == "c").then_some(()) }
@@ -181,7 +207,7 @@ async fn a_paused_owner_that_lost_its_pages_records_nothing_after() {
     let stale = instance(&h, "stale").await;
     // Slow answers: the paused instance holds deliveries in flight when it is stopped.
     h.faults(json!({"latency_ms": 200})).await;
-    let sends = sends_on_pages(&h, &[&a, &stale], 2, 300).await;
+    let sends = sends_on_pages(&h, &[&a, &stale], 1, 2, 300).await;
     eventually(
         Duration::from_secs(30),
         "the stale instance to run a page",
@@ -255,7 +281,7 @@ async fn instances_joining_and_leaving_under_load_take_a_share_and_lose_nothing(
     let a = instance(&h, "a").await;
     h.faults(json!({"latency_ms": 50})).await;
     // 60/s: each send lasts 20 s, long enough for the newcomers to arrive mid-send.
-    let sends = sends_on_pages(&h, &[&a], 6, 60).await;
+    let sends = sends_on_pages(&h, &[&a], 1, 6, 60).await;
     eventually(Duration::from_secs(30), "a to run every page", || {
         let db = &db;
         async move { (owners(db).await.len() == 6).then_some(()) }
