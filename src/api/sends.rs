@@ -387,9 +387,29 @@ impl SendService for Sends {
                 if tx.send(Ok(message)).await.is_err() || finished {
                     return;
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(WATCH_INTERVAL) => {}
-                    _ = stopping.changed() => return,
+                // At most one snapshot per interval, but the send's end goes out at once: a
+                // dashboard (or a caller waiting for it) should not wait out the interval.
+                let pause = tokio::time::sleep(WATCH_INTERVAL);
+                tokio::pin!(pause);
+                let mut moved_meanwhile = false;
+                loop {
+                    tokio::select! {
+                        () = &mut pause => break,
+                        _ = stopping.changed() => return,
+                        changed = snapshots.changed() => match changed {
+                            Ok(()) => {
+                                moved_meanwhile = true;
+                                if snapshots.borrow().is_finished() {
+                                    break;
+                                }
+                            }
+                            // The hub let go: handled below.
+                            Err(_) => break,
+                        },
+                    }
+                }
+                if moved_meanwhile {
+                    continue;
                 }
                 loop {
                     tokio::select! {

@@ -53,6 +53,9 @@ const MIN_TOKEN_LIFE_MS: i64 = 60_000;
 /// Answers are recorded together: at once when this many wait, else after `FLUSH_DELAY`.
 const FLUSH_AT: usize = 512;
 const FLUSH_DELAY: Duration = Duration::from_millis(2);
+/// The most deliveries one step claims: when none are in flight, and otherwise.
+const FIRST_CLAIM: usize = 250;
+const MAX_CLAIM: usize = 1000;
 /// Window over which a send's rate is measured.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 
@@ -566,12 +569,21 @@ impl Handler<Pump> for PageActor {
         }
         let config = self.config.as_ref().map(|c| c.rate);
         let held = self.hold_until.is_some_and(|until| until > Instant::now());
+        // A step claims at most a few hundred deliveries when none are out (the first calls
+        // go out after a small transaction, not after materialising a whole in-flight cap) and
+        // at most `MAX_CLAIM` otherwise, so that calls start while the next step claims more.
+        let step = if self.in_flight() == 0 {
+            FIRST_CLAIM
+        } else {
+            MAX_CLAIM
+        };
         let capacity = match config {
             Some(rate) if !self.draining && !held => self
                 .deps
                 .pacer
                 .in_flight_cap(rate)
-                .saturating_sub(self.in_flight()),
+                .saturating_sub(self.in_flight())
+                .min(step),
             _ => 0,
         };
         let recover = self.needs_recovery && self.in_flight() == 0;
