@@ -10,7 +10,7 @@
 //!   the one holding the most pages is SIGKILLed; the time until another instance holds every
 //!   one of its pages (lease `FLEET_LEASE_SECONDS`, default 10).
 //!
-//! `FLEET_ECHO=1` shows the children's output (otnd logs at `warn`).
+//! `BENCH_ECHO=1` shows the children's output (otnd logs at `warn`).
 //!
 //! `FLEET_CPU_PER_INSTANCE` (cores, e.g. `0.25`; default off) gives every otnd its own CPU
 //! budget, a cgroup with that quota: how instances on machines of their own would scale, where
@@ -20,11 +20,12 @@
 //! PostgreSQL: `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) names the
 //! server; each run creates its own database and drops it.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::{
-    io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -37,28 +38,10 @@ use otnd::pb::{
 };
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::{Value, json};
+use support::{OTND, Proc, env_or, json_field, spawn_sandbox, spawn_with};
 use tonic::transport::Channel;
 
-const OTND: &str = env!("CARGO_BIN_EXE_otnd");
-const SANDBOX: &str = env!("CARGO_BIN_EXE_graph-sandbox");
 const TOPIC: &str = "Fleet topic";
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A child process, killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A cgroup whose processes share `cores` of CPU time, removed when dropped (after its
 /// processes are gone).
@@ -102,75 +85,6 @@ impl Drop for CpuBudget {
     }
 }
 
-/// User + system CPU seconds a process has used so far (`/proc/<pid>/stat`, 100 ticks a second).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are the 14th and 15th fields of the line, the 12th and 13th after ")".
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn spawn_until(command: Command, needle: &str) -> (Proc, String) {
-    spawn_in(command, needle, None)
-}
-
-fn spawn_in(mut command: Command, needle: &str, budget: Option<&CpuBudget>) -> (Proc, String) {
-    let mut child = Proc(
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    if let Some(budget) = budget {
-        budget.add(child.0.id());
-    }
-    let (tx, rx) = mpsc::channel();
-    for stream in [
-        Box::new(child.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.0.stderr.take().unwrap()),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("no line with {needle:?}"));
-        if line.contains(needle) {
-            // Keep draining, so the child never blocks on a full pipe; `FLEET_ECHO` shows it.
-            let echo = std::env::var_os("FLEET_ECHO").is_some();
-            std::thread::spawn(move || {
-                while let Ok(line) = rx.recv() {
-                    if echo {
-                        eprintln!("{line}");
-                    }
-                }
-            });
-            return (child, line);
-        }
-    }
-}
-
-fn field(line: &str, name: &str) -> String {
-    let start = line.find(&format!("\"{name}\":\"")).unwrap() + name.len() + 4;
-    line[start..].split('"').next().unwrap().to_string()
-}
-
 struct Fleet {
     admin_url: String,
     db_name: String,
@@ -197,21 +111,13 @@ impl Fleet {
         admin.close().await.unwrap();
         let mut url = url::Url::parse(&admin_url).unwrap();
         url.set_path(&format!("/{db_name}"));
-        let mut sandbox = Command::new(SANDBOX);
-        sandbox.args([
-            "--addr",
-            "127.0.0.1:0",
-            "--latency-ms",
-            "150",
-            "--rate-limit-per-page",
-            "300",
-        ]);
-        let (sandbox, line) = spawn_until(sandbox, "graph-sandbox listening on");
+        let (sandbox, sandbox_url) =
+            spawn_sandbox(&["--latency-ms", "150", "--rate-limit-per-page", "300"]);
         Fleet {
             admin_url,
             db_name,
             db_url: url.to_string(),
-            sandbox_url: format!("http://{}", line.rsplit(' ').next().unwrap()),
+            sandbox_url,
             _sandbox: sandbox,
             nodes: Vec::new(),
             cpu_per_instance,
@@ -238,15 +144,23 @@ impl Fleet {
             CpuBudget::new(&format!("{}_{name}", self.db_name), cores)
                 .unwrap_or_else(|e| panic!("FLEET_CPU_PER_INSTANCE needs a cgroup: {e}"))
         });
-        let (proc, ready) = spawn_in(otnd, "otnd ready", budget.as_ref());
+        let (proc, ready) = spawn_with(otnd, "otnd ready", |pid| {
+            if let Some(budget) = &budget {
+                budget.add(pid);
+            }
+        });
         self.budgets.extend(budget);
-        let channel = Channel::from_shared(format!("http://{}", field(&ready, "grpc_addr")))
+        let channel = Channel::from_shared(format!("http://{}", json_field(&ready, "grpc_addr")))
             .unwrap()
             .connect()
             .await
             .unwrap();
-        self.nodes
-            .push((name.to_string(), proc, channel, field(&ready, "http_addr")));
+        self.nodes.push((
+            name.to_string(),
+            proc,
+            channel,
+            json_field(&ready, "http_addr"),
+        ));
     }
 
     async fn sandbox(&self, path: &str, body: Value) -> Value {
@@ -434,8 +348,7 @@ async fn throughput(instances: usize, pages: u64, per_page: u64, cpu: Option<f64
         fleet.start(&format!("n{i}"), 10).await;
     }
     let stories = fleet.pages(pages, per_page).await;
-    let pids: Vec<u32> = fleet.nodes.iter().map(|n| n.1.0.id()).collect();
-    let cpu_before: Vec<f64> = pids.iter().map(|&pid| cpu_seconds(pid)).collect();
+    let cpu_before: Vec<f64> = fleet.nodes.iter().map(|n| n.1.cpu_seconds()).collect();
     let started = Instant::now();
     let sends = fleet.start_sends(&stories).await;
     let sent = fleet.wait_completed(&sends).await;
@@ -449,8 +362,8 @@ async fn throughput(instances: usize, pages: u64, per_page: u64, cpu: Option<f64
          sent in {elapsed:.1} s = {rate:.0} deliveries/s, {:.3} of the {limit:.0}/s limit",
         rate / limit
     );
-    for ((name, ..), (pid, before)) in fleet.nodes.iter().zip(pids.iter().zip(cpu_before)) {
-        let used = cpu_seconds(*pid) - before;
+    for ((name, proc, ..), before) in fleet.nodes.iter().zip(cpu_before) {
+        let used = proc.cpu_seconds() - before;
         let of_budget = cpu.map_or(String::new(), |c| {
             format!(", {:.0}% of its budget", 100.0 * used / (c * elapsed))
         });

@@ -30,15 +30,16 @@
 //! `FIRST_RECIPIENTS`, `BENCH_RUNS` (runs of S0 and of each peer mode, default 3).
 //! `BENCH_PROBES=0` turns the probes off (to see what they cost).
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
-        mpsc,
     },
     time::{Duration, Instant},
 };
@@ -52,11 +53,10 @@ use otnd::pb::{
     story_service_client::StoryServiceClient,
 };
 use serde_json::{Value, json};
+use support::{OTND, Proc, env_or, json_field, spawn_sandbox, spawn_until};
 use tokio::{task::JoinHandle, time::MissedTickBehavior};
 use tonic::transport::Channel;
 
-const OTND: &str = env!("CARGO_BIN_EXE_otnd");
-const SANDBOX: &str = env!("CARGO_BIN_EXE_graph-sandbox");
 const TOPIC: &str = "Benchmark topic";
 /// The Graph rate limit per page in S1 and S2, and the pace of `first`'s page.
 const PAGE_LIMIT: u32 = 300;
@@ -73,13 +73,6 @@ const WEBHOOK_EVENTS_PER_POST: u64 = 100;
 /// S3's target: 150 MB.
 const S3_RSS_TARGET_MIB: f64 = 150e6 / (1024.0 * 1024.0);
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// `BENCH_PROBES=0` turns off what watches a send (WatchSend, GetSend every 10 ms, the stats
 /// polls), to see what they cost: first call, progress lag and GetSend are then not measured.
 fn probes() -> bool {
@@ -88,98 +81,6 @@ fn probes() -> bool {
 
 fn send_deadline() -> Duration {
     Duration::from_secs(env_or("BENCH_SEND_DEADLINE_S", 1800))
-}
-
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    /// Peak resident memory (VmHWM) in MiB and CPU seconds (user + system) so far.
-    fn usage(&self) -> (f64, f64) {
-        let pid = self.0.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let hwm_kib: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) start after the last ')'.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks: f64 = [11, 12]
-            .iter()
-            .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
-            .sum();
-        (hwm_kib / 1024.0, ticks / 100.0)
-    }
-
-    /// Resets VmHWM to the current RSS (Linux >= 4.0): later peaks are the send's own.
-    fn reset_peak(&self) -> bool {
-        std::fs::write(format!("/proc/{}/clear_refs", self.0.id()), "5").is_ok()
-    }
-}
-
-/// Starts a process and waits for a line containing `needle` on stdout or stderr.
-fn spawn_until(mut command: Command, needle: &str) -> (Proc, String) {
-    // Owned by a `Proc` at once: killed and reaped whatever happens next.
-    let mut child = Proc(
-        command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts"),
-    );
-    let (tx, rx) = mpsc::channel::<String>();
-    for stream in [
-        Box::new(child.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.0.stderr.take().unwrap()),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("no line with {needle:?}"));
-        if line.contains(needle) {
-            // Keep draining so that the child never blocks on a full pipe.
-            // BENCH_ECHO=1 shows the children's output (with BENCH_OTND_LOG=otnd=debug, say).
-            let echo = std::env::var_os("BENCH_ECHO").is_some();
-            std::thread::spawn(move || {
-                while let Ok(line) = rx.recv() {
-                    if echo {
-                        eprintln!("{line}");
-                    }
-                }
-            });
-            return (child, line);
-        }
-    }
-}
-
-/// A fresh sandbox on port 0: the process and its base URL.
-fn spawn_sandbox(args: &[&str]) -> (Proc, String) {
-    let mut sandbox = Command::new(SANDBOX);
-    sandbox.args(["--addr", "127.0.0.1:0"]).args(args);
-    let (sandbox, line) = spawn_until(sandbox, "graph-sandbox listening on");
-    let url = format!("http://{}", line.rsplit(' ').next().unwrap());
-    (sandbox, url)
 }
 
 struct Setup {
@@ -214,10 +115,7 @@ async fn setup(sandbox_args: &[&str], otnd_env: &[(&str, &str)]) -> Setup {
         )
         .envs(otnd_env.iter().copied());
     let (otnd, ready) = spawn_until(otnd, "otnd ready");
-    let field = |name: &str| {
-        let start = ready.find(&format!("\"{name}\":\"")).unwrap() + name.len() + 4;
-        ready[start..].split('"').next().unwrap().to_string()
-    };
+    let field = |name: &str| json_field(&ready, name);
     let channel = Channel::from_shared(format!("http://{}", field("grpc_addr")))
         .unwrap()
         .connect()

@@ -1,0 +1,131 @@
+//! What both benchmark programs need to run the real binaries: child processes that are killed
+//! when dropped, started and waited for by a line they print, and read from `/proc`.
+//! Each bench uses only part of it.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+pub const OTND: &str = env!("CARGO_BIN_EXE_otnd");
+pub const SANDBOX: &str = env!("CARGO_BIN_EXE_graph-sandbox");
+
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A child process killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// Peak resident memory (VmHWM) in MiB and CPU seconds (user + system) so far.
+    pub fn usage(&self) -> (f64, f64) {
+        let pid = self.0.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let hwm_kib: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start after the last ')'.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+            .sum();
+        (hwm_kib / 1024.0, ticks / 100.0)
+    }
+
+    /// CPU seconds (user + system) so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.usage().1
+    }
+
+    /// Resets VmHWM to the current RSS (Linux >= 4.0): later peaks are the send's own.
+    pub fn reset_peak(&self) -> bool {
+        std::fs::write(format!("/proc/{}/clear_refs", self.0.id()), "5").is_ok()
+    }
+}
+
+/// Starts a process and waits for a line containing `needle` on stdout or stderr.
+pub fn spawn_until(command: Command, needle: &str) -> (Proc, String) {
+    spawn_with(command, needle, |_| {})
+}
+
+/// [`spawn_until`], calling `started` with the child's pid before waiting.
+pub fn spawn_with(mut command: Command, needle: &str, started: impl FnOnce(u32)) -> (Proc, String) {
+    // Owned by a `Proc` at once: killed and reaped whatever happens next.
+    let mut child = Proc(
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts"),
+    );
+    started(child.0.id());
+    let (tx, rx) = mpsc::channel::<String>();
+    for stream in [
+        Box::new(child.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.0.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no line with {needle:?}"));
+        if line.contains(needle) {
+            // Keep draining so that the child never blocks on a full pipe.
+            // BENCH_ECHO=1 shows the children's output (with BENCH_OTND_LOG=otnd=debug, say).
+            let echo = std::env::var_os("BENCH_ECHO").is_some();
+            std::thread::spawn(move || {
+                while let Ok(line) = rx.recv() {
+                    if echo {
+                        eprintln!("{line}");
+                    }
+                }
+            });
+            return (child, line);
+        }
+    }
+}
+
+/// A fresh sandbox on port 0 with `args`: the process and its base URL.
+pub fn spawn_sandbox(args: &[&str]) -> (Proc, String) {
+    let mut sandbox = Command::new(SANDBOX);
+    sandbox.args(["--addr", "127.0.0.1:0"]).args(args);
+    let (sandbox, line) = spawn_until(sandbox, "graph-sandbox listening on");
+    let url = format!("http://{}", line.rsplit(' ').next().unwrap());
+    (sandbox, url)
+}
+
+/// The value of a JSON log field, e.g. `"grpc_addr":"127.0.0.1:4242"`.
+pub fn json_field(line: &str, name: &str) -> String {
+    let start = line.find(&format!("\"{name}\":\"")).unwrap() + name.len() + 4;
+    line[start..].split('"').next().unwrap().to_string()
+}
