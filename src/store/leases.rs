@@ -4,8 +4,7 @@
 //! was given and is checked inside every transaction that writes the page's deliveries.
 
 use sea_orm::{
-    ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, FromQueryResult, RuntimeErr,
-    TransactionTrait,
+    ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, FromQueryResult, TransactionTrait,
 };
 
 use super::{StoreError, sql::Sql};
@@ -120,14 +119,7 @@ pub async fn acquire(
 pub const APPLICATION_NAME_PREFIX: &str = "otnd:";
 
 fn is_lock_timeout(err: &DbErr) -> bool {
-    match err {
-        DbErr::Query(RuntimeErr::SqlxError(sqlx)) | DbErr::Exec(RuntimeErr::SqlxError(sqlx)) => {
-            sqlx.as_database_error()
-                .and_then(|db| db.code())
-                .is_some_and(|code| code == "55P03")
-        }
-        _ => false,
-    }
+    super::has_sqlstate(err, "55P03")
 }
 
 async fn try_acquire(

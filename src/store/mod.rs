@@ -201,16 +201,18 @@ impl From<DbErr> for StoreError {
 /// in a value stored. Values are validated before they reach the store; an id with a NUL in it
 /// names nothing that can exist.
 fn is_nul_in_text(err: &DbErr) -> bool {
+    has_sqlstate(err, "22021")
+}
+
+/// Whether the database refused a statement with this SQLSTATE (e.g. `55P03`, lock timeout).
+pub(crate) fn has_sqlstate(err: &DbErr, sqlstate: &str) -> bool {
     use sea_orm::RuntimeErr;
-    let runtime = match err {
-        DbErr::Query(runtime) | DbErr::Exec(runtime) => runtime,
-        _ => return false,
-    };
-    match runtime {
-        RuntimeErr::SqlxError(sqlx) => sqlx
-            .as_database_error()
-            .and_then(|db| db.code())
-            .is_some_and(|code| code == "22021"),
+    match err {
+        DbErr::Query(RuntimeErr::SqlxError(sqlx)) | DbErr::Exec(RuntimeErr::SqlxError(sqlx)) => {
+            sqlx.as_database_error()
+                .and_then(|db| db.code())
+                .is_some_and(|code| code == sqlstate)
+        }
         _ => false,
     }
 }
