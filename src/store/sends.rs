@@ -508,17 +508,71 @@ async fn set_optin_state(
 }
 
 #[derive(FromQueryResult)]
-struct Candidate {
-    id: i64,
-    psid: String,
-    token: Option<String>,
-    expires_at: Option<i64>,
+struct AudienceSlice {
+    n: i64,
+    last: Option<String>,
 }
 
 #[derive(FromQueryResult)]
 struct Inserted {
     id: i64,
     psid: String,
+    optin_id: Option<i64>,
+}
+
+#[derive(FromQueryResult)]
+struct Reserved {
+    id: i64,
+    token: String,
+    expires_at: i64,
+}
+
+/// The columns every materialised delivery is inserted with, in this order.
+const DELIVERY_COLUMNS: &str = "INSERT INTO deliveries (send_id, page_id, psid, route, optin_id, \
+     state, attempts, ambiguous, confirmed_by_token, next_attempt_at, updated_at) ";
+
+/// The recipients of a phase, as a `WHERE` condition on `optins o` (token phase) or
+/// `subscribers s` (window phase): psid above `after`, and at most `through` when given.
+fn audience_condition(
+    sql: &mut Sql,
+    send: &Send,
+    phase: &str,
+    now: i64,
+    min_token_life_ms: i64,
+    after: &str,
+    through: Option<&str>,
+) {
+    let column = if phase == PHASE_TOKEN {
+        sql.push("o.page_id = ")
+            .bind(send.page_id.as_str())
+            .push(" AND o.topic = ")
+            .bind(send.topic.as_str())
+            .push(" AND o.state = 'active' AND o.expires_at > ")
+            .bind(now + min_token_life_ms);
+        "o.psid"
+    } else {
+        sql.push("s.page_id = ")
+            .bind(send.page_id.as_str())
+            .push(" AND s.last_interaction_at > ")
+            .bind(now - WINDOW_MS)
+            .push(
+                " AND NOT EXISTS (SELECT 1 FROM optins u WHERE u.page_id = s.page_id \
+                 AND u.psid = s.psid AND u.topic = ",
+            )
+            .bind(send.topic.as_str())
+            .push(" AND u.state = 'active' AND u.expires_at > ")
+            .bind(now)
+            .push(")");
+        "s.psid"
+    };
+    sql.push(&format!(" AND {column} > ")).bind(after);
+    if let Some(through) = through {
+        sql.push(&format!(" AND {column} <= ")).bind(through);
+    }
+    if let Some(rule) = send.segment() {
+        sql.push(" AND ");
+        stories::in_segment(sql, column, &send.page_id, &rule);
+    }
 }
 
 /// Materialises up to `limit` more recipients of the send and claims them at once: each
@@ -526,6 +580,12 @@ struct Inserted {
 /// inside the window without one (window route); the segment applies to both. The new
 /// deliveries are committed `in_flight` (attempt 1) in the same transaction, ready for the
 /// sender pool.
+///
+/// The recipients move from table to table inside the database: a step first finds the psid
+/// range of its next `limit` users, then inserts their deliveries and reserves their opt-ins
+/// with statements whose text does not depend on how many rows they move. Binding each row's
+/// values instead cost a dozen parameters a delivery, and every new row count a fresh parse
+/// of a statement with thousands of placeholders (20 ms and more on SQLite).
 pub async fn materialize(
     db: &DatabaseConnection,
     fence: &Fence,
@@ -535,95 +595,168 @@ pub async fn materialize(
     limit: u64,
 ) -> Result<Vec<Claimed>, StoreError> {
     let backend = db.get_database_backend();
-    let segment = send.segment();
+    let phase = send.audience_phase.as_str();
+    if phase != PHASE_TOKEN && phase != PHASE_WINDOW {
+        return Ok(Vec::new());
+    }
+    let token_phase = phase == PHASE_TOKEN;
     let txn = db.begin().await?;
     fence.check(&txn).await?;
-    let (claimed, phase, cursor) = match send.audience_phase.as_str() {
-        PHASE_TOKEN => {
-            let mut sql = Sql::new(backend);
-            sql.push("SELECT o.id, o.psid, o.token, o.expires_at FROM optins o WHERE o.page_id = ")
-                .bind(send.page_id.as_str())
-                .push(" AND o.topic = ")
-                .bind(send.topic.as_str())
-                .push(" AND o.state = 'active' AND o.expires_at > ")
-                .bind(now + min_token_life_ms)
-                .push(" AND o.psid > ")
-                .bind(send.audience_cursor.as_str());
-            if let Some(rule) = &segment {
-                sql.push(" AND ");
-                stories::in_segment(&mut sql, "o.psid", &send.page_id, rule);
+    let after = send.audience_cursor.as_str();
+
+    // The next `limit` users of the phase: how many there are, and the last one's psid.
+    let mut sql = Sql::new(backend);
+    sql.push(if token_phase {
+        "SELECT COUNT(*) AS n, MAX(psid) AS last FROM (SELECT DISTINCT o.psid AS psid \
+         FROM optins o WHERE "
+    } else {
+        "SELECT COUNT(*) AS n, MAX(psid) AS last FROM (SELECT s.psid AS psid \
+         FROM subscribers s WHERE "
+    });
+    audience_condition(&mut sql, send, phase, now, min_token_life_ms, after, None);
+    sql.push(if token_phase {
+        " ORDER BY o.psid LIMIT "
+    } else {
+        " ORDER BY s.psid LIMIT "
+    })
+    .bind(limit as i64)
+    .push(") AS next_users");
+    let slice = AudienceSlice::find_by_statement(sql.statement())
+        .one(&txn)
+        .await?
+        .unwrap_or(AudienceSlice { n: 0, last: None });
+    let exhausted = (slice.n as u64) < limit;
+
+    let mut claimed = Vec::new();
+    if let Some(through) = slice.last.as_deref() {
+        let mut sql = Sql::new(backend);
+        sql.push(DELIVERY_COLUMNS)
+            .push("SELECT ")
+            .bind(send.id.as_str())
+            .push(", ")
+            .bind(send.page_id.as_str());
+        if token_phase {
+            sql.push(", r.psid, 'token', r.id, 'in_flight', 1, FALSE, FALSE, 0, ")
+                .bind(now)
+                .push(" FROM (");
+            // Each user's first-expiring usable opt-in: SQLite takes the bare columns of a
+            // MIN() aggregate from the row holding the minimum; PostgreSQL has DISTINCT ON.
+            if backend == sea_orm::DatabaseBackend::Postgres {
+                sql.push(
+                    "SELECT DISTINCT ON (o.psid) o.psid AS psid, o.id AS id FROM optins o WHERE ",
+                );
+                audience_condition(
+                    &mut sql,
+                    send,
+                    phase,
+                    now,
+                    min_token_life_ms,
+                    after,
+                    Some(through),
+                );
+                sql.push(" ORDER BY o.psid, o.expires_at, o.id");
+            } else {
+                sql.push("SELECT o.psid AS psid, o.id AS id, MIN(o.expires_at) AS first_expiry FROM optins o WHERE ");
+                audience_condition(
+                    &mut sql,
+                    send,
+                    phase,
+                    now,
+                    min_token_life_ms,
+                    after,
+                    Some(through),
+                );
+                sql.push(" GROUP BY o.psid");
             }
-            sql.push(" ORDER BY o.psid, o.expires_at LIMIT ")
-                .bind(limit as i64);
-            let rows = Candidate::find_by_statement(sql.statement())
+            // (The condition names `first_expiry` so that SQLite keeps the MIN() its bare
+            // columns are chosen by; PostgreSQL's subquery has no such column.)
+            sql.push(if backend == sea_orm::DatabaseBackend::Postgres {
+                ") AS r WHERE TRUE ORDER BY r.psid"
+            } else {
+                ") AS r WHERE r.first_expiry IS NOT NULL ORDER BY r.psid"
+            });
+        } else {
+            sql.push(", s.psid, 'window', CAST(NULL AS BIGINT), 'in_flight', 1, FALSE, FALSE, 0, ")
+                .bind(now)
+                .push(" FROM subscribers s WHERE ");
+            audience_condition(
+                &mut sql,
+                send,
+                phase,
+                now,
+                min_token_life_ms,
+                after,
+                Some(through),
+            );
+            sql.push(" ORDER BY s.psid");
+        }
+        // A user who already has this send's token delivery is skipped by the unique key.
+        sql.push(" ON CONFLICT (send_id, psid) DO NOTHING RETURNING id, psid, optin_id");
+        let inserted = Inserted::find_by_statement(sql.statement())
+            .all(&txn)
+            .await?;
+        let mut tokens = std::collections::HashMap::new();
+        if token_phase && !inserted.is_empty() {
+            // The rows just inserted are exactly the send's deliveries in this id range: only
+            // this page's actor adds deliveries to the send, and its earlier ones are older.
+            let first = inserted.iter().map(|row| row.id).min().unwrap_or_default();
+            let last = inserted.iter().map(|row| row.id).max().unwrap_or_default();
+            let mut sql = Sql::new(backend);
+            sql.push(
+                "UPDATE optins SET state = 'reserved' WHERE id IN (SELECT d.optin_id FROM \
+                 deliveries d WHERE d.send_id = ",
+            )
+            .bind(send.id.as_str())
+            .push(" AND d.id BETWEEN ")
+            .bind(first)
+            .push(" AND ")
+            .bind(last)
+            .push(") AND state = 'active' RETURNING id, token, expires_at");
+            let reserved = Reserved::find_by_statement(sql.statement())
                 .all(&txn)
                 .await?;
-            let exhausted = (rows.len() as u64) < limit;
-            // Rows come user by user, soonest expiry first: the first of each user is theirs.
-            let mut chosen: Vec<Candidate> = Vec::with_capacity(rows.len());
-            for row in rows {
-                if chosen.last().is_none_or(|last| last.psid != row.psid) {
-                    chosen.push(row);
-                }
-            }
-            let cursor = chosen.last().map(|c| c.psid.clone());
-            let claimed = insert_deliveries(&txn, send, ROUTE_TOKEN, &chosen, now).await?;
-            let optin_ids: Vec<i64> = chosen.iter().map(|c| c.id).collect();
-            let reserved = set_optin_state(&txn, &optin_ids, &["active"], "reserved", None).await?;
-            if reserved != claimed.len() as u64 || claimed.len() != chosen.len() {
+            if reserved.len() != inserted.len() {
                 // Only this page's actor reserves opt-ins: another writer is at work.
                 return Err(StoreError::Conflict);
             }
-            match (exhausted, send.include_window_users) {
-                (false, _) => (claimed, PHASE_TOKEN, cursor.unwrap_or_default()),
-                (true, true) => (claimed, PHASE_WINDOW, String::new()),
-                (true, false) => (claimed, PHASE_DONE, String::new()),
-            }
+            tokens = reserved
+                .into_iter()
+                .map(|row| (row.id, (row.token, row.expires_at)))
+                .collect();
         }
-        PHASE_WINDOW => {
-            let mut sql = Sql::new(backend);
-            sql.push(
-                "SELECT CAST(0 AS BIGINT) AS id, s.psid, CAST(NULL AS TEXT) AS token, \
-                 CAST(NULL AS BIGINT) AS expires_at FROM subscribers s WHERE s.page_id = ",
-            )
-            .bind(send.page_id.as_str())
-            .push(" AND s.last_interaction_at > ")
-            .bind(now - WINDOW_MS)
-            .push(" AND s.psid > ")
-            .bind(send.audience_cursor.as_str())
-            .push(
-                " AND NOT EXISTS (SELECT 1 FROM optins u WHERE u.page_id = s.page_id \
-                 AND u.psid = s.psid AND u.topic = ",
-            )
-            .bind(send.topic.as_str())
-            .push(" AND u.state = 'active' AND u.expires_at > ")
-            .bind(now)
-            .push(")");
-            if let Some(rule) = &segment {
-                sql.push(" AND ");
-                stories::in_segment(&mut sql, "s.psid", &send.page_id, rule);
-            }
-            sql.push(" ORDER BY s.psid LIMIT ").bind(limit as i64);
-            let rows = Candidate::find_by_statement(sql.statement())
-                .all(&txn)
-                .await?;
-            let exhausted = (rows.len() as u64) < limit;
-            let cursor = rows.last().map(|c| c.psid.clone());
-            // A user who already has this send's token delivery is skipped by the unique key.
-            let claimed = insert_deliveries(&txn, send, ROUTE_WINDOW, &rows, now).await?;
-            if exhausted {
-                (claimed, PHASE_DONE, String::new())
-            } else {
-                (claimed, PHASE_WINDOW, cursor.unwrap_or_default())
-            }
+        claimed.reserve(inserted.len());
+        for row in inserted {
+            let (token, expires_at) = match row.optin_id.and_then(|id| tokens.remove(&id)) {
+                Some((token, expires_at)) => (Some(token), Some(expires_at)),
+                None if token_phase => return Err(StoreError::Conflict),
+                None => (None, None),
+            };
+            claimed.push(Claimed {
+                id: row.id,
+                psid: row.psid,
+                route: if token_phase {
+                    ROUTE_TOKEN
+                } else {
+                    ROUTE_WINDOW
+                }
+                .to_string(),
+                attempts: 1,
+                ambiguous: false,
+                token,
+                expires_at,
+                optin_id: row.optin_id,
+            });
         }
-        _ => {
-            txn.commit().await?;
-            return Ok(Vec::new());
-        }
+        claimed.sort_by_key(|c| c.id);
+    }
+
+    let (next_phase, cursor) = match (exhausted, token_phase, send.include_window_users) {
+        (false, _, _) => (phase, slice.last.unwrap_or_default()),
+        (true, true, true) => (PHASE_WINDOW, String::new()),
+        (true, _, _) => (PHASE_DONE, String::new()),
     };
     let moved = send::Entity::update_many()
-        .col_expr(send::Column::AudiencePhase, Expr::value(phase))
+        .col_expr(send::Column::AudiencePhase, Expr::value(next_phase))
         .col_expr(send::Column::AudienceCursor, Expr::value(cursor))
         .filter(send::Column::Id.eq(send.id.as_str()))
         .filter(send::Column::State.eq(RUNNING))
@@ -647,67 +780,6 @@ pub async fn materialize(
     )
     .await?;
     txn.commit().await?;
-    Ok(claimed)
-}
-
-/// Inserts the recipients' deliveries `in_flight` (attempt 1) and returns them as claimed.
-async fn insert_deliveries(
-    db: &impl ConnectionTrait,
-    send: &Send,
-    route: &str,
-    recipients: &[Candidate],
-    now: i64,
-) -> Result<Vec<Claimed>, StoreError> {
-    let mut claimed = Vec::with_capacity(recipients.len());
-    for chunk in recipients.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = Sql::new(db.get_database_backend());
-        sql.push(
-            "INSERT INTO deliveries (send_id, page_id, psid, route, optin_id, state, attempts, \
-             ambiguous, confirmed_by_token, next_attempt_at, updated_at) VALUES ",
-        );
-        push_values(&mut sql, chunk, |sql, c| {
-            sql.bind(send.id.as_str())
-                .push(", ")
-                .bind(send.page_id.as_str())
-                .push(", ")
-                .bind(c.psid.as_str())
-                .push(", ")
-                .bind(route)
-                .push(", ")
-                .bind(if route == ROUTE_TOKEN {
-                    Some(c.id)
-                } else {
-                    None
-                })
-                .push(", 'in_flight', 1, ")
-                .bind(false)
-                .push(", ")
-                .bind(false)
-                .push(", 0, ")
-                .bind(now);
-        });
-        sql.push(" ON CONFLICT (send_id, psid) DO NOTHING RETURNING id, psid");
-        let inserted = Inserted::find_by_statement(sql.statement()).all(db).await?;
-        // RETURNING gives no order guarantee: match the rows back by psid.
-        let by_psid: std::collections::HashMap<&str, &Candidate> =
-            chunk.iter().map(|c| (c.psid.as_str(), c)).collect();
-        for row in inserted {
-            let Some(candidate) = by_psid.get(row.psid.as_str()) else {
-                continue;
-            };
-            claimed.push(Claimed {
-                id: row.id,
-                psid: row.psid,
-                route: route.to_string(),
-                attempts: 1,
-                ambiguous: false,
-                token: candidate.token.clone(),
-                expires_at: candidate.expires_at,
-                optin_id: (route == ROUTE_TOKEN).then_some(candidate.id),
-            });
-        }
-    }
-    claimed.sort_by_key(|c| c.id);
     Ok(claimed)
 }
 

@@ -446,6 +446,51 @@ backend_tests! {
         assert_eq!((topic.used, topic.rejected, topic.active), (5, 1, 0), "{topic:?}");
     }
 
+    async fn a_user_with_several_opt_ins_gets_one_message_on_the_token_that_expires_first(db) {
+        // More users than the first audience step takes (250), so that steps meet mid-way.
+        const USERS: u64 = 300;
+        const SOONER_SECONDS: i64 = 30 * 24 * 3600;
+        let mut app = spawn_app(&db).await;
+        app.register_page(PAGE).await;
+        set_rate(&mut app, PAGE, 300).await;
+        // Every user opts in twice: now (a year's token, through the webhook), and through a
+        // gateway with a token that expires in 30 days, recorded after the first.
+        opt_in_many(&mut app, PAGE, "m", USERS).await;
+        let sooner = app.sandbox_admin("/__sandbox/optins", json!({"page_id": PAGE,
+            "psid_prefix": "m", "count": USERS, "payload": TOPIC,
+            "expires_in_seconds": SOONER_SECONDS, "deliver_webhook": false})).await;
+        let sooner: Vec<String> = sooner["tokens"].as_array().unwrap().iter()
+            .map(|t| t.as_str().unwrap().to_string()).collect();
+        let opted_in_ms = otnd::store::now_ms() - otnd::domain::OPT_IN_LIFETIME_MS
+            + SOONER_SECONDS * 1000;
+        for (i, token) in sooner.iter().enumerate() {
+            app.optins.record_opt_in(RecordOptInRequest { page_id: PAGE.into(),
+                psid: format!("m{i}"), topic: TOPIC.into(), token: token.clone(),
+                opt_in_time: Some(prost_types::Timestamp { seconds: opted_in_ms / 1000,
+                    nanos: ((opted_in_ms % 1000) * 1_000_000) as i32 }) })
+                .await.unwrap();
+        }
+        assert_eq!(active(&mut app, PAGE).await, 2 * USERS);
+
+        let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest::default()).await;
+        let send = start(&mut app, &story_id, "twice").await;
+        let done = wait_for_state(&mut app, &send.send_id, SendState::Completed, Duration::from_secs(60)).await;
+        assert_eq!(counters(&done), (USERS, USERS, 0, 0, 0), "one delivery per user");
+        assert_no_duplicates(&app).await;
+        let messages = sandbox_get(&app, &format!("/__sandbox/messages?page_id={PAGE}")).await;
+        let mut used: Vec<String> = messages["messages"].as_array().unwrap().iter()
+            .filter_map(|m| m["token"].as_str().map(str::to_string)).collect();
+        used.sort();
+        let mut expected = sooner.clone();
+        expected.sort();
+        assert!(used == expected, "every user's message spent the token that expires first");
+        // The later tokens stay for another story.
+        let topics = app.optins.list_topics(ListTopicsRequest { page_id: PAGE.into() })
+            .await.unwrap().into_inner().topics;
+        let topic = topics.iter().find(|t| t.topic == TOPIC).unwrap();
+        assert_eq!((topic.used, topic.active, topic.reserved), (USERS, USERS, 0), "{topic:?}");
+    }
+
     async fn two_sends_on_one_topic_share_no_token(db) {
         let mut app = spawn_app(&db).await;
         app.register_page(PAGE).await;
