@@ -196,13 +196,13 @@ pub async fn batch(
     body: Bytes,
 ) -> Response {
     let version = Some(uri.path().trim_matches('/')).filter(|v| !v.is_empty());
-    let params = match versioned_params(version, &uri, &headers, &body) {
+    let mut params = match versioned_params(version, &uri, &headers, &body) {
         Ok(params) => params,
         Err(error) => return error_response(&error, &Usage::default()),
     };
-    let items = match params.get("batch") {
-        Some(Value::Array(items)) => items.clone(),
-        Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+    let items = match params.remove("batch") {
+        Some(Value::Array(items)) => items,
+        Some(Value::String(text)) => match serde_json::from_str::<Value>(&text) {
             Ok(Value::Array(items)) => items,
             _ => {
                 return error_response(
