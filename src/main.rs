@@ -33,6 +33,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    startup::disable_transparent_huge_pages();
     let cli = Cli::parse();
     if let Some(Command::Version) = cli.command {
         println!("otnd {}", env!("CARGO_PKG_VERSION"));

@@ -5,6 +5,11 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use clap::Parser;
 use otnd::sandbox::{self, Faults, SandboxOptions};
 
+// The fake shares a machine with otnd in tests and benchmarks: what it spends in the allocator
+// is taken from the service under test.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A faithful fake of the Graph API parts otnd uses; admin surface under /__sandbox/.
 /// Every fault flag can also be changed at run time with POST /__sandbox/faults.
 #[derive(Parser)]
@@ -81,6 +86,7 @@ impl Args {
 }
 
 fn main() -> ExitCode {
+    otnd::startup::disable_transparent_huge_pages();
     let args = Args::parse();
     let faults = args.faults();
     if let Err(why) = faults.validate() {
