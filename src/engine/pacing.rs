@@ -111,6 +111,11 @@ impl Pacer {
             .clamp(1, self.settings.max_batch.max(1))
     }
 
+    /// Whether pages are paced at their rate (otherwise only the app-wide limit applies).
+    pub fn is_paced(&self) -> bool {
+        self.settings.enforce_page_rate
+    }
+
     /// Deliveries a page keeps in flight: about what its rate sends in half a second (Graph's
     /// usual latency and the limiter's queue), so that a crash leaves a bounded set unsettled.
     pub fn in_flight_cap(&self, rate: u32) -> usize {

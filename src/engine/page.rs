@@ -50,9 +50,14 @@ const TICK: Duration = Duration::from_millis(200);
 const PAGE_RELOAD: Duration = Duration::from_secs(5);
 /// A token is presented only if it stays valid this long: the call must reach Facebook first.
 const MIN_TOKEN_LIFE_MS: i64 = 60_000;
-/// Answers are recorded together: at once when this many wait, else after `FLUSH_DELAY`.
+/// Answers are recorded together: at once when this many wait, else after `FLUSH_DELAY` on an
+/// unpaced page and `PACED_FLUSH_DELAY` on a paced one. A paced page's answers trickle in a
+/// batch of two at a time: recorded as they come, a transaction would carry two deliveries, and
+/// the transactions, not the rows, would be most of the database's work (on PostgreSQL, a round
+/// trip each for the lease check, the statements and the commit).
 const FLUSH_AT: usize = 512;
 const FLUSH_DELAY: Duration = Duration::from_millis(2);
+const PACED_FLUSH_DELAY: Duration = Duration::from_millis(100);
 /// The most deliveries one step claims: when none are in flight, and otherwise.
 const FIRST_CLAIM: usize = 250;
 const MAX_CLAIM: usize = 1000;
@@ -343,7 +348,11 @@ impl PageActor {
             self.schedule_flush(ctx);
         } else if !self.flush_scheduled && !self.lost {
             self.flush_scheduled = true;
-            ctx.run_later(FLUSH_DELAY, |_, ctx| ctx.notify(Flush));
+            let delay = match self.deps.pacer.is_paced() {
+                true => PACED_FLUSH_DELAY,
+                false => FLUSH_DELAY,
+            };
+            ctx.run_later(delay, |_, ctx| ctx.notify(Flush));
         }
     }
 
@@ -355,6 +364,24 @@ impl PageActor {
         let cap = self.deps.pacer.in_flight_cap(config.rate);
         let room = cap.saturating_sub(self.in_flight());
         self.dispatched.is_empty() || room >= (cap / 4).max(self.deps.pacer.batch_size(config.rate))
+    }
+
+    /// Whether a step would do anything: recover, read the page or its sends again, claim or
+    /// materialise with room worth a step, or see a send through to its end. A step that can
+    /// only find nothing is skipped: on a paced page the tick would otherwise take a
+    /// transaction every 200 ms for a handful of deliveries.
+    fn wants_a_step(&self) -> bool {
+        let config_due = self
+            .config_loaded
+            .is_none_or(|at| at.elapsed() >= PAGE_RELOAD);
+        let in_progress = |a: &ActiveSend| {
+            let send = &a.send;
+            !send.audience_done() || send.pending() > 0 || send.in_flight == 0
+        };
+        self.needs_recovery
+            || self.reload_sends
+            || (!self.sends.is_empty()
+                && (config_due || (self.worth_pumping() && self.sends.iter().any(in_progress))))
     }
 
     /// Jobs dropped before their call: back to pending, as if never claimed.
@@ -384,8 +411,7 @@ impl Actor for PageActor {
         // Requests from the API are few and answered quickly; work arrives through the database.
         ctx.set_mailbox_capacity(256);
         ctx.run_interval(TICK, |act, ctx| {
-            let wants_work = !act.sends.is_empty() || act.needs_recovery || act.reload_sends;
-            if wants_work && !act.draining {
+            if act.wants_a_step() && !act.draining {
                 act.schedule_pump(ctx);
             }
             if !act.unrecorded.is_empty() {
@@ -510,7 +536,6 @@ async fn pump(
         result.reloaded = Some(rows.clone());
         running = rows;
     }
-    let mut materialized: Vec<String> = Vec::new();
     let mut capacity = plan.capacity;
     if capacity > 0 && !running.is_empty() {
         let n = running.len();
@@ -519,41 +544,38 @@ async fn pump(
                 break;
             }
             let send = &running[(plan.turn + k) % n];
+            if send.audience_done() && send.pending() == 0 {
+                // Nothing to claim: its counters move in the transactions that move its rows.
+                continue;
+            }
             // Retries and recovered deliveries first, then new recipients, claimed as they
             // are materialised.
-            let mut claimed = sends::claim(
-                db,
-                &fence,
-                &send.id,
-                now,
-                MIN_TOKEN_LIFE_MS,
-                capacity as u64,
-            )
-            .await?;
-            if claimed.len() < capacity && !send.audience_done() {
-                let fresh = sends::get(db, &send.id).await?;
-                let want = (capacity - claimed.len()) as u64;
-                let more =
-                    sends::materialize(db, &fence, &fresh, now, MIN_TOKEN_LIFE_MS, want).await?;
-                materialized.push(send.id.clone());
-                claimed.extend(more);
-            }
-            capacity -= claimed.len();
-            if !claimed.is_empty() {
+            let step =
+                sends::step(db, &fence, send, now, MIN_TOKEN_LIFE_MS, capacity as u64).await?;
+            capacity -= step.claimed.len();
+            result.refreshed.extend(step.send);
+            if !step.claimed.is_empty() {
                 crate::crashpoint::pass("in-flight-committed");
-                result.claims.push((send.id.clone(), claimed));
+                result.claims.push((send.id.clone(), step.claimed));
             }
         }
     }
-    // A send that had nothing to claim may be done; one that moved is read back for progress.
+    // A send that had nothing to claim may be done.
     for send in &running {
-        let claimed = result.claims.iter().any(|(id, _)| *id == send.id);
-        if !claimed && send.in_flight == 0 && sends::complete_if_done(db, &send.id, now).await? {
-            result.completed.push(sends::get(db, &send.id).await?);
+        if result.claims.iter().any(|(id, _)| *id == send.id) {
             continue;
         }
-        if claimed || materialized.contains(&send.id) {
-            result.refreshed.push(sends::get(db, &send.id).await?);
+        let latest = result
+            .refreshed
+            .iter()
+            .find(|row| row.id == send.id)
+            .unwrap_or(send);
+        if latest.in_flight == 0
+            && latest.audience_done()
+            && let Some(done) = sends::complete_if_done(db, &send.id, now).await?
+        {
+            result.refreshed.retain(|row| row.id != send.id);
+            result.completed.push(done);
         }
     }
     Ok(result)
@@ -603,7 +625,6 @@ impl Handler<Pump> for PageActor {
             self.config_loaded = Some(Instant::now());
         }
         self.turn = self.turn.wrapping_add(1);
-        let reloading = plan.reload_sends;
         let had_config = self.config.is_some();
         self.reload_sends = false;
         let fut = pump(
@@ -620,7 +641,9 @@ impl Handler<Pump> for PageActor {
                     tracing::error!(page_id = %act.page_id, error = %err, "page step failed; retrying");
                     // A claim may have committed even though its answer was lost.
                     act.needs_recovery = true;
-                    act.reload_sends |= reloading;
+                    // The step may have committed: what the actor holds of its sends (the
+                    // audience cursor above all) is read again.
+                    act.reload_sends = true;
                     if act.config.is_none() {
                         act.config_loaded = None;
                     }
@@ -686,15 +709,16 @@ async fn flush(
     for (send_id, outcome) in outcomes {
         by_send.entry(send_id).or_default().push(outcome);
     }
+    let mut rows = Vec::new();
     for (send_id, outcomes) in &by_send {
-        sends::record(db, &fence, send_id, outcomes, now).await?;
+        rows.extend(sends::record(db, &fence, send_id, outcomes, now).await?);
     }
     if let Some(reason) = halt {
         sends::halt_page(db, &page_id, &reason, now).await?;
-    }
-    let mut rows = Vec::new();
-    for send_id in by_send.keys() {
-        rows.push(sends::get(db, send_id).await?);
+        rows.clear();
+        for send_id in by_send.keys() {
+            rows.push(sends::get(db, send_id).await?);
+        }
     }
     Ok(rows)
 }

@@ -6,8 +6,9 @@
 //! enforces the same rules underneath (one delivery per recipient and send, one per opt-in).
 
 use sea_orm::{
-    Condition, ConnectionTrait, DatabaseConnection, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect, TransactionTrait, entity::prelude::*, sea_query::OnConflict,
+    Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction, FromQueryResult,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait, entity::prelude::*,
+    sea_query::OnConflict,
 };
 
 use super::{StoreError, leases::Fence, sql::Sql, stories};
@@ -392,23 +393,27 @@ pub async fn halt_page(
 }
 
 /// A running send whose audience is materialised and whose every delivery ended: completed.
+/// Returns the completed row, or `None` when the send is not done (or not running).
 pub async fn complete_if_done(
     db: &impl ConnectionTrait,
     send_id: &str,
     now: i64,
-) -> Result<bool, StoreError> {
-    let result = send::Entity::update_many()
-        .col_expr(send::Column::State, Expr::value(COMPLETED))
-        .col_expr(send::Column::FinishedAt, Expr::value(now))
-        .col_expr(send::Column::UpdatedAt, Expr::value(now))
-        .filter(send::Column::Id.eq(send_id))
-        .filter(send::Column::State.eq(RUNNING))
-        .filter(send::Column::AudiencePhase.eq(PHASE_DONE))
-        .filter(send::Column::InFlight.eq(0))
-        .filter(Expr::cust("total = sent + failed + skipped + unknown"))
-        .exec(db)
-        .await?;
-    Ok(result.rows_affected > 0)
+) -> Result<Option<Send>, StoreError> {
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("UPDATE sends SET state = ")
+        .bind(COMPLETED)
+        .push(", finished_at = ")
+        .bind(now)
+        .push(", updated_at = ")
+        .bind(now)
+        .push(" WHERE id = ")
+        .bind(send_id)
+        .push(" AND state = ")
+        .bind(RUNNING)
+        .push(" AND audience_phase = ")
+        .bind(PHASE_DONE)
+        .push(" AND in_flight = 0 AND total = sent + failed + skipped + unknown RETURNING *");
+    Ok(Send::find_by_statement(sql.statement()).one(db).await?)
 }
 
 /// Counter changes, applied in the transaction that moved the deliveries.
@@ -434,9 +439,22 @@ async fn apply_counters(
     delta: CounterDelta,
     now: i64,
 ) -> Result<(), StoreError> {
-    if delta.is_zero() {
-        return Ok(());
+    if !delta.is_zero() {
+        update_send(db, send_id, delta, None, now).await?;
     }
+    Ok(())
+}
+
+/// Moves the send's counters by `delta` and, after a materialising step, its audience phase and
+/// cursor (only while it runs); returns the row as it is now, `None` when no running send took
+/// the audience change.
+async fn update_send(
+    db: &impl ConnectionTrait,
+    send_id: &str,
+    delta: CounterDelta,
+    audience: Option<(&str, &str)>,
+    now: i64,
+) -> Result<Option<Send>, StoreError> {
     let mut sql = Sql::new(db.get_database_backend());
     sql.push("UPDATE sends SET total = total + ")
         .bind(delta.total)
@@ -451,11 +469,21 @@ async fn apply_counters(
         .push(", unknown = unknown + ")
         .bind(delta.unknown)
         .push(", updated_at = ")
-        .bind(now)
-        .push(" WHERE id = ")
-        .bind(send_id);
-    db.execute_raw(sql.statement()).await?;
-    Ok(())
+        .bind(now);
+    if let Some((phase, cursor)) = audience {
+        sql.push(", audience_phase = ")
+            .bind(phase)
+            .push(", audience_cursor = ")
+            .bind(cursor);
+    }
+    sql.push(" WHERE id = ").bind(send_id);
+    if audience.is_some() {
+        // Paused or cancelled meanwhile (maybe by an instance that does not own the page):
+        // nobody more is materialised.
+        sql.push(" AND state = ").bind(RUNNING);
+    }
+    sql.push(" RETURNING *");
+    Ok(Send::find_by_statement(sql.statement()).one(db).await?)
 }
 
 /// `(?, ?, ...)` groups for a multi-row VALUES list, one per row.
@@ -575,33 +603,31 @@ fn audience_condition(
     }
 }
 
-/// Materialises up to `limit` more recipients of the send and claims them at once: each
-/// user's first-expiring usable opt-in is reserved (token route), then, when asked, users
-/// inside the window without one (window route); the segment applies to both. The new
-/// deliveries are committed `in_flight` (attempt 1) in the same transaction, ready for the
-/// sender pool.
+/// Materialises up to `limit` more recipients of the send and claims them at once, in the
+/// step's transaction: each user's first-expiring usable opt-in is reserved (token route), then,
+/// when asked, users inside the window without one (window route); the segment applies to both.
+/// The new deliveries are `in_flight` (attempt 1), ready for the sender pool. Returns them with
+/// the audience phase and cursor the send moves to.
 ///
 /// The recipients move from table to table inside the database: a step first finds the psid
 /// range of its next `limit` users, then inserts their deliveries and reserves their opt-ins
 /// with statements whose text does not depend on how many rows they move. Binding each row's
 /// values instead cost a dozen parameters a delivery, and every new row count a fresh parse
 /// of a statement with thousands of placeholders (20 ms and more on SQLite).
-pub async fn materialize(
-    db: &DatabaseConnection,
-    fence: &Fence,
+async fn materialize(
+    txn: &DatabaseTransaction,
     send: &Send,
     now: i64,
     min_token_life_ms: i64,
     limit: u64,
-) -> Result<Vec<Claimed>, StoreError> {
-    let backend = db.get_database_backend();
-    let phase = send.audience_phase.as_str();
-    if phase != PHASE_TOKEN && phase != PHASE_WINDOW {
-        return Ok(Vec::new());
-    }
+) -> Result<(Vec<Claimed>, &'static str, String), StoreError> {
+    let backend = txn.get_database_backend();
+    let phase = match send.audience_phase.as_str() {
+        PHASE_TOKEN => PHASE_TOKEN,
+        PHASE_WINDOW => PHASE_WINDOW,
+        _ => return Ok((Vec::new(), PHASE_DONE, String::new())),
+    };
     let token_phase = phase == PHASE_TOKEN;
-    let txn = db.begin().await?;
-    fence.check(&txn).await?;
     let after = send.audience_cursor.as_str();
 
     // The next `limit` users of the phase: how many there are, and the last one's psid.
@@ -622,7 +648,7 @@ pub async fn materialize(
     .bind(limit as i64)
     .push(") AS next_users");
     let slice = AudienceSlice::find_by_statement(sql.statement())
-        .one(&txn)
+        .one(txn)
         .await?
         .unwrap_or(AudienceSlice { n: 0, last: None });
     let exhausted = (slice.n as u64) < limit;
@@ -693,7 +719,7 @@ pub async fn materialize(
         // A user who already has this send's token delivery is skipped by the unique key.
         sql.push(" ON CONFLICT (send_id, psid) DO NOTHING RETURNING id, psid, optin_id");
         let inserted = Inserted::find_by_statement(sql.statement())
-            .all(&txn)
+            .all(txn)
             .await?;
         let mut tokens = std::collections::HashMap::new();
         if token_phase && !inserted.is_empty() {
@@ -713,7 +739,7 @@ pub async fn materialize(
             .bind(last)
             .push(") AND state = 'active' RETURNING id, token, expires_at");
             let reserved = Reserved::find_by_statement(sql.statement())
-                .all(&txn)
+                .all(txn)
                 .await?;
             if reserved.len() != inserted.len() {
                 // Only this page's actor reserves opt-ins: another writer is at work.
@@ -755,32 +781,7 @@ pub async fn materialize(
         (true, true, true) => (PHASE_WINDOW, String::new()),
         (true, _, _) => (PHASE_DONE, String::new()),
     };
-    let moved = send::Entity::update_many()
-        .col_expr(send::Column::AudiencePhase, Expr::value(next_phase))
-        .col_expr(send::Column::AudienceCursor, Expr::value(cursor))
-        .filter(send::Column::Id.eq(send.id.as_str()))
-        .filter(send::Column::State.eq(RUNNING))
-        .exec(&txn)
-        .await?;
-    if moved.rows_affected == 0 {
-        // Paused or cancelled meanwhile (by an instance that does not own the page): nobody
-        // is claimed; the actor reads its sends again.
-        return Err(StoreError::Conflict);
-    }
-    let added = claimed.len() as i64;
-    apply_counters(
-        &txn,
-        &send.id,
-        CounterDelta {
-            total: added,
-            in_flight: added,
-            ..Default::default()
-        },
-        now,
-    )
-    .await?;
-    txn.commit().await?;
-    Ok(claimed)
+    Ok((claimed, next_phase, cursor))
 }
 
 /// A delivery handed to the sender pool.
@@ -797,21 +798,66 @@ pub struct Claimed {
     pub optin_id: Option<i64>,
 }
 
-/// Claims up to `limit` due pending deliveries of the send, in order, and commits them
-/// `in_flight` before anyone calls Facebook. A token that would expire before it can be used is
-/// never presented: its delivery is skipped (or, if an earlier attempt may have landed, marked
-/// unknown) and the opt-in expired.
-pub async fn claim(
+/// What one step of a send did: the deliveries it committed `in_flight`, and the send's row
+/// afterwards when anything moved.
+pub struct Step {
+    pub claimed: Vec<Claimed>,
+    pub send: Option<Send>,
+}
+
+/// One step of a running send, in one transaction: up to `limit` due pending deliveries (retries
+/// and recovered ones) first, then new recipients materialised while room is left, all committed
+/// `in_flight` before anyone calls Facebook, with the send's counters and audience cursor.
+/// `send` is the caller's latest row of the send (only its owner moves the audience cursor).
+pub async fn step(
     db: &DatabaseConnection,
     fence: &Fence,
+    send: &Send,
+    now: i64,
+    min_token_life_ms: i64,
+    limit: u64,
+) -> Result<Step, StoreError> {
+    let txn = db.begin().await?;
+    fence.check(&txn).await?;
+    let (mut claimed, mut delta) = claim(&txn, &send.id, now, min_token_life_ms, limit).await?;
+    let mut audience = None;
+    if (claimed.len() as u64) < limit && !send.audience_done() {
+        let want = limit - claimed.len() as u64;
+        let (more, phase, cursor) = materialize(&txn, send, now, min_token_life_ms, want).await?;
+        delta.total += more.len() as i64;
+        delta.in_flight += more.len() as i64;
+        claimed.extend(more);
+        audience = Some((phase, cursor));
+    }
+    let row = match (delta.is_zero(), &audience) {
+        (true, None) => None,
+        (_, audience) => {
+            let audience = audience.as_ref().map(|(p, c)| (*p, c.as_str()));
+            let row = update_send(&txn, &send.id, delta, audience, now).await?;
+            if row.is_none() {
+                // Paused or cancelled meanwhile: nothing of this step stands; the actor reads
+                // its sends again.
+                return Err(StoreError::Conflict);
+            }
+            row
+        }
+    };
+    txn.commit().await?;
+    Ok(Step { claimed, send: row })
+}
+
+/// Claims up to `limit` due pending deliveries of the send, in order, `in_flight` in the step's
+/// transaction. A token that would expire before it can be used is never presented: its
+/// delivery is skipped (or, if an earlier attempt may have landed, marked unknown) and the
+/// opt-in expired. Returns the claimed deliveries and the counters they move.
+async fn claim(
+    txn: &DatabaseTransaction,
     send_id: &str,
     now: i64,
     min_token_life_ms: i64,
     limit: u64,
-) -> Result<Vec<Claimed>, StoreError> {
-    let backend = db.get_database_backend();
-    let txn = db.begin().await?;
-    fence.check(&txn).await?;
+) -> Result<(Vec<Claimed>, CounterDelta), StoreError> {
+    let backend = txn.get_database_backend();
     let mut sql = Sql::new(backend);
     sql.push(
         "SELECT d.id, d.psid, d.route, d.attempts + 1 AS attempts, d.ambiguous, o.token, \
@@ -823,9 +869,7 @@ pub async fn claim(
     .bind(now)
     .push(" ORDER BY d.id LIMIT ")
     .bind(limit as i64);
-    let rows = Claimed::find_by_statement(sql.statement())
-        .all(&txn)
-        .await?;
+    let rows = Claimed::find_by_statement(sql.statement()).all(txn).await?;
     let (usable, lapsed): (Vec<Claimed>, Vec<Claimed>) = rows.into_iter().partition(|c| {
         c.route == ROUTE_WINDOW
             || (c.token.is_some() && c.expires_at.is_some_and(|e| e > now + min_token_life_ms))
@@ -884,11 +928,9 @@ pub async fn claim(
             }
         }
         let optins: Vec<i64> = lapsed.iter().filter_map(|c| c.optin_id).collect();
-        set_optin_state(&txn, &optins, &["reserved", "active"], "expired", None).await?;
+        set_optin_state(txn, &optins, &["reserved", "active"], "expired", None).await?;
     }
-    apply_counters(&txn, send_id, delta, now).await?;
-    txn.commit().await?;
-    Ok(usable)
+    Ok((usable, delta))
 }
 
 /// How one attempt ended, as the engine decided.
@@ -926,16 +968,17 @@ pub struct DeliveryError {
     pub message: String,
 }
 
-/// Records outcomes of in-flight deliveries of one send (a batch, one transaction).
+/// Records outcomes of in-flight deliveries of one send (a batch, one transaction); returns the
+/// send's row afterwards.
 pub async fn record(
     db: &DatabaseConnection,
     fence: &Fence,
     send_id: &str,
     outcomes: &[Outcome],
     now: i64,
-) -> Result<(), StoreError> {
+) -> Result<Option<Send>, StoreError> {
     if outcomes.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let backend = db.get_database_backend();
     let txn = db.begin().await?;
@@ -1041,9 +1084,9 @@ pub async fn record(
     }
     set_optin_state(&txn, &used_optins, &["reserved"], "used", Some(now)).await?;
     set_optin_state(&txn, &rejected_optins, &["reserved"], "rejected", None).await?;
-    apply_counters(&txn, send_id, delta, now).await?;
+    let row = update_send(&txn, send_id, delta, None, now).await?;
     txn.commit().await?;
-    Ok(())
+    Ok(row)
 }
 
 /// After a crash (or an actor restart): every delivery of the page's sends still `in_flight`
