@@ -147,12 +147,15 @@ pub struct PageActor {
     fence: Fence,
     /// The lease went to another owner: this actor writes nothing more and stays stopped.
     lost: bool,
+    /// The Arbiter this actor runs on: a paced page's calls go to the sender there.
+    arbiter: usize,
 }
 
 impl PageActor {
-    pub fn new(page_id: String, deps: Deps, fence: Fence) -> Self {
+    pub fn new(page_id: String, deps: Deps, fence: Fence, arbiter: usize) -> Self {
         PageActor {
             page_id,
+            arbiter,
             deps,
             fence,
             lost: false,
@@ -297,7 +300,13 @@ impl PageActor {
                 gate: self.gate.clone(),
                 generation,
             };
-            ctx.spawn(self.deps.pool.dispatch(job).into_actor(self).map(
+            // A paced page keeps at most half a second of calls in flight, which one thread
+            // carries easily: its sender is the one on its own thread, so that a call and its
+            // answer cross no threads (on a busy instance, waking another thread for each call
+            // and answer cost more CPU than the call). An unpaced page spreads its calls over
+            // every thread.
+            let on = self.deps.pacer.is_paced().then_some(self.arbiter);
+            ctx.spawn(self.deps.pool.dispatch(job, on).into_actor(self).map(
                 move |answer, act: &mut PageActor, ctx| {
                     let results: Vec<ItemResult> = match answer {
                         Ok(Some(results)) => results,

@@ -131,7 +131,12 @@ impl SenderPool {
         let senders = arbiters
             .iter()
             .map(|arbiter| {
-                let (graph, pacer) = (graph.clone(), pacer.clone());
+                // Each sender's calls travel on connections its own thread drives. The same
+                // settings built a client at start-up; should another fail, the senders share.
+                let graph = graph
+                    .with_own_connections()
+                    .unwrap_or_else(|_| graph.clone());
+                let pacer = pacer.clone();
                 Sender::start_in_arbiter(arbiter, move |_| Sender { graph, pacer })
             })
             .collect();
@@ -141,14 +146,16 @@ impl SenderPool {
         }
     }
 
-    /// Hands a job to the next sender (round robin: one page's calls use every core); the
-    /// future resolves with one result per item (or a mailbox error if the sender is gone,
-    /// which leaves the items in flight for recovery).
+    /// Hands a job to the sender on Arbiter `on`, or to the next sender (round robin: one
+    /// page's calls use every core); the future resolves with one result per item (or a
+    /// mailbox error if the sender is gone, which leaves the items in flight for recovery).
     pub fn dispatch(
         &self,
         job: Dispatch,
+        on: Option<usize>,
     ) -> impl Future<Output = Result<Option<Vec<ItemResult>>, actix::MailboxError>> + 'static {
-        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
+        let n =
+            on.unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed)) % self.senders.len();
         self.senders[n].send(job)
     }
 }

@@ -84,11 +84,12 @@ impl Supervisor {
         {
             return Some(addr.clone());
         }
-        let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
+        let index = self.next_arbiter % self.arbiters.len();
         self.next_arbiter += 1;
         let (id, deps, fence) = (page_id.to_string(), self.deps.clone(), owned.fence.clone());
-        let addr =
-            actix::Supervisor::start_in_arbiter(arbiter, move |_| PageActor::new(id, deps, fence));
+        let addr = actix::Supervisor::start_in_arbiter(&self.arbiters[index], move |_| {
+            PageActor::new(id, deps, fence, index)
+        });
         owned.addr = Some(addr.clone());
         Some(addr)
     }
@@ -295,9 +296,11 @@ async fn lease_round(
     })
 }
 
-/// Arbiters for the engine's actors: one per core, at least two.
+/// Arbiters for the engine's actors: one per core the process may use (a container's CPU
+/// quota counts). More threads than cores only hand work between threads: on an instance held
+/// to a tenth of a core, waking one thread for another cost more CPU than the calls.
 pub fn start_arbiters() -> Vec<ArbiterHandle> {
-    let n = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     (0..n)
         .map(|_| {
             let arbiter = Arbiter::new();

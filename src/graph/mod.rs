@@ -64,6 +64,7 @@ pub struct GraphClient {
     http: reqwest::Client,
     /// `{base}/{version}/` with a trailing slash, so relative paths join under the version.
     versioned: Url,
+    timeout: Duration,
 }
 
 #[derive(Deserialize)]
@@ -122,13 +123,30 @@ impl GraphClient {
         let mut versioned = base_url.clone();
         let base_path = versioned.path().trim_end_matches('/').to_string();
         versioned.set_path(&format!("{base_path}/{version}/"));
-        let http = http_client_builder()
+        Ok(GraphClient {
+            http: Self::http(timeout)?,
+            versioned,
+            timeout,
+        })
+    }
+
+    fn http(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+        http_client_builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("otnd/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(GraphClient { http, versioned })
+            .build()
+    }
+
+    /// The same client with connections of its own. A connection is driven by a task on the
+    /// thread that opened it: a thread that calls Graph through its own client never has its
+    /// calls carried, and its answers read, by another thread's task.
+    pub fn with_own_connections(&self) -> anyhow::Result<Self> {
+        Ok(GraphClient {
+            http: Self::http(self.timeout)?,
+            ..self.clone()
+        })
     }
 
     fn url(&self, path: &str, credentials: &PageCredentials) -> Url {
