@@ -136,19 +136,7 @@ impl EngineHandle {
     }
 
     async fn tell_other_instances(&self, page_id: &str) {
-        let db = &self.store.db;
-        if db.get_database_backend() != sea_orm::DatabaseBackend::Postgres {
-            return;
-        }
-        let notify = sea_orm::Statement::from_sql_and_values(
-            sea_orm::DatabaseBackend::Postgres,
-            "SELECT pg_notify($1, $2)",
-            [PAGES_CHANNEL.into(), page_id.into()],
-        );
-        if let Err(err) = sea_orm::ConnectionTrait::execute_raw(db, notify).await {
-            // The owner's next lease round finds the work anyway.
-            tracing::warn!(page_id, error = %err, "could not notify the other instances");
-        }
+        tell_other_instances(&self.store.db, page_id).await;
     }
 
     /// Pause, resume or cancel, in order with the page's own steps.
@@ -183,6 +171,22 @@ impl EngineHandle {
     /// Stops taking new work and waits (at most `grace`) for work in flight to be recorded.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), EngineError> {
         Ok(self.supervisor.send(Shutdown).timeout(grace).await?)
+    }
+}
+
+/// Tells every instance (on PostgreSQL) that the page has work for its owner, or needs one.
+pub(crate) async fn tell_other_instances(db: &sea_orm::DatabaseConnection, page_id: &str) {
+    if db.get_database_backend() != sea_orm::DatabaseBackend::Postgres {
+        return;
+    }
+    let notify = sea_orm::Statement::from_sql_and_values(
+        sea_orm::DatabaseBackend::Postgres,
+        "SELECT pg_notify($1, $2)",
+        [PAGES_CHANNEL.into(), page_id.into()],
+    );
+    if let Err(err) = sea_orm::ConnectionTrait::execute_raw(db, notify).await {
+        // The owner's next lease round finds the work anyway.
+        tracing::warn!(page_id, error = %err, "could not notify the other instances");
     }
 }
 

@@ -162,29 +162,38 @@ impl Supervisor {
         // Pages whose sends have all ended: given up, so that the fair share below counts only
         // pages with work, and a page that gets work again goes to whoever is least loaded.
         for page_id in round.idle {
-            self.give_up(
-                &page_id,
-                ctx,
-                "the page has no unfinished send: giving its lease up",
-            );
+            self.give_up(&page_id, ctx, GiveUp::Idle);
         }
         // More than a fair share (an instance joined): hand the surplus over, each page drained
-        // first so that nothing it has in flight is left for recovery.
-        let surplus = self.pages.len().saturating_sub(round.target + 1);
+        // first so that nothing it has in flight is left for recovery. Only while another
+        // instance holds at least two pages fewer, and no more than half the difference: the
+        // share is computed from one moment's view, and while sends are being started all over
+        // the fleet that view lags, and pages moved back and forth for nothing (a move drains
+        // the page and resumes it elsewhere).
+        let mine = self.pages.len();
+        let surplus = round.least_loaded_other.map_or(0, |least| {
+            mine.saturating_sub(round.target + 1)
+                .min(mine.saturating_sub(least) / 2)
+        });
         let handing: Vec<String> = self.pages.keys().take(surplus).cloned().collect();
         for page_id in handing {
-            self.give_up(&page_id, ctx, "handing the page to a less loaded instance");
+            self.give_up(&page_id, ctx, GiveUp::HandOver);
         }
     }
 
     /// Stops running the page here: its actor drains (every delivery in flight recorded), then
     /// the lease is released for another round (here or elsewhere) to take.
-    fn give_up(&mut self, page_id: &str, ctx: &mut Context<Self>, why: &'static str) {
+    fn give_up(&mut self, page_id: &str, ctx: &mut Context<Self>, why: GiveUp) {
         let Some(owned) = self.pages.remove(page_id) else {
             return;
         };
         let db = self.deps.store.db.clone();
-        tracing::info!(%page_id, "{why}");
+        let handing_over = why == GiveUp::HandOver;
+        if handing_over {
+            tracing::info!(%page_id, "handing the page to a less loaded instance");
+        } else {
+            tracing::info!(%page_id, "the page has no unfinished send: giving its lease up");
+        }
         self.handing.insert(page_id.to_string());
         ctx.spawn(
             async move {
@@ -192,9 +201,16 @@ impl Supervisor {
                     let _ = addr.send(Drain).await;
                     addr.do_send(Lost);
                 }
-                if let Err(err) = leases::release(&db, &owned.fence).await {
-                    tracing::warn!(page_id = %owned.fence.page_id, error = %err,
-                        "could not release the page's lease; it expires by itself");
+                match leases::release(&db, &owned.fence).await {
+                    // A page handed over still has work: the other instances look for it now,
+                    // not at their next round a third of a lease later (the page would stand
+                    // still meanwhile).
+                    Ok(_) if handing_over => {
+                        super::tell_other_instances(&db, &owned.fence.page_id).await
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(page_id = %owned.fence.page_id, error = %err,
+                        "could not release the page's lease; it expires by itself"),
                 }
                 owned.fence.page_id
             }
@@ -209,6 +225,15 @@ impl Supervisor {
     }
 }
 
+/// Why an instance stops running a page.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GiveUp {
+    /// Its sends have all ended.
+    Idle,
+    /// It still has work, which a less loaded instance is to take over.
+    HandOver,
+}
+
 struct LeaseRound {
     renewed: Vec<Fence>,
     acquired: Vec<Fence>,
@@ -216,6 +241,8 @@ struct LeaseRound {
     idle: Vec<String>,
     /// This instance's fair share of the pages with work.
     target: usize,
+    /// How many pages with work the least loaded other live instance holds (`None`: alone).
+    least_loaded_other: Option<usize>,
 }
 
 /// One round of lease work: heartbeat, renew what is held, take unheld pages with work up to a
@@ -268,8 +295,22 @@ async fn lease_round(
     let taken = leases::held_by_others(db, &settings.instance, now).await?;
     let wanted: Vec<&String> = work
         .iter()
-        .filter(|p| !held.contains(p.as_str()) && !taken.contains(p.as_str()))
+        .filter(|p| !held.contains(p.as_str()) && !taken.contains_key(p.as_str()))
         .collect();
+    // The least loaded other live instance's pages with work (0 for one that holds none).
+    let mut loads: HashMap<&str, usize> = HashMap::new();
+    for (page, owner) in &taken {
+        if with_work.contains(page.as_str()) {
+            *loads.entry(owner.as_str()).or_default() += 1;
+        }
+    }
+    let least_loaded_other = if live <= 1 {
+        None
+    } else if loads.len() < live - 1 {
+        Some(0)
+    } else {
+        loads.values().copied().min()
+    };
     if !wanted.is_empty() && busy < target {
         // The less loaded an instance, the sooner it tries: new pages go to the least loaded.
         let wait = Duration::from_millis(25 * busy as u64).min(settings.ttl / 6);
@@ -293,6 +334,7 @@ async fn lease_round(
         acquired,
         idle,
         target,
+        least_loaded_other,
     })
 }
 

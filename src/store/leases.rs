@@ -192,23 +192,24 @@ pub async fn release(db: &impl ConnectionTrait, fence: &Fence) -> Result<bool, S
     Ok(db.execute_raw(sql.statement()).await?.rows_affected() == 1)
 }
 
-/// Pages whose unexpired lease another instance holds.
+/// Pages whose unexpired lease another instance holds: page -> owner.
 pub async fn held_by_others(
     db: &impl ConnectionTrait,
     owner: &str,
     now: i64,
-) -> Result<std::collections::HashSet<String>, StoreError> {
+) -> Result<std::collections::HashMap<String, String>, StoreError> {
     #[derive(FromQueryResult)]
     struct Held {
         page_id: String,
+        owner: String,
     }
     let mut sql = Sql::new(db.get_database_backend());
-    sql.push("SELECT page_id FROM page_leases WHERE owner <> ")
+    sql.push("SELECT page_id, owner FROM page_leases WHERE owner <> ")
         .bind(owner)
         .push(" AND expires_at > ")
         .bind(now);
     let rows = Held::find_by_statement(sql.statement()).all(db).await?;
-    Ok(rows.into_iter().map(|h| h.page_id).collect())
+    Ok(rows.into_iter().map(|h| (h.page_id, h.owner)).collect())
 }
 
 /// Records that `instance` is alive.
