@@ -66,12 +66,7 @@ impl Proc {
 }
 
 /// Starts a process and waits for a line containing `needle` on stdout or stderr.
-pub fn spawn_until(command: Command, needle: &str) -> (Proc, String) {
-    spawn_with(command, needle, |_| {})
-}
-
-/// [`spawn_until`], calling `started` with the child's pid before waiting.
-pub fn spawn_with(mut command: Command, needle: &str, started: impl FnOnce(u32)) -> (Proc, String) {
+pub fn spawn_until(mut command: Command, needle: &str) -> (Proc, String) {
     // Owned by a `Proc` at once: killed and reaped whatever happens next.
     let mut child = Proc(
         command
@@ -81,7 +76,6 @@ pub fn spawn_with(mut command: Command, needle: &str, started: impl FnOnce(u32))
             .spawn()
             .expect("the binary starts"),
     );
-    started(child.0.id());
     let (tx, rx) = mpsc::channel::<String>();
     for stream in [
         Box::new(child.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
