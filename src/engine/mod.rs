@@ -128,15 +128,11 @@ impl EngineHandle {
             }),
             Route::Elsewhere => {
                 self.supervisor.do_send(PageChanged(page_id.to_string()));
-                self.tell_other_instances(page_id).await;
+                tell_other_instances(&self.store.db, page_id).await;
                 Ok(())
             }
             Route::Stopped => Err(EngineError::Stopped),
         }
-    }
-
-    async fn tell_other_instances(&self, page_id: &str) {
-        tell_other_instances(&self.store.db, page_id).await;
     }
 
     /// Pause, resume or cancel, in order with the page's own steps.
@@ -156,7 +152,7 @@ impl EngineHandle {
                 .await??),
             Route::Elsewhere => {
                 let send = page::apply_command(&self.store, send_id, command).await?;
-                self.tell_other_instances(page_id).await;
+                tell_other_instances(&self.store.db, page_id).await;
                 Ok(send)
             }
             Route::Stopped => Err(EngineError::Stopped),

@@ -170,11 +170,7 @@ impl Supervisor {
         // share is computed from one moment's view, and while sends are being started all over
         // the fleet that view lags, and pages moved back and forth for nothing (a move drains
         // the page and resumes it elsewhere).
-        let mine = self.pages.len();
-        let surplus = round.least_loaded_other.map_or(0, |least| {
-            mine.saturating_sub(round.target + 1)
-                .min(mine.saturating_sub(least) / 2)
-        });
+        let surplus = pages_to_hand_over(self.pages.len(), round.target, round.least_loaded_other);
         let handing: Vec<String> = self.pages.keys().take(surplus).cloned().collect();
         for page_id in handing {
             self.give_up(&page_id, ctx, GiveUp::HandOver);
@@ -338,6 +334,16 @@ async fn lease_round(
     })
 }
 
+/// How many of the `mine` pages with work to hand over: what is above the fair share (`target`,
+/// plus one of slack), but no more than half the gap to the least loaded other live instance
+/// (none when there is no other, or when it holds within one page of this one).
+fn pages_to_hand_over(mine: usize, target: usize, least_loaded_other: Option<usize>) -> usize {
+    least_loaded_other.map_or(0, |least| {
+        mine.saturating_sub(target + 1)
+            .min(mine.saturating_sub(least) / 2)
+    })
+}
+
 /// Arbiters for the engine's actors: one per core the process may use (a container's CPU
 /// quota counts). More threads than cores only hand work between threads: on an instance held
 /// to a tenth of a core, waking one thread for another cost more CPU than the calls.
@@ -457,5 +463,25 @@ impl Handler<Shutdown> for Supervisor {
             }
             .into_actor(self),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pages_to_hand_over;
+
+    #[test]
+    fn a_joining_instance_gets_a_share_and_a_balanced_fleet_moves_nothing() {
+        // 50 pages on one instance, a second joins with none: the surplus over 25 (+1) goes.
+        assert_eq!(pages_to_hand_over(50, 25, Some(0)), 24);
+        // Alone: nothing to hand to.
+        assert_eq!(pages_to_hand_over(50, 17, None), 0);
+        // 17/17/16 while sends are still being started and the share reads 7: nobody moves.
+        assert_eq!(pages_to_hand_over(17, 7, Some(16)), 0);
+        assert_eq!(pages_to_hand_over(17, 7, Some(17)), 0);
+        // An instance emptied at the end of its sends takes half the gap, not the whole surplus.
+        assert_eq!(pages_to_hand_over(10, 4, Some(0)), 5);
+        // At or within one of the share: nothing, whatever the others hold.
+        assert_eq!(pages_to_hand_over(18, 17, Some(0)), 0);
     }
 }
