@@ -456,21 +456,24 @@ async fn throughput(instances: usize, pages: u64, per_page: u64, cpu: Option<f64
     rate
 }
 
-/// The page leases held now: page -> owner.
-async fn lease_owners(db_url: &str) -> Vec<(String, String)> {
+/// The rows `sql` reads from the fleet's database, on a connection of its own.
+async fn rows(db_url: &str, sql: String) -> Vec<sea_orm::QueryResult> {
     let conn = Database::connect(db_url).await.unwrap();
     let rows = conn
-        .query_all_raw(Statement::from_string(
-            conn.get_database_backend(),
-            format!(
-                "SELECT page_id, owner FROM page_leases WHERE expires_at > {}",
-                otnd::store::now_ms()
-            ),
-        ))
+        .query_all_raw(Statement::from_string(conn.get_database_backend(), sql))
         .await
         .unwrap();
     conn.close().await.unwrap();
-    rows.iter()
+    rows
+}
+
+/// The page leases held now: page -> owner.
+async fn lease_owners(db_url: &str) -> Vec<(String, String)> {
+    let now = otnd::store::now_ms();
+    let sql = format!("SELECT page_id, owner FROM page_leases WHERE expires_at > {now}");
+    rows(db_url, sql)
+        .await
+        .iter()
         .map(|r| {
             (
                 r.try_get::<String>("", "page_id").unwrap(),
@@ -482,17 +485,10 @@ async fn lease_owners(db_url: &str) -> Vec<(String, String)> {
 
 /// Every send's page and the times (ms) it started running and finished, as otnd recorded them.
 async fn send_times(db_url: &str) -> Vec<(String, i64, i64)> {
-    let conn = Database::connect(db_url).await.unwrap();
-    let rows = conn
-        .query_all_raw(Statement::from_string(
-            conn.get_database_backend(),
-            "SELECT page_id, started_at, finished_at FROM sends WHERE finished_at IS NOT NULL"
-                .to_string(),
-        ))
+    let sql = "SELECT page_id, started_at, finished_at FROM sends WHERE finished_at IS NOT NULL";
+    rows(db_url, sql.to_string())
         .await
-        .unwrap();
-    conn.close().await.unwrap();
-    rows.iter()
+        .iter()
         .map(|r| {
             (
                 r.try_get::<String>("", "page_id").unwrap(),
