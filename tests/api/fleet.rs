@@ -326,3 +326,49 @@ async fn instances_joining_and_leaving_under_load_take_a_share_and_lose_nothing(
 fn restarts(node: &Node) -> usize {
     node.served.log().matches("page actor restarting").count()
 }
+
+/// The fence in the database alone: a takeover waits for a transaction that passed the old
+/// owner's fence check (its lock wait gives up after 250 ms, and the round tries again later),
+/// takes the page once that transaction has committed, and every later check of the old
+/// owner's fence fails.
+#[tokio::test]
+async fn a_takeover_waits_for_a_fenced_write_then_fences_the_old_owner() {
+    use otnd::store::{Store, StoreError, leases, now_ms};
+    use sea_orm::TransactionTrait;
+
+    let Some(db) = postgres().await else { return };
+    let settings = crate::helpers::settings_for(&db, &[]).unwrap();
+    let store = Store::connect(&settings.database_url).await.unwrap();
+    store.migrate().await.unwrap();
+    let conn = &store.db;
+    // A lease of one millisecond: lapsed at once, as if its owner had stopped renewing.
+    let fence = leases::acquire(conn, "7001", "a", 1, now_ms())
+        .await
+        .unwrap()
+        .expect("a free page is granted");
+
+    // A step of the old owner passes its check (which does not look at the expiry) and has
+    // not committed yet: the page is not taken from under it.
+    let step = conn.begin().await.unwrap();
+    fence.check(&step).await.unwrap();
+    let taken = leases::acquire(conn, "7001", "b", 60_000, now_ms() + 1_000)
+        .await
+        .unwrap();
+    assert_eq!(taken, None, "taken over under an open fenced write");
+
+    step.commit().await.unwrap();
+    let taken = leases::acquire(conn, "7001", "b", 60_000, now_ms() + 1_000)
+        .await
+        .unwrap()
+        .expect("taken over once the fenced write committed");
+    assert_eq!(taken.generation, fence.generation + 1);
+
+    // The old owner's next step is fenced; the new owner's passes.
+    let late = conn.begin().await.unwrap();
+    assert!(matches!(fence.check(&late).await, Err(StoreError::Fenced)));
+    late.rollback().await.unwrap();
+    let next = conn.begin().await.unwrap();
+    taken.check(&next).await.unwrap();
+    next.commit().await.unwrap();
+    store.close().await;
+}
