@@ -39,7 +39,7 @@ use otnd::pb::{
     page_service_client::PageServiceClient, send_service_client::SendServiceClient,
     story_content::Kind, story_service_client::StoryServiceClient,
 };
-use sea_orm::{ConnectionTrait, Database, Statement};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
 use serde_json::{Value, json};
 use support::{OTND, Proc, env_or, json_field, spawn_sandbox, spawn_until};
 use tonic::transport::Channel;
@@ -112,6 +112,10 @@ struct Fleet {
     admin_url: String,
     db_name: String,
     db_url: String,
+    /// The bench's own connections to the fleet's database, for the whole run: a connection
+    /// opened per poll started a PostgreSQL backend process several times a second on the
+    /// machine being measured.
+    db: DatabaseConnection,
     sandbox_url: String,
     _sandbox: Proc,
     nodes: Vec<(String, Proc, Channel, String)>,
@@ -134,12 +138,14 @@ impl Fleet {
         admin.close().await.unwrap();
         let mut url = url::Url::parse(&admin_url).unwrap();
         url.set_path(&format!("/{db_name}"));
+        let db = Database::connect(url.as_str()).await.unwrap();
         let (sandbox, sandbox_url) =
             spawn_sandbox(&["--latency-ms", "150", "--rate-limit-per-page", "300"]);
         Fleet {
             admin_url,
             db_name,
             db_url: url.to_string(),
+            db,
             sandbox_url,
             _sandbox: sandbox,
             nodes: Vec::new(),
@@ -314,7 +320,7 @@ impl Fleet {
     /// core took a fifth of its budget away from sending. At the end every send is asked for
     /// through the API, of the instances in turn.
     async fn wait_completed(&self, sends: &[String]) -> u64 {
-        let conn = Database::connect(&self.db_url).await.unwrap();
+        let conn = &self.db;
         loop {
             let row = conn
                 .query_one_raw(Statement::from_string(
@@ -329,7 +335,6 @@ impl Fleet {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        conn.close().await.unwrap();
         let mut sent = 0;
         for (i, id) in sends.iter().enumerate() {
             let channel = &self.nodes[i % self.nodes.len()].2;
@@ -349,7 +354,7 @@ impl Fleet {
     }
 
     async fn owners(&self) -> Vec<(String, String)> {
-        lease_owners(&self.db_url).await
+        lease_owners(&self.db).await
     }
 
     async fn drop_database(self) {
@@ -358,8 +363,10 @@ impl Fleet {
             db_name,
             nodes,
             budgets,
+            db,
             ..
         } = self;
+        let _ = db.close().await;
         drop(nodes);
         drop(budgets);
         let admin = Database::connect(&admin_url).await.unwrap();
@@ -388,12 +395,12 @@ async fn throughput(instances: usize, pages: u64, per_page: u64, cpu: Option<f64
     // Who runs each page (its last owner seen), for the per-instance lines below.
     let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let ownership = tokio::spawn({
-        let (db_url, watching) = (fleet.db_url.clone(), watching.clone());
+        let (db, watching) = (fleet.db.clone(), watching.clone());
         async move {
             let mut last = std::collections::BTreeMap::<String, String>::new();
             let (mut first, mut moves) = (None, 0);
             while watching.load(std::sync::atomic::Ordering::Relaxed) {
-                for (page, owner) in lease_owners(&db_url).await {
+                for (page, owner) in lease_owners(&db).await {
                     if last
                         .insert(page, owner.clone())
                         .is_some_and(|was| was != owner)
@@ -417,7 +424,7 @@ async fn throughput(instances: usize, pages: u64, per_page: u64, cpu: Option<f64
     let sent = fleet.wait_completed(&sends).await;
     watching.store(false, std::sync::atomic::Ordering::Relaxed);
     let owner_of = ownership.await.unwrap();
-    let times = send_times(&fleet.db_url).await;
+    let times = send_times(&fleet.db).await;
     // Until the last send finished, as otnd recorded it.
     let last_finish = times.iter().map(|t| t.2).max().unwrap_or(started_ms);
     let elapsed = (last_finish - started_ms) as f64 / 1e3;
@@ -458,22 +465,18 @@ async fn throughput(instances: usize, pages: u64, per_page: u64, cpu: Option<f64
     rate
 }
 
-/// The rows `sql` reads from the fleet's database, on a connection of its own.
-async fn rows(db_url: &str, sql: String) -> Vec<sea_orm::QueryResult> {
-    let conn = Database::connect(db_url).await.unwrap();
-    let rows = conn
-        .query_all_raw(Statement::from_string(conn.get_database_backend(), sql))
+/// The rows `sql` reads from the fleet's database.
+async fn rows(db: &DatabaseConnection, sql: String) -> Vec<sea_orm::QueryResult> {
+    db.query_all_raw(Statement::from_string(db.get_database_backend(), sql))
         .await
-        .unwrap();
-    conn.close().await.unwrap();
-    rows
+        .unwrap()
 }
 
 /// The page leases held now: page -> owner.
-async fn lease_owners(db_url: &str) -> Vec<(String, String)> {
+async fn lease_owners(db: &DatabaseConnection) -> Vec<(String, String)> {
     let now = otnd::store::now_ms();
     let sql = format!("SELECT page_id, owner FROM page_leases WHERE expires_at > {now}");
-    rows(db_url, sql)
+    rows(db, sql)
         .await
         .iter()
         .map(|r| {
@@ -486,9 +489,9 @@ async fn lease_owners(db_url: &str) -> Vec<(String, String)> {
 }
 
 /// Every send's page and the times (ms) it started running and finished, as otnd recorded them.
-async fn send_times(db_url: &str) -> Vec<(String, i64, i64)> {
+async fn send_times(db: &DatabaseConnection) -> Vec<(String, i64, i64)> {
     let sql = "SELECT page_id, started_at, finished_at FROM sends WHERE finished_at IS NOT NULL";
-    rows(db_url, sql.to_string())
+    rows(db, sql.to_string())
         .await
         .iter()
         .map(|r| {
