@@ -133,9 +133,11 @@ impl SenderPool {
             .map(|arbiter| {
                 // Each sender's calls travel on connections its own thread drives. The same
                 // settings built a client at start-up; should another fail, the senders share.
-                let graph = graph
-                    .with_own_connections()
-                    .unwrap_or_else(|_| graph.clone());
+                let graph = graph.with_own_connections().unwrap_or_else(|err| {
+                    tracing::warn!(error = %err,
+                        "could not build a Graph client for a sender; it shares the first one");
+                    graph.clone()
+                });
                 let pacer = pacer.clone();
                 Sender::start_in_arbiter(arbiter, move |_| Sender { graph, pacer })
             })
