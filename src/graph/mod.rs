@@ -1,6 +1,10 @@
 //! The Graph API client: the only module that speaks HTTP to Facebook. One reqwest client with
 //! connection reuse and timeouts; base URL and version from configuration; `appsecret_proof` on
 //! every call; every answer classified once (see [`classify`]).
+//!
+//! The page's credentials travel in the JSON body of every POST, never in a URL: URLs end up in
+//! error texts (reqwest's `Display` of a failed request names it), proxies' and servers' access
+//! logs, and traces. Transport errors are stripped of their URL all the same.
 
 pub mod classify;
 
@@ -82,11 +86,31 @@ struct BatchAnswer {
     body: Option<String>,
 }
 
-/// A batch request's JSON body (the credentials travel in the query string, as for a send).
+/// A batch request's JSON body, the page's credentials included.
 #[derive(Serialize)]
-struct BatchRequest {
+struct BatchRequest<'a> {
+    #[serde(flatten)]
+    credentials: BodyCredentials<'a>,
     include_headers: bool,
     batch: Vec<BatchItem>,
+}
+
+/// `access_token` and `appsecret_proof` as body parameters (Graph reads a POST's parameters from
+/// its body as well as from its query string).
+#[derive(Serialize)]
+struct BodyCredentials<'a> {
+    access_token: &'a str,
+    appsecret_proof: String,
+}
+
+impl<'a> BodyCredentials<'a> {
+    fn of(credentials: &'a PageCredentials) -> Self {
+        let token = credentials.access_token.expose_secret();
+        BodyCredentials {
+            access_token: token,
+            appsecret_proof: appsecret_proof(credentials.app_secret.expose_secret(), token),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -149,19 +173,10 @@ impl GraphClient {
         })
     }
 
-    fn url(&self, path: &str, credentials: &PageCredentials) -> Url {
-        let mut url = self
-            .versioned
+    fn url(&self, path: &str) -> Url {
+        self.versioned
             .join(path)
-            .expect("a relative Graph path joins");
-        let token = credentials.access_token.expose_secret();
-        url.query_pairs_mut()
-            .append_pair("access_token", token)
-            .append_pair(
-                "appsecret_proof",
-                &appsecret_proof(credentials.app_secret.expose_secret(), token),
-            );
-        url
+            .expect("a relative Graph path joins")
     }
 
     /// The `one_time_notif_req` template: asks the user to opt in on `topic` (the payload).
@@ -178,7 +193,7 @@ impl GraphClient {
             "message": {"attachment": {"type": "template", "payload": {
                 "template_type": "one_time_notif_req", "title": title, "payload": topic}}},
         });
-        self.post_message(credentials, &body).await
+        self.post_message(credentials, body).await
     }
 
     /// A token send or a standard (`UPDATE`) send of `message`.
@@ -188,19 +203,22 @@ impl GraphClient {
         recipient: Recipient<'_>,
         message: &Value,
     ) -> Result<Delivered, Failure> {
-        self.post_message(credentials, &message_body(recipient, message))
+        self.post_message(credentials, message_body(recipient, message))
             .await
     }
 
     async fn post_message(
         &self,
         credentials: &PageCredentials,
-        body: &Value,
+        mut body: Value,
     ) -> Result<Delivered, Failure> {
-        let request = self
-            .http
-            .post(self.url("me/messages", credentials))
-            .json(body);
+        let BodyCredentials {
+            access_token,
+            appsecret_proof,
+        } = BodyCredentials::of(credentials);
+        body["access_token"] = json!(access_token);
+        body["appsecret_proof"] = json!(appsecret_proof);
+        let request = self.http.post(self.url("me/messages")).json(&body);
         let (status, usage, bytes) = exchange(request).await?;
         answer(status, &bytes, usage.as_deref())
     }
@@ -255,13 +273,11 @@ impl GraphClient {
         // A JSON body, as Graph also takes (and as the npm messaging-api-messenger client
         // sends it): form-encoding the batch would percent-encode every item's already
         // form-encoded body a second time, at about three times the bytes.
-        let request = self
-            .http
-            .post(self.url("", credentials))
-            .json(&BatchRequest {
-                include_headers: true,
-                batch,
-            });
+        let request = self.http.post(self.url("")).json(&BatchRequest {
+            credentials: BodyCredentials::of(credentials),
+            include_headers: true,
+            batch,
+        });
         let (status, usage, bytes) = exchange(request).await?;
         if status != 200 {
             return Err(match answer(status, &bytes, usage.as_deref()) {
@@ -339,8 +355,10 @@ fn business_usage(headers: &HeaderMap) -> Option<String> {
         .map(str::to_string)
 }
 
-/// A transport failure: ambiguous unless the request never left (connect errors).
+/// A transport failure: ambiguous unless the request never left (connect errors). The text
+/// leaves the URL out: it is stored with the delivery and shown to API callers.
 fn transport_failure(err: reqwest::Error) -> Failure {
+    let err = err.without_url();
     let ambiguous = !err.is_connect() && !err.is_builder();
     let what = if err.is_timeout() {
         "Graph API timed out"

@@ -260,3 +260,76 @@ async fn transport_failures_say_whether_the_send_may_have_landed() {
         "{refused}"
     );
 }
+
+/// What a Graph server saw of otnd's requests: each request's path and query, and its body.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
+
+/// A Graph stand-in that records every request and answers each like an accepted send (a batch
+/// gets one accepted item per request item).
+async fn recording_graph() -> (String, Seen) {
+    use axum::{Router, extract::State, http::Uri, routing::post};
+    let seen: Seen = Seen::default();
+    async fn record(State(seen): State<Seen>, uri: Uri, body: String) -> String {
+        let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let items = body["batch"].as_array().map(Vec::len);
+        seen.lock().unwrap().push((uri.to_string(), body));
+        let sent = json!({"recipient_id": "1", "message_id": "m"});
+        match items {
+            Some(n) => Value::Array(vec![json!({"code": 200, "body": sent.to_string()}); n]),
+            None => sent,
+        }
+        .to_string()
+    }
+    let app = Router::new()
+        .route("/{*path}", post(record))
+        .route("/", post(record))
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test]
+async fn credentials_travel_in_the_body_and_never_in_a_url() {
+    let (url, seen) = recording_graph().await;
+    let client = GraphClient::new(
+        &url::Url::parse(&url).unwrap(),
+        "v24.0",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let credentials = credentials("EAAB-100");
+    let message = json!({"text": "x"});
+    client
+        .send(&credentials, Recipient::Token("tok"), &message)
+        .await
+        .unwrap();
+    client
+        .send_optin_request(&credentials, "u1", "Title", "topic")
+        .await
+        .unwrap();
+    let items = [
+        BatchSend {
+            recipient: Recipient::Psid("u1"),
+            message: &message,
+        },
+        BatchSend {
+            recipient: Recipient::Token("tok"),
+            message: &message,
+        },
+    ];
+    client.send_batch(&credentials, &items).await.unwrap();
+
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 3);
+    let proof = otnd::graph::appsecret_proof("secret-100", "EAAB-100");
+    for (uri, body) in seen.iter() {
+        assert!(
+            !uri.contains("EAAB-100") && !uri.contains(&proof) && !uri.contains('?'),
+            "{uri}"
+        );
+        assert_eq!(body["access_token"], "EAAB-100", "{body}");
+        assert_eq!(body["appsecret_proof"], proof.as_str(), "{body}");
+    }
+}

@@ -18,6 +18,7 @@ mod optins;
 mod pages;
 mod restart;
 mod sandbox;
+mod secrets;
 mod sends;
 mod stories;
 mod tls;
