@@ -15,7 +15,7 @@ use super::{
 use crate::store::{
     StoreError,
     leases::{self, Fence},
-    now_ms, sends,
+    sends,
 };
 
 /// Who this instance is among those sharing the database, and how long its leases last.
@@ -249,9 +249,8 @@ async fn lease_round(
     running: &HashSet<String>,
 ) -> Result<LeaseRound, StoreError> {
     let ttl_ms = settings.ttl.as_millis() as i64;
-    let now = now_ms();
-    leases::heartbeat(db, &settings.instance, now).await?;
-    let mut renewed = leases::renew(db, &settings.instance, ttl_ms, now).await?;
+    leases::heartbeat(db, &settings.instance).await?;
+    let mut renewed = leases::renew(db, &settings.instance, ttl_ms).await?;
     // Leases of this instance's name that no actor here runs: an earlier life of this instance
     // (restarted under the same name) held them. Taken again, with a new generation, which
     // fences that life should it still be about.
@@ -263,15 +262,13 @@ async fn lease_round(
         .collect();
     renewed.retain(|f| running.contains(&f.page_id));
     for page_id in &orphans {
-        if let Some(fence) =
-            leases::acquire(db, page_id, &settings.instance, ttl_ms, now_ms()).await?
-        {
+        if let Some(fence) = leases::acquire(db, page_id, &settings.instance, ttl_ms).await? {
             acquired.push(fence);
         }
     }
     let work = sends::pages_with_work(db).await?;
     let with_work: HashSet<&str> = work.iter().map(String::as_str).collect();
-    let live = leases::live_instances(db, now - ttl_ms).await?.max(1) as usize;
+    let live = leases::live_instances(db, ttl_ms).await?.max(1) as usize;
     let held: HashSet<&str> = renewed
         .iter()
         .chain(&acquired)
@@ -288,7 +285,7 @@ async fn lease_round(
     let target = work.len().div_ceil(live);
     // Only pages nobody holds (or whose lease lapsed): trying one another instance holds would
     // wait on its steps' row locks for nothing.
-    let taken = leases::held_by_others(db, &settings.instance, now).await?;
+    let taken = leases::held_by_others(db, &settings.instance).await?;
     let wanted: Vec<&String> = work
         .iter()
         .filter(|p| !held.contains(p.as_str()) && !taken.contains_key(p.as_str()))
@@ -317,9 +314,7 @@ async fn lease_round(
             if busy >= target || std::time::Instant::now() > until {
                 break;
             }
-            if let Some(fence) =
-                leases::acquire(db, page_id, &settings.instance, ttl_ms, now_ms()).await?
-            {
+            if let Some(fence) = leases::acquire(db, page_id, &settings.instance, ttl_ms).await? {
                 acquired.push(fence);
                 busy += 1;
             }

@@ -2,12 +2,28 @@
 //! only ever changes in one conditional statement, never by a read and then a write, and every
 //! change of owner raises the page's generation; a [`Fence`] carries the generation its owner
 //! was given and is checked inside every transaction that writes the page's deliveries.
+//!
+//! Every time a lease or a heartbeat is written or compared with is the database's own clock,
+//! never an instance's: instances whose clocks disagree (one running seconds ahead would find
+//! live leases expired at every round, and take them) all judge by the same one.
 
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, FromQueryResult, TransactionTrait,
 };
 
 use super::{StoreError, sql::Sql};
+
+/// The database's clock, in milliseconds since the Unix epoch, as SQL: the one clock every
+/// instance judges leases by. (`clock_timestamp()`, not `now()`: a transaction's start time
+/// would lag in a long transaction.)
+fn db_now(backend: DatabaseBackend) -> &'static str {
+    match backend {
+        DatabaseBackend::Postgres => {
+            "(CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT))"
+        }
+        _ => "(CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER))",
+    }
+}
 
 /// The right to write one page's deliveries, as granted at `generation`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,10 +73,9 @@ pub async fn acquire(
     page_id: &str,
     owner: &str,
     ttl_ms: i64,
-    now: i64,
 ) -> Result<Option<Fence>, StoreError> {
     if db.get_database_backend() != DatabaseBackend::Postgres {
-        return try_acquire(db, page_id, owner, ttl_ms, now).await;
+        return try_acquire(db, page_id, owner, ttl_ms).await;
     }
     // The old owner's fence check locks the lease row for the length of its transaction. An
     // owner frozen inside one (a paused process or VM) would hold the takeover off forever:
@@ -69,7 +84,7 @@ pub async fn acquire(
     let txn = db.begin().await?;
     txn.execute_unprepared("SET LOCAL lock_timeout = '250ms'")
         .await?;
-    match try_acquire(&txn, page_id, owner, ttl_ms, now).await {
+    match try_acquire(&txn, page_id, owner, ttl_ms).await {
         Ok(granted) => {
             txn.commit().await?;
             Ok(granted)
@@ -91,14 +106,16 @@ pub async fn acquire(
                 .push(" AND l.owner <> ")
                 .bind(owner)
                 .push(" AND l.expires_at <= ")
-                .bind(now)
+                .push(db_now(DatabaseBackend::Postgres))
                 // Only an owner that stopped beating too (frozen or cut off): a live one that
                 // handed the page over is finishing a transaction and is left to it.
                 .push(
                     " AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = l.owner \
                      AND i.heartbeat_at > ",
                 )
-                .bind(now - ttl_ms)
+                .push(db_now(DatabaseBackend::Postgres))
+                .push(" - ")
+                .bind(ttl_ms)
                 .push(")");
             let ended = db.query_all_raw(holder.statement()).await?.len();
             if ended > 0 {
@@ -127,21 +144,23 @@ async fn try_acquire(
     page_id: &str,
     owner: &str,
     ttl_ms: i64,
-    now: i64,
 ) -> Result<Option<Fence>, StoreError> {
-    let mut sql = Sql::new(db.get_database_backend());
+    let backend = db.get_database_backend();
+    let mut sql = Sql::new(backend);
     sql.push("INSERT INTO page_leases (page_id, owner, generation, expires_at) VALUES (")
         .bind(page_id)
         .push(", ")
         .bind(owner)
         .push(", 1, ")
-        .bind(now + ttl_ms)
+        .push(db_now(backend))
+        .push(" + ")
+        .bind(ttl_ms)
         .push(
             ") ON CONFLICT (page_id) DO UPDATE SET owner = excluded.owner, \
              generation = page_leases.generation + 1, expires_at = excluded.expires_at \
              WHERE page_leases.owner = excluded.owner OR page_leases.expires_at <= ",
         )
-        .bind(now)
+        .push(db_now(backend))
         .push(" RETURNING page_id, generation");
     let granted = Granted::find_by_statement(sql.statement()).one(db).await?;
     Ok(granted.map(|g| Fence {
@@ -158,15 +177,17 @@ pub async fn renew(
     db: &impl ConnectionTrait,
     owner: &str,
     ttl_ms: i64,
-    now: i64,
 ) -> Result<Vec<Fence>, StoreError> {
-    let mut sql = Sql::new(db.get_database_backend());
+    let backend = db.get_database_backend();
+    let mut sql = Sql::new(backend);
     sql.push("UPDATE page_leases SET expires_at = ")
-        .bind(now + ttl_ms)
+        .push(db_now(backend))
+        .push(" + ")
+        .bind(ttl_ms)
         .push(" WHERE owner = ")
         .bind(owner)
         .push(" AND expires_at > ")
-        .bind(now)
+        .push(db_now(backend))
         .push(" RETURNING page_id, generation");
     let rows = Granted::find_by_statement(sql.statement()).all(db).await?;
     Ok(rows
@@ -196,7 +217,6 @@ pub async fn release(db: &impl ConnectionTrait, fence: &Fence) -> Result<bool, S
 pub async fn held_by_others(
     db: &impl ConnectionTrait,
     owner: &str,
-    now: i64,
 ) -> Result<std::collections::HashMap<String, String>, StoreError> {
     #[derive(FromQueryResult)]
     struct Held {
@@ -207,38 +227,37 @@ pub async fn held_by_others(
     sql.push("SELECT page_id, owner FROM page_leases WHERE owner <> ")
         .bind(owner)
         .push(" AND expires_at > ")
-        .bind(now);
+        .push(db_now(db.get_database_backend()));
     let rows = Held::find_by_statement(sql.statement()).all(db).await?;
     Ok(rows.into_iter().map(|h| (h.page_id, h.owner)).collect())
 }
 
 /// Records that `instance` is alive.
-pub async fn heartbeat(
-    db: &impl ConnectionTrait,
-    instance: &str,
-    now: i64,
-) -> Result<(), StoreError> {
-    let mut sql = Sql::new(db.get_database_backend());
+pub async fn heartbeat(db: &impl ConnectionTrait, instance: &str) -> Result<(), StoreError> {
+    let backend = db.get_database_backend();
+    let mut sql = Sql::new(backend);
     sql.push("INSERT INTO instances (id, started_at, heartbeat_at) VALUES (")
         .bind(instance)
         .push(", ")
-        .bind(now)
+        .push(db_now(backend))
         .push(", ")
-        .bind(now)
+        .push(db_now(backend))
         .push(") ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at");
     db.execute_raw(sql.statement()).await?;
     Ok(())
 }
 
-/// Instances whose heartbeat is newer than `since` (this one included once it has beaten).
-pub async fn live_instances(db: &impl ConnectionTrait, since: i64) -> Result<u64, StoreError> {
+/// Instances that beat within the last `ttl_ms` (this one included once it has beaten).
+pub async fn live_instances(db: &impl ConnectionTrait, ttl_ms: i64) -> Result<u64, StoreError> {
     #[derive(FromQueryResult)]
     struct Count {
         n: i64,
     }
     let mut sql = Sql::new(db.get_database_backend());
     sql.push("SELECT COUNT(*) AS n FROM instances WHERE heartbeat_at > ")
-        .bind(since);
+        .push(db_now(db.get_database_backend()))
+        .push(" - ")
+        .bind(ttl_ms);
     let count = Count::find_by_statement(sql.statement())
         .one(db)
         .await?

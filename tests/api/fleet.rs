@@ -333,7 +333,7 @@ fn restarts(node: &Node) -> usize {
 /// owner's fence fails.
 #[tokio::test]
 async fn a_takeover_waits_for_a_fenced_write_then_fences_the_old_owner() {
-    use otnd::store::{Store, StoreError, leases, now_ms};
+    use otnd::store::{Store, StoreError, leases};
     use sea_orm::TransactionTrait;
 
     let Some(db) = postgres().await else { return };
@@ -341,8 +341,9 @@ async fn a_takeover_waits_for_a_fenced_write_then_fences_the_old_owner() {
     let store = Store::connect(&settings.database_url).await.unwrap();
     store.migrate().await.unwrap();
     let conn = &store.db;
-    // A lease of one millisecond: lapsed at once, as if its owner had stopped renewing.
-    let fence = leases::acquire(conn, "7001", "a", 1, now_ms())
+    // A lease that lapses at once (by the database's clock), as if its owner had stopped
+    // renewing.
+    let fence = leases::acquire(conn, "7001", "a", 0)
         .await
         .unwrap()
         .expect("a free page is granted");
@@ -351,13 +352,11 @@ async fn a_takeover_waits_for_a_fenced_write_then_fences_the_old_owner() {
     // not committed yet: the page is not taken from under it.
     let step = conn.begin().await.unwrap();
     fence.check(&step).await.unwrap();
-    let taken = leases::acquire(conn, "7001", "b", 60_000, now_ms() + 1_000)
-        .await
-        .unwrap();
+    let taken = leases::acquire(conn, "7001", "b", 60_000).await.unwrap();
     assert_eq!(taken, None, "taken over under an open fenced write");
 
     step.commit().await.unwrap();
-    let taken = leases::acquire(conn, "7001", "b", 60_000, now_ms() + 1_000)
+    let taken = leases::acquire(conn, "7001", "b", 60_000)
         .await
         .unwrap()
         .expect("taken over once the fenced write committed");
@@ -371,4 +370,96 @@ async fn a_takeover_waits_for_a_fenced_write_then_fences_the_old_owner() {
     taken.check(&next).await.unwrap();
     next.commit().await.unwrap();
     store.close().await;
+}
+
+/// libfaketime, which moves a process's wall clock (Debian's `faketime` package; CI installs it).
+fn libfaketime() -> String {
+    const PATHS: [&str; 2] = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ];
+    PATHS
+        .iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or_else(|| {
+            panic!("this test runs an instance with its clock moved, which needs libfaketime: apt-get install faketime")
+        })
+        .to_string()
+}
+
+/// Who holds the page, at which generation, by the database's clock.
+async fn lease_of(db: &TestDatabase, page: &str) -> Option<(String, i64)> {
+    let conn = Database::connect(&db.url).await.unwrap();
+    let row = conn
+        .query_one_raw(Statement::from_string(
+            conn.get_database_backend(),
+            format!(
+                "SELECT owner, generation FROM page_leases WHERE page_id = '{page}' AND \
+                 expires_at > CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+            ),
+        ))
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    row.map(|r| {
+        (
+            r.try_get::<String>("", "owner").unwrap(),
+            r.try_get::<i64>("", "generation").unwrap(),
+        )
+    })
+}
+
+/// Defect: leases were compared with each instance's own clock, so an instance whose clock ran
+/// 7 s ahead (of a 3-second lease) found every live lease expired and took it at every round.
+/// Leases are judged by the database's clock now. Here the ahead-running instance is the real
+/// binary with its wall clock moved by libfaketime (its timers, on the monotonic clock, are
+/// left alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_clock_runs_ahead_takes_no_live_lease() {
+    let Some(db) = postgres().await else { return };
+    let preload = libfaketime();
+    let h = Harness::new(&db, 200).await;
+    let a = instance(&h, "a").await;
+    h.faults(json!({"latency_ms": 20})).await;
+    // 200 recipients at 20 a second: ten seconds of sending, a lease renewed every second.
+    let sends = sends_on_pages(&h, &[&a], 1, 1, 20).await;
+    let page = sends[0].0.clone();
+    let held = eventually(Duration::from_secs(15), "a to hold the page", || {
+        let (db, page) = (&db, page.clone());
+        async move { lease_of(db, &page).await.filter(|(owner, _)| owner == "a") }
+    })
+    .await;
+    let ahead = h
+        .start_with(&[
+            ("OTN_INSTANCE_ID", "ahead"),
+            ("OTN_LEASE_SECONDS", LEASE_SECONDS),
+            ("LD_PRELOAD", &preload),
+            ("FAKETIME", "+7s"),
+            ("DONT_FAKE_MONOTONIC", "1"),
+        ])
+        .await;
+    // Its clock does run ahead: its log's timestamps are seven seconds in the future.
+    let ready = ahead
+        .served
+        .wait_for_line("otnd ready", Duration::from_secs(5));
+    let stamp = crate::binary::json_field(&ready, "timestamp");
+    let logged = chrono::DateTime::parse_from_rfc3339(&stamp).unwrap();
+    let skew = logged.signed_duration_since(chrono::Utc::now());
+    assert!(
+        skew.num_seconds() >= 6,
+        "libfaketime did not move the clock: {skew}"
+    );
+    // Three lease lengths: the lease stays a's, at the same generation, all along.
+    let until = Instant::now() + Duration::from_secs(9);
+    while Instant::now() < until {
+        let now = lease_of(&db, &page).await;
+        assert_eq!(now.as_ref(), Some(&held), "the lease moved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !ahead.served.log().contains("took the page's lease"),
+        "{}",
+        ahead.served.log()
+    );
+    all_complete_and_judged(&h, &a, &sends).await;
 }
