@@ -1,6 +1,9 @@
 //! Facebook's webhook on the HTTP listener: `GET /webhook` answers the subscription check,
-//! `POST /webhook` takes signed events. A POST is checked against the raw bytes it came as,
-//! stored in one transaction, and acknowledged; it never calls the Graph API.
+//! `POST /webhook` takes signed events. A POST is authenticated before anything is done with
+//! what it says: a cheap scan finds the pages the envelope names (at most
+//! [`MAX_PAGES_PER_BODY`]), the signature is checked on the raw bytes against those pages' app
+//! secrets (one HMAC per distinct secret), and only then is the body parsed, stored in one
+//! transaction, and acknowledged. It never calls the Graph API.
 
 pub mod parse;
 
@@ -22,6 +25,91 @@ use crate::{
 
 /// The largest webhook body otnd reads (Facebook batches up to 1000 updates per POST).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// The most distinct pages one POST may name: every named page otnd manages costs a lookup and
+/// (per distinct app secret) an HMAC over the whole body before anything is trusted.
+pub const MAX_PAGES_PER_BODY: usize = 100;
+
+/// What the cheap scan reads of an envelope: its object and its entries' page ids; every other
+/// field is skipped unread.
+#[derive(Deserialize)]
+struct Envelope {
+    object: Option<String>,
+    entry: Option<Vec<EntryId>>,
+}
+
+/// An entry's page id, if it has a readable one. Anything else (an entry that is not an object,
+/// its `messaging`, its `time`) is skipped without being built.
+struct EntryId(Option<String>);
+
+impl<'de> Deserialize<'de> for EntryId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct Scan;
+        impl<'de> Visitor<'de> for Scan {
+            type Value = EntryId;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an entry")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EntryId, A::Error> {
+                let mut id = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "id" {
+                        id = match map.next_value::<serde_json::Value>()? {
+                            serde_json::Value::String(s) => Some(s),
+                            serde_json::Value::Number(n) => Some(n.to_string()),
+                            _ => None,
+                        };
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(EntryId(id))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<EntryId, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(EntryId(None))
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<EntryId, E> {
+                Ok(EntryId(None))
+            }
+
+            fn visit_i64<E>(self, _: i64) -> Result<EntryId, E> {
+                Ok(EntryId(None))
+            }
+
+            fn visit_u64<E>(self, _: u64) -> Result<EntryId, E> {
+                Ok(EntryId(None))
+            }
+
+            fn visit_f64<E>(self, _: f64) -> Result<EntryId, E> {
+                Ok(EntryId(None))
+            }
+
+            fn visit_str<E>(self, _: &str) -> Result<EntryId, E> {
+                Ok(EntryId(None))
+            }
+
+            fn visit_unit<E>(self) -> Result<EntryId, E> {
+                Ok(EntryId(None))
+            }
+        }
+        deserializer.deserialize_any(Scan)
+    }
+}
+
+/// The distinct page ids an envelope names, from the scan.
+fn named_pages(entries: &[EntryId]) -> std::collections::BTreeSet<crate::domain::PageId> {
+    entries
+        .iter()
+        .filter_map(|e| e.0.as_deref())
+        .filter_map(|id| crate::domain::PageId::parse(id).ok())
+        .collect()
+}
 
 #[derive(Deserialize)]
 pub struct Verification {
@@ -98,20 +186,36 @@ pub async fn receive(
             "X-Hub-Signature-256 (sha256=<hex>) is required",
         );
     };
-    let parsed = match parse::parse(&body, store::now_ms()) {
-        Ok(parsed) => parsed,
-        Err(err) => {
-            tracing::warn!(error = %err, "webhook body refused");
-            return (StatusCode::BAD_REQUEST, err.to_string()).into_response();
+    // The scan: which pages the POST speaks for, nothing more.
+    let envelope: Envelope = match serde_json::from_slice(&body) {
+        Ok(envelope) => envelope,
+        Err(_) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "the body is not a webhook envelope (a JSON object with an entry array)",
+            );
         }
     };
-    let secrets = match store::pages::app_secrets(
-        &state.store.db,
-        &state.cipher,
-        parsed.pages.keys(),
-    )
-    .await
-    {
+    if envelope.object.as_deref() != Some("page") {
+        // Instagram, WhatsApp and others share the endpoint shape; only pages are otnd's.
+        return (StatusCode::OK, "ignored").into_response();
+    }
+    let Some(entries) = envelope.entry else {
+        return refuse(StatusCode::BAD_REQUEST, "the envelope has no entry array");
+    };
+    let named = named_pages(&entries);
+    if named.len() > MAX_PAGES_PER_BODY {
+        tracing::warn!(
+            pages = named.len(),
+            "webhook refused: too many pages in one POST"
+        );
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("a POST names at most {MAX_PAGES_PER_BODY} pages"),
+        )
+            .into_response();
+    }
+    let secrets = match store::pages::app_secrets(&state.store.db, &state.cipher, &named).await {
         Ok(secrets) => secrets,
         Err(err) => {
             tracing::error!(error = %err, "webhook could not read page secrets");
@@ -120,26 +224,49 @@ pub async fn receive(
     };
     if secrets.is_empty() {
         // Facebook keeps retrying what is not acknowledged; events of pages otnd does not
-        // manage are acknowledged and dropped.
-        tracing::warn!(pages = ?parsed.pages.keys().collect::<Vec<_>>(), "webhook for no registered page ignored");
+        // manage are acknowledged and dropped (counted, not listed: a forged POST may name
+        // thousands).
+        tracing::warn!(
+            pages = named.len(),
+            "webhook for no registered page ignored"
+        );
         return (StatusCode::OK, "ignored").into_response();
     }
-    // One app signs a POST; only pages whose app secret produced this signature are taken.
-    let signed_by: Vec<_> = secrets
-        .iter()
-        .filter(|(_, secret)| signed_with(secret.expose_secret().as_bytes(), &body, &signature))
-        .map(|(id, _)| id.clone())
-        .collect();
+    // One app signs a POST; only pages whose app secret produced this signature are taken. One
+    // HMAC per distinct secret: pages of one app share it.
+    let mut verdicts: Vec<(&[u8], bool)> = Vec::new();
+    let mut signed_by = std::collections::BTreeSet::new();
+    for (id, secret) in &secrets {
+        let secret = secret.expose_secret().as_bytes();
+        let signed = match verdicts.iter().find(|(known, _)| *known == secret) {
+            Some((_, signed)) => *signed,
+            None => {
+                let signed = signed_with(secret, &body, &signature);
+                verdicts.push((secret, signed));
+                signed
+            }
+        };
+        if signed {
+            signed_by.insert(id.clone());
+        }
+    }
     if signed_by.is_empty() {
         return refuse(
             StatusCode::FORBIDDEN,
             "X-Hub-Signature-256 does not match the body",
         );
     }
-    let mut pages = parsed.pages;
-    let batches: Vec<_> = signed_by
+    let parsed = match parse::parse(&body, store::now_ms()) {
+        Ok(parsed) => parsed,
+        Err(err) => {
+            tracing::warn!(error = %err, "webhook body refused");
+            return (StatusCode::BAD_REQUEST, err.to_string()).into_response();
+        }
+    };
+    let batches: Vec<_> = parsed
+        .pages
         .into_iter()
-        .filter_map(|id| pages.remove(&id).map(|events| (id, events)))
+        .filter(|(id, _)| signed_by.contains(id))
         .collect();
     match store::optins::ingest(&state.store.db, &batches).await {
         Ok(report) => {

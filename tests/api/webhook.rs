@@ -264,3 +264,105 @@ async fn bodies_over_the_limit_are_refused_unread() {
     assert_eq!(status, 413);
     assert!(topics(&mut app, "800").await.is_empty());
 }
+
+#[tokio::test]
+async fn a_post_naming_more_pages_than_allowed_is_refused_and_stores_nothing() {
+    let db = TestDatabase::sqlite();
+    let mut app = spawn_app(&db).await;
+    app.register_page("800").await;
+    let pages = otnd::webhook::MAX_PAGES_PER_BODY;
+    // The registered page, signed with its secret, among as many others as the limit allows:
+    // taken. One page more: refused before any secret is looked up.
+    let body = |n: usize| {
+        let mut entries = vec![json!({"id": "800", "time": 1, "messaging": [
+            optin_event("u", "800", "Sale", "tok-800", 1)]})];
+        entries.extend((1..n).map(|i| json!({"id": format!("{}", 10_000 + i), "messaging": []})));
+        json!({"object": "page", "entry": entries}).to_string()
+    };
+    let at_limit = body(pages);
+    let (status, text) = post(
+        &app,
+        at_limit.as_bytes(),
+        Some(&sign(&page_app_secret("800"), at_limit.as_bytes())),
+    )
+    .await;
+    assert_eq!((status, text.as_str()), (200, "EVENT_RECEIVED"));
+    let over = body(pages + 1).replace("tok-800", "tok-over");
+    let (status, text) = post(
+        &app,
+        over.as_bytes(),
+        Some(&sign(&page_app_secret("800"), over.as_bytes())),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains(&format!("at most {pages} pages")), "{text}");
+    let stored = app
+        .optins
+        .list_opt_ins(ListOptInsRequest {
+            page_id: "800".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .opt_ins;
+    assert_eq!(
+        stored.len(),
+        1,
+        "only the POST within the limit stored its opt-in"
+    );
+}
+
+/// A forged POST costs otnd a scan and a short log line, whatever it says: the signature is
+/// checked on the raw bytes before the body is parsed, and unknown pages are counted, not listed
+/// (a log line per forged request used to carry every page id it named).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_post_is_refused_before_it_is_parsed_and_logs_a_short_line() {
+    use crate::judge::{Harness, PAGE};
+    let db = TestDatabase::sqlite();
+    let h = Harness::new(&db, 1).await;
+    let node = h.start().await;
+    h.prepare(&node, 300).await;
+    let client = otnd::graph::http_client();
+    let url = format!("http://{}/webhook", node.http);
+    let send = |body: String, signature: String| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let response = client
+                .post(url)
+                .header("Content-Type", "application/json")
+                .header("X-Hub-Signature-256", signature)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let before = node.served.log().len();
+    // 100 unknown pages, each entry padded: close to 4 MiB of forged body.
+    let padding = "x".repeat(40_000);
+    let entries: Vec<Value> = (0..100)
+        .map(|i| json!({"id": format!("{}", 500_000 + i), "pad": padding, "messaging": []}))
+        .collect();
+    let forged = json!({"object": "page", "entry": entries}).to_string();
+    let (status, text) = send(forged, sign("guess", b"x")).await;
+    assert_eq!((status, text.as_str()), (200, "ignored"));
+    // A registered page, a wrong signature, events that do not even read: refused as forged.
+    let forged =
+        json!({"object": "page", "entry": [{"id": PAGE, "messaging": [{"optin": 7}]}]}).to_string();
+    let (status, _) = send(forged, sign("guess", b"x")).await;
+    assert_eq!(status, 403);
+    let log = node.served.log();
+    let added = &log[before..];
+    assert!(
+        added.len() < 2_000,
+        "{} bytes of log for two forged POSTs",
+        added.len()
+    );
+    assert!(
+        !added.contains("500000"),
+        "page ids listed in the log: {added}"
+    );
+    assert!(added.contains("\"pages\":100"), "{added}");
+}
