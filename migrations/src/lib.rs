@@ -11,6 +11,7 @@ mod m20261123_000002_audience_optins;
 mod m20261123_000003_stories;
 mod m20261124_000004_sends;
 mod m20261124_000005_leases;
+mod m20261206_000006_lifecycle;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000003_stories::Migration),
             Box::new(m20261124_000004_sends::Migration),
             Box::new(m20261124_000005_leases::Migration),
+            Box::new(m20261206_000006_lifecycle::Migration),
         ]
     }
 }

@@ -11,12 +11,11 @@ use super::{
     time::timestamp_from_ms,
 };
 use crate::{
-    domain::{PageId, Psid, SegmentRule, Violations, WINDOW_MS, char_len, parse_tags},
+    domain::{OptInState, PageId, Psid, SegmentRule, Violations, WINDOW_MS, char_len, parse_tags},
     store::{
         Store,
         audience::{self, SegmentRecord, SubscriberTouch, SubscriberView},
         now_ms,
-        optins::OptInState,
     },
 };
 

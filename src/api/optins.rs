@@ -10,11 +10,11 @@ use super::{
 };
 use crate::{
     crypto::SecretCipher,
-    domain::{OptInToken, Topic, Violations, char_len, fingerprint},
+    domain::{OptInState, OptInToken, Topic, Violations, char_len, fingerprint},
     graph::GraphClient,
     store::{
         Store, now_ms,
-        optins::{self, EventKind, IncomingEvent, OptInFilter, OptInState},
+        optins::{self, EventKind, IncomingEvent, OptInFilter},
         pages,
     },
 };
@@ -41,13 +41,15 @@ impl OptIns {
     }
 }
 
-pub fn state_to_proto(state: OptInState) -> pb::OptInState {
-    match state {
-        OptInState::Active => pb::OptInState::Active,
-        OptInState::Reserved => pb::OptInState::Reserved,
-        OptInState::Used => pb::OptInState::Used,
-        OptInState::Rejected => pb::OptInState::Rejected,
-        OptInState::Expired => pb::OptInState::Expired,
+impl From<OptInState> for pb::OptInState {
+    fn from(state: OptInState) -> Self {
+        match state {
+            OptInState::Active => pb::OptInState::Active,
+            OptInState::Reserved => pb::OptInState::Reserved,
+            OptInState::Used => pb::OptInState::Used,
+            OptInState::Rejected => pb::OptInState::Rejected,
+            OptInState::Expired => pb::OptInState::Expired,
+        }
     }
 }
 
@@ -60,7 +62,7 @@ fn opt_in_to_proto(row: optins::Model, now: i64) -> pb::OptIn {
         token_fingerprint: fingerprint(&row.token),
         opt_in_time: Some(timestamp_from_ms(row.opted_in_at)),
         expire_time: Some(timestamp_from_ms(row.expires_at)),
-        state: state_to_proto(OptInState::effective(&row.state, row.expires_at, now)).into(),
+        state: pb::OptInState::from(row.state.effective(row.expires_at, now)).into(),
         use_time: row.used_at.map(timestamp_from_ms),
         delivery_id: row.delivery_id.unwrap_or_default(),
     }

@@ -13,7 +13,7 @@ use super::{
     time::timestamp_from_ms,
 };
 use crate::{
-    domain::{Violations, char_len},
+    domain::{DeliveryState, Route, SendState, Violations, char_len},
     engine::{EngineError, EngineHandle, Progress, SendCommand},
     store::{
         Store, StoreError, now_ms,
@@ -90,58 +90,75 @@ impl Sends {
     }
 }
 
-pub fn state_to_proto(state: &str) -> pb::SendState {
-    match state {
-        sends::QUEUED => pb::SendState::Queued,
-        sends::RUNNING => pb::SendState::Running,
-        sends::PAUSED => pb::SendState::Paused,
-        sends::COMPLETED => pb::SendState::Completed,
-        sends::CANCELLED => pb::SendState::Cancelled,
-        sends::HALTED => pb::SendState::Halted,
-        _ => pb::SendState::Unspecified,
+impl From<SendState> for pb::SendState {
+    fn from(state: SendState) -> Self {
+        match state {
+            SendState::Queued => pb::SendState::Queued,
+            SendState::Running => pb::SendState::Running,
+            SendState::Paused => pb::SendState::Paused,
+            SendState::Completed => pb::SendState::Completed,
+            SendState::Cancelled => pb::SendState::Cancelled,
+            SendState::Halted => pb::SendState::Halted,
+        }
     }
 }
 
-fn state_from_proto(state: pb::SendState) -> Option<&'static str> {
-    match state {
-        pb::SendState::Unspecified => None,
-        pb::SendState::Queued => Some(sends::QUEUED),
-        pb::SendState::Running => Some(sends::RUNNING),
-        pb::SendState::Paused => Some(sends::PAUSED),
-        pb::SendState::Completed => Some(sends::COMPLETED),
-        pb::SendState::Cancelled => Some(sends::CANCELLED),
-        pb::SendState::Halted => Some(sends::HALTED),
+/// A List filter: unspecified means every state.
+impl From<pb::SendState> for Option<SendState> {
+    fn from(state: pb::SendState) -> Self {
+        match state {
+            pb::SendState::Unspecified => None,
+            pb::SendState::Queued => Some(SendState::Queued),
+            pb::SendState::Running => Some(SendState::Running),
+            pb::SendState::Paused => Some(SendState::Paused),
+            pb::SendState::Completed => Some(SendState::Completed),
+            pb::SendState::Cancelled => Some(SendState::Cancelled),
+            pb::SendState::Halted => Some(SendState::Halted),
+        }
     }
 }
 
-fn delivery_state_to_proto(state: &str) -> pb::DeliveryState {
-    match state {
-        sends::PENDING => pb::DeliveryState::Pending,
-        sends::IN_FLIGHT => pb::DeliveryState::InFlight,
-        sends::SENT => pb::DeliveryState::Sent,
-        sends::FAILED => pb::DeliveryState::Failed,
-        sends::SKIPPED => pb::DeliveryState::Skipped,
-        sends::UNKNOWN => pb::DeliveryState::Unknown,
-        _ => pb::DeliveryState::Unspecified,
+impl From<DeliveryState> for pb::DeliveryState {
+    fn from(state: DeliveryState) -> Self {
+        match state {
+            DeliveryState::Pending => pb::DeliveryState::Pending,
+            DeliveryState::InFlight => pb::DeliveryState::InFlight,
+            DeliveryState::Sent => pb::DeliveryState::Sent,
+            DeliveryState::Failed => pb::DeliveryState::Failed,
+            DeliveryState::Skipped => pb::DeliveryState::Skipped,
+            DeliveryState::Unknown => pb::DeliveryState::Unknown,
+        }
     }
 }
 
-fn delivery_state_from_proto(state: pb::DeliveryState) -> Option<&'static str> {
-    match state {
-        pb::DeliveryState::Unspecified => None,
-        pb::DeliveryState::Pending => Some(sends::PENDING),
-        pb::DeliveryState::InFlight => Some(sends::IN_FLIGHT),
-        pb::DeliveryState::Sent => Some(sends::SENT),
-        pb::DeliveryState::Failed => Some(sends::FAILED),
-        pb::DeliveryState::Skipped => Some(sends::SKIPPED),
-        pb::DeliveryState::Unknown => Some(sends::UNKNOWN),
+/// A List filter: unspecified means every state.
+impl From<pb::DeliveryState> for Option<DeliveryState> {
+    fn from(state: pb::DeliveryState) -> Self {
+        match state {
+            pb::DeliveryState::Unspecified => None,
+            pb::DeliveryState::Pending => Some(DeliveryState::Pending),
+            pb::DeliveryState::InFlight => Some(DeliveryState::InFlight),
+            pb::DeliveryState::Sent => Some(DeliveryState::Sent),
+            pb::DeliveryState::Failed => Some(DeliveryState::Failed),
+            pb::DeliveryState::Skipped => Some(DeliveryState::Skipped),
+            pb::DeliveryState::Unknown => Some(DeliveryState::Unknown),
+        }
+    }
+}
+
+impl From<Route> for pb::Route {
+    fn from(route: Route) -> Self {
+        match route {
+            Route::Token => pb::Route::Token,
+            Route::Window => pb::Route::Window,
+        }
     }
 }
 
 pub fn progress_to_proto(progress: &Progress) -> pb::SendProgress {
     pb::SendProgress {
         send_id: progress.send_id.clone(),
-        state: state_to_proto(&progress.state).into(),
+        state: pb::SendState::from(progress.state).into(),
         total: progress.total,
         pending: progress.pending,
         in_flight: progress.in_flight,
@@ -160,7 +177,7 @@ pub fn send_to_proto(send: &sends::Send) -> pb::Send {
         send_id: send.id.clone(),
         story_id: send.story_id.clone(),
         page_id: send.page_id.clone(),
-        state: state_to_proto(&send.state).into(),
+        state: pb::SendState::from(send.state).into(),
         progress: Some(progress_to_proto(&Progress::from_send(send))),
         create_time: Some(timestamp_from_ms(send.created_at)),
         start_time: send.started_at.map(timestamp_from_ms),
@@ -173,13 +190,8 @@ fn delivery_to_proto(d: sends::delivery::Model) -> pb::Delivery {
     pb::Delivery {
         delivery_id: d.id.to_string(),
         psid: d.psid,
-        route: match d.route.as_str() {
-            sends::ROUTE_TOKEN => pb::Route::Token,
-            sends::ROUTE_WINDOW => pb::Route::Window,
-            _ => pb::Route::Unspecified,
-        }
-        .into(),
-        state: delivery_state_to_proto(&d.state).into(),
+        route: pb::Route::from(d.route).into(),
+        state: pb::DeliveryState::from(d.state).into(),
         message_id: d.message_id.unwrap_or_default(),
         error_code: d.error_code.unwrap_or_default(),
         error_subcode: d.error_subcode.unwrap_or_default(),
@@ -319,7 +331,7 @@ impl SendService for Sends {
             sends::SendFilter {
                 page_id: page_id.as_str(),
                 story_id: (!req.story_id.is_empty()).then_some(req.story_id.as_str()),
-                state: state_from_proto(state),
+                state: state.into(),
             },
             after.as_deref(),
             size + 1,
@@ -452,7 +464,7 @@ impl SendService for Sends {
         let req = request.into_inner();
         let mut v = Violations::new();
         let state = match pb::DeliveryState::try_from(req.state) {
-            Ok(state) => Some(delivery_state_from_proto(state)),
+            Ok(state) => Some(Option::<DeliveryState>::from(state)),
             Err(_) => {
                 v.add("state", format!("{} is not a DeliveryState", req.state));
                 None

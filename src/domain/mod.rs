@@ -2,14 +2,20 @@
 //! broken rule at once, each naming the field path and the rule.
 
 mod audience;
+mod lifecycle;
+mod optin;
 mod page;
+mod send;
 mod story;
 
 pub use audience::{
     OPT_IN_LIFETIME_MS, OptInToken, Psid, SegmentRule, Tag, Topic, WINDOW_MS, fingerprint,
     parse_tags,
 };
-pub use page::{NewPage, PageChanges, PageId, PageName, PageSecret, SendRate};
+pub use lifecycle::IllegalTransition;
+pub use optin::{OptInEvent, OptInState};
+pub use page::{NewPage, PageChanges, PageCredentials, PageId, PageName, PageSecret, SendRate};
+pub use send::{DeliveryEvent, DeliveryState, MIN_TOKEN_LIFE_MS, Route, SendEvent, SendState};
 pub use story::{Button, ButtonInput, ButtonKind, ContentInput, StoryContent, content_hash};
 
 /// One broken rule: the field path (as the client spelled it, e.g. `send_rate_per_second`) and

@@ -235,6 +235,13 @@ fn truncate_for_message(raw: &str) -> String {
     }
 }
 
+/// A page's secrets, opened: only for the Graph client and the webhook's signature check.
+pub struct PageCredentials {
+    pub access_token: secrecy::SecretString,
+    pub app_secret: secrecy::SecretString,
+    pub verify_token: Option<secrecy::SecretString>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,8 +6,9 @@ use std::time::Duration;
 use rand::Rng;
 
 use crate::{
+    domain::Route,
     graph::{Class, Delivered, Failure, SendKind},
-    store::sends::{Claimed, DeliveryError, Outcome, ROUTE_TOKEN},
+    store::sends::{Claimed, DeliveryError, Outcome},
 };
 
 /// Attempts before a transient failure is final.
@@ -62,28 +63,20 @@ pub fn backoff(attempt: i32) -> Duration {
 }
 
 /// A claimed delivery whose call was never made: pending again, the attempt not counted.
-pub fn not_attempted(delivery: &Claimed, now_ms: i64) -> Outcome {
-    Outcome::Retry {
-        id: delivery.id,
-        at: now_ms,
-        ambiguous: false,
-        refund_attempt: true,
-        error: DeliveryError {
-            code: None,
-            subcode: None,
-            message: "not attempted: the page halted or resumed before its turn".into(),
-        },
-    }
+pub fn not_attempted(now_ms: i64) -> Outcome {
+    Outcome::not_attempted(
+        now_ms,
+        "not attempted: the page halted or resumed before its turn",
+    )
 }
 
 pub fn decide(delivery: &Claimed, result: Result<Delivered, Failure>, now_ms: i64) -> Decision {
-    let token = delivery.route == ROUTE_TOKEN;
+    let token = delivery.route == Route::Token;
     let kind = if token {
         SendKind::Token
     } else {
         SendKind::Standard
     };
-    let id = delivery.id;
     let plain = |outcome| Decision {
         outcome,
         signal: PageSignal::None,
@@ -91,10 +84,8 @@ pub fn decide(delivery: &Claimed, result: Result<Delivered, Failure>, now_ms: i6
     let failure = match result {
         Ok(delivered) => {
             return plain(Outcome::Sent {
-                id,
                 message_id: Some(delivered.message_id),
                 confirmed_by_token: false,
-                optin_id: delivery.optin_id,
             });
         }
         Err(failure) => failure,
@@ -103,10 +94,8 @@ pub fn decide(delivery: &Claimed, result: Result<Delivered, Failure>, now_ms: i6
     // Facebook accepted. Nothing else can have spent it: it was reserved for this delivery.
     if delivery.ambiguous && failure.is_token_spent(kind) {
         return plain(Outcome::Sent {
-            id,
             message_id: None,
             confirmed_by_token: true,
-            optin_id: delivery.optin_id,
         });
     }
     let error = error_of(&failure);
@@ -114,37 +103,36 @@ pub fn decide(delivery: &Claimed, result: Result<Delivered, Failure>, now_ms: i6
         Class::Transient { ambiguous } => {
             if ambiguous && !token {
                 // No idempotency key for standard messages: at most once.
-                return plain(Outcome::Unknown { id, error });
+                return plain(Outcome::Unknown { error });
             }
-            let limit = if token && (ambiguous || delivery.ambiguous) {
+            // This attempt, or an earlier one, may have landed.
+            let maybe_landed = ambiguous || delivery.ambiguous;
+            let limit = if token && maybe_landed {
                 MAX_ATTEMPTS_AMBIGUOUS_TOKEN
             } else {
                 MAX_ATTEMPTS
             };
             if delivery.attempts >= limit {
-                return plain(if ambiguous || delivery.ambiguous {
-                    Outcome::Unknown { id, error }
+                return plain(if maybe_landed {
+                    Outcome::Unknown { error }
                 } else {
                     Outcome::Failed {
-                        id,
                         error,
-                        reject_optin: None,
+                        token_refused: false,
                     }
                 });
             }
             plain(Outcome::Retry {
-                id,
                 at: now_ms + backoff(delivery.attempts).as_millis() as i64,
-                ambiguous,
+                ambiguous: maybe_landed,
                 refund_attempt: false,
                 error,
             })
         }
         Class::Throttled { wait } => Decision {
             outcome: Outcome::Retry {
-                id,
                 at: now_ms + wait.as_millis() as i64,
-                ambiguous: false,
+                ambiguous: delivery.ambiguous,
                 refund_attempt: true,
                 error,
             },
@@ -155,17 +143,15 @@ pub fn decide(delivery: &Claimed, result: Result<Delivered, Failure>, now_ms: i6
             },
         },
         Class::RecipientPermanent => plain(Outcome::Failed {
-            id,
             error,
-            reject_optin: if token { delivery.optin_id } else { None },
+            token_refused: token,
         }),
         Class::PagePermanent => {
             let reason = format!("the page cannot send: {failure}");
             Decision {
                 outcome: Outcome::Retry {
-                    id,
                     at: now_ms,
-                    ambiguous: false,
+                    ambiguous: delivery.ambiguous,
                     refund_attempt: true,
                     error,
                 },
@@ -181,15 +167,17 @@ mod tests {
     use crate::graph::classify::{ErrorBody, classify};
 
     fn claimed(route: &str, attempts: i32, ambiguous: bool) -> Claimed {
+        let route = Route::parse(route).unwrap();
         Claimed {
             id: 7,
             psid: "u1".into(),
-            route: route.into(),
+            route,
             attempts,
+            claim: attempts,
             ambiguous,
-            token: (route == ROUTE_TOKEN).then(|| "tok".to_string()),
+            token: (route == Route::Token).then(|| "tok".to_string()),
             expires_at: Some(i64::MAX),
-            optin_id: (route == ROUTE_TOKEN).then_some(70),
+            optin_id: (route == Route::Token).then_some(70),
         }
     }
 
@@ -216,10 +204,8 @@ mod tests {
         assert_eq!(
             d.outcome,
             Outcome::Sent {
-                id: 7,
                 message_id: None,
                 confirmed_by_token: true,
-                optin_id: Some(70)
             }
         );
         // Without an ambiguous attempt before, the token was refused: failed, opt-in rejected.
@@ -231,7 +217,7 @@ mod tests {
         assert!(matches!(
             d.outcome,
             Outcome::Failed {
-                reject_optin: Some(70),
+                token_refused: true,
                 ..
             }
         ));

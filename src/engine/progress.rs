@@ -9,13 +9,13 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::store::sends::{self, Send};
+use crate::{domain::SendState, store::sends::Send};
 
 /// What a watcher sees of a send.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Progress {
     pub send_id: String,
-    pub state: String,
+    pub state: SendState,
     pub total: u64,
     pub pending: u64,
     pub in_flight: u64,
@@ -57,7 +57,7 @@ impl Progress {
         let n = |v: i64| u64::try_from(v).unwrap_or(0);
         Progress {
             send_id: send.id.clone(),
-            state: send.state.clone(),
+            state: send.state,
             total: n(send.total),
             pending: n(send.pending()),
             in_flight: n(send.in_flight),
@@ -72,7 +72,7 @@ impl Progress {
     }
 
     pub fn is_finished(&self) -> bool {
-        !sends::UNFINISHED.contains(&self.state.as_str())
+        self.state.is_finished()
     }
 }
 

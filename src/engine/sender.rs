@@ -15,8 +15,8 @@ use serde_json::Value;
 
 use super::{metrics, pacing::Pacer};
 use crate::{
+    domain::PageCredentials,
     graph::{BatchSend, Delivered, Failure, GraphClient, Recipient},
-    store::pages::PageCredentials,
 };
 
 /// Who one item goes to.

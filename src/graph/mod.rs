@@ -18,7 +18,7 @@ use url::Url;
 
 pub use classify::{Class, Failure, GraphError, SendKind};
 
-use crate::store::pages::PageCredentials;
+use crate::domain::PageCredentials;
 
 /// The most items Graph runs in one batch request.
 pub const MAX_BATCH_ITEMS: usize = 50;

@@ -4,13 +4,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sea_orm::{
     ActiveValue::Set,
-    ConnectionTrait, DatabaseConnection, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ConnectionTrait, DatabaseConnection, QueryFilter, QueryOrder, QuerySelect,
     entity::prelude::*,
     sea_query::{Expr, OnConflict, Query},
 };
 
 use super::{StoreError, optins};
-use crate::domain::{PageId, Psid, SegmentRule, Tag};
+use crate::domain::{OptInState, PageId, Psid, SegmentRule, Tag};
 
 pub mod subscribers {
     use sea_orm::entity::prelude::*;
@@ -151,7 +151,7 @@ pub struct SubscriberView {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SubscriberTopic {
     pub topic: String,
-    pub counts: BTreeMap<optins::OptInState, u32>,
+    pub counts: BTreeMap<OptInState, u32>,
     /// When the first usable opt-in on the topic expires.
     pub next_expiry: Option<i64>,
 }
@@ -184,7 +184,7 @@ pub async fn get_subscriber(
         .await?;
     let mut topics: BTreeMap<String, SubscriberTopic> = BTreeMap::new();
     for row in rows {
-        let state = optins::OptInState::effective(&row.state, row.expires_at, now);
+        let state = row.state.effective(row.expires_at, now);
         let topic = topics
             .entry(row.topic.clone())
             .or_insert_with(|| SubscriberTopic {
@@ -192,7 +192,7 @@ pub async fn get_subscriber(
                 ..SubscriberTopic::default()
             });
         *topic.counts.entry(state).or_default() += 1;
-        if state == optins::OptInState::Active {
+        if state == OptInState::Active {
             topic.next_expiry = Some(
                 topic
                     .next_expiry
@@ -219,7 +219,7 @@ pub async fn tag_subscribers(
     remove: &BTreeSet<Tag>,
     now: i64,
 ) -> Result<u64, StoreError> {
-    let txn = db.begin().await?;
+    let txn = super::begin_write(db).await?;
     let touches: HashMap<(&str, &str), SubscriberTouch> = psids
         .iter()
         .map(|psid| {
@@ -311,7 +311,7 @@ pub async fn delete_subscriber(
     page_id: &PageId,
     psid: &Psid,
 ) -> Result<u64, StoreError> {
-    let txn = db.begin().await?;
+    let txn = super::begin_write(db).await?;
     let opt_ins = optins::Entity::delete_many()
         .filter(optins::Column::PageId.eq(page_id.as_str()))
         .filter(optins::Column::Psid.eq(psid.as_str()))
@@ -428,7 +428,7 @@ pub async fn get_segment(db: &impl ConnectionTrait, id: &str) -> Result<SegmentR
 
 /// Deletes a segment no story uses (`InUse` otherwise; the foreign key is the backstop).
 pub async fn delete_segment(db: &DatabaseConnection, id: &str) -> Result<(), StoreError> {
-    let txn = db.begin().await?;
+    let txn = super::begin_write(db).await?;
     let users = super::stories::Entity::find()
         .filter(super::stories::Column::SegmentId.eq(id))
         .count(&txn)

@@ -1,12 +1,14 @@
 //! Persistence: the only module that speaks SQL. One submodule per aggregate.
 
 pub mod audience;
+pub mod eligibility;
 pub mod leases;
 pub mod meta;
 pub mod optins;
 pub mod pages;
 pub mod sends;
 mod sql;
+mod stored;
 pub mod stories;
 
 use std::{
@@ -20,7 +22,10 @@ use std::{
 
 use anyhow::Context;
 use migration::{Migrator, MigratorTrait};
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, SqlErr};
+use sea_orm::{
+    ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, DbErr, SqlErr,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
 
 use crate::config::DatabaseUrl;
 
@@ -157,6 +162,18 @@ pub fn sqlite_file(url: &str) -> anyhow::Result<Option<PathBuf>> {
         return Ok(None);
     }
     Ok(Some(path.to_path_buf()))
+}
+
+/// Begins a transaction that writes. On SQLite it takes the write lock at once (`BEGIN
+/// IMMEDIATE`): a transaction that began deferred, read, and then found at its first write that
+/// another writer had committed since its read would fail at once (SQLITE_BUSY_SNAPSHOT, whatever
+/// the busy timeout); begun immediate, it waits its turn instead. PostgreSQL ignores the mode.
+pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    db.begin_with_options(TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..TransactionOptions::default()
+    })
+    .await
 }
 
 /// Milliseconds since the Unix epoch: how every time is stored.

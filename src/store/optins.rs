@@ -5,13 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use sea_orm::{
     Condition, ConnectionTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
     entity::prelude::*,
     sea_query::{OnConflict, Query},
 };
 
 use super::{StoreError, audience, sql::Sql};
-use crate::domain::{OPT_IN_LIFETIME_MS, OptInToken, PageId, Psid, Topic};
+use crate::domain::{OPT_IN_LIFETIME_MS, OptInEvent, OptInState, OptInToken, PageId, Psid, Topic};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "optins")]
@@ -24,7 +23,7 @@ pub struct Model {
     pub token: String,
     pub opted_in_at: i64,
     pub expires_at: i64,
-    pub state: String,
+    pub state: OptInState,
     pub used_at: Option<i64>,
     pub delivery_id: Option<String>,
 }
@@ -56,44 +55,39 @@ pub mod requests {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-/// Stored states. `expired` is also what an `active` row past `expires_at` reads as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum OptInState {
-    Active,
-    Reserved,
-    Used,
-    Rejected,
-    Expired,
+/// Moves opt-ins by `event`, as one conditional statement per chunk: only those in a state the
+/// event leaves move. A spent token records when. Returns how many moved.
+pub async fn apply(
+    db: &impl ConnectionTrait,
+    event: OptInEvent,
+    ids: &[i64],
+    now: i64,
+) -> Result<u64, StoreError> {
+    let mut moved = 0;
+    for chunk in ids.chunks(1000) {
+        let mut sql = Sql::new(db.get_database_backend());
+        sql.push("UPDATE optins SET state = ").bind(event.target());
+        if event == OptInEvent::Spend {
+            sql.push(", used_at = ").bind(now);
+        }
+        sql.push(" WHERE id IN (");
+        for (i, id) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.bind(*id);
+        }
+        sql.push(")");
+        guard(&mut sql, event, "state");
+        moved += db.execute_raw(sql.statement()).await?.rows_affected();
+    }
+    Ok(moved)
 }
 
-impl OptInState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OptInState::Active => "active",
-            OptInState::Reserved => "reserved",
-            OptInState::Used => "used",
-            OptInState::Rejected => "rejected",
-            OptInState::Expired => "expired",
-        }
-    }
-
-    fn from_stored(stored: &str) -> Self {
-        match stored {
-            "reserved" => OptInState::Reserved,
-            "used" => OptInState::Used,
-            "rejected" => OptInState::Rejected,
-            "expired" => OptInState::Expired,
-            _ => OptInState::Active,
-        }
-    }
-
-    /// The state a row reads as at `now`.
-    pub fn effective(stored: &str, expires_at: i64, now: i64) -> Self {
-        match Self::from_stored(stored) {
-            OptInState::Active if expires_at <= now => OptInState::Expired,
-            state => state,
-        }
-    }
+/// ` AND <column> IN (<the states the event leaves>)`: an opt-in event's guard.
+pub(crate) fn guard(sql: &mut Sql, event: OptInEvent, column: &str) {
+    let sources = super::stored::quoted(&event.sources(), OptInState::as_str);
+    sql.push(&format!(" AND {column} IN ({sources})"));
 }
 
 /// One event from Facebook (or a gateway) about one user of a page.
@@ -153,7 +147,7 @@ pub async fn ingest(
         }
     }
 
-    let txn = db.begin().await?;
+    let txn = super::begin_write(db).await?;
     audience::upsert_subscribers(&txn, &subscribers).await?;
     // Within SQLite's and PostgreSQL's limits on bound parameters per statement.
     for chunk in optin_rows.chunks(1000) {
@@ -175,7 +169,7 @@ pub async fn ingest(
                 token.as_str().into(),
                 (*at).into(),
                 (at + OPT_IN_LIFETIME_MS).into(),
-                OptInState::Active.as_str().into(),
+                OptInState::Active.into(),
             ]);
         }
         insert.on_conflict(
@@ -358,16 +352,18 @@ pub async fn list(
     query = match filter.state {
         None => query,
         Some(OptInState::Active) => query
-            .filter(Column::State.eq("active"))
+            .filter(Column::State.eq(OptInState::Active))
             .filter(Column::ExpiresAt.gt(now)),
         Some(OptInState::Expired) => query.filter(
-            Condition::any().add(Column::State.eq("expired")).add(
-                Condition::all()
-                    .add(Column::State.eq("active"))
-                    .add(Column::ExpiresAt.lte(now)),
-            ),
+            Condition::any()
+                .add(Column::State.eq(OptInState::Expired))
+                .add(
+                    Condition::all()
+                        .add(Column::State.eq(OptInState::Active))
+                        .add(Column::ExpiresAt.lte(now)),
+                ),
         ),
-        Some(state) => query.filter(Column::State.eq(state.as_str())),
+        Some(state) => query.filter(Column::State.eq(state)),
     };
     Ok(query.all(db).await?)
 }

@@ -2,7 +2,7 @@
 
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    QueryOrder, QuerySelect, TransactionTrait, TryIntoModel,
+    QueryOrder, QuerySelect, TryIntoModel,
     entity::prelude::*,
 };
 use secrecy::SecretString;
@@ -10,7 +10,7 @@ use secrecy::SecretString;
 use super::{StoreError, now_ms};
 use crate::{
     crypto::SecretCipher,
-    domain::{NewPage, PageChanges, PageId, PageSecret},
+    domain::{NewPage, PageChanges, PageCredentials, PageId, PageSecret},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -58,13 +58,6 @@ impl From<Model> for PageRecord {
             updated_at_ms: m.updated_at,
         }
     }
-}
-
-/// A page's secrets, opened: only for the Graph client and the webhook's signature check.
-pub struct PageCredentials {
-    pub access_token: SecretString,
-    pub app_secret: SecretString,
-    pub verify_token: Option<SecretString>,
 }
 
 /// Where a sealed secret belongs; sealing binds the value to it.
@@ -135,7 +128,7 @@ pub async fn update(
     id: &PageId,
     changes: &PageChanges,
 ) -> Result<PageRecord, StoreError> {
-    let txn = db.begin().await?;
+    let txn = super::begin_write(db).await?;
     let exists = Entity::find_by_id(id.as_str().to_string())
         .select_only()
         .column(Column::Id)

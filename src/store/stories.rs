@@ -6,8 +6,8 @@ use sea_orm::{
     entity::prelude::*,
 };
 
-use super::{StoreError, sql::Sql};
-use crate::domain::{PageId, SegmentRule, StoryContent, WINDOW_MS, content_hash};
+use super::{StoreError, eligibility, sql::Sql};
+use crate::domain::{PageId, SegmentRule, StoryContent, content_hash};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "stories")]
@@ -236,46 +236,9 @@ pub struct AudienceEstimate {
     pub excluded_by_segment: u64,
 }
 
-/// A boolean expression true for users (`column`, a psid) in the segment. Each tag
-/// condition is an uncorrelated set, which SQLite and PostgreSQL build once per query.
-pub(super) fn in_segment<'s>(
-    sql: &'s mut Sql,
-    column: &str,
-    page_id: &str,
-    rule: &SegmentRule,
-) -> &'s mut Sql {
-    let tagged = |sql: &mut Sql, negate: bool, tags: &mut dyn Iterator<Item = &String>| {
-        let not = if negate { "NOT " } else { "" };
-        sql.push(&format!(
-            " AND {column} {not}IN (SELECT t.psid FROM subscriber_tags t WHERE t.page_id = "
-        ))
-        .bind(page_id);
-        sql.push(" AND t.tag IN (");
-        for (i, tag) in tags.enumerate() {
-            if i > 0 {
-                sql.push(", ");
-            }
-            sql.bind(tag.as_str());
-        }
-        sql.push("))");
-    };
-    sql.push("(1 = 1");
-    for tag in &rule.all_tags {
-        tagged(sql, false, &mut std::iter::once(tag));
-    }
-    if !rule.any_tags.is_empty() {
-        tagged(sql, false, &mut rule.any_tags.iter());
-    }
-    if !rule.none_tags.is_empty() {
-        tagged(sql, true, &mut rule.none_tags.iter());
-    }
-    sql.push(")");
-    sql
-}
-
 #[derive(FromQueryResult)]
 struct TopicCounts {
-    tokens_all: i64,
+    usable: i64,
     with_any: i64,
 }
 
@@ -284,22 +247,10 @@ struct Count {
     n: i64,
 }
 
-/// The topic's users with a usable opt-in, as a sorted set expression (for INTERSECT/EXCEPT).
-fn push_usable_psids(sql: &mut Sql, page: &str, topic: &str, now: i64) {
-    sql.push("SELECT o.psid FROM optins o WHERE o.page_id = ")
-        .bind(page)
-        .push(" AND o.topic = ")
-        .bind(topic)
-        .push(&format!(" AND o.state = 'active' AND o.expires_at > {now}"));
-}
-
-/// Counted by the database: distinct users with a usable opt-in on the topic (after the
-/// segment), window users without one, users whose opt-ins on the topic all lapsed, and users
-/// the segment leaves out.
-///
-/// Each count walks an index in psid order: `COUNT(DISTINCT psid)` over the topic's index, and
-/// the segment as INTERSECT / EXCEPT of sorted index ranges (the `ORDER BY` makes SQLite merge
-/// them instead of building temporary B-trees), never a lookup per user.
+/// Who a send of the story would reach now, by the very conditions a send materialises with
+/// (`eligibility`): distinct users with a usable opt-in on the topic (after the segment), users
+/// inside the window without one, users whose opt-ins on the topic all lapsed (or will before
+/// they could be presented), and users the segment leaves out.
 pub async fn estimate(
     db: &impl ConnectionTrait,
     story: &Model,
@@ -310,19 +261,20 @@ pub async fn estimate(
     let page = story.page_id.as_str();
     let topic = story.topic.as_str();
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    let count = |sql: Sql| async move {
+        Count::find_by_statement(sql.statement())
+            .one(db)
+            .await
+            .map(|row| row.map_or(0, |r| n(r.n)))
+    };
 
-    // An active opt-in is usable or lapsed: users with an active or expired opt-in, less the
-    // usable ones, are those whose opt-ins all lapsed.
+    // A user with an active or expired opt-in on the topic has a usable one or only lapsed
+    // ones: those with any, less the usable, are those whose opt-ins all lapsed.
     let mut totals = Sql::new(backend);
+    totals.push("SELECT (SELECT COUNT(DISTINCT o.psid) FROM optins o WHERE ");
+    eligibility::usable_optin(&mut totals, "o", page, topic, now);
     totals
-        .push("SELECT (SELECT COUNT(DISTINCT o.psid) FROM optins o WHERE o.page_id = ")
-        .bind(page)
-        .push(" AND o.topic = ")
-        .bind(topic)
-        .push(&format!(
-            " AND o.state = 'active' AND o.expires_at > {now}) AS tokens_all, "
-        ))
-        .push("(SELECT COUNT(DISTINCT o.psid) FROM optins o WHERE o.page_id = ")
+        .push(") AS usable, (SELECT COUNT(DISTINCT o.psid) FROM optins o WHERE o.page_id = ")
         .bind(page)
         .push(" AND o.topic = ")
         .bind(topic)
@@ -331,64 +283,29 @@ pub async fn estimate(
         .one(db)
         .await?
         .ok_or_else(|| StoreError::Db(DbErr::Custom("the estimate returned no row".into())))?;
-    let tokens_all = n(counts.tokens_all);
+    let usable = n(counts.usable);
 
     let token_recipients = match segment {
-        None => tokens_all,
+        None => usable,
         Some(rule) => {
             let mut sql = Sql::new(backend);
-            sql.push("SELECT COUNT(*) AS n FROM (");
-            push_usable_psids(&mut sql, page, topic, now);
-            let tags = |sql: &mut Sql, op: &str, tags: &mut dyn Iterator<Item = &String>| {
-                sql.push(&format!(
-                    " {op} SELECT t.psid FROM subscriber_tags t WHERE t.page_id = "
-                ))
-                .bind(page)
-                .push(" AND t.tag IN (");
-                for (i, tag) in tags.enumerate() {
-                    if i > 0 {
-                        sql.push(", ");
-                    }
-                    sql.bind(tag.as_str());
-                }
-                sql.push(")");
-            };
-            for tag in &rule.all_tags {
-                tags(&mut sql, "INTERSECT", &mut std::iter::once(tag));
-            }
-            if !rule.any_tags.is_empty() {
-                tags(&mut sql, "INTERSECT", &mut rule.any_tags.iter());
-            }
-            for tag in &rule.none_tags {
-                tags(&mut sql, "EXCEPT", &mut std::iter::once(tag));
-            }
-            sql.push(" ORDER BY 1) s");
-            let row = Count::find_by_statement(sql.statement()).one(db).await?;
-            row.map_or(0, |r| n(r.n))
+            sql.push("SELECT COUNT(DISTINCT o.psid) AS n FROM optins o WHERE ");
+            eligibility::usable_optin(&mut sql, "o", page, topic, now);
+            sql.push(" AND ");
+            eligibility::in_segment(&mut sql, "o.psid", page, rule);
+            count(sql).await?
         }
     };
 
     let window_recipients = if story.include_window_users {
-        let mut window = Sql::new(backend);
-        let since = now - WINDOW_MS;
-        window
-            .push("SELECT COUNT(*) AS n FROM subscribers s WHERE s.page_id = ")
-            .bind(page);
-        window
-            .push(&format!(
-                " AND s.last_interaction_at > {since} AND NOT EXISTS (SELECT 1 FROM optins u \
-              WHERE u.page_id = s.page_id AND u.topic = "
-            ))
-            .bind(topic);
-        window.push(&format!(
-            " AND u.psid = s.psid AND u.state = 'active' AND u.expires_at > {now})"
-        ));
+        let mut sql = Sql::new(backend);
+        sql.push("SELECT COUNT(*) AS n FROM subscribers s WHERE ");
+        eligibility::window_user(&mut sql, "s", page, topic, now);
         if let Some(rule) = segment {
-            window.push(" AND ");
-            in_segment(&mut window, "s.psid", page, rule);
+            sql.push(" AND ");
+            eligibility::in_segment(&mut sql, "s.psid", page, rule);
         }
-        let row = Count::find_by_statement(window.statement()).one(db).await?;
-        row.map_or(0, |r| n(r.n))
+        count(sql).await?
     } else {
         0
     };
@@ -396,7 +313,7 @@ pub async fn estimate(
     Ok(AudienceEstimate {
         token_recipients,
         window_recipients,
-        excluded_expired: n(counts.with_any).saturating_sub(tokens_all),
-        excluded_by_segment: tokens_all.saturating_sub(token_recipients),
+        excluded_expired: n(counts.with_any).saturating_sub(usable),
+        excluded_by_segment: usable.saturating_sub(token_recipients),
     })
 }

@@ -325,14 +325,14 @@ async fn slow_graph(db: TestDatabase) {
 }
 
 /// Scenario 5a: PostgreSQL goes away mid-send (every connection cut, new ones refused) and comes back.
-struct Proxy {
-    addr: SocketAddr,
+pub(crate) struct Proxy {
+    pub(crate) addr: SocketAddr,
     up: Arc<AtomicBool>,
     cut: broadcast::Sender<()>,
 }
 
 impl Proxy {
-    async fn start(target: SocketAddr) -> Self {
+    pub(crate) async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
@@ -362,12 +362,12 @@ impl Proxy {
         Proxy { addr, up, cut }
     }
 
-    fn down(&self) {
+    pub(crate) fn down(&self) {
         self.up.store(false, Ordering::SeqCst);
         let _ = self.cut.send(());
     }
 
-    fn up(&self) {
+    pub(crate) fn up(&self) {
         self.up.store(true, Ordering::SeqCst);
     }
 }

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use otnd::{
+    domain::PageCredentials,
     graph::{BatchSend, Class, GraphClient, Recipient},
     sandbox::{RunningSandbox, SandboxOptions},
-    store::pages::PageCredentials,
 };
 use secrecy::SecretString;
 use serde_json::{Value, json};

@@ -14,6 +14,8 @@ mod graph;
 mod hardening;
 mod health;
 mod judge;
+mod ledger;
+mod lifecycle;
 mod optins;
 mod pages;
 mod restart;

@@ -65,7 +65,7 @@ fn update(page_id: &str) -> UpdatePageRequest {
 }
 
 /// Opens the stored secrets with the key the harness gave the app.
-async fn stored_credentials(db: &TestDatabase, page_id: &str) -> pages::PageCredentials {
+async fn stored_credentials(db: &TestDatabase, page_id: &str) -> otnd::domain::PageCredentials {
     let settings = crate::helpers::settings_for(db, &[]).unwrap();
     let store = Store::connect(&settings.database_url).await.unwrap();
     let cipher = SecretCipher::new(&MasterKey::from_bytes(&TEST_MASTER_KEY).unwrap());

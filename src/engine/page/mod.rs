@@ -3,10 +3,18 @@
 //! Its database work happens in two kinds of steps, each an `AtomicResponse` so that no other
 //! message (and no other step) runs until it is committed: a *pump* (recover, materialise,
 //! claim pending deliveries and commit them `in_flight`, then hand them to the sender pool) and
-//! a *flush* (record the outcomes that came back, in one transaction per send). Two sends of
+//! a *flush* (record the answers that came back, all of them in one transaction). Two sends of
 //! the page therefore never interleave their reservations, and nothing reaches Facebook that is
 //! not committed in flight first. The actor's memory holds only what is also in a row, or what
 //! recovery would settle the same way if it were lost.
+//!
+//! A pump steps each send in its own transaction: a send whose step fails waits (backing off)
+//! while the others go on, and the claims of the steps that committed are handed on. Should a
+//! step's commit fail, the deliveries it may have committed are found and put back by
+//! reconciliation before the next claim (see `sends::reconcile`). The decisions themselves are
+//! plain functions in [`decide`] and `policy`.
+
+mod decide;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -33,14 +41,13 @@ use super::{
 };
 use crate::{
     crypto::SecretCipher,
-    domain::PageId,
+    domain::{PageCredentials, PageId, Route, SendEvent, SendState},
     graph::Failure,
     store::{
         Store, StoreError,
         leases::Fence,
         now_ms, pages,
-        pages::PageCredentials,
-        sends::{self, Claimed, Outcome, ROUTE_TOKEN},
+        sends::{self, Answer, Claimed, Outcome},
     },
 };
 
@@ -48,8 +55,6 @@ use crate::{
 const TICK: Duration = Duration::from_millis(200);
 /// How often the page's rate and credentials are read again (UpdatePage takes effect).
 const PAGE_RELOAD: Duration = Duration::from_secs(5);
-/// A token is presented only if it stays valid this long: the call must reach Facebook first.
-const MIN_TOKEN_LIFE_MS: i64 = 60_000;
 /// Answers are recorded together: at once when this many wait, else after `FLUSH_DELAY` on an
 /// unpaced page and `PACED_FLUSH_DELAY` on a paced one. A paced page's answers trickle in a
 /// batch of two at a time: recorded as they come, a transaction would carry two deliveries, and
@@ -58,9 +63,6 @@ const MIN_TOKEN_LIFE_MS: i64 = 60_000;
 const FLUSH_AT: usize = 512;
 const FLUSH_DELAY: Duration = Duration::from_millis(2);
 const PACED_FLUSH_DELAY: Duration = Duration::from_millis(100);
-/// The most deliveries one step claims: when none are in flight, and otherwise.
-const FIRST_CLAIM: usize = 250;
-const MAX_CLAIM: usize = 1000;
 /// Window over which a send's rate is measured.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 
@@ -128,9 +130,13 @@ pub struct PageActor {
     turn: usize,
     /// Dispatched deliveries whose answers have not come back, by delivery id.
     dispatched: HashMap<i64, (String, Claimed)>,
-    /// Decided outcomes not yet recorded, by send.
-    unrecorded: Vec<(String, Outcome)>,
+    /// Decided answers not yet recorded.
+    unrecorded: Vec<Answer>,
     signals: Vec<PageSignal>,
+    /// Sends whose last step failed: how many times in a row, and when to try again.
+    retry_at: HashMap<String, (u32, Instant)>,
+    /// A step failed, perhaps after committing claims it never handed on: reconcile first.
+    needs_reconcile: bool,
     /// Claims wait until then (a throttled answer).
     hold_until: Option<Instant>,
     /// In-flight rows of an earlier life (or an uncertain commit) must be settled first.
@@ -166,6 +172,8 @@ impl PageActor {
             dispatched: HashMap::new(),
             unrecorded: Vec::new(),
             signals: Vec::new(),
+            retry_at: HashMap::new(),
+            needs_reconcile: false,
             hold_until: None,
             needs_recovery: true,
             reload_sends: true,
@@ -262,7 +270,7 @@ impl PageActor {
         for active in &mut self.sends {
             self.deps.hub.publish(active.progress());
         }
-        self.sends.retain(|a| a.send.state == sends::RUNNING);
+        self.sends.retain(|a| a.send.state == SendState::Running);
         let pending: i64 = self.sends.iter().map(|a| a.send.pending()).sum();
         metrics::page_gauges(&self.page_id, self.in_flight(), pending);
     }
@@ -280,8 +288,8 @@ impl PageActor {
                 .iter()
                 .map(|c| Item {
                     delivery_id: c.id,
-                    to: match (&c.token, c.route.as_str()) {
-                        (Some(token), ROUTE_TOKEN) => To::Token(token.clone()),
+                    to: match (&c.token, c.route) {
+                        (Some(token), Route::Token) => To::Token(token.clone()),
                         _ => To::Psid(c.psid.clone()),
                     },
                 })
@@ -345,7 +353,12 @@ impl PageActor {
             if current && decision.signal != PageSignal::None {
                 self.signals.push(decision.signal);
             }
-            self.unrecorded.push((send_id, decision.outcome));
+            self.unrecorded.push(Answer {
+                send_id,
+                id,
+                claim: claimed.claim,
+                outcome: decision.outcome,
+            });
         }
         self.flush_soon(ctx);
     }
@@ -370,9 +383,12 @@ impl PageActor {
         let Some(config) = &self.config else {
             return false;
         };
-        let cap = self.deps.pacer.in_flight_cap(config.rate);
-        let room = cap.saturating_sub(self.in_flight());
-        self.dispatched.is_empty() || room >= (cap / 4).max(self.deps.pacer.batch_size(config.rate))
+        decide::worth_pumping(
+            self.deps.pacer.in_flight_cap(config.rate),
+            self.deps.pacer.batch_size(config.rate),
+            self.in_flight(),
+            self.dispatched.len(),
+        )
     }
 
     /// Whether a step would do anything: recover, read the page or its sends again, claim or
@@ -388,6 +404,7 @@ impl PageActor {
             !send.audience_done() || send.pending() > 0 || send.in_flight == 0
         };
         self.needs_recovery
+            || self.needs_reconcile
             || self.reload_sends
             || (!self.sends.is_empty()
                 && (config_due || (self.worth_pumping() && self.sends.iter().any(in_progress))))
@@ -398,11 +415,24 @@ impl PageActor {
         let now = now_ms();
         for id in ids {
             if let Some((send_id, claimed)) = self.dispatched.remove(id) {
-                self.unrecorded
-                    .push((send_id, policy::not_attempted(&claimed, now)));
+                self.unrecorded.push(Answer {
+                    send_id,
+                    id: *id,
+                    claim: claimed.claim,
+                    outcome: policy::not_attempted(now),
+                });
             }
         }
         self.schedule_flush(ctx);
+    }
+
+    /// Every delivery the actor has out or answered and not yet recorded.
+    fn known(&self) -> std::collections::HashSet<i64> {
+        self.dispatched
+            .keys()
+            .copied()
+            .chain(self.unrecorded.iter().map(|a| a.id))
+            .collect()
     }
 }
 
@@ -444,7 +474,9 @@ impl Supervised for PageActor {
         self.unrecorded.clear();
         self.signals.clear();
         self.sends.clear();
+        self.retry_at.clear();
         self.needs_recovery = true;
+        self.needs_reconcile = false;
         self.reload_sends = true;
         self.pump_scheduled = false;
         self.flush_scheduled = false;
@@ -472,23 +504,33 @@ struct Pump;
 
 struct PumpPlan {
     recover: bool,
+    /// Deliveries the actor has out or unrecorded, when a reconciliation is due.
+    reconcile: Option<std::collections::HashSet<i64>>,
     reload_sends: bool,
     reload_config: bool,
     capacity: usize,
     sends: Vec<sends::Send>,
     turn: usize,
+    /// Sends waiting after a failed step (see `decide::step_order`).
+    retry_at: HashMap<String, (u32, Instant)>,
 }
 
 #[derive(Default)]
 struct PumpResult {
     recovered: u64,
+    reconciled: bool,
     config: Option<PageConfig>,
     reloaded: Option<Vec<sends::Send>>,
     claims: Vec<(String, Vec<Claimed>)>,
     refreshed: Vec<sends::Send>,
     completed: Vec<sends::Send>,
+    /// Sends whose step failed, and why.
+    failed: Vec<(String, StoreError)>,
 }
 
+/// One pump. The page-wide parts (recovery, reconciliation, reading the page and its sends)
+/// fail the pump as a whole; each send's step stands alone: one that fails is reported in the
+/// result, and the claims of the others are returned to be handed on.
 async fn pump(
     deps: Deps,
     page_id: String,
@@ -516,6 +558,21 @@ async fn pump(
         }
         listed = Some(rows);
     }
+    if let Some(known) = &plan.reconcile {
+        let rows = match &listed {
+            Some(rows) => rows.clone(),
+            None => sends::page_sends(db, &page_id).await?,
+        };
+        for send in rows.iter().filter(|s| s.in_flight > 0) {
+            let n = sends::reconcile(db, &fence, &send.id, known, now).await?;
+            if n > 0 {
+                tracing::warn!(page_id, send_id = %send.id, reconciled = n,
+                    "deliveries a failed step left in flight, never attempted, are pending again");
+            }
+        }
+        result.reconciled = true;
+        listed = None;
+    }
     if plan.reload_config {
         let id = PageId::parse(&page_id).map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e)))?;
         let record = pages::get(db, &id).await?;
@@ -526,52 +583,63 @@ async fn pump(
         });
     }
     let mut running = plan.sends;
-    if plan.reload_sends || plan.recover {
+    if plan.reload_sends || plan.recover || plan.reconcile.is_some() {
         let listed = match listed {
             Some(rows) => rows,
             None => sends::page_sends(db, &page_id).await?,
         };
         let mut rows = Vec::new();
         for send in listed {
-            match send.state.as_str() {
-                sends::QUEUED => rows.push(
-                    sends::transition(db, &send.id, &[sends::QUEUED], sends::RUNNING, None, now)
-                        .await?,
-                ),
-                sends::RUNNING => rows.push(send),
+            match send.state {
+                SendState::Queued => {
+                    match sends::apply(db, &send.id, SendEvent::Run, None, now).await {
+                        Ok(row) => rows.push(row),
+                        // Paused or cancelled meanwhile (from any instance): not to be run.
+                        Err(StoreError::Conflict) => {}
+                        Err(err) => return Err(err),
+                    }
+                }
+                SendState::Running => rows.push(send),
                 _ => {}
             }
         }
         result.reloaded = Some(rows.clone());
         running = rows;
     }
+    let views: Vec<decide::SendView<'_>> = running
+        .iter()
+        .map(|send| decide::SendView {
+            id: &send.id,
+            nothing_to_claim: send.audience_done() && send.pending() == 0,
+        })
+        .collect();
+    let order = decide::step_order(&views, plan.turn, &plan.retry_at, Instant::now());
     let mut capacity = plan.capacity;
-    if capacity > 0 && !running.is_empty() {
-        let n = running.len();
-        for k in 0..n {
-            if capacity == 0 {
-                break;
+    for index in order {
+        if capacity == 0 {
+            break;
+        }
+        let send = &running[index];
+        // Retries and recovered deliveries first, then new recipients, claimed as they are
+        // materialised.
+        match sends::step(db, &fence, &send.id, now, capacity as u64).await {
+            Ok(step) => {
+                capacity -= step.claimed.len();
+                result.refreshed.push(step.send);
+                if !step.claimed.is_empty() {
+                    crate::crashpoint::pass("in-flight-committed");
+                    result.claims.push((send.id.clone(), step.claimed));
+                }
             }
-            let send = &running[(plan.turn + k) % n];
-            if send.audience_done() && send.pending() == 0 {
-                // Nothing to claim: its counters move in the transactions that move its rows.
-                continue;
-            }
-            // Retries and recovered deliveries first, then new recipients, claimed as they
-            // are materialised.
-            let step =
-                sends::step(db, &fence, send, now, MIN_TOKEN_LIFE_MS, capacity as u64).await?;
-            capacity -= step.claimed.len();
-            result.refreshed.extend(step.send);
-            if !step.claimed.is_empty() {
-                crate::crashpoint::pass("in-flight-committed");
-                result.claims.push((send.id.clone(), step.claimed));
-            }
+            Err(StoreError::Fenced) => return Err(StoreError::Fenced),
+            Err(err) => result.failed.push((send.id.clone(), err)),
         }
     }
     // A send that had nothing to claim may be done.
     for send in &running {
-        if result.claims.iter().any(|(id, _)| *id == send.id) {
+        if result.claims.iter().any(|(id, _)| *id == send.id)
+            || result.failed.iter().any(|(id, _)| *id == send.id)
+        {
             continue;
         }
         let latest = result
@@ -598,28 +666,16 @@ impl Handler<Pump> for PageActor {
         if self.lost {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
-        let config = self.config.as_ref().map(|c| c.rate);
         let held = self.hold_until.is_some_and(|until| until > Instant::now());
-        // A step claims at most a few hundred deliveries when none are out (the first calls
-        // go out after a small transaction, not after materialising a whole in-flight cap) and
-        // at most `MAX_CLAIM` otherwise, so that calls start while the next step claims more.
-        let step = if self.in_flight() == 0 {
-            FIRST_CLAIM
-        } else {
-            MAX_CLAIM
-        };
-        let capacity = match config {
-            Some(rate) if !self.draining && !held => self
-                .deps
-                .pacer
-                .in_flight_cap(rate)
-                .saturating_sub(self.in_flight())
-                .min(step),
-            _ => 0,
-        };
+        let cap = self
+            .config
+            .as_ref()
+            .map(|c| self.deps.pacer.in_flight_cap(c.rate));
+        let capacity = decide::claim_capacity(cap, self.in_flight(), self.draining, held);
         let recover = self.needs_recovery && self.in_flight() == 0;
         let plan = PumpPlan {
             recover,
+            reconcile: (self.needs_reconcile && !recover).then(|| self.known()),
             reload_sends: self.reload_sends,
             reload_config: self.config.is_none()
                 || self
@@ -629,6 +685,7 @@ impl Handler<Pump> for PageActor {
             capacity,
             sends: self.sends.iter().map(|a| a.send.clone()).collect(),
             turn: self.turn,
+            retry_at: self.retry_at.clone(),
         };
         if plan.reload_config {
             self.config_loaded = Some(Instant::now());
@@ -648,10 +705,8 @@ impl Handler<Pump> for PageActor {
                 Err(StoreError::Fenced) => act.lose_the_page(ctx),
                 Err(err) => {
                     tracing::error!(page_id = %act.page_id, error = %err, "page step failed; retrying");
-                    // A claim may have committed even though its answer was lost.
-                    act.needs_recovery = true;
-                    // The step may have committed: what the actor holds of its sends (the
-                    // audience cursor above all) is read again.
+                    // Reading the page or its sends again, or recovering, failed before any
+                    // send's step: the sends are read again next time.
                     act.reload_sends = true;
                     if act.config.is_none() {
                         act.config_loaded = None;
@@ -662,6 +717,9 @@ impl Handler<Pump> for PageActor {
                         act.needs_recovery = false;
                         metrics::recovered(result.recovered);
                     }
+                    if result.reconciled {
+                        act.needs_reconcile = false;
+                    }
                     if let Some(config) = result.config {
                         act.config = Some(config);
                         // The first step only learnt the page's rate: claim at once.
@@ -671,6 +729,20 @@ impl Handler<Pump> for PageActor {
                     }
                     if let Some(rows) = result.reloaded {
                         act.replace_sends(rows);
+                    }
+                    let now = Instant::now();
+                    for (send_id, err) in &result.failed {
+                        let failures = act.retry_at.get(send_id).map_or(1, |(n, _)| n + 1);
+                        let wait = decide::step_retry_delay(failures);
+                        tracing::error!(page_id = %act.page_id, %send_id, error = %err,
+                            failures, retry_in_ms = wait.as_millis() as u64,
+                            "send step failed; the page's other sends go on");
+                        act.retry_at.insert(send_id.clone(), (failures, now + wait));
+                        // The step may have committed claims it could not hand on.
+                        act.needs_reconcile = true;
+                    }
+                    for row in result.refreshed.iter().chain(&result.completed) {
+                        act.retry_at.remove(&row.id);
                     }
                     let claimed_any = !result.claims.is_empty();
                     tracing::debug!(page_id = %act.page_id,
@@ -705,33 +777,6 @@ impl Handler<Pump> for PageActor {
 #[rtype(result = "()")]
 struct Flush;
 
-async fn flush(
-    deps: Deps,
-    page_id: String,
-    fence: Fence,
-    outcomes: Vec<(String, Outcome)>,
-    halt: Option<String>,
-) -> Result<Vec<sends::Send>, StoreError> {
-    let db = &deps.store.db;
-    let now = now_ms();
-    let mut by_send: HashMap<String, Vec<Outcome>> = HashMap::new();
-    for (send_id, outcome) in outcomes {
-        by_send.entry(send_id).or_default().push(outcome);
-    }
-    let mut rows = Vec::new();
-    for (send_id, outcomes) in &by_send {
-        rows.extend(sends::record(db, &fence, send_id, outcomes, now).await?);
-    }
-    if let Some(reason) = halt {
-        sends::halt_page(db, &page_id, &reason, now).await?;
-        rows.clear();
-        for send_id in by_send.keys() {
-            rows.push(sends::get(db, send_id).await?);
-        }
-    }
-    Ok(rows)
-}
-
 impl Handler<Flush> for PageActor {
     type Result = AtomicResponse<Self, ()>;
 
@@ -740,42 +785,38 @@ impl Handler<Flush> for PageActor {
         if self.lost {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
-        let outcomes = std::mem::take(&mut self.unrecorded);
-        let signals = std::mem::take(&mut self.signals);
-        let mut halt = None;
-        for signal in &signals {
-            match signal {
-                PageSignal::Throttled { wait, app_wide } => {
-                    metrics::throttled(&self.page_id);
-                    self.deps
-                        .pacer
-                        .throttled(&self.page_id, app_wide.then_some(*wait));
-                    let until = Instant::now() + *wait;
-                    if self.hold_until.is_none_or(|h| h < until) {
-                        self.hold_until = Some(until);
-                    }
-                }
-                PageSignal::Halt { reason } => {
-                    // Jobs still waiting for their turn are not attempted.
-                    self.gate.fetch_add(1, Ordering::SeqCst);
-                    halt = Some(reason.clone());
-                }
-                PageSignal::None => {}
+        let answers = std::mem::take(&mut self.unrecorded);
+        let signals = decide::read_signals(&std::mem::take(&mut self.signals));
+        for (wait, app_wide) in &signals.throttles {
+            metrics::throttled(&self.page_id);
+            self.deps
+                .pacer
+                .throttled(&self.page_id, app_wide.then_some(*wait));
+        }
+        if let Some(wait) = signals.hold_for {
+            let until = Instant::now() + wait;
+            if self.hold_until.is_none_or(|h| h < until) {
+                self.hold_until = Some(until);
             }
         }
+        let halt = signals.halt;
         if let Some(reason) = &halt {
+            // Jobs still waiting for their turn are not attempted.
+            self.gate.fetch_add(1, Ordering::SeqCst);
             tracing::warn!(page_id = %self.page_id, %reason, "halting the page's sends");
         }
-        let counts = count_outcomes(&outcomes);
+        let counts = count_outcomes(&answers);
         let began = Instant::now();
-        let recorded = outcomes.len();
-        let fut = flush(
-            self.deps.clone(),
-            self.page_id.clone(),
-            self.fence.clone(),
-            outcomes.clone(),
-            halt.clone(),
-        );
+        let recorded = answers.len();
+        let (deps, page_id, fence) = (self.deps.clone(), self.page_id.clone(), self.fence.clone());
+        let (to_record, reason) = (answers.clone(), halt.clone());
+        let fut = async move {
+            if to_record.is_empty() && reason.is_none() {
+                return Ok(Vec::new());
+            }
+            let halt = reason.as_deref().map(|r| (page_id.as_str(), r));
+            sends::record(&deps.store.db, &fence, &to_record, halt, now_ms()).await
+        };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| {
                 match result {
@@ -783,10 +824,12 @@ impl Handler<Flush> for PageActor {
                     Err(err) => {
                         tracing::error!(page_id = %act.page_id, error = %err,
                             "recording outcomes failed; retrying");
-                        // Nothing of it was committed: record it again later.
-                        let mut outcomes = outcomes;
-                        outcomes.append(&mut act.unrecorded);
-                        act.unrecorded = outcomes;
+                        // One transaction: nothing of it stands unless its commit's answer was
+                        // lost, and recording an answer again changes nothing. Record it all
+                        // again later.
+                        let mut answers = answers;
+                        answers.append(&mut act.unrecorded);
+                        act.unrecorded = answers;
                         if let Some(reason) = halt {
                             act.signals.push(PageSignal::Halt { reason });
                         }
@@ -812,10 +855,10 @@ impl Handler<Flush> for PageActor {
     }
 }
 
-fn count_outcomes(outcomes: &[(String, Outcome)]) -> Vec<(&'static str, u64)> {
+fn count_outcomes(answers: &[Answer]) -> Vec<(&'static str, u64)> {
     let mut counts: HashMap<&'static str, u64> = HashMap::new();
-    for (_, outcome) in outcomes {
-        let name = match outcome {
+    for answer in answers {
+        let name = match answer.outcome {
             Outcome::Sent {
                 confirmed_by_token: true,
                 ..
@@ -885,28 +928,8 @@ pub async fn apply_command(
     let db = &store.db;
     let now = now_ms();
     match command {
-        Command::Pause => {
-            sends::transition(
-                db,
-                send_id,
-                &[sends::QUEUED, sends::RUNNING],
-                sends::PAUSED,
-                None,
-                now,
-            )
-            .await
-        }
-        Command::Resume => {
-            sends::transition(
-                db,
-                send_id,
-                &[sends::PAUSED, sends::HALTED],
-                sends::RUNNING,
-                Some(""),
-                now,
-            )
-            .await
-        }
+        Command::Pause => sends::apply(db, send_id, SendEvent::Pause, None, now).await,
+        Command::Resume => sends::apply(db, send_id, SendEvent::Resume, Some(""), now).await,
         Command::Cancel => sends::cancel(db, send_id, now).await,
     }
 }

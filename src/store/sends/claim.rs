@@ -1,0 +1,205 @@
+//! One step of a running send: claim its due pending deliveries, then materialise new
+//! recipients while room is left, all committed `in_flight` before anyone calls Facebook.
+
+use std::collections::HashSet;
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, FromQueryResult};
+
+use super::{
+    Claimed, CounterDelta, Moved, ROWS_PER_STATEMENT, Send, leaving, lock_send,
+    materialize::materialize, push_id_list, record, set_state, settle_optins, update_send,
+};
+use crate::{
+    domain::{DeliveryEvent, DeliveryState, SendState},
+    store::{StoreError, begin_write, leases::Fence, sql::Sql},
+};
+
+/// What one step of a send did: the deliveries it committed `in_flight`, and the send's row
+/// afterwards (as the step found it when it could not run).
+pub struct Step {
+    pub claimed: Vec<Claimed>,
+    pub send: Send,
+}
+
+/// One step of the send, in one transaction that locks the send's row first: nothing when the
+/// send is not running (paused, cancelled... meanwhile, perhaps by another instance); else up
+/// to `limit` due pending deliveries (retries and recovered ones) first, then new recipients
+/// materialised while room is left, with the send's counters and audience cursor.
+pub async fn step(
+    db: &DatabaseConnection,
+    fence: &Fence,
+    send_id: &str,
+    now: i64,
+    limit: u64,
+) -> Result<Step, StoreError> {
+    let txn = begin_write(db).await?;
+    fence.check(&txn).await?;
+    let send = lock_send(&txn, send_id).await?;
+    if send.state != SendState::Running {
+        txn.commit().await?;
+        return Ok(Step {
+            claimed: Vec::new(),
+            send,
+        });
+    }
+    let (mut claimed, mut delta) = claim(&txn, &send.id, now, limit).await?;
+    let mut audience = None;
+    if (claimed.len() as u64) < limit && !send.audience_done() {
+        let want = limit - claimed.len() as u64;
+        let (more, phase, cursor) = materialize(&txn, &send, now, want).await?;
+        delta.total += more.len() as i64;
+        delta.in_flight += more.len() as i64;
+        claimed.extend(more);
+        audience = Some((phase, cursor));
+    }
+    let row = if delta.is_zero() && audience.is_none() {
+        send
+    } else {
+        let audience = audience.as_ref().map(|(p, c)| (*p, c.as_str()));
+        update_send(&txn, &send.id, delta, audience, now)
+            .await?
+            .ok_or(StoreError::NotFound)?
+    };
+    txn.commit().await?;
+    Ok(Step { claimed, send: row })
+}
+
+/// Claims up to `limit` due pending deliveries of the send, in order. A token that would lapse
+/// before it can be used is never presented: its delivery is skipped (or, if an earlier attempt
+/// may have landed, lost: `unknown`) and the opt-in settled. Returns the claimed deliveries and
+/// the counters they move.
+async fn claim(
+    txn: &DatabaseTransaction,
+    send_id: &str,
+    now: i64,
+    limit: u64,
+) -> Result<(Vec<Claimed>, CounterDelta), StoreError> {
+    let backend = txn.get_database_backend();
+    let mut sql = Sql::new(backend);
+    sql.push(
+        "SELECT d.id, d.psid, d.route, d.attempts + 1 AS attempts, d.claim + 1 AS claim, \
+         d.ambiguous, o.token, o.expires_at, d.optin_id FROM deliveries d \
+         LEFT JOIN optins o ON o.id = d.optin_id WHERE d.send_id = ",
+    )
+    .bind(send_id)
+    .push(" AND d.state = ")
+    .bind(DeliveryState::Pending)
+    .push(" AND d.next_attempt_at <= ")
+    .bind(now)
+    .push(" ORDER BY d.id LIMIT ")
+    .bind(limit as i64);
+    let rows = Claimed::find_by_statement(sql.statement()).all(txn).await?;
+    let cutoff = crate::store::eligibility::token_cutoff(now);
+    let (usable, lapsed): (Vec<Claimed>, Vec<Claimed>) = rows.into_iter().partition(|c| {
+        c.route == crate::domain::Route::Window
+            || (c.token.is_some() && c.expires_at.is_some_and(|e| e > cutoff))
+    });
+    let mut delta = CounterDelta::default();
+    let ids: Vec<i64> = usable.iter().map(|c| c.id).collect();
+    let event = DeliveryEvent::Claim;
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = Sql::new(backend);
+        sql.push("UPDATE deliveries SET ");
+        set_state(&mut sql, event);
+        sql.push(", attempts = attempts + 1, claim = claim + 1, updated_at = ")
+            .bind(now)
+            .push(" WHERE id IN ");
+        push_id_list(&mut sql, chunk);
+        leaving(&mut sql, event, DeliveryState::Pending, "state")?;
+        // The send's row is locked: nobody else can have moved its pending deliveries.
+        if txn.execute_raw(sql.statement()).await?.rows_affected() != chunk.len() as u64 {
+            return Err(StoreError::Conflict);
+        }
+    }
+    delta.moved(
+        DeliveryState::Pending,
+        DeliveryState::InFlight,
+        ids.len() as i64,
+    );
+    if !lapsed.is_empty() {
+        let (maybe_landed, never_sent): (Vec<&Claimed>, Vec<&Claimed>) =
+            lapsed.iter().partition(|c| c.ambiguous);
+        for (rows, event, why) in [
+            (
+                never_sent,
+                DeliveryEvent::Skip,
+                "the opt-in lapsed before its turn; its token was never presented",
+            ),
+            (
+                maybe_landed,
+                DeliveryEvent::Lose,
+                "an earlier attempt may have landed, and the token lapsed before it could be \
+                 confirmed",
+            ),
+        ] {
+            let ids: Vec<i64> = rows.iter().map(|c| c.id).collect();
+            let mut moved = Vec::new();
+            for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+                let mut sql = Sql::new(backend);
+                sql.push("UPDATE deliveries SET ");
+                set_state(&mut sql, event);
+                sql.push(", error_message = ")
+                    .bind(why)
+                    .push(", updated_at = ")
+                    .bind(now)
+                    .push(" WHERE id IN ");
+                push_id_list(&mut sql, chunk);
+                leaving(&mut sql, event, DeliveryState::Pending, "state")?;
+                sql.push(" RETURNING id, optin_id");
+                moved.extend(Moved::find_by_statement(sql.statement()).all(txn).await?);
+            }
+            delta.moved(DeliveryState::Pending, event.target(), moved.len() as i64);
+            if event == DeliveryEvent::Skip {
+                // Never presented, and no longer presentable: lapsed, not released.
+                let optins: Vec<i64> = moved.iter().filter_map(|m| m.optin_id).collect();
+                crate::store::optins::apply(txn, crate::domain::OptInEvent::Lapse, &optins, now)
+                    .await?;
+            } else {
+                settle_optins(txn, &moved, event.target(), false, now).await?;
+            }
+        }
+    }
+    Ok((usable, delta))
+}
+
+/// Deliveries of the send that are `in_flight` though this actor never handed them on (a step
+/// whose commit came back as an error may have committed them nonetheless): nobody called
+/// Facebook for them, so they go back to pending as if never claimed. `known` holds every
+/// delivery the actor has out or answered and not yet recorded. Returns how many moved.
+pub async fn reconcile(
+    db: &DatabaseConnection,
+    fence: &Fence,
+    send_id: &str,
+    known: &HashSet<i64>,
+    now: i64,
+) -> Result<u64, StoreError> {
+    #[derive(FromQueryResult)]
+    struct InFlight {
+        id: i64,
+        claim: i32,
+    }
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("SELECT id, claim FROM deliveries WHERE send_id = ")
+        .bind(send_id)
+        .push(" AND state = ")
+        .bind(DeliveryState::InFlight);
+    let rows = InFlight::find_by_statement(sql.statement()).all(db).await?;
+    let answers: Vec<record::Answer> = rows
+        .into_iter()
+        .filter(|row| !known.contains(&row.id))
+        .map(|row| record::Answer {
+            send_id: send_id.to_string(),
+            id: row.id,
+            claim: row.claim,
+            outcome: record::Outcome::not_attempted(
+                now,
+                "not attempted: the step that claimed it failed before handing it on",
+            ),
+        })
+        .collect();
+    let n = answers.len() as u64;
+    if n > 0 {
+        record::record(db, fence, &answers, None, now).await?;
+    }
+    Ok(n)
+}
