@@ -21,6 +21,8 @@ use crate::{
 
 /// Most subscribers one TagSubscribers call changes.
 const MAX_PSIDS_PER_CALL: usize = 10_000;
+/// Most tags one TagSubscribers call adds and removes, together.
+const MAX_TAGS_PER_CALL: usize = 100;
 const SEGMENT_NAME_MAX_CHARS: usize = 100;
 const PAGE_TOKEN_KIND: &str = "segments";
 
@@ -150,6 +152,17 @@ impl AudienceService for Audience {
             .enumerate()
             .filter_map(|(i, raw)| v.check(&format!("psids[{i}]"), parse_psid(raw)))
             .collect();
+        let named = req.add_tags.len() + req.remove_tags.len();
+        if named > MAX_TAGS_PER_CALL {
+            v.add(
+                "add_tags",
+                format!(
+                    "add_tags and remove_tags name at most {MAX_TAGS_PER_CALL} tags together, \
+                     got {named}"
+                ),
+            );
+            return Err(ApiError::from(v).into());
+        }
         let add = parse_tags("add_tags", &req.add_tags, &mut v);
         let remove = parse_tags("remove_tags", &req.remove_tags, &mut v);
         if req.add_tags.is_empty() && req.remove_tags.is_empty() {

@@ -17,6 +17,9 @@ const PSID_MAX_CHARS: usize = 128;
 const TOPIC_MAX_CHARS: usize = 1000;
 const TOKEN_MAX_CHARS: usize = 2048;
 const TAG_MAX_CHARS: usize = 64;
+/// The most tags a segment rule names (all_tags, any_tags and none_tags together): a rule is
+/// evaluated for every recipient of every step of a send.
+pub const MAX_TAGS_PER_RULE: usize = 50;
 
 /// A page-scoped user id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -168,6 +171,18 @@ impl SegmentRule {
         none: &[String],
     ) -> Result<Self, Violations> {
         let mut v = Violations::new();
+        let named = all.len() + any.len() + none.len();
+        if named > MAX_TAGS_PER_RULE {
+            // Refused before any tag is read: the work a request costs is bounded first.
+            v.add(
+                field,
+                format!(
+                    "names at most {MAX_TAGS_PER_RULE} tags (all_tags, any_tags and none_tags \
+                     together), got {named}"
+                ),
+            );
+            return Err(v);
+        }
         let all = parse_tags(&format!("{field}.all_tags"), all, &mut v);
         let any = parse_tags(&format!("{field}.any_tags"), any, &mut v);
         let none = parse_tags(&format!("{field}.none_tags"), none, &mut v);
@@ -238,5 +253,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(rule.any_tags.len(), 2);
+    }
+
+    #[test]
+    fn a_segment_rule_names_at_most_fifty_tags() {
+        let tags =
+            |prefix: &str, n: usize| (0..n).map(|i| format!("{prefix}{i}")).collect::<Vec<_>>();
+        assert!(SegmentRule::parse("rule", &tags("a", 30), &tags("b", 10), &tags("c", 10)).is_ok());
+        let err =
+            SegmentRule::parse("rule", &tags("a", 30), &tags("b", 11), &tags("c", 10)).unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].field, "rule");
+        assert!(err.0[0].description.contains("at most 50 tags"), "{err}");
+        assert!(SegmentRule::parse("rule", &tags("a", 1200), &[], &[]).is_err());
     }
 }

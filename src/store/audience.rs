@@ -235,7 +235,10 @@ pub async fn tag_subscribers(
     upsert_subscribers(&txn, &touches).await?;
     let mut changed: BTreeSet<&str> = BTreeSet::new();
     let psid_list: Vec<&str> = psids.iter().map(Psid::as_str).collect();
-    for chunk in psid_list.chunks(500) {
+    // One statement inserts a row per user and tag added: at most 1,000 rows (3,000 bound
+    // values), far within SQLite's 32,766 and PostgreSQL's 65,535, however many of each.
+    let per_statement = (1000 / add.len().max(1)).clamp(1, 500);
+    for chunk in psid_list.chunks(per_statement) {
         if !remove.is_empty() {
             let removed = tags::Entity::find()
                 .select_only()

@@ -65,6 +65,10 @@ async fn tag(
         .map(|r| r.into_inner().updated)
 }
 
+fn as_refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 fn rule(all: &[&str], any: &[&str], none: &[&str]) -> Option<SegmentRule> {
     let strings = |list: &[&str]| list.iter().map(|s| s.to_string()).collect();
     Some(SegmentRule {
@@ -193,5 +197,41 @@ backend_tests! {
             page_id: "100".into(), psid: "u1".into(),
         }).await.unwrap_err();
         assert_eq!(again.code(), Code::NotFound);
+    }
+
+    async fn tag_counts_are_bounded_and_a_big_call_within_them_works(db) {
+        let mut app = spawn_app(&db).await;
+        app.register_page("100").await;
+        let many = |prefix: &str, n: usize| (0..n).map(|i| format!("{prefix}{i}")).collect::<Vec<_>>();
+        // A rule of 1,200 tags answered INTERNAL at EstimateAudience: refused up front now,
+        // naming the rule and the limit, and nothing is stored.
+        let status = app.audience.create_segment(CreateSegmentRequest {
+            page_id: "100".into(), name: "huge".into(),
+            rule: rule(&as_refs(&many("t", 1200)), &[], &[]),
+        }).await.unwrap_err();
+        assert_eq!(violated_fields(&status), ["rule"]);
+        assert!(status.message().contains("at most 50 tags"), "{status:?}");
+        let listed = app.audience.list_segments(ListSegmentsRequest {
+            page_id: "100".into(), ..Default::default()
+        }).await.unwrap().into_inner().segments;
+        assert!(listed.is_empty());
+        // 400 users by 100 tags (40,000 rows) answered INTERNAL past the database's bound
+        // parameters: within the limit it works, one more tag is refused.
+        let users = many("u", 400);
+        let tags = many("tag-", 100);
+        let updated = tag(&mut app, &as_refs(&users), &as_refs(&tags), &[]).await.unwrap();
+        assert_eq!(updated, 400);
+        assert_eq!(get(&mut app, "u399").await.unwrap().tags.len(), 100);
+        let status = tag(&mut app, &as_refs(&users), &as_refs(&many("more-", 101)), &[])
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&status), ["add_tags"]);
+        assert!(status.message().contains("at most 100 tags"), "{status:?}");
+        // The largest rule allowed, over those users.
+        let segment = app.audience.create_segment(CreateSegmentRequest {
+            page_id: "100".into(), name: "fifty".into(),
+            rule: rule(&as_refs(&tags[..40]), &as_refs(&tags[40..45]), &as_refs(&many("none-", 5))),
+        }).await.unwrap().into_inner().segment.unwrap();
+        assert_eq!(segment.rule.unwrap().all_tags.len(), 40);
     }
 }
