@@ -53,6 +53,8 @@ async fn run(
 
     let loading = Instant::now();
     let store = Store::connect(&database).await?;
+    // Opt-ins of nobody ever erased: the key only digests psids when a page has erasures.
+    let cipher = otnd::crypto::SecretCipher::new(&otnd::crypto::MasterKey::generate());
     let page = PageId::parse(PAGE).map_err(anyhow::Error::msg)?;
     let topic = Topic::parse(TOPIC).map_err(anyhow::Error::msg)?;
     let now = chrono::Utc::now().timestamp_millis();
@@ -73,7 +75,7 @@ async fn run(
                 },
             })
             .collect();
-        otnd::store::optins::ingest(&store.db, &[(page.clone(), events)]).await?;
+        otnd::store::optins::ingest(&store.db, &cipher, &[(page.clone(), events)]).await?;
     }
     store.close().await;
     let mut audience = AudienceServiceClient::new(channel.clone());

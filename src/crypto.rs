@@ -140,6 +140,8 @@ pub fn key_file_for(database_file: &Path) -> PathBuf {
 #[derive(Clone)]
 pub struct SecretCipher {
     cipher: ChaCha20Poly1305,
+    /// Keys [`SecretCipher::digest`]: derived from the master key, never used to encrypt.
+    digest_key: [u8; 32],
 }
 
 impl fmt::Debug for SecretCipher {
@@ -160,7 +162,20 @@ impl SecretCipher {
     pub fn new(key: &MasterKey) -> Self {
         SecretCipher {
             cipher: ChaCha20Poly1305::new(key.0.expose_secret().into()),
+            digest_key: hmac_sha256(key.0.expose_secret().as_slice(), b"otnd digest key v1"),
         }
+    }
+
+    /// A keyed digest (hex HMAC-SHA256 under a key derived from the master key) of `value` in
+    /// `context`: the same inputs always give the same digest, from which nobody without the
+    /// master key can tell the value, not even by trying every possible one. How an erased
+    /// subscriber is remembered without keeping who it was.
+    pub fn digest(&self, context: &str, value: &str) -> String {
+        let mut message = Vec::with_capacity(context.len() + 1 + value.len());
+        message.extend_from_slice(context.as_bytes());
+        message.push(0);
+        message.extend_from_slice(value.as_bytes());
+        hex::encode(hmac_sha256(&self.digest_key, &message))
     }
 
     /// `context` names where the value is stored (e.g. `pages/123/access_token`).

@@ -187,6 +187,7 @@ impl Application {
         .max_decoding_message_size(MAX_REQUEST_BYTES);
         let audience = pb::audience_service_server::AudienceServiceServer::new(Audience::new(
             self.store.clone(),
+            self.cipher.clone(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
         let optins = pb::opt_in_service_server::OptInServiceServer::new(OptIns::new(

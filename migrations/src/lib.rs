@@ -12,6 +12,7 @@ mod m20261123_000003_stories;
 mod m20261124_000004_sends;
 mod m20261124_000005_leases;
 mod m20261206_000006_lifecycle;
+mod m20261206_000007_erasures;
 
 pub struct Migrator;
 
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000004_sends::Migration),
             Box::new(m20261124_000005_leases::Migration),
             Box::new(m20261206_000006_lifecycle::Migration),
+            Box::new(m20261206_000007_erasures::Migration),
         ]
     }
 }

@@ -11,11 +11,12 @@ use super::{
     time::timestamp_from_ms,
 };
 use crate::{
+    crypto::SecretCipher,
     domain::{OptInState, PageId, Psid, SegmentRule, Violations, WINDOW_MS, char_len, parse_tags},
     store::{
         Store,
         audience::{self, SegmentRecord, SubscriberTouch, SubscriberView},
-        now_ms,
+        erasures, now_ms,
     },
 };
 
@@ -28,11 +29,12 @@ const PAGE_TOKEN_KIND: &str = "segments";
 
 pub struct Audience {
     store: Store,
+    cipher: SecretCipher,
 }
 
 impl Audience {
-    pub fn new(store: Store) -> Self {
-        Audience { store }
+    pub fn new(store: Store, cipher: SecretCipher) -> Self {
+        Audience { store, cipher }
     }
 
     async fn subscriber(&self, page_id: &PageId, psid: &Psid) -> Result<pb::Subscriber, ApiError> {
@@ -115,6 +117,19 @@ impl AudienceService for Audience {
             .finish(|| Some((page_id?, psid?, at?)))
             .map_err(ApiError::from)?;
         ensure_page(&self.store, &page_id).await?;
+        let digest = erasures::digest(&self.cipher, page_id.as_str(), psid.as_str());
+        let erased = erasures::erased_at(&self.store.db, page_id.as_str(), &[digest.as_str()])
+            .await
+            .map_err(ApiError::internal)?;
+        if let Some(erased_at) = erased.get(&digest)
+            && erasures::is_late(at, true, *erased_at)
+        {
+            return Err(ApiError::FailedPrecondition(format!(
+                "subscriber {psid} of page {page_id} was erased after this interaction; only \
+                 what the user does after the erasure is recorded"
+            ))
+            .into());
+        }
         let touch = HashMap::from([(
             (page_id.as_str(), psid.as_str()),
             SubscriberTouch {
@@ -205,14 +220,21 @@ impl AudienceService for Audience {
     ) -> Result<Response<pb::DeleteSubscriberResponse>, Status> {
         let req = request.into_inner();
         let (page_id, psid) = subscriber_key(&req.page_id, &req.psid)?;
-        let deleted = audience::delete_subscriber(&self.store.db, &page_id, &psid)
-            .await
-            .map_err(|e| {
-                ApiError::from_store(e, || format!("subscriber {psid} of page {page_id}"))
-            })?;
-        tracing::info!(opt_ins_deleted = deleted, "subscriber erased");
+        let digest = erasures::digest(&self.cipher, page_id.as_str(), psid.as_str());
+        let erased =
+            audience::delete_subscriber(&self.store.db, &page_id, &psid, &digest, now_ms())
+                .await
+                .map_err(|e| {
+                    ApiError::from_store(e, || format!("subscriber {psid} of page {page_id}"))
+                })?;
+        tracing::info!(
+            opt_ins_deleted = erased.opt_ins,
+            deliveries_deleted = erased.deliveries,
+            "subscriber erased"
+        );
         Ok(Response::new(pb::DeleteSubscriberResponse {
-            opt_ins_deleted: deleted as u32,
+            opt_ins_deleted: u32::try_from(erased.opt_ins).unwrap_or(u32::MAX),
+            deliveries_deleted: u32::try_from(erased.deliveries).unwrap_or(u32::MAX),
         }))
     }
 

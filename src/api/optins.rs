@@ -163,9 +163,21 @@ impl OptInService for OptIns {
                 token: token.clone(),
             },
         };
-        let report = optins::ingest(&self.store.db, &[(page_id.clone(), vec![event])])
-            .await
-            .map_err(ApiError::internal)?;
+        let report = optins::ingest(
+            &self.store.db,
+            &self.cipher,
+            &[(page_id.clone(), vec![event])],
+        )
+        .await
+        .map_err(ApiError::internal)?;
+        if report.dropped_erased > 0 {
+            return Err(ApiError::FailedPrecondition(format!(
+                "subscriber {} of page {page_id} was erased after this opt-in; only what the \
+                 user does after the erasure is recorded",
+                req.psid
+            ))
+            .into());
+        }
         let row = optins::find_by_token(&self.store.db, &page_id, &token)
             .await
             .map_err(ApiError::internal)?;

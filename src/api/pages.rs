@@ -153,10 +153,30 @@ impl PageService for Pages {
         request: Request<pb::DeletePageRequest>,
     ) -> Result<Response<pb::DeletePageResponse>, Status> {
         let id = parse_page_id(&request.get_ref().page_id)?;
-        pages::delete(&self.store.db, &id)
+        match pages::delete(&self.store.db, &id)
             .await
-            .map_err(|e| ApiError::from_store(e, page_name(&id)))?;
-        tracing::info!("page deleted");
-        Ok(Response::new(pb::DeletePageResponse {}))
+            .map_err(|e| ApiError::from_store(e, page_name(&id)))?
+        {
+            pages::Deletion::Deleted => {
+                tracing::info!("page deleted");
+                Ok(Response::new(pb::DeletePageResponse {}))
+            }
+            pages::Deletion::SendsUnfinished(sends) => {
+                let listed: Vec<String> = sends
+                    .iter()
+                    .take(5)
+                    .map(|(send, state)| format!("{send} ({state})"))
+                    .collect();
+                Err(ApiError::FailedPrecondition(format!(
+                    "page {id} has {} sends that are not finished: {}{}; cancel them \
+                     (SendService.CancelSend) and wait until nothing is in flight, then delete \
+                     the page",
+                    sends.len(),
+                    listed.join(", "),
+                    if sends.len() > 5 { ", ..." } else { "" }
+                ))
+                .into())
+            }
+        }
     }
 }

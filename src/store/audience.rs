@@ -307,30 +307,45 @@ pub async fn tag_subscribers(
     Ok(changed.len() as u64)
 }
 
-/// Erases a user: opt-ins, opt-in requests, tags and the subscriber row. Returns the number of
-/// opt-ins erased; `NotFound` when the page knew nothing of the user.
+/// What an erasure removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Erasure {
+    pub opt_ins: u64,
+    pub deliveries: u64,
+}
+
+/// Erases a user of the page, in one transaction: their deliveries in every send (the sends'
+/// counters follow; a pending one is never sent), opt-ins, opt-in requests, tags, subscriber row,
+/// and their name as a story's reviewer; then remembers the erasure by `digest` (see
+/// `erasures`). `NotFound`, with nothing written, when the page knew nothing of the user.
 pub async fn delete_subscriber(
     db: &DatabaseConnection,
     page_id: &PageId,
     psid: &Psid,
-) -> Result<u64, StoreError> {
+    digest: &str,
+    now: i64,
+) -> Result<Erasure, StoreError> {
     let txn = super::begin_write(db).await?;
+    let deliveries =
+        super::sends::erase_recipient(&txn, page_id.as_str(), psid.as_str(), now).await?;
     let opt_ins = optins::Entity::delete_many()
         .filter(optins::Column::PageId.eq(page_id.as_str()))
         .filter(optins::Column::Psid.eq(psid.as_str()))
         .exec(&txn)
         .await?
         .rows_affected;
-    optins::requests::Entity::delete_many()
+    let requests = optins::requests::Entity::delete_many()
         .filter(optins::requests::Column::PageId.eq(page_id.as_str()))
         .filter(optins::requests::Column::Psid.eq(psid.as_str()))
         .exec(&txn)
-        .await?;
-    tags::Entity::delete_many()
+        .await?
+        .rows_affected;
+    let tags = tags::Entity::delete_many()
         .filter(tags::Column::PageId.eq(page_id.as_str()))
         .filter(tags::Column::Psid.eq(psid.as_str()))
         .exec(&txn)
-        .await?;
+        .await?
+        .rows_affected;
     let subscriber = subscribers::Entity::delete_by_id((
         page_id.as_str().to_string(),
         psid.as_str().to_string(),
@@ -338,11 +353,26 @@ pub async fn delete_subscriber(
     .exec(&txn)
     .await?
     .rows_affected;
-    if subscriber == 0 && opt_ins == 0 {
+    // The review stands (the content was reviewed); who reviewed it is personal.
+    let reviews = super::stories::Entity::update_many()
+        .col_expr(
+            super::stories::Column::ReviewerPsid,
+            Expr::value(Option::<String>::None),
+        )
+        .filter(super::stories::Column::PageId.eq(page_id.as_str()))
+        .filter(super::stories::Column::ReviewerPsid.eq(psid.as_str()))
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    if deliveries + opt_ins + requests + tags + subscriber + reviews == 0 {
         return Err(StoreError::NotFound);
     }
+    super::erasures::remember(&txn, page_id.as_str(), digest, now).await?;
     txn.commit().await?;
-    Ok(opt_ins)
+    Ok(Erasure {
+        opt_ins,
+        deliveries,
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -2,6 +2,7 @@
 
 pub mod audience;
 pub mod eligibility;
+pub mod erasures;
 pub mod leases;
 pub mod meta;
 pub mod optins;

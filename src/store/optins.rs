@@ -9,7 +9,8 @@ use sea_orm::{
     sea_query::{OnConflict, Query},
 };
 
-use super::{StoreError, audience, sql::Sql};
+use super::{StoreError, audience, erasures, sql::Sql};
+use crate::crypto::SecretCipher;
 use crate::domain::{OPT_IN_LIFETIME_MS, OptInEvent, OptInState, OptInToken, PageId, Psid, Topic};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -112,15 +113,41 @@ pub enum EventKind {
 pub struct IngestReport {
     pub opt_ins_created: u64,
     pub events: u64,
+    /// Events about erased users from before their erasure (or that only say they are there):
+    /// dropped.
+    pub dropped_erased: u64,
 }
 
 /// Stores the events of one or more pages in one transaction: every event's user is upserted
 /// (first seen never moves later, last interaction never earlier), every new token becomes an
-/// opt-in, and a token seen before changes nothing.
+/// opt-in, and a token seen before changes nothing. Late events about erased users are dropped
+/// (see `erasures`).
 pub async fn ingest(
     db: &DatabaseConnection,
+    cipher: &SecretCipher,
     pages: &[(PageId, Vec<IncomingEvent>)],
 ) -> Result<IngestReport, StoreError> {
+    let txn = super::begin_write(db).await?;
+    let mut erased: HashMap<(&str, &str), i64> = HashMap::new();
+    for (page_id, events) in pages {
+        if !any_erasure(&txn, page_id).await? {
+            continue;
+        }
+        let psids: std::collections::BTreeSet<&str> =
+            events.iter().map(|e| e.psid.as_str()).collect();
+        let digests: Vec<(String, &str)> = psids
+            .into_iter()
+            .map(|psid| (erasures::digest(cipher, page_id.as_str(), psid), psid))
+            .collect();
+        let keys: Vec<&str> = digests.iter().map(|(d, _)| d.as_str()).collect();
+        let found = erasures::erased_at(&txn, page_id.as_str(), &keys).await?;
+        for (digest, psid) in &digests {
+            if let Some(at) = found.get(digest) {
+                erased.insert((page_id.as_str(), *psid), *at);
+            }
+        }
+    }
+
     let mut report = IngestReport::default();
     let mut subscribers: HashMap<(&str, &str), audience::SubscriberTouch> = HashMap::new();
     let mut optin_rows = Vec::new();
@@ -128,6 +155,16 @@ pub async fn ingest(
     for (page_id, events) in pages {
         for event in events {
             report.events += 1;
+            if let Some(erased_at) = erased.get(&(page_id.as_str(), event.psid.as_str()))
+                && erasures::is_late(
+                    event.at_ms,
+                    !matches!(event.kind, EventKind::Seen),
+                    *erased_at,
+                )
+            {
+                report.dropped_erased += 1;
+                continue;
+            }
             let interaction = match &event.kind {
                 EventKind::Seen => None,
                 _ => Some(event.at_ms),
@@ -147,7 +184,6 @@ pub async fn ingest(
         }
     }
 
-    let txn = super::begin_write(db).await?;
     audience::upsert_subscribers(&txn, &subscribers).await?;
     // Within SQLite's and PostgreSQL's limits on bound parameters per statement.
     for chunk in optin_rows.chunks(1000) {
@@ -181,6 +217,15 @@ pub async fn ingest(
     }
     txn.commit().await?;
     Ok(report)
+}
+
+/// Whether anyone of the page was ever erased (most pages: no, and nothing more is looked up).
+async fn any_erasure(db: &impl ConnectionTrait, page_id: &PageId) -> Result<bool, StoreError> {
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("SELECT 1 AS one FROM erasures WHERE page_id = ")
+        .bind(page_id.as_str())
+        .push(" LIMIT 1");
+    Ok(db.query_one_raw(sql.statement()).await?.is_some())
 }
 
 pub async fn find_by_token(

@@ -10,7 +10,7 @@ use secrecy::SecretString;
 use super::{StoreError, now_ms};
 use crate::{
     crypto::SecretCipher,
-    domain::{NewPage, PageChanges, PageCredentials, PageId, PageSecret},
+    domain::{NewPage, PageChanges, PageCredentials, PageId, PageSecret, SendState},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -173,14 +173,83 @@ pub async fn update(
     Ok(PageRecord::from(updated))
 }
 
-pub async fn delete(db: &impl ConnectionTrait, id: &PageId) -> Result<(), StoreError> {
-    let result = Entity::delete_by_id(id.as_str().to_string())
-        .exec(db)
-        .await?;
-    if result.rows_affected == 0 {
+/// How a transaction holds a page's row (PostgreSQL; SQLite's writers are serialised anyway).
+pub(crate) enum Lock {
+    /// Starting a send: many may, but not while the page is deleted.
+    Shared,
+    /// Deleting the page.
+    Exclusive,
+}
+
+/// Locks the page's row for the rest of the transaction; `false` when there is no such page.
+pub(crate) async fn lock(
+    db: &impl ConnectionTrait,
+    id: &PageId,
+    how: Lock,
+) -> Result<bool, StoreError> {
+    let backend = db.get_database_backend();
+    let mut sql = super::sql::Sql::new(backend);
+    sql.push("SELECT id FROM pages WHERE id = ")
+        .bind(id.as_str());
+    if backend == sea_orm::DatabaseBackend::Postgres {
+        sql.push(match how {
+            Lock::Shared => " FOR SHARE",
+            Lock::Exclusive => " FOR UPDATE",
+        });
+    }
+    Ok(db.query_one_raw(sql.statement()).await?.is_some())
+}
+
+/// Why a page cannot be deleted yet.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deletion {
+    Deleted,
+    /// These sends are not finished (or have deliveries in flight): id and state.
+    SendsUnfinished(Vec<(String, SendState)>),
+}
+
+/// Deletes the page and everything of it, in one transaction, children first (sends hold their
+/// stories, stories their segments, so the order matters where a cascade's would not), unless a
+/// send of the page may still call Facebook: then nothing changes. The page's row is locked
+/// first, and StartSend shares that lock: no send starts while the page is being deleted.
+pub async fn delete(db: &DatabaseConnection, id: &PageId) -> Result<Deletion, StoreError> {
+    use super::sends::send;
+    let txn = super::begin_write(db).await?;
+    if !lock(&txn, id, Lock::Exclusive).await? {
         return Err(StoreError::NotFound);
     }
-    Ok(())
+    let unfinished: Vec<(String, SendState)> = send::Entity::find()
+        .filter(send::Column::PageId.eq(id.as_str()))
+        .all(&txn)
+        .await?
+        .into_iter()
+        .filter(|s| !s.state.is_finished() || s.in_flight > 0)
+        .map(|s| (s.id, s.state))
+        .collect();
+    if !unfinished.is_empty() {
+        return Ok(Deletion::SendsUnfinished(unfinished));
+    }
+    let page = id.as_str();
+    for statement in [
+        "DELETE FROM deliveries WHERE send_id IN (SELECT id FROM sends WHERE page_id = $1)",
+        "DELETE FROM sends WHERE page_id = $1",
+        "DELETE FROM stories WHERE page_id = $1",
+        "DELETE FROM segments WHERE page_id = $1",
+        "DELETE FROM optins WHERE page_id = $1",
+        "DELETE FROM optin_requests WHERE page_id = $1",
+        "DELETE FROM subscriber_tags WHERE page_id = $1",
+        "DELETE FROM subscribers WHERE page_id = $1",
+        "DELETE FROM erasures WHERE page_id = $1",
+        "DELETE FROM page_leases WHERE page_id = $1",
+        "DELETE FROM pages WHERE id = $1",
+    ] {
+        let mut sql = super::sql::Sql::new(txn.get_database_backend());
+        let (head, tail) = statement.split_once("$1").expect("one placeholder");
+        sql.push(head).bind(page).push(tail);
+        txn.execute_raw(sql.statement()).await?;
+    }
+    txn.commit().await?;
+    Ok(Deletion::Deleted)
 }
 
 /// Opens the page's secrets.

@@ -268,12 +268,13 @@ pub async fn receive(
         .into_iter()
         .filter(|(id, _)| signed_by.contains(id))
         .collect();
-    match store::optins::ingest(&state.store.db, &batches).await {
+    match store::optins::ingest(&state.store.db, &state.cipher, &batches).await {
         Ok(report) => {
             tracing::info!(
                 events = report.events,
                 opt_ins_created = report.opt_ins_created,
                 skipped = parsed.skipped,
+                dropped_erased = report.dropped_erased,
                 "webhook stored"
             );
             (StatusCode::OK, "EVENT_RECEIVED").into_response()

@@ -69,6 +69,11 @@ pub async fn start(
         updated_at: now,
     };
     let txn = begin_write(db).await?;
+    // No send starts on a page being deleted (see `pages::delete`).
+    let page = crate::domain::PageId::from_trusted(story.page_id.clone());
+    if !crate::store::pages::lock(&txn, &page, crate::store::pages::Lock::Shared).await? {
+        return Err(StoreError::NotFound);
+    }
     let existing = |txn| async move {
         send::Entity::find()
             .filter(send::Column::RequestId.eq(new.request_id))

@@ -18,6 +18,7 @@
 //! - [`recovery`]: what an earlier life left in flight.
 
 mod claim;
+mod erasure;
 mod lifecycle;
 mod materialize;
 mod record;
@@ -26,6 +27,7 @@ mod recovery;
 use sea_orm::{ConnectionTrait, DatabaseBackend, FromQueryResult};
 
 pub use claim::{Step, reconcile, step};
+pub use erasure::erase_recipient;
 pub use lifecycle::{
     NewSend, SendFilter, Started, apply, cancel, complete_if_done, find_by_request_id, get,
     halt_page, list, list_deliveries, page_sends, pages_with_work, start,
@@ -185,6 +187,14 @@ impl CounterDelta {
         }
         if let Some(counter) = self.counter(to) {
             *counter += n;
+        }
+    }
+
+    /// `n` deliveries gone from the send in `state` (an erasure).
+    fn removed(&mut self, state: DeliveryState, n: i64) {
+        self.total -= n;
+        if let Some(counter) = self.counter(state) {
+            *counter -= n;
         }
     }
 

@@ -1,0 +1,89 @@
+//! Erased subscribers. An erasure removes every row about the user; what remains is a
+//! tombstone: the page, a keyed digest of the psid (nobody without the master key can tell whose
+//! it is) and when it happened, so that events from before it, which Facebook may still deliver
+//! late (a redelivered opt-in, a read receipt of an old message), do not bring the user back.
+
+use std::collections::HashMap;
+
+use sea_orm::{ConnectionTrait, FromQueryResult};
+
+use super::{StoreError, sql::Sql};
+use crate::crypto::SecretCipher;
+
+/// The tombstone key of a page's user.
+pub fn digest(cipher: &SecretCipher, page_id: &str, psid: &str) -> String {
+    cipher.digest(&format!("erasures/{page_id}"), psid)
+}
+
+/// Remembers that the page's user (by digest) was erased at `now` (the latest erasure counts).
+pub async fn remember(
+    db: &impl ConnectionTrait,
+    page_id: &str,
+    digest: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("INSERT INTO erasures (page_id, psid_digest, erased_at) VALUES (")
+        .bind(page_id)
+        .push(", ")
+        .bind(digest)
+        .push(", ")
+        .bind(now)
+        .push(") ON CONFLICT (page_id, psid_digest) DO UPDATE SET erased_at = excluded.erased_at");
+    db.execute_raw(sql.statement()).await?;
+    Ok(())
+}
+
+/// When each of these users of the page was erased, for those who were.
+pub async fn erased_at(
+    db: &impl ConnectionTrait,
+    page_id: &str,
+    digests: &[&str],
+) -> Result<HashMap<String, i64>, StoreError> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        psid_digest: String,
+        erased_at: i64,
+    }
+    let mut erased = HashMap::new();
+    for chunk in digests.chunks(500) {
+        let mut sql = Sql::new(db.get_database_backend());
+        sql.push("SELECT psid_digest, erased_at FROM erasures WHERE page_id = ")
+            .bind(page_id)
+            .push(" AND psid_digest IN (");
+        for (i, digest) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.bind(*digest);
+        }
+        sql.push(")");
+        for row in Row::find_by_statement(sql.statement()).all(db).await? {
+            erased.insert(row.psid_digest, row.erased_at);
+        }
+    }
+    Ok(erased)
+}
+
+/// Whether an event about an erased user is to be dropped: anything that only says the user is
+/// there (a read, a delivery receipt), and anything from before the erasure. A message or an
+/// opt-in from after it is the user coming back.
+pub fn is_late(event_at: i64, acts: bool, erased_at: i64) -> bool {
+    !acts || event_at <= erased_at
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_late;
+
+    #[test]
+    fn only_a_new_act_after_the_erasure_brings_a_user_back() {
+        assert!(is_late(100, false, 50), "a read receipt, even a later one");
+        assert!(is_late(40, true, 50), "a message from before the erasure");
+        assert!(is_late(50, true, 50));
+        assert!(
+            !is_late(51, true, 50),
+            "the user wrote again after the erasure"
+        );
+    }
+}
