@@ -59,7 +59,14 @@ const SETTINGS: &[(&str, &str, Option<&str>)] = &[
         "OTN_GRAPH_TIMEOUT_SECONDS",
         Some("20"),
     ),
-    ("max_active_sends", "OTN_MAX_ACTIVE_SENDS", Some("100")),
+    ("max_active_sends", "OTN_MAX_ACTIVE_SENDS", Some("100000")),
+    ("max_page_actors", "OTN_MAX_PAGE_ACTORS", Some("1000")),
+    ("max_watchers", "OTN_MAX_WATCHERS", Some("1000")),
+    (
+        "max_watchers_per_send",
+        "OTN_MAX_WATCHERS_PER_SEND",
+        Some("100"),
+    ),
     ("instance_id", "OTN_INSTANCE_ID", None),
     ("lease_seconds", "OTN_LEASE_SECONDS", Some("10")),
 ];
@@ -95,9 +102,17 @@ pub struct Settings {
     pub enforce_page_rate: bool,
     /// How long one Graph API call may take before it counts as timed out (and ambiguous).
     pub graph_timeout: Duration,
-    /// Most sends queued or running at once; StartSend beyond it is RESOURCE_EXHAUSTED, so a
-    /// slow Graph API cannot pile up work without bound.
+    /// Most sends queued or running at once; StartSend beyond it is RESOURCE_EXHAUSTED. The
+    /// database is the queue (a queued send costs a row), so this only stops a runaway client;
+    /// what costs memory is bounded by the two below.
     pub max_active_sends: u64,
+    /// Most pages this instance runs at once (a page actor each, with its deliveries in
+    /// flight); the sends of other pages wait, queued, until one of these ends.
+    pub max_page_actors: usize,
+    /// Most open streams (WatchSend and health Watch) at once; beyond, RESOURCE_EXHAUSTED.
+    pub max_watchers: usize,
+    /// Most WatchSend streams of one send at once.
+    pub max_watchers_per_send: usize,
     /// This instance's name among those sharing a PostgreSQL database; one restarted under the
     /// same name takes its pages back at once. `None`: a new random name per start (on SQLite,
     /// which takes one instance, a fixed one).
@@ -417,8 +432,18 @@ impl Parser<'_> {
         let graph_timeout = self.parse(raw, "graph_timeout_seconds", |s| {
             parse_in_range(s, 1, 600).map(Duration::from_secs)
         });
-        let max_active_sends =
-            self.parse(raw, "max_active_sends", |s| parse_in_range(s, 1, 1_000_000));
+        let max_active_sends = self.parse(raw, "max_active_sends", |s| {
+            parse_in_range(s, 1, 10_000_000)
+        });
+        let max_page_actors = self.parse(raw, "max_page_actors", |s| {
+            parse_in_range(s, 1, 100_000).map(|n| n as usize)
+        });
+        let max_watchers = self.parse(raw, "max_watchers", |s| {
+            parse_in_range(s, 1, 1_000_000).map(|n| n as usize)
+        });
+        let max_watchers_per_send = self.parse(raw, "max_watchers_per_send", |s| {
+            parse_in_range(s, 1, 1_000_000).map(|n| n as usize)
+        });
         let instance_id = self.parse(raw, "instance_id", |s| {
             let ok = (1..=64).contains(&s.len())
                 && s.bytes()
@@ -484,6 +509,9 @@ impl Parser<'_> {
             enforce_page_rate: enforce_page_rate?,
             graph_timeout: graph_timeout?,
             max_active_sends: max_active_sends?,
+            max_page_actors: max_page_actors?,
+            max_watchers: max_watchers?,
+            max_watchers_per_send: max_watchers_per_send?,
             instance_id,
             lease_ttl: lease_ttl?,
         })
@@ -611,6 +639,8 @@ mod tests {
         assert_eq!(settings.log_format, LogFormat::Pretty);
         assert!(settings.api_keys.is_empty());
         assert!(settings.master_key.is_none());
+        // A campaign of thousands of sends is queued, not refused: queued sends are rows.
+        assert!(settings.max_active_sends >= 10_000);
     }
 
     #[test]

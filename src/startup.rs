@@ -12,7 +12,7 @@ use crate::{
     api::{Audience, GuardLayer, MAX_REQUEST_BYTES, OptIns, Pages, Sends, Stories, pb},
     config::{DatabaseUrl, Settings, TlsFiles},
     crypto::{self, KeyFileOutcome, MasterKey, SecretCipher},
-    engine::{EngineHandle, LeaseSettings, PacingSettings},
+    engine::{EngineHandle, LeaseSettings, PacingSettings, StreamSlots},
     graph::GraphClient,
     http::{self, HttpState},
     store::{self, Store, meta},
@@ -25,6 +25,8 @@ const UNPACED_IN_FLIGHT: usize = 8000;
 
 /// Page leases on SQLite: effectively forever (see where it is used).
 const SQLITE_LEASE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How often SQLite's single instance looks for pages to give up or take.
+const SQLITE_LEASE_ROUND: Duration = Duration::from_secs(2);
 
 /// The services health reports on, besides the whole server ("").
 const SERVICE_NAMES: &[&str] = &[
@@ -101,6 +103,7 @@ impl Application {
                  for benchmarks against a sandbox only"
             );
         }
+        let stream_slots = StreamSlots::new(settings.max_watchers);
         let engine = EngineHandle::start(
             store.clone(),
             cipher.clone(),
@@ -111,15 +114,25 @@ impl Application {
                 app_rate: settings.app_rate_per_second,
                 unpaced_in_flight: UNPACED_IN_FLIGHT,
             },
-            LeaseSettings {
-                instance: instance.clone(),
-                ttl: match settings.database_url {
-                    // One instance by construction (the instance lock): its leases never need
-                    // renewing, and a round runs only at start and when a page gets work.
-                    DatabaseUrl::Sqlite(_) => SQLITE_LEASE,
-                    DatabaseUrl::Postgres(_) => settings.lease_ttl,
+            match settings.database_url {
+                // One instance by construction (the instance lock): its leases never lapse. A
+                // round still runs every few seconds, to give up pages whose sends ended and
+                // take waiting ones (see OTN_MAX_PAGE_ACTORS).
+                DatabaseUrl::Sqlite(_) => LeaseSettings {
+                    instance: instance.clone(),
+                    ttl: SQLITE_LEASE,
+                    round_every: SQLITE_LEASE_ROUND,
+                    max_pages: settings.max_page_actors,
+                },
+                DatabaseUrl::Postgres(_) => LeaseSettings {
+                    instance: instance.clone(),
+                    ttl: settings.lease_ttl,
+                    round_every: settings.lease_ttl / 3,
+                    max_pages: settings.max_page_actors,
                 },
             },
+            stream_slots.clone(),
+            settings.max_watchers_per_send,
         );
         tracing::info!(
             %grpc_addr,
@@ -140,6 +153,7 @@ impl Application {
                 settings.api_keys,
                 settings.max_concurrent_requests,
                 settings.request_timeout,
+                stream_slots,
             ),
             shutdown_grace: settings.shutdown_grace,
             max_active_sends: settings.max_active_sends,

@@ -16,7 +16,10 @@ use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use crate::config::{ApiKeys, Role};
+use crate::{
+    config::{ApiKeys, Role},
+    engine::StreamSlots,
+};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -30,18 +33,55 @@ struct Shared {
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
     timeout: Duration,
+    /// Long-lived streams open at once (health Watch here; WatchSend takes its own).
+    streams: StreamSlots,
 }
 
 impl GuardLayer {
-    pub fn new(api_keys: ApiKeys, max_in_flight: usize, timeout: Duration) -> Self {
+    pub fn new(
+        api_keys: ApiKeys,
+        max_in_flight: usize,
+        timeout: Duration,
+        streams: StreamSlots,
+    ) -> Self {
         GuardLayer {
             shared: Arc::new(Shared {
                 api_keys,
                 in_flight: Arc::new(Semaphore::new(max_in_flight)),
                 max_in_flight,
                 timeout,
+                streams,
             }),
         }
+    }
+}
+
+/// Health Watch: a stream that never ends by itself, open to anyone.
+const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
+
+/// A response body that holds a stream's slot until the stream ends (the body is dropped).
+struct HeldBody {
+    body: Body,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -149,6 +189,17 @@ where
                     tracing::info!(code = ?status.code(), "rpc refused");
                     return Ok(status.into_http());
                 }
+                let stream_slot = if method == HEALTH_WATCH {
+                    match shared.streams.take() {
+                        Ok(slot) => Some(slot),
+                        Err(refused) => {
+                            tracing::warn!("health watch shed: at the stream limit");
+                            return Ok(Status::resource_exhausted(refused.to_string()).into_http());
+                        }
+                    }
+                } else {
+                    None
+                };
                 let _permit = if open {
                     None
                 } else {
@@ -180,6 +231,10 @@ where
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i32>().ok())
                     .map_or(tonic::Code::Ok, tonic::Code::from_i32);
+                let response = match stream_slot {
+                    Some(slot) => response.map(|body| Body::new(HeldBody { body, _slot: slot })),
+                    None => response,
+                };
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
                 if open {
                     tracing::debug!(?code, elapsed_ms, "rpc finished");

@@ -25,11 +25,9 @@ use crate::{
 const REQUEST_ID_MAX_CHARS: usize = 128;
 const SENDS_TOKEN_KIND: &str = "sends";
 const DELIVERIES_TOKEN_KIND: &str = "deliveries";
-/// WatchSend sends at most one snapshot per this interval (about 10 a second).
+/// WatchSend sends at most one snapshot per this interval (about 10 a second). A send whose page
+/// runs elsewhere reaches the hub through its shared database poll (see `engine::progress`).
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
-/// A watcher with no news from this instance's engine reads the send from the database this
-/// often: the page may run on another instance (or the send be steered from one).
-const WATCH_DB_REFRESH: Duration = Duration::from_millis(500);
 
 pub struct Sends {
     store: Store,
@@ -380,17 +378,19 @@ impl SendService for Sends {
         request: Request<pb::WatchSendRequest>,
     ) -> Result<Response<WatchStream>, Status> {
         let send = self.load(&request.get_ref().send_id).await?;
-        let mut snapshots = self.engine.watch(Progress::from_send(&send));
+        let subscription = self
+            .engine
+            .watch(Progress::from_send(&send))
+            .map_err(|refused| ApiError::ResourceExhausted(refused.to_string()))?;
         let mut stopping = self.stopping.clone();
         let store = self.store.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            let mut from_db: Option<Progress> = None;
+            // Held as long as the stream: the watcher's place among the limited ones.
+            let mut subscription = subscription;
+            let snapshots = &mut subscription.snapshots;
             loop {
-                let progress = match from_db.take() {
-                    Some(progress) => progress,
-                    None => snapshots.borrow_and_update().clone(),
-                };
+                let progress = snapshots.borrow_and_update().clone();
                 let finished = progress.is_finished();
                 let message = pb::WatchSendResponse {
                     progress: Some(progress_to_proto(&progress)),
@@ -423,34 +423,22 @@ impl SendService for Sends {
                 if moved_meanwhile {
                     continue;
                 }
-                loop {
-                    tokio::select! {
-                        changed = snapshots.changed() => {
-                            if changed.is_err() {
-                                // The hub let go of the channel: the send ended. Its final
-                                // state is in the database.
-                                if let Ok(last) = sends::get(&store.db, &progress.send_id).await {
-                                    let last = Progress::from_send(&last);
-                                    let _ = tx.send(Ok(pb::WatchSendResponse {
-                                        progress: Some(progress_to_proto(&last)),
-                                    })).await;
-                                }
-                                return;
+                tokio::select! {
+                    changed = snapshots.changed() => {
+                        if changed.is_err() {
+                            // The hub let go of the channel: the send ended. Its final state is
+                            // in the database.
+                            if let Ok(last) = sends::get(&store.db, &progress.send_id).await {
+                                let last = Progress::from_send(&last);
+                                let _ = tx.send(Ok(pb::WatchSendResponse {
+                                    progress: Some(progress_to_proto(&last)),
+                                })).await;
                             }
-                            break;
-                        }
-                        _ = stopping.changed() => return,
-                        () = tx.closed() => return,
-                        () = tokio::time::sleep(WATCH_DB_REFRESH) => {
-                            if let Ok(row) = sends::get(&store.db, &progress.send_id).await {
-                                let fresh = Progress::from_send(&row);
-                                if !fresh.same_counts(&progress) {
-                                    from_db = Some(fresh);
-                                    break;
-                                }
-                            }
+                            return;
                         }
                     }
+                    _ = stopping.changed() => return,
+                    () = tx.closed() => return,
                 }
             }
         });

@@ -17,19 +17,19 @@ mod supervisor;
 use std::time::Duration;
 
 use actix::{Actor, Addr, MailboxError};
-use tokio::sync::watch;
 
 pub use pacing::PacingSettings;
-pub use progress::Progress;
+pub use progress::{Progress, StreamSlots, Subscription, WatchRefused};
 pub use supervisor::LeaseSettings;
 
-use crate::{crypto::SecretCipher, graph::GraphClient, store::Store, store::StoreError};
+use crate::{
+    crypto::SecretCipher,
+    graph::GraphClient,
+    store::{Store, StoreError, notify},
+};
 use page::{Command, Control, Deps, Wake};
 use progress::ProgressHub;
 use supervisor::{GetStatus, PageAddr, PageChanged, Route, Shutdown, Supervisor};
-
-/// The PostgreSQL channel on which instances tell each other that a page has new work.
-const PAGES_CHANNEL: &str = "otnd_pages";
 
 /// How long a request path waits for an actor before answering DEADLINE_EXCEEDED.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,19 +73,22 @@ impl From<MailboxError> for EngineError {
 pub use page::Command as SendCommand;
 
 impl EngineHandle {
-    /// Starts the engine's actors. Must be called inside a running `actix::System`.
+    /// Starts the engine's actors. Must be called inside a running `actix::System`. Watchers
+    /// of sends take their streams from `slots`, at most `watchers_per_send` per send.
     pub fn start(
         store: Store,
         cipher: SecretCipher,
         graph: GraphClient,
         pacing: PacingSettings,
         leases: LeaseSettings,
+        slots: StreamSlots,
+        watchers_per_send: usize,
     ) -> Self {
         let _ = metrics::prometheus();
         let arbiters = supervisor::start_arbiters();
         let pacer = pacing::Pacer::new(pacing);
         let pool = sender::SenderPool::start(&arbiters, graph, pacer.clone());
-        let hub = ProgressHub::default();
+        let hub = ProgressHub::new(Some(store.clone()), slots, watchers_per_send);
         let deps = Deps {
             store: store.clone(),
             cipher,
@@ -95,7 +98,14 @@ impl EngineHandle {
         };
         let supervisor = Supervisor::new(deps, arbiters, leases).start();
         if store.db.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
-            actix::spawn(listen_for_pages(store.clone(), supervisor.clone()));
+            // Another instance says a page has new work: wake its actor if it runs here, else
+            // try to take the page now rather than at the next round.
+            let (wake, alive) = (supervisor.clone(), supervisor.clone());
+            actix::spawn(crate::store::notify::listen(
+                store.db.clone(),
+                move |page_id| wake.do_send(PageChanged(page_id)),
+                move || alive.connected(),
+            ));
         }
         EngineHandle {
             supervisor,
@@ -128,7 +138,7 @@ impl EngineHandle {
             }),
             Route::Elsewhere => {
                 self.supervisor.do_send(PageChanged(page_id.to_string()));
-                tell_other_instances(&self.store.db, page_id).await;
+                notify::page_has_work(&self.store.db, page_id).await;
                 Ok(())
             }
             Route::Stopped => Err(EngineError::Stopped),
@@ -152,63 +162,20 @@ impl EngineHandle {
                 .await??),
             Route::Elsewhere => {
                 let send = page::apply_command(&self.store, send_id, command).await?;
-                tell_other_instances(&self.store.db, page_id).await;
+                notify::page_has_work(&self.store.db, page_id).await;
                 Ok(send)
             }
             Route::Stopped => Err(EngineError::Stopped),
         }
     }
 
-    /// Snapshots of a send, from `current` on.
-    pub fn watch(&self, current: Progress) -> watch::Receiver<Progress> {
+    /// Snapshots of a send, from `current` on; refused beyond the watcher limits.
+    pub fn watch(&self, current: Progress) -> Result<Subscription, WatchRefused> {
         self.hub.subscribe(current)
     }
 
     /// Stops taking new work and waits (at most `grace`) for work in flight to be recorded.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), EngineError> {
         Ok(self.supervisor.send(Shutdown).timeout(grace).await?)
-    }
-}
-
-/// Tells every instance (on PostgreSQL) that the page has work for its owner, or needs one.
-pub(crate) async fn tell_other_instances(db: &sea_orm::DatabaseConnection, page_id: &str) {
-    if db.get_database_backend() != sea_orm::DatabaseBackend::Postgres {
-        return;
-    }
-    let notify = sea_orm::Statement::from_sql_and_values(
-        sea_orm::DatabaseBackend::Postgres,
-        "SELECT pg_notify($1, $2)",
-        [PAGES_CHANNEL.into(), page_id.into()],
-    );
-    if let Err(err) = sea_orm::ConnectionTrait::execute_raw(db, notify).await {
-        // The owner's next lease round finds the work anyway.
-        tracing::warn!(page_id, error = %err, "could not notify the other instances");
-    }
-}
-
-/// Wakes this instance's supervisor whenever another instance says a page has new work. If the
-/// listening connection fails, the lease rounds (every third of a lease) still find the work;
-/// the listener reconnects after a pause.
-async fn listen_for_pages(store: Store, supervisor: Addr<Supervisor>) {
-    use sea_orm::sqlx::postgres::PgListener;
-    loop {
-        let pool = store.db.get_postgres_connection_pool();
-        let listening = async {
-            let mut listener = PgListener::connect_with(pool).await?;
-            listener.listen(PAGES_CHANNEL).await?;
-            loop {
-                let notification = listener.recv().await?;
-                supervisor.do_send(PageChanged(notification.payload().to_string()));
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), sea_orm::sqlx::Error>(())
-        };
-        if let Err(err) = listening.await {
-            if !supervisor.connected() {
-                return;
-            }
-            tracing::warn!(error = %err, "page notifications interrupted; listening again shortly");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

@@ -1,15 +1,28 @@
 //! The progress hub: one `watch` channel per send that someone watches or a page actor runs.
 //! A watch channel keeps only the newest snapshot, so a slow or vanished watcher never holds the
 //! send back, and any number of watchers share one channel.
+//!
+//! Watchers are bounded: at most so many open streams on this instance (WatchSend and health
+//! Watch alike, see [`StreamSlots`]) and so many per send. A send watched here whose page runs
+//! elsewhere (another instance, or nobody yet) is read from the database by one poller per send,
+//! however many watch it, and only while no page actor of this instance publishes it.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::{domain::SendState, store::sends::Send};
+use crate::{
+    domain::SendState,
+    store::{Store, sends, sends::Send},
+};
+
+/// A watched send with no snapshot from this instance's page actor for this long is read from
+/// the database.
+const POLL_EVERY: Duration = Duration::from_millis(500);
 
 /// What a watcher sees of a send.
 #[derive(Clone, Debug, PartialEq)]
@@ -76,23 +89,124 @@ impl Progress {
     }
 }
 
-#[derive(Clone, Default)]
+/// The instance's open long-lived streams, bounded: WatchSend's and health Watch's share it.
+#[derive(Clone)]
+pub struct StreamSlots {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl StreamSlots {
+    pub fn new(max: usize) -> Self {
+        StreamSlots {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// A slot for one stream, held as long as the stream is open.
+    pub fn take(&self) -> Result<OwnedSemaphorePermit, WatchRefused> {
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WatchRefused::Instance { limit: self.max })
+    }
+}
+
+/// Why a watch was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchRefused {
+    #[error(
+        "this instance serves its limit of {limit} open streams (OTN_MAX_WATCHERS); retry later"
+    )]
+    Instance { limit: usize },
+    #[error(
+        "the send has its limit of {limit} watchers on this instance (OTN_MAX_WATCHERS_PER_SEND); \
+         share one stream, or retry later"
+    )]
+    Send { limit: usize },
+}
+
+struct Channel {
+    sender: watch::Sender<Progress>,
+    watchers: usize,
+    /// When this instance's page actor last published the send.
+    published_here: Option<Instant>,
+    /// A poller reads the send from the database for its watchers.
+    polled: bool,
+}
+
+struct Inner {
+    channels: Mutex<HashMap<String, Channel>>,
+    slots: StreamSlots,
+    per_send: usize,
+    /// Where pollers read sends run elsewhere; `None` for a hub that never polls (tests).
+    store: Option<Store>,
+}
+
+#[derive(Clone)]
 pub struct ProgressHub {
-    channels: Arc<Mutex<HashMap<String, watch::Sender<Progress>>>>,
+    inner: Arc<Inner>,
+}
+
+/// A watcher's view of a send. Dropping it gives its place back.
+pub struct Subscription {
+    pub snapshots: watch::Receiver<Progress>,
+    _watcher: Watcher,
+}
+
+struct Watcher {
+    hub: Option<ProgressHub>,
+    send_id: String,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Some(hub) = &self.hub {
+            let mut channels = hub.lock();
+            if let Some(channel) = channels.get_mut(&self.send_id) {
+                channel.watchers = channel.watchers.saturating_sub(1);
+            }
+        }
+    }
 }
 
 impl ProgressHub {
-    /// Publishes a snapshot. A finished send's channel is dropped after its last snapshot, which
-    /// ends every watcher's stream once they have read it.
-    pub fn publish(&self, progress: Progress) {
-        let mut channels = self
+    pub fn new(store: Option<Store>, slots: StreamSlots, per_send: usize) -> Self {
+        ProgressHub {
+            inner: Arc::new(Inner {
+                channels: Mutex::new(HashMap::new()),
+                slots,
+                per_send,
+                store,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+        self.inner
             .channels
             .lock()
-            .expect("the progress hub lock is never poisoned");
+            .expect("the progress hub lock is never poisoned")
+    }
+
+    /// Publishes a snapshot from this instance's page actor.
+    pub fn publish(&self, progress: Progress) {
+        self.put(progress, true);
+    }
+
+    /// A finished send's channel is dropped after its last snapshot, which ends every watcher's
+    /// stream once they have read it.
+    fn put(&self, progress: Progress, from_here: bool) {
+        let mut channels = self.lock();
         let finished = progress.is_finished();
-        match channels.get(&progress.send_id) {
+        match channels.get_mut(&progress.send_id) {
             Some(channel) => {
-                channel.send_if_modified(|current| {
+                if from_here {
+                    channel.published_here = Some(Instant::now());
+                }
+                channel.sender.send_if_modified(|current| {
                     let changed = *current != progress;
                     if changed {
                         *current = progress.clone();
@@ -101,8 +215,16 @@ impl ProgressHub {
                 });
             }
             None if !finished => {
-                let (channel, _) = watch::channel(progress.clone());
-                channels.insert(progress.send_id.clone(), channel);
+                let (sender, _) = watch::channel(progress.clone());
+                channels.insert(
+                    progress.send_id.clone(),
+                    Channel {
+                        sender,
+                        watchers: 0,
+                        published_here: from_here.then(Instant::now),
+                        polled: false,
+                    },
+                );
             }
             None => {}
         }
@@ -111,21 +233,141 @@ impl ProgressHub {
         }
     }
 
-    /// A receiver for the send's snapshots, starting from `current` (read from the database)
-    /// unless the hub already holds a newer one.
-    pub fn subscribe(&self, current: Progress) -> watch::Receiver<Progress> {
-        let mut channels = self
-            .channels
-            .lock()
-            .expect("the progress hub lock is never poisoned");
+    /// A watcher of the send, starting from `current` (read from the database) unless the hub
+    /// holds a newer snapshot; refused beyond the instance's and the send's limits.
+    pub fn subscribe(&self, current: Progress) -> Result<Subscription, WatchRefused> {
+        let slot = self.inner.slots.take()?;
+        let send_id = current.send_id.clone();
         if current.is_finished() {
             // Nobody will publish again: a channel of its own, closed at once.
-            let (_, receiver) = watch::channel(current);
-            return receiver;
+            let (_, snapshots) = watch::channel(current);
+            return Ok(Subscription {
+                snapshots,
+                _watcher: Watcher {
+                    hub: None,
+                    send_id,
+                    _slot: slot,
+                },
+            });
         }
-        channels
-            .entry(current.send_id.clone())
-            .or_insert_with(|| watch::channel(current).0)
-            .subscribe()
+        let mut channels = self.lock();
+        let channel = channels.entry(send_id.clone()).or_insert_with(|| Channel {
+            sender: watch::channel(current).0,
+            watchers: 0,
+            published_here: None,
+            polled: false,
+        });
+        if channel.watchers >= self.inner.per_send {
+            return Err(WatchRefused::Send {
+                limit: self.inner.per_send,
+            });
+        }
+        channel.watchers += 1;
+        let snapshots = channel.sender.subscribe();
+        if !channel.polled
+            && let Some(store) = &self.inner.store
+        {
+            channel.polled = true;
+            tokio::spawn(poll(self.clone(), store.clone(), send_id.clone()));
+        }
+        drop(channels);
+        Ok(Subscription {
+            snapshots,
+            _watcher: Watcher {
+                hub: Some(self.clone()),
+                send_id,
+                _slot: slot,
+            },
+        })
+    }
+}
+
+/// Reads the send from the database for its watchers here while nobody publishes it here: one
+/// poller per watched send, ending with its last watcher or with the send.
+async fn poll(hub: ProgressHub, store: Store, send_id: String) {
+    loop {
+        tokio::time::sleep(POLL_EVERY).await;
+        let current = {
+            let mut channels = hub.lock();
+            let Some(channel) = channels.get_mut(&send_id) else {
+                return;
+            };
+            if channel.watchers == 0 {
+                channel.polled = false;
+                return;
+            }
+            if channel
+                .published_here
+                .is_some_and(|at| at.elapsed() < POLL_EVERY)
+            {
+                continue;
+            }
+            channel.sender.borrow().clone()
+        };
+        if let Ok(row) = sends::get(&store.db, &send_id).await {
+            let fresh = Progress::from_send(&row);
+            if !fresh.same_counts(&current) || fresh.last_error != current.last_error {
+                hub.put(fresh, false);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(id: &str, state: SendState, sent: u64) -> Progress {
+        Progress {
+            send_id: id.into(),
+            state,
+            total: 10,
+            pending: 10 - sent,
+            in_flight: 0,
+            sent,
+            failed: 0,
+            skipped: 0,
+            unknown: 0,
+            rate_per_second: 0.0,
+            eta_seconds: 0.0,
+            last_error: String::new(),
+        }
+    }
+
+    #[test]
+    fn watchers_are_bounded_per_send_and_per_instance_and_give_their_place_back() {
+        let hub = ProgressHub::new(None, StreamSlots::new(3), 2);
+        let a = hub.subscribe(progress("a", SendState::Running, 0)).unwrap();
+        let _b = hub.subscribe(progress("a", SendState::Running, 0)).unwrap();
+        assert!(matches!(
+            hub.subscribe(progress("a", SendState::Running, 0)),
+            Err(WatchRefused::Send { limit: 2 })
+        ));
+        let _c = hub.subscribe(progress("c", SendState::Running, 0)).unwrap();
+        assert!(matches!(
+            hub.subscribe(progress("d", SendState::Running, 0)),
+            Err(WatchRefused::Instance { limit: 3 })
+        ));
+        drop(a);
+        hub.subscribe(progress("a", SendState::Running, 0))
+            .expect("a place was given back");
+    }
+
+    #[test]
+    fn every_watcher_sees_the_newest_snapshot_and_the_end() {
+        let hub = ProgressHub::new(None, StreamSlots::new(10), 10);
+        let mut one = hub.subscribe(progress("s", SendState::Running, 0)).unwrap();
+        let mut two = hub.subscribe(progress("s", SendState::Running, 0)).unwrap();
+        hub.publish(progress("s", SendState::Running, 3));
+        hub.publish(progress("s", SendState::Running, 5));
+        assert_eq!(one.snapshots.borrow_and_update().sent, 5);
+        assert_eq!(two.snapshots.borrow_and_update().sent, 5);
+        hub.publish(progress("s", SendState::Completed, 10));
+        assert_eq!(
+            one.snapshots.borrow_and_update().state,
+            SendState::Completed
+        );
+        // The channel is gone: the stream's end.
+        assert!(one.snapshots.has_changed().is_err());
     }
 }

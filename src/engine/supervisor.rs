@@ -15,7 +15,7 @@ use super::{
 use crate::store::{
     StoreError,
     leases::{self, Fence},
-    sends,
+    notify, sends,
 };
 
 /// Who this instance is among those sharing the database, and how long its leases last.
@@ -23,6 +23,11 @@ use crate::store::{
 pub struct LeaseSettings {
     pub instance: String,
     pub ttl: Duration,
+    /// How often a lease round runs: renewals, and pages taken, shared out or given up.
+    pub round_every: Duration,
+    /// Most pages this instance runs at once; other pages' sends wait, queued, for a round that
+    /// finds room.
+    pub max_pages: usize,
 }
 
 struct Owned {
@@ -201,9 +206,7 @@ impl Supervisor {
                     // A page handed over still has work: the other instances look for it now,
                     // not at their next round a third of a lease later (the page would stand
                     // still meanwhile).
-                    Ok(_) if handing_over => {
-                        super::tell_other_instances(&db, &owned.fence.page_id).await
-                    }
+                    Ok(_) if handing_over => notify::page_has_work(&db, &owned.fence.page_id).await,
                     Ok(_) => {}
                     Err(err) => tracing::warn!(page_id = %owned.fence.page_id, error = %err,
                         "could not release the page's lease; it expires by itself"),
@@ -282,7 +285,8 @@ async fn lease_round(
         .map(|f| f.page_id.clone())
         .collect();
     let mut busy = held.iter().filter(|p| with_work.contains(*p)).count();
-    let target = work.len().div_ceil(live);
+    // A fair share of the pages with work, and never more pages than this instance may run.
+    let target = work.len().div_ceil(live).min(settings.max_pages);
     // Only pages nobody holds (or whose lease lapsed): trying one another instance holds would
     // wait on its steps' row locks for nothing.
     let taken = leases::held_by_others(db, &settings.instance).await?;
@@ -306,17 +310,27 @@ async fn lease_round(
     };
     if !wanted.is_empty() && busy < target {
         // The less loaded an instance, the sooner it tries: new pages go to the least loaded.
-        let wait = Duration::from_millis(25 * busy as u64).min(settings.ttl / 6);
+        let half_round = settings.round_every / 2;
+        let wait = match live {
+            1 => Duration::ZERO,
+            _ => Duration::from_millis(25 * busy as u64).min(half_round),
+        };
         tokio::time::sleep(wait).await;
         // A round must end well within a lease, or this instance's own leases would lapse.
-        let until = std::time::Instant::now() + settings.ttl / 6;
+        let until = std::time::Instant::now() + half_round;
+        // Every page held counts against the instance's limit, those still draining too.
+        let mut held_here = held.len();
         for page_id in wanted {
-            if busy >= target || std::time::Instant::now() > until {
+            if busy >= target
+                || held_here >= settings.max_pages
+                || std::time::Instant::now() > until
+            {
                 break;
             }
             if let Some(fence) = leases::acquire(db, page_id, &settings.instance, ttl_ms).await? {
                 acquired.push(fence);
                 busy += 1;
+                held_here += 1;
             }
         }
     }
@@ -363,7 +377,7 @@ impl Actor for Supervisor {
         // The first round resumes what an earlier life left unfinished (the database is the
         // queue); later ones keep the leases and share the pages.
         self.tick(ctx);
-        ctx.run_interval(self.leases.ttl / 3, |act, ctx| act.tick(ctx));
+        ctx.run_interval(self.leases.round_every, |act, ctx| act.tick(ctx));
         tracing::debug!(instance = %self.leases.instance, "engine supervisor started");
     }
 }

@@ -5,6 +5,7 @@ pub mod eligibility;
 pub mod erasures;
 pub mod leases;
 pub mod meta;
+pub mod notify;
 pub mod optins;
 pub mod pages;
 pub mod sends;

@@ -17,6 +17,7 @@ mod health;
 mod judge;
 mod ledger;
 mod lifecycle;
+mod limits;
 mod optins;
 mod pages;
 mod restart;

@@ -1,0 +1,60 @@
+//! Telling the other instances that a page has work (PostgreSQL's LISTEN/NOTIFY, channel
+//! `otnd_pages`). Best effort both ways: a lost notification only delays the work until the
+//! owner's next lease round, which finds it anyway. On SQLite (one instance) there is nobody to
+//! tell.
+
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, Statement};
+
+/// The channel instances tell each other on.
+const PAGES_CHANNEL: &str = "otnd_pages";
+
+/// Tells every instance (on PostgreSQL) that the page has work for its owner, or needs one.
+pub async fn page_has_work(db: &DatabaseConnection, page_id: &str) {
+    if db.get_database_backend() != DatabaseBackend::Postgres {
+        return;
+    }
+    let notify = Statement::from_sql_and_values(
+        DatabaseBackend::Postgres,
+        "SELECT pg_notify($1, $2)",
+        [PAGES_CHANNEL.into(), page_id.into()],
+    );
+    if let Err(err) = db.execute_raw(notify).await {
+        // The owner's next lease round finds the work anyway.
+        tracing::warn!(page_id, error = %err, "could not notify the other instances");
+    }
+}
+
+/// Calls `on_page` with the page of every notification from any instance, for as long as
+/// `listening()` holds. If the listening connection fails, it listens again after a pause.
+pub async fn listen(
+    db: DatabaseConnection,
+    mut on_page: impl FnMut(String),
+    listening: impl Fn() -> bool,
+) {
+    use sea_orm::sqlx::postgres::PgListener;
+    if db.get_database_backend() != DatabaseBackend::Postgres {
+        return;
+    }
+    loop {
+        let pool = db.get_postgres_connection_pool();
+        let outcome = async {
+            let mut listener = PgListener::connect_with(pool).await?;
+            listener.listen(PAGES_CHANNEL).await?;
+            loop {
+                let notification = listener.recv().await?;
+                on_page(notification.payload().to_string());
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sea_orm::sqlx::Error>(())
+        };
+        if let Err(err) = outcome.await {
+            if !listening() {
+                return;
+            }
+            tracing::warn!(error = %err, "page notifications interrupted; listening again shortly");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
