@@ -26,4 +26,5 @@ mod secrets;
 mod sends;
 mod stories;
 mod tls;
+mod upgrade;
 mod webhook;
