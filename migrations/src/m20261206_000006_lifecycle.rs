@@ -20,16 +20,41 @@ use sea_orm_migration::{
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-const SEND_STATES: &str = "'queued', 'running', 'paused', 'completed', 'cancelled', 'halted'";
-const DELIVERY_STATES: &str = "'pending', 'in_flight', 'sent', 'failed', 'skipped', 'unknown'";
-const OPTIN_STATES: &str = "'active', 'reserved', 'used', 'rejected', 'expired'";
+const SEND_STATES: &[&str] = &[
+    "queued",
+    "running",
+    "paused",
+    "completed",
+    "cancelled",
+    "halted",
+];
+const DELIVERY_STATES: &[&str] = &[
+    "pending",
+    "in_flight",
+    "sent",
+    "failed",
+    "skipped",
+    "unknown",
+];
+const OPTIN_STATES: &[&str] = &["active", "reserved", "used", "rejected", "expired"];
+
+/// `column = 'a' OR column = 'b' …`: on SQLite an `IN (…)` list in a CHECK constraint builds a
+/// temporary index of its values each time a row is checked (it cost a third of SQLite's work in
+/// an unpaced send); comparisons cost next to nothing.
+fn one_of(column: &str, values: &[&str]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{column} = '{v}'"))
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
 
 fn send_checks() -> Vec<(&'static str, String)> {
     vec![
-        ("ck_sends_state", format!("state IN ({SEND_STATES})")),
+        ("ck_sends_state", one_of("state", SEND_STATES)),
         (
             "ck_sends_audience_phase",
-            "audience_phase IN ('token', 'window', 'done')".into(),
+            one_of("audience_phase", &["token", "window", "done"]),
         ),
         (
             "ck_sends_counters",
@@ -42,11 +67,8 @@ fn send_checks() -> Vec<(&'static str, String)> {
 
 fn delivery_checks() -> Vec<(&'static str, String)> {
     vec![
-        (
-            "ck_deliveries_state",
-            format!("state IN ({DELIVERY_STATES})"),
-        ),
-        ("ck_deliveries_route", "route IN ('token', 'window')".into()),
+        ("ck_deliveries_state", one_of("state", DELIVERY_STATES)),
+        ("ck_deliveries_route", one_of("route", &["token", "window"])),
         (
             "ck_deliveries_window_has_no_optin",
             "route = 'token' OR optin_id IS NULL".into(),
@@ -59,7 +81,7 @@ fn delivery_checks() -> Vec<(&'static str, String)> {
 }
 
 fn optin_checks() -> Vec<(&'static str, String)> {
-    vec![("ck_optins_state", format!("state IN ({OPTIN_STATES})"))]
+    vec![("ck_optins_state", one_of("state", OPTIN_STATES))]
 }
 
 /// Statements that bring rows of earlier versions into line (portable SQL).

@@ -148,43 +148,39 @@ pub async fn record(
             Err(err) => return Err(err),
         }
     }
-    let mut groups: BTreeMap<Kind, Vec<&Answer>> = BTreeMap::new();
+    // By kind and send: the rows a statement moves are all of one send, whose counters move by
+    // as many.
+    let mut groups: BTreeMap<(Kind, &str), Vec<&Answer>> = BTreeMap::new();
     for answer in answers {
         if let Some(state) = states.get(answer.send_id.as_str()) {
             groups
-                .entry(Kind::of(&answer.outcome, *state))
+                .entry((Kind::of(&answer.outcome, *state), answer.send_id.as_str()))
                 .or_default()
                 .push(answer);
         }
     }
-    let send_of: HashMap<i64, &str> = answers.iter().map(|a| (a.id, a.send_id.as_str())).collect();
     let mut deltas: BTreeMap<&str, CounterDelta> = BTreeMap::new();
-    for (kind, rows) in &groups {
-        let mut moved = Vec::new();
+    for ((kind, send_id), rows) in &groups {
+        let event = kind.event();
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let mut sql = Sql::new(backend);
             statement(&mut sql, *kind, chunk, now)?;
             crate::crashpoint::pass("recording");
-            moved.extend(Moved::find_by_statement(sql.statement()).all(&txn).await?);
+            let moved = Moved::find_by_statement(sql.statement()).all(&txn).await?;
+            deltas.entry(send_id).or_default().moved(
+                DeliveryState::InFlight,
+                event.target(),
+                moved.len() as i64,
+            );
+            settle_optins(
+                &txn,
+                &moved,
+                event.target(),
+                *kind == Kind::RefuseToken,
+                now,
+            )
+            .await?;
         }
-        let event = kind.event();
-        for m in &moved {
-            if let Some(send_id) = send_of.get(&m.id) {
-                deltas.entry(send_id).or_default().moved(
-                    DeliveryState::InFlight,
-                    event.target(),
-                    1,
-                );
-            }
-        }
-        settle_optins(
-            &txn,
-            &moved,
-            event.target(),
-            *kind == Kind::RefuseToken,
-            now,
-        )
-        .await?;
     }
     let mut rows = Vec::new();
     for send_id in states.keys() {
