@@ -6,12 +6,11 @@
 use std::time::Duration;
 
 use otnd::pb::{
-    CancelSendRequest, CreateSegmentRequest, CreateStoryRequest, DeletePageRequest,
-    DeleteSubscriberRequest, GetPageRequest, GetSubscriberRequest, PreviewStoryRequest,
-    RecordInteractionRequest, RecordOptInRequest, SegmentRule, SendOptInRequestRequest, SendState,
-    StoryContent, TagSubscribersRequest, audience_service_client::AudienceServiceClient,
-    opt_in_service_client::OptInServiceClient, page_service_client::PageServiceClient,
-    story_content::Kind, story_service_client::StoryServiceClient,
+    CancelSendRequest, CreateSegmentRequest, DeletePageRequest, DeleteSubscriberRequest,
+    GetPageRequest, GetSubscriberRequest, RecordInteractionRequest, RecordOptInRequest,
+    SegmentRule, SendOptInRequestRequest, SendState, TagSubscribersRequest,
+    audience_service_client::AudienceServiceClient, opt_in_service_client::OptInServiceClient,
+    page_service_client::PageServiceClient,
 };
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::{Value, json};
@@ -20,7 +19,7 @@ use tonic::Code;
 use crate::{
     backend_tests,
     helpers::{TestDatabase, eventually, page_app_secret},
-    judge::{Harness, Node, PAGE, TOPIC, progress_of, start_send, wait_until},
+    judge::{Harness, Node, PAGE, StorySpec, TOPIC, progress_of, start_send, wait_until},
     ledger,
 };
 
@@ -136,32 +135,6 @@ async fn subscriber(node: &Node, psid: &str) -> Result<otnd::pb::Subscriber, ton
         .map(|r| r.into_inner().subscriber.unwrap())
 }
 
-async fn reviewed_story(node: &Node, text: &str, reviewer: &str) -> String {
-    let mut stories = StoryServiceClient::new(node.channel.clone());
-    let story = stories
-        .create_story(CreateStoryRequest {
-            page_id: PAGE.into(),
-            topic: TOPIC.into(),
-            content: Some(StoryContent {
-                kind: Some(Kind::Text(text.into())),
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .story
-        .unwrap();
-    stories
-        .preview_story(PreviewStoryRequest {
-            story_id: story.story_id.clone(),
-            reviewer_psid: reviewer.into(),
-        })
-        .await
-        .unwrap();
-    story.story_id
-}
-
 const ERASED: &str = "erase-me-0";
 
 /// Defects: DeleteSubscriber left the user's deliveries (psid, message ids, errors), their name
@@ -201,7 +174,16 @@ async fn erasure(db: TestDatabase) {
         s.state() == SendState::Completed
     })
     .await;
-    let reviewed = reviewed_story(&node, "Reviewed by the one erased", ERASED).await;
+    let reviewed = h
+        .reviewed_story(
+            &node,
+            StorySpec {
+                text: "Reviewed by the one erased",
+                reviewer: ERASED,
+                ..StorySpec::default()
+            },
+        )
+        .await;
     optins
         .send_opt_in_request(SendOptInRequestRequest {
             page_id: PAGE.into(),
@@ -387,30 +369,17 @@ async fn page_deletion(db: TestDatabase) {
         .into_inner()
         .segment
         .unwrap();
-    let mut stories = StoryServiceClient::new(node.channel.clone());
-    let segmented = stories
-        .create_story(CreateStoryRequest {
-            page_id: DELETED.into(),
-            topic: TOPIC.into(),
-            content: Some(StoryContent {
-                kind: Some(Kind::Text("For the segment".into())),
-            }),
-            segment_id: segment.segment_id,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .story
-        .unwrap()
-        .story_id;
-    stories
-        .preview_story(PreviewStoryRequest {
-            story_id: segmented.clone(),
-            reviewer_psid: "boss".into(),
-        })
-        .await
-        .unwrap();
+    let segmented = h
+        .reviewed_story(
+            &node,
+            StorySpec {
+                page: DELETED,
+                text: "For the segment",
+                segment_id: &segment.segment_id,
+                ..StorySpec::default()
+            },
+        )
+        .await;
     let done = start_send(&node.channel, &segmented, "segmented").await;
     wait_until(
         &node.channel,

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use otnd::{
     pb::{
-        CreatePageRequest, CreateStoryRequest, DeliveryState, GetSendRequest,
+        CreatePageRequest, CreateStoryRequest, DeliveryState, GetSendRequest, GetSubscriberRequest,
         ListDeliveriesRequest, PreviewStoryRequest, SendProgress, SendState, StartSendRequest,
-        StoryContent, opt_in_service_client::OptInServiceClient,
-        page_service_client::PageServiceClient, send_service_client::SendServiceClient,
-        story_content::Kind, story_service_client::StoryServiceClient,
+        StoryContent, audience_service_client::AudienceServiceClient,
+        opt_in_service_client::OptInServiceClient, page_service_client::PageServiceClient,
+        send_service_client::SendServiceClient, story_content::Kind,
+        story_service_client::StoryServiceClient,
     },
     sandbox::{RunningSandbox, SandboxOptions},
 };
@@ -226,15 +227,30 @@ impl Harness {
     }
 
     pub(crate) async fn story_page(&self, node: &Node, page: &str, text: &str) -> String {
+        self.reviewed_story(
+            node,
+            StorySpec {
+                page,
+                text,
+                ..StorySpec::default()
+            },
+        )
+        .await
+    }
+
+    /// A story as `spec` says, reviewed (the reviewer is brought inside the window first,
+    /// through the sandbox only: otnd does not hear of it).
+    pub(crate) async fn reviewed_story(&self, node: &Node, spec: StorySpec<'_>) -> String {
         let mut stories = StoryServiceClient::new(node.channel.clone());
         let story = stories
             .create_story(CreateStoryRequest {
-                page_id: page.into(),
-                topic: TOPIC.into(),
+                page_id: spec.page.into(),
+                topic: spec.topic.into(),
                 content: Some(StoryContent {
-                    kind: Some(Kind::Text(text.into())),
+                    kind: Some(Kind::Text(spec.text.into())),
                 }),
-                ..Default::default()
+                include_window_users: spec.window,
+                segment_id: spec.segment_id.into(),
             })
             .await
             .unwrap()
@@ -243,17 +259,78 @@ impl Harness {
             .unwrap();
         self.sandbox_post(
             "/__sandbox/interactions",
-            json!({"page_id": page, "psid": "boss", "text": "ok", "deliver_webhook": false}),
+            json!({"page_id": spec.page, "psid": spec.reviewer, "text": "ok",
+                   "deliver_webhook": false}),
         )
         .await;
         stories
             .preview_story(PreviewStoryRequest {
                 story_id: story.story_id.clone(),
-                reviewer_psid: "boss".into(),
+                reviewer_psid: spec.reviewer.into(),
             })
             .await
             .unwrap();
         story.story_id
+    }
+
+    /// `count` users `{prefix}{n}` of `page` write to it (the signed webhook reaches otnd):
+    /// inside the window. Waits until otnd knows every one (the sandbox delivers each
+    /// interaction's webhook on its own, in no particular order).
+    pub(crate) async fn window_users(&self, node: &Node, page: &str, prefix: &str, count: u64) {
+        for k in 0..count {
+            self.sandbox_post(
+                "/__sandbox/interactions",
+                json!({"page_id": page, "psid": format!("{prefix}{k}"), "text": "hi",
+                       "deliver_webhook": true}),
+            )
+            .await;
+        }
+        let audience = AudienceServiceClient::new(node.channel.clone());
+        eventually(Duration::from_secs(30), "the window users stored", || {
+            let mut audience = audience.clone();
+            async move {
+                for k in 0..count {
+                    let subscriber = audience
+                        .get_subscriber(GetSubscriberRequest {
+                            page_id: page.into(),
+                            psid: format!("{prefix}{k}"),
+                        })
+                        .await
+                        .ok()?
+                        .into_inner()
+                        .subscriber?;
+                    if !subscriber.window_open {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await;
+    }
+}
+
+/// What [`Harness::reviewed_story`] makes: a text story on the topic, by default reviewed by
+/// `boss`, without window users or segment.
+pub(crate) struct StorySpec<'a> {
+    pub(crate) page: &'a str,
+    pub(crate) topic: &'a str,
+    pub(crate) text: &'a str,
+    pub(crate) window: bool,
+    pub(crate) segment_id: &'a str,
+    pub(crate) reviewer: &'a str,
+}
+
+impl Default for StorySpec<'_> {
+    fn default() -> Self {
+        StorySpec {
+            page: PAGE,
+            topic: TOPIC,
+            text: "The doors are open",
+            window: false,
+            segment_id: "",
+            reviewer: "boss",
+        }
     }
 }
 

@@ -7,11 +7,10 @@
 use std::time::{Duration, Instant};
 
 use otnd::pb::{
-    CancelSendRequest, CreateStoryRequest, EstimateAudienceRequest, PauseSendRequest,
-    PreviewStoryRequest, RecordOptInRequest, ResumeSendRequest, SendState, StartSendRequest,
-    StoryContent, UpdatePageRequest, opt_in_service_client::OptInServiceClient,
-    page_service_client::PageServiceClient, send_service_client::SendServiceClient,
-    story_content::Kind, story_service_client::StoryServiceClient,
+    CancelSendRequest, EstimateAudienceRequest, PauseSendRequest, RecordOptInRequest,
+    ResumeSendRequest, SendState, StartSendRequest, UpdatePageRequest,
+    opt_in_service_client::OptInServiceClient, page_service_client::PageServiceClient,
+    send_service_client::SendServiceClient, story_service_client::StoryServiceClient,
 };
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
@@ -19,8 +18,8 @@ use tonic::Code;
 
 use crate::{
     backend_tests,
-    helpers::{TestDatabase, eventually},
-    judge::{Harness, Node, PAGE, TOPIC, progress_of, start_send, wait_until},
+    helpers::TestDatabase,
+    judge::{Harness, Node, PAGE, StorySpec, TOPIC, progress_of, start_send, wait_until},
     ledger,
 };
 
@@ -48,77 +47,22 @@ async fn nothing_in_flight(node: &Node, send_id: &str) {
     .await;
 }
 
-/// Users inside the 24-hour window (their message reaches otnd through the signed webhook).
-async fn window_users(h: &Harness, node: &Node, prefix: &str, count: u64) {
-    for k in 0..count {
-        h.sandbox_post(
-            "/__sandbox/interactions",
-            json!({"page_id": PAGE, "psid": format!("{prefix}{k}"), "text": "hi",
-                   "deliver_webhook": true}),
-        )
-        .await;
-    }
-    let mut audience =
-        otnd::pb::audience_service_client::AudienceServiceClient::new(node.channel.clone());
-    eventually(Duration::from_secs(30), "the window users stored", || {
-        let mut audience = audience.clone();
-        let psid = format!("{prefix}{}", count - 1);
-        async move {
-            audience
-                .get_subscriber(otnd::pb::GetSubscriberRequest {
-                    page_id: PAGE.into(),
-                    psid,
-                })
-                .await
-                .ok()
-                .filter(|s| {
-                    s.get_ref()
-                        .subscriber
-                        .as_ref()
-                        .is_some_and(|s| s.window_open)
-                })
-                .map(|_| ())
-        }
-    })
-    .await;
-    let _ = &mut audience;
+/// A reviewed story on `topic` that also reaches users inside the window.
+async fn window_story_on(h: &Harness, node: &Node, topic: &str, text: &str) -> String {
+    h.reviewed_story(
+        node,
+        StorySpec {
+            topic,
+            text,
+            window: true,
+            ..StorySpec::default()
+        },
+    )
+    .await
 }
 
-/// A reviewed story on the topic that also reaches users inside the window.
 async fn window_story(h: &Harness, node: &Node, text: &str) -> String {
     window_story_on(h, node, TOPIC, text).await
-}
-
-async fn window_story_on(h: &Harness, node: &Node, topic: &str, text: &str) -> String {
-    let mut stories = StoryServiceClient::new(node.channel.clone());
-    let story = stories
-        .create_story(CreateStoryRequest {
-            page_id: PAGE.into(),
-            topic: topic.into(),
-            content: Some(StoryContent {
-                kind: Some(Kind::Text(text.into())),
-            }),
-            include_window_users: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .story
-        .unwrap();
-    h.sandbox_post(
-        "/__sandbox/interactions",
-        json!({"page_id": PAGE, "psid": "boss", "text": "ok", "deliver_webhook": false}),
-    )
-    .await;
-    stories
-        .preview_story(PreviewStoryRequest {
-            story_id: story.story_id.clone(),
-            reviewer_psid: "boss".into(),
-        })
-        .await
-        .unwrap();
-    story.story_id
 }
 
 /// Defects: throttled answers that came back after a cancel put their deliveries back to
@@ -189,7 +133,7 @@ async fn cancel_amid_ambiguous_attempts(db: TestDatabase) {
     let h = Harness::new(&db, USERS).await;
     let node = h.start().await;
     let story = h.prepare(&node, 300).await;
-    window_users(&h, &node, "w", 20).await;
+    h.window_users(&node, PAGE, "w", 20).await;
     let story_with_window = window_story(&h, &node, "Doors, window too").await;
     let _ = story;
     // Half the calls are accepted and then answered as a failure: those deliveries wait for a
@@ -255,7 +199,7 @@ async fn one_failing_send_beside_a_healthy_one(db: TestDatabase) {
     let h = Harness::new(&db, 200).await;
     let node = h.start().await;
     let failing = h.prepare(&node, 300).await;
-    window_users(&h, &node, "w", 30).await;
+    h.window_users(&node, PAGE, "w", 30).await;
     // Another topic: the healthy send reaches everyone inside the window (the 30, and the 200
     // whose opt-ins opened it), and leaves the failing send's opt-ins alone.
     let healthy = window_story_on(&h, &node, "Other news", "The doors are open to all").await;
@@ -308,7 +252,7 @@ async fn database_away_again_and_again(db: TestDatabase) {
     };
     let node = h.start().await;
     let tokens = h.prepare(&node, 300).await;
-    window_users(&h, &node, "w", 50).await;
+    h.window_users(&node, PAGE, "w", 50).await;
     let window = window_story(&h, &node, "Everyone, window too").await;
     h.faults(json!({"latency_ms": 30})).await;
     let one = start_send(&node.channel, &tokens, "away-1").await;
@@ -496,7 +440,7 @@ async fn estimate_matches_the_send(db: TestDatabase) {
     let h = Harness::new(&db, 10).await;
     let node = h.start().await;
     h.prepare(&node, 300).await;
-    window_users(&h, &node, "late", 3).await;
+    h.window_users(&node, PAGE, "late", 3).await;
     // Their tokens expire in 30 s: too soon to be presented.
     let year_ms = otnd::domain::OPT_IN_LIFETIME_MS;
     let opted_in_ms = chrono::Utc::now().timestamp_millis() - year_ms + 30_000;
@@ -770,30 +714,17 @@ async fn a_rule_of_any_size(db: TestDatabase) {
     .await
     .unwrap();
     let _ = conn.close().await;
+    let story = h
+        .reviewed_story(
+            &node,
+            StorySpec {
+                text: "For the most tagged",
+                segment_id: &segment.segment_id,
+                ..StorySpec::default()
+            },
+        )
+        .await;
     let mut stories = StoryServiceClient::new(node.channel.clone());
-    let story = stories
-        .create_story(CreateStoryRequest {
-            page_id: PAGE.into(),
-            topic: TOPIC.into(),
-            content: Some(StoryContent {
-                kind: Some(Kind::Text("For the most tagged".into())),
-            }),
-            segment_id: segment.segment_id,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .story
-        .unwrap()
-        .story_id;
-    stories
-        .preview_story(PreviewStoryRequest {
-            story_id: story.clone(),
-            reviewer_psid: "boss".into(),
-        })
-        .await
-        .unwrap();
     let estimate = stories
         .estimate_audience(EstimateAudienceRequest {
             story_id: story.clone(),

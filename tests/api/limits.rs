@@ -15,58 +15,9 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use crate::{
     backend_tests,
     helpers::TestDatabase,
-    judge::{Harness, Node, PAGE, TOPIC, progress_of, start_send, wait_until},
+    judge::{Harness, PAGE, StorySpec, progress_of, start_send, wait_until},
     ledger,
 };
-
-async fn window_users(h: &Harness, page: &str, count: usize) {
-    for k in 0..count {
-        h.sandbox_post(
-            "/__sandbox/interactions",
-            json!({"page_id": page, "psid": format!("w{k}"), "text": "hi",
-                   "deliver_webhook": true}),
-        )
-        .await;
-    }
-}
-
-/// A reviewed story that reaches the page's users inside the window: every send of it has an
-/// audience (window messages spend no token).
-async fn window_story(h: &Harness, node: &Node, page: &str) -> String {
-    use otnd::pb::{
-        CreateStoryRequest, PreviewStoryRequest, StoryContent, story_content::Kind,
-        story_service_client::StoryServiceClient,
-    };
-    let mut stories = StoryServiceClient::new(node.channel.clone());
-    let story = stories
-        .create_story(CreateStoryRequest {
-            page_id: page.into(),
-            topic: TOPIC.into(),
-            content: Some(StoryContent {
-                kind: Some(Kind::Text(format!("News of {page}"))),
-            }),
-            include_window_users: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .story
-        .unwrap();
-    h.sandbox_post(
-        "/__sandbox/interactions",
-        json!({"page_id": page, "psid": "boss", "text": "ok", "deliver_webhook": false}),
-    )
-    .await;
-    stories
-        .preview_story(PreviewStoryRequest {
-            story_id: story.story_id.clone(),
-            reviewer_psid: "boss".into(),
-        })
-        .await
-        .unwrap();
-    story.story_id
-}
 
 /// Defect: OTN_MAX_ACTIVE_SENDS (100 by default) counted queued sends, so a platform starting a
 /// campaign of more sends than that got RESOURCE_EXHAUSTED from the 101st. Here 150 sends of
@@ -77,8 +28,17 @@ async fn a_campaign_of_many_sends(db: TestDatabase) {
     let h = Harness::new(&db, 1).await;
     let node = h.start().await;
     h.prepare(&node, 300).await;
-    window_users(&h, PAGE, 2).await;
-    let story = window_story(&h, &node, PAGE).await;
+    h.window_users(&node, PAGE, "w", 2).await;
+    let story = h
+        .reviewed_story(
+            &node,
+            StorySpec {
+                text: "News of the page",
+                window: true,
+                ..StorySpec::default()
+            },
+        )
+        .await;
     h.faults(json!({"latency_ms": 2000})).await;
     let mut sends = SendServiceClient::new(node.channel.clone());
     let mut ids = Vec::new();

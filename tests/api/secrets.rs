@@ -7,11 +7,10 @@
 use std::time::{Duration, Instant};
 
 use otnd::pb::{
-    CancelSendRequest, CreateStoryRequest, GetPageRequest, GetSendRequest, ListDeliveriesRequest,
-    ListOptInsRequest, ListSendsRequest, PreviewStoryRequest, SendOptInRequestRequest,
-    StartSendRequest, StoryContent, opt_in_service_client::OptInServiceClient,
-    page_service_client::PageServiceClient, send_service_client::SendServiceClient,
-    story_content::Kind, story_service_client::StoryServiceClient,
+    CancelSendRequest, GetPageRequest, GetSendRequest, ListDeliveriesRequest, ListOptInsRequest,
+    ListSendsRequest, PreviewStoryRequest, SendOptInRequestRequest, StartSendRequest,
+    opt_in_service_client::OptInServiceClient, page_service_client::PageServiceClient,
+    send_service_client::SendServiceClient, story_service_client::StoryServiceClient,
 };
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::{Value, json};
@@ -21,7 +20,7 @@ use crate::{
     helpers::{
         TestDatabase, page_access_token, page_app_secret, page_verify_token, test_master_key_base64,
     },
-    judge::{Harness, Node, PAGE, TOPIC},
+    judge::{Harness, Node, PAGE, StorySpec},
 };
 
 /// Every fault kind the sandbox has, each on its own.
@@ -54,40 +53,16 @@ impl Seen {
     }
 }
 
-async fn window_user(h: &Harness, psid: &str) {
-    h.sandbox_post(
-        "/__sandbox/interactions",
-        json!({"page_id": PAGE, "psid": psid, "text": "hi", "deliver_webhook": true}),
-    )
-    .await;
-}
-
 async fn reviewed_window_story(h: &Harness, node: &Node, text: &str) -> String {
-    let mut stories = StoryServiceClient::new(node.channel.clone());
-    let story = stories
-        .create_story(CreateStoryRequest {
-            page_id: PAGE.into(),
-            topic: TOPIC.into(),
-            content: Some(StoryContent {
-                kind: Some(Kind::Text(text.into())),
-            }),
-            include_window_users: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .story
-        .unwrap();
-    window_user(h, "boss").await;
-    stories
-        .preview_story(PreviewStoryRequest {
-            story_id: story.story_id.clone(),
-            reviewer_psid: "boss".into(),
-        })
-        .await
-        .unwrap();
-    story.story_id
+    h.reviewed_story(
+        node,
+        StorySpec {
+            text,
+            window: true,
+            ..StorySpec::default()
+        },
+    )
+    .await
 }
 
 /// Every row of every table of the database, or every byte of its files, as text.
@@ -173,9 +148,7 @@ async fn secrets_stay_secret_under_every_fault(db: TestDatabase) {
     for (n, (name, faults)) in every_fault().into_iter().enumerate() {
         // Fresh tokens and users inside the window for each fault.
         h.opt_in_page(&node, PAGE, &format!("f{n}-"), 5, None).await;
-        for k in 0..3 {
-            window_user(&h, &format!("w{n}-{k}")).await;
-        }
+        h.window_users(&node, PAGE, &format!("w{n}-"), 3).await;
         let story = reviewed_window_story(&h, &node, &format!("Under {name}")).await;
         let second = reviewed_window_story(&h, &node, &format!("Preview under {name}")).await;
         h.faults(faults).await;

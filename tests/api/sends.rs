@@ -353,11 +353,15 @@ backend_tests! {
                 json!({"page_id": PAGE, "psid": psid, "text": "hi", "deliver_webhook": true})).await;
         }
         let vip: Vec<String> = ["u0", "u1", "u2", "u3", "u4", "w0", "w1"].map(String::from).to_vec();
+        // Each interaction's webhook is delivered on its own: all of them, not only the last.
         eventually(Duration::from_secs(10), "window users recorded", || {
             let mut audience = app.audience.clone();
             async move {
-                audience.get_subscriber(otnd::pb::GetSubscriberRequest { page_id: PAGE.into(), psid: "w2".into() })
-                    .await.ok()
+                for psid in ["w0", "w1", "w2"] {
+                    audience.get_subscriber(otnd::pb::GetSubscriberRequest {
+                        page_id: PAGE.into(), psid: psid.into() }).await.ok()?;
+                }
+                Some(())
             }
         }).await;
         app.audience.tag_subscribers(TagSubscribersRequest {
@@ -394,11 +398,15 @@ backend_tests! {
             app.sandbox_admin("/__sandbox/interactions",
                 json!({"page_id": PAGE, "psid": format!("w{n}"), "text": "hi", "deliver_webhook": true})).await;
         }
+        // Each interaction's webhook is delivered on its own: all of them, not only the last.
         eventually(Duration::from_secs(10), "window users recorded", || {
             let mut audience = app.audience.clone();
             async move {
-                audience.get_subscriber(otnd::pb::GetSubscriberRequest { page_id: PAGE.into(), psid: "w39".into() })
-                    .await.ok()
+                for n in 0..40 {
+                    audience.get_subscriber(otnd::pb::GetSubscriberRequest {
+                        page_id: PAGE.into(), psid: format!("w{n}") }).await.ok()?;
+                }
+                Some(())
             }
         }).await;
         let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest {

@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, FromQueryResult};
 
 use super::{
-    Claimed, CounterDelta, Moved, ROWS_PER_STATEMENT, Send, leaving, lock_send,
-    materialize::materialize, push_id_list, record, set_state, settle_optins, update_send,
+    Claimed, CounterDelta, ROWS_PER_STATEMENT, Send, leaving, lock_send, materialize::materialize,
+    move_with_reason, push_id_list, record, set_state, settle_optins, update_send,
 };
 use crate::{
     domain::{DeliveryEvent, DeliveryState, SendState},
@@ -82,8 +82,12 @@ async fn claim(
          LEFT JOIN optins o ON o.id = d.optin_id WHERE d.send_id = ",
     )
     .bind(send_id)
-    .push(" AND d.state = ")
-    .bind(DeliveryState::Pending)
+    // A literal, not a bound value: only then can SQLite use the partial index of pending
+    // deliveries (a send's others are not scanned at every step).
+    .push(&format!(
+        " AND d.state = '{}'",
+        DeliveryState::Pending.as_str()
+    ))
     .push(" AND d.next_attempt_at <= ")
     .bind(now)
     .push(" ORDER BY d.id LIMIT ")
@@ -135,18 +139,21 @@ async fn claim(
             let ids: Vec<i64> = rows.iter().map(|c| c.id).collect();
             let mut moved = Vec::new();
             for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-                let mut sql = Sql::new(backend);
-                sql.push("UPDATE deliveries SET ");
-                set_state(&mut sql, event);
-                sql.push(", error_message = ")
-                    .bind(why)
-                    .push(", updated_at = ")
-                    .bind(now)
-                    .push(" WHERE id IN ");
-                push_id_list(&mut sql, chunk);
-                leaving(&mut sql, event, DeliveryState::Pending, "state")?;
-                sql.push(" RETURNING id, optin_id");
-                moved.extend(Moved::find_by_statement(sql.statement()).all(txn).await?);
+                moved.extend(
+                    move_with_reason(
+                        txn,
+                        event,
+                        DeliveryState::Pending,
+                        why,
+                        now,
+                        |_| {},
+                        |sql| {
+                            sql.push("id IN ");
+                            push_id_list(sql, chunk);
+                        },
+                    )
+                    .await?,
+                );
             }
             delta.moved(DeliveryState::Pending, event.target(), moved.len() as i64);
             if event == DeliveryEvent::Skip {

@@ -7,7 +7,7 @@ use sea_orm::{
 };
 
 use super::{
-    CounterDelta, PHASE_DONE, PHASE_TOKEN, Send, delivery, leaving, send, set_state, settle_optins,
+    CounterDelta, PHASE_DONE, PHASE_TOKEN, Send, delivery, move_with_reason, send, settle_optins,
     unfinished, update_send,
 };
 use crate::{
@@ -336,22 +336,21 @@ pub async fn cancel(db: &DatabaseConnection, send_id: &str, now: i64) -> Result<
              settled",
         ),
     ] {
-        let mut sql = Sql::new(txn.get_database_backend());
-        sql.push("UPDATE deliveries SET ");
-        set_state(&mut sql, event);
-        sql.push(", error_message = ")
-            .bind(why)
-            .push(", updated_at = ")
-            .bind(now)
-            .push(" WHERE send_id = ")
-            .bind(send_id)
-            .push(" AND ambiguous = ")
-            .bind(ambiguous);
-        leaving(&mut sql, event, DeliveryState::Pending, "state")?;
-        sql.push(" RETURNING id, optin_id");
-        let moved = super::Moved::find_by_statement(sql.statement())
-            .all(&txn)
-            .await?;
+        let moved = move_with_reason(
+            &txn,
+            event,
+            DeliveryState::Pending,
+            why,
+            now,
+            |_| {},
+            |sql| {
+                sql.push("send_id = ")
+                    .bind(send_id)
+                    .push(" AND ambiguous = ")
+                    .bind(ambiguous);
+            },
+        )
+        .await?;
         settle_optins(&txn, &moved, event.target(), false, now).await?;
         delta.moved(DeliveryState::Pending, event.target(), moved.len() as i64);
     }

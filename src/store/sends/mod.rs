@@ -279,6 +279,32 @@ fn leaving(
     Ok(())
 }
 
+/// Moves the deliveries `which` selects (it writes the `WHERE …` after the `WHERE`) out of `from`
+/// by `event`, giving `why` as their message; `set` may add columns. Returns the rows moved.
+async fn move_with_reason(
+    db: &impl ConnectionTrait,
+    event: DeliveryEvent,
+    from: DeliveryState,
+    why: &str,
+    now: i64,
+    set: impl FnOnce(&mut Sql),
+    which: impl FnOnce(&mut Sql),
+) -> Result<Vec<Moved>, StoreError> {
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("UPDATE deliveries SET ");
+    set_state(&mut sql, event);
+    set(&mut sql);
+    sql.push(", error_message = ")
+        .bind(why)
+        .push(", updated_at = ")
+        .bind(now)
+        .push(" WHERE ");
+    which(&mut sql);
+    leaving(&mut sql, event, from, "state")?;
+    sql.push(" RETURNING id, optin_id");
+    Ok(Moved::find_by_statement(sql.statement()).all(db).await?)
+}
+
 /// A delivery a statement moved, as it was bound.
 #[derive(Clone, Copy, Debug, FromQueryResult)]
 struct Moved {

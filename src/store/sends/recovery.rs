@@ -1,12 +1,12 @@
 //! What an earlier life left in flight: every delivery of the send still `in_flight` when its
 //! page's actor starts may or may not have reached Facebook.
 
-use sea_orm::{DatabaseConnection, FromQueryResult};
+use sea_orm::DatabaseConnection;
 
-use super::{CounterDelta, Moved, leaving, lock_send, set_state, settle_optins, update_send};
+use super::{CounterDelta, lock_send, move_with_reason, settle_optins, update_send};
 use crate::{
     domain::{DeliveryEvent, DeliveryState, Route, SendState},
-    store::{StoreError, begin_write, leases::Fence, sql::Sql},
+    store::{StoreError, begin_write, leases::Fence},
 };
 
 /// Settles the send's deliveries found in flight. A token delivery goes back to pending, marked
@@ -20,7 +20,6 @@ pub async fn recover_in_flight(
     send_id: &str,
     now: i64,
 ) -> Result<u64, StoreError> {
-    let backend = db.get_database_backend();
     let txn = begin_write(db).await?;
     fence.check(&txn).await?;
     let send = lock_send(&txn, send_id).await?;
@@ -44,25 +43,28 @@ pub async fn recover_in_flight(
                  have landed",
             ),
         };
-        let mut sql = Sql::new(backend);
-        sql.push("UPDATE deliveries SET ");
-        set_state(&mut sql, event);
-        if event == DeliveryEvent::Retry {
-            sql.push(", ambiguous = ")
-                .bind(true)
-                .push(", next_attempt_at = 0");
-        }
-        sql.push(", error_message = ")
-            .bind(why)
-            .push(", updated_at = ")
-            .bind(now)
-            .push(" WHERE send_id = ")
-            .bind(send_id)
-            .push(" AND route = ")
-            .bind(*route);
-        leaving(&mut sql, event, DeliveryState::InFlight, "state")?;
-        sql.push(" RETURNING id, optin_id");
-        let moved = Moved::find_by_statement(sql.statement()).all(&txn).await?;
+        let moved = move_with_reason(
+            &txn,
+            event,
+            DeliveryState::InFlight,
+            why,
+            now,
+            |sql| {
+                if event == DeliveryEvent::Retry {
+                    // Its retry, with the same token, settles whether it landed.
+                    sql.push(", ambiguous = ")
+                        .bind(true)
+                        .push(", next_attempt_at = 0");
+                }
+            },
+            |sql| {
+                sql.push("send_id = ")
+                    .bind(send_id)
+                    .push(" AND route = ")
+                    .bind(*route);
+            },
+        )
+        .await?;
         settle_optins(&txn, &moved, event.target(), false, now).await?;
         delta.moved(DeliveryState::InFlight, event.target(), moved.len() as i64);
         recovered += moved.len() as u64;
