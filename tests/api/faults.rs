@@ -279,14 +279,7 @@ async fn slow_graph(db: TestDatabase) {
     }
     assert_eq!(health(&node).await, ServingStatus::Serving);
 
-    let metrics = otnd::graph::http_client()
-        .get(format!("http://{}/metrics", node.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     let in_flight: f64 = metrics
         .lines()
         .find(|l| l.starts_with(&format!("otnd_deliveries_in_flight{{page_id=\"{PAGE}\"}}")))
@@ -362,6 +355,23 @@ impl Proxy {
         Proxy { addr, up, cut }
     }
 
+    /// On PostgreSQL, a proxy the harness's instances reach the database through (so a test
+    /// can cut it); none on SQLite, whose file cannot go away that way.
+    pub(crate) async fn in_front_of(h: &mut Harness, db: &TestDatabase) -> Option<Self> {
+        if db.sqlite_file.is_some() {
+            return None;
+        }
+        let mut url = url::Url::parse(&db.url).unwrap();
+        let target: SocketAddr =
+            format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+                .parse()
+                .unwrap();
+        let proxy = Proxy::start(target).await;
+        url.set_port(Some(proxy.addr.port())).unwrap();
+        h.database_url = url.to_string();
+        Some(proxy)
+    }
+
     pub(crate) fn down(&self) {
         self.up.store(false, Ordering::SeqCst);
         let _ = self.cut.send(());
@@ -375,20 +385,7 @@ impl Proxy {
 async fn database_goes_away(db: TestDatabase) {
     const RECIPIENTS: u64 = 1500;
     let mut h = Harness::new(&db, RECIPIENTS).await;
-    let proxy = match db.sqlite_file {
-        Some(_) => None,
-        None => {
-            let mut url = url::Url::parse(&db.url).unwrap();
-            let target: SocketAddr =
-                format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
-                    .parse()
-                    .unwrap();
-            let proxy = Proxy::start(target).await;
-            url.set_port(Some(proxy.addr.port())).unwrap();
-            h.database_url = url.to_string();
-            Some(proxy)
-        }
-    };
+    let proxy = Proxy::in_front_of(&mut h, &db).await;
     let node = h.start().await;
     let story = h.prepare(&node, 300).await;
     h.faults(json!({"latency_ms": 20})).await;
@@ -435,13 +432,7 @@ async fn sigterm_drains(db: TestDatabase) {
     let send_id = start_send(&node.channel, &story, "drain").await;
     wait_until(&node.channel, &send_id, "some sent", |s| sent(s) >= 100).await;
     // The real binary's metrics, mid-send.
-    let metrics = otnd::graph::http_client()
-        .get(format!("http://{}/metrics", node.http))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(metrics.status(), 200);
-    let metrics = metrics.text().await.unwrap();
+    let metrics = node.metrics().await;
     for name in [
         "otnd_deliveries_total{outcome=\"sent\"}",
         "otnd_graph_call_seconds_bucket",

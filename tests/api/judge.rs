@@ -45,6 +45,19 @@ pub(crate) struct Node {
     pub(crate) http: String,
 }
 
+impl Node {
+    /// The instance's `/metrics` text (asserting it answers 200).
+    pub(crate) async fn metrics(&self) -> String {
+        let answer = otnd::graph::http_client()
+            .get(format!("http://{}/metrics", self.http))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        answer.text().await.unwrap()
+    }
+}
+
 impl Harness {
     pub(crate) async fn new(db: &TestDatabase, recipients: u64) -> Self {
         let sandbox = RunningSandbox::start(SandboxOptions::default())

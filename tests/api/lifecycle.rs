@@ -237,19 +237,7 @@ async fn database_away_again_and_again(db: TestDatabase) {
     use crate::faults::Proxy;
     const USERS: u64 = 600;
     let mut h = Harness::new(&db, USERS).await;
-    let proxy = match db.sqlite_file {
-        Some(_) => None,
-        None => {
-            let mut url = url::Url::parse(&db.url).unwrap();
-            let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
-                .parse()
-                .unwrap();
-            let proxy = Proxy::start(target).await;
-            url.set_port(Some(proxy.addr.port())).unwrap();
-            h.database_url = url.to_string();
-            Some(proxy)
-        }
-    };
+    let proxy = Proxy::in_front_of(&mut h, &db).await;
     let node = h.start().await;
     let tokens = h.prepare(&node, 300).await;
     h.window_users(&node, PAGE, "w", 50).await;

@@ -244,15 +244,7 @@ async fn secrets_stay_secret_under_every_fault(db: TestDatabase) {
             })
             .await,
     );
-    let metrics = otnd::graph::http_client()
-        .get(format!("http://{}/metrics", node.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    seen.0.push(metrics);
+    seen.0.push(node.metrics().await);
 
     let token = page_access_token(PAGE);
     let app_secret = page_app_secret(PAGE);
