@@ -46,6 +46,8 @@ pub struct Application {
     guard: GuardLayer,
     shutdown_grace: Duration,
     max_active_sends: u64,
+    /// How long a Graph call may stay unanswered.
+    graph_timeout: Duration,
     store: Store,
     cipher: SecretCipher,
     graph: GraphClient,
@@ -157,6 +159,7 @@ impl Application {
             ),
             shutdown_grace: settings.shutdown_grace,
             max_active_sends: settings.max_active_sends,
+            graph_timeout: settings.graph_timeout,
             store,
             cipher,
             graph,
@@ -202,6 +205,7 @@ impl Application {
         let audience = pb::audience_service_server::AudienceServiceServer::new(Audience::new(
             self.store.clone(),
             self.cipher.clone(),
+            self.graph_timeout,
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
         let optins = pb::opt_in_service_server::OptInServiceServer::new(OptIns::new(

@@ -1,6 +1,9 @@
 //! AudienceService: subscribers, their window and tags, and segments.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::Duration,
+};
 
 use tonic::{Request, Response, Status};
 
@@ -30,11 +33,20 @@ const PAGE_TOKEN_KIND: &str = "segments";
 pub struct Audience {
     store: Store,
     cipher: SecretCipher,
+    /// How long DeleteSubscriber waits for a message to the user that is in flight to be
+    /// answered before it answers UNAVAILABLE.
+    erasure_wait: Duration,
 }
 
 impl Audience {
-    pub fn new(store: Store, cipher: SecretCipher) -> Self {
-        Audience { store, cipher }
+    /// `graph_timeout` bounds how long a Graph call may stay unanswered; an erasure waits that
+    /// long and a little more for one to the user it erases.
+    pub fn new(store: Store, cipher: SecretCipher, graph_timeout: Duration) -> Self {
+        Audience {
+            store,
+            cipher,
+            erasure_wait: graph_timeout + Duration::from_secs(5),
+        }
     }
 
     async fn subscriber(&self, page_id: &PageId, psid: &Psid) -> Result<pb::Subscriber, ApiError> {
@@ -221,12 +233,15 @@ impl AudienceService for Audience {
         let req = request.into_inner();
         let (page_id, psid) = subscriber_key(&req.page_id, &req.psid)?;
         let digest = erasures::digest(&self.cipher, page_id.as_str(), psid.as_str());
-        let erased =
-            audience::delete_subscriber(&self.store.db, &page_id, &psid, &digest, now_ms())
-                .await
-                .map_err(|e| {
-                    ApiError::from_store(e, || format!("subscriber {psid} of page {page_id}"))
-                })?;
+        let erased = audience::delete_subscriber(
+            &self.store.db,
+            &page_id,
+            &psid,
+            &digest,
+            self.erasure_wait,
+        )
+        .await
+        .map_err(|e| ApiError::from_store(e, || format!("subscriber {psid} of page {page_id}")))?;
         tracing::info!(
             opt_ins_deleted = erased.opt_ins,
             deliveries_deleted = erased.deliveries,

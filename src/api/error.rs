@@ -23,6 +23,9 @@ pub enum ApiError {
     /// Load shed: the server holds as much of this kind of work as it takes.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Cannot be done this moment; the same request may be retried.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
     /// Facebook refused or failed a call made for this request.
@@ -52,6 +55,10 @@ impl ApiError {
             StoreError::InUse => {
                 ApiError::FailedPrecondition(format!("{} is still in use", what()))
             }
+            StoreError::InFlight => ApiError::Unavailable(format!(
+                "a message to {} is still on its way to Facebook; retry once it is answered",
+                what()
+            )),
             other => ApiError::internal(other),
         }
     }
@@ -71,6 +78,9 @@ impl From<ApiError> for Status {
             }
             ApiError::ResourceExhausted(message) => {
                 Status::resource_exhausted(clip(&message, MAX_MESSAGE_CHARS))
+            }
+            ApiError::Unavailable(message) => {
+                Status::unavailable(clip(&message, MAX_MESSAGE_CHARS))
             }
             ApiError::Engine(err @ EngineError::Busy) => {
                 Status::resource_exhausted(err.to_string())

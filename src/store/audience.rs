@@ -323,9 +323,25 @@ pub async fn delete_subscriber(
     page_id: &PageId,
     psid: &Psid,
     digest: &str,
-    now: i64,
+    in_flight_wait: std::time::Duration,
 ) -> Result<Erasure, StoreError> {
-    let txn = super::begin_write(db).await?;
+    // Nothing may reach the user once the erasure has returned: their pending deliveries are
+    // held back, and the erasure commits only in a transaction that finds none of theirs in
+    // flight (an answer that comes back as "retry" makes one pending again: held again).
+    let deadline = tokio::time::Instant::now() + in_flight_wait;
+    let txn = loop {
+        let txn = super::begin_write(db).await?;
+        let now = super::now_ms();
+        if super::sends::hold_recipient(&txn, page_id.as_str(), psid.as_str(), now).await? == 0 {
+            break txn;
+        }
+        txn.commit().await?;
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StoreError::InFlight);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let now = super::now_ms();
     let deliveries =
         super::sends::erase_recipient(&txn, page_id.as_str(), psid.as_str(), now).await?;
     let opt_ins = optins::Entity::delete_many()

@@ -199,6 +199,10 @@ pub enum StoreError {
     /// This instance no longer holds the page's lease at the generation it was given.
     #[error("the page's lease passed to another owner")]
     Fenced,
+    /// A message to this recipient is on its way to Facebook; the request may be retried once
+    /// it has been answered.
+    #[error("a message to this recipient is in flight")]
+    InFlight,
     #[error("a stored secret does not decrypt: {0}")]
     Sealed(#[from] crate::crypto::OpenError),
     #[error(transparent)]

@@ -247,6 +247,15 @@ pub async fn try_spawn_tls(settings: Settings, ca_pem: Option<&[u8]>) -> Result<
 }
 
 /// The secrets the harness registers pages with, in otnd and in the sandbox alike.
+/// `X-Hub-Signature-256` of a webhook body, as Facebook signs it with the app secret.
+pub fn sign_webhook(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    format!(
+        "sha256={}",
+        hex::encode(ring::hmac::sign(&key, body).as_ref())
+    )
+}
+
 pub fn page_access_token(page_id: &str) -> String {
     format!("EAAB-test-{page_id}")
 }

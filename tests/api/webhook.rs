@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::{
     backend_tests,
-    helpers::{TestApp, TestDatabase, page_app_secret, page_verify_token, spawn_app},
+    helpers::{TestApp, TestDatabase, page_app_secret, page_verify_token, sign_webhook, spawn_app},
 };
 
 pub async fn topics(app: &mut TestApp, page_id: &str) -> Vec<TopicSummary> {
@@ -51,14 +51,6 @@ pub async fn wait_for_active(app: &mut TestApp, page_id: &str, topic: &str, n: u
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-}
-
-fn sign(secret: &str, body: &[u8]) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    format!(
-        "sha256={}",
-        hex::encode(ring::hmac::sign(&key, body).as_ref())
-    )
 }
 
 async fn post(app: &TestApp, body: &[u8], signature: Option<&str>) -> (u16, String) {
@@ -155,13 +147,13 @@ backend_tests! {
         assert_eq!(post(&app, body, None).await.0, 401, "no signature");
         assert_eq!(post(&app, body, Some("sha1=abc")).await.0, 401, "not sha256");
         assert_eq!(post(&app, body, Some("sha256=zz")).await.0, 401, "not hex");
-        assert_eq!(post(&app, body, Some(&sign("wrong-secret", body))).await.0, 403, "forged");
+        assert_eq!(post(&app, body, Some(&sign_webhook("wrong-secret", body))).await.0, 403, "forged");
         // Signed, then altered: the signature is over the exact bytes.
-        let signature = sign(&page_app_secret("400"), body);
+        let signature = sign_webhook(&page_app_secret("400"), body);
         let altered = String::from_utf8(body.to_vec()).unwrap().replace("tok-forged", "tok-altered");
         assert_eq!(post(&app, altered.as_bytes(), Some(&signature)).await.0, 403, "altered");
         let not_json = b"{\"object\": \"page\", \"entry\": [";
-        assert_eq!(post(&app, not_json, Some(&sign(&page_app_secret("400"), not_json))).await.0, 400);
+        assert_eq!(post(&app, not_json, Some(&sign_webhook(&page_app_secret("400"), not_json))).await.0, 400);
 
         assert!(topics(&mut app, "400").await.is_empty(), "nothing was stored");
         let subscriber = app.audience.get_subscriber(GetSubscriberRequest {
@@ -191,7 +183,7 @@ backend_tests! {
             // A page otnd does not manage: skipped, not fatal.
             {"id": "999", "time": now, "messaging": [optin_event("x", "999", "t", "tok-x", now)]},
         ]}).to_string();
-        let signature = sign(&page_app_secret("500"), body.as_bytes());
+        let signature = sign_webhook(&page_app_secret("500"), body.as_bytes());
         for _ in 0..2 {
             assert_eq!(post(&app, body.as_bytes(), Some(&signature)).await.0, 200);
         }
@@ -223,8 +215,8 @@ backend_tests! {
         let secret = page_app_secret("600");
         let recent = message(now);
         let old = message(now - 3 * 24 * 3600 * 1000);
-        assert_eq!(post(&app, recent.as_bytes(), Some(&sign(&secret, recent.as_bytes()))).await.0, 200);
-        assert_eq!(post(&app, old.as_bytes(), Some(&sign(&secret, old.as_bytes()))).await.0, 200);
+        assert_eq!(post(&app, recent.as_bytes(), Some(&sign_webhook(&secret, recent.as_bytes()))).await.0, 200);
+        assert_eq!(post(&app, old.as_bytes(), Some(&sign_webhook(&secret, old.as_bytes()))).await.0, 200);
         let subscriber = app.audience.get_subscriber(GetSubscriberRequest {
             page_id: "600".into(), psid: "u1".into() }).await.unwrap().into_inner().subscriber.unwrap();
         assert!(subscriber.window_open);
@@ -242,7 +234,12 @@ async fn a_post_for_unregistered_pages_is_acknowledged_and_ignored() {
     let body = json!({"object": "page", "entry": [{"id": "777", "time": 1, "messaging": [
         optin_event("u", "777", "t", "tok", 1)]}]})
     .to_string();
-    let (status, text) = post(&app, body.as_bytes(), Some(&sign("any", body.as_bytes()))).await;
+    let (status, text) = post(
+        &app,
+        body.as_bytes(),
+        Some(&sign_webhook("any", body.as_bytes())),
+    )
+    .await;
     assert_eq!((status, text.as_str()), (200, "ignored"));
 }
 
@@ -258,7 +255,7 @@ async fn bodies_over_the_limit_are_refused_unread() {
     let (status, _) = post(
         &app,
         body.as_bytes(),
-        Some(&sign(&page_app_secret("800"), body.as_bytes())),
+        Some(&sign_webhook(&page_app_secret("800"), body.as_bytes())),
     )
     .await;
     assert_eq!(status, 413);
@@ -283,7 +280,7 @@ async fn a_post_naming_more_pages_than_allowed_is_refused_and_stores_nothing() {
     let (status, text) = post(
         &app,
         at_limit.as_bytes(),
-        Some(&sign(&page_app_secret("800"), at_limit.as_bytes())),
+        Some(&sign_webhook(&page_app_secret("800"), at_limit.as_bytes())),
     )
     .await;
     assert_eq!((status, text.as_str()), (200, "EVENT_RECEIVED"));
@@ -291,7 +288,7 @@ async fn a_post_naming_more_pages_than_allowed_is_refused_and_stores_nothing() {
     let (status, text) = post(
         &app,
         over.as_bytes(),
-        Some(&sign(&page_app_secret("800"), over.as_bytes())),
+        Some(&sign_webhook(&page_app_secret("800"), over.as_bytes())),
     )
     .await;
     assert_eq!(status, 400, "{text}");
@@ -346,12 +343,12 @@ async fn a_forged_post_is_refused_before_it_is_parsed_and_logs_a_short_line() {
         .map(|i| json!({"id": format!("{}", 500_000 + i), "pad": padding, "messaging": []}))
         .collect();
     let forged = json!({"object": "page", "entry": entries}).to_string();
-    let (status, text) = send(forged, sign("guess", b"x")).await;
+    let (status, text) = send(forged, sign_webhook("guess", b"x")).await;
     assert_eq!((status, text.as_str()), (200, "ignored"));
     // A registered page, a wrong signature, events that do not even read: refused as forged.
     let forged =
         json!({"object": "page", "entry": [{"id": PAGE, "messaging": [{"optin": 7}]}]}).to_string();
-    let (status, _) = send(forged, sign("guess", b"x")).await;
+    let (status, _) = send(forged, sign_webhook("guess", b"x")).await;
     assert_eq!(status, 403);
     let log = node.served.log();
     let added = &log[before..];

@@ -5,35 +5,27 @@ use std::collections::BTreeMap;
 
 use sea_orm::{DatabaseTransaction, FromQueryResult};
 
-use super::{CounterDelta, lock_send, update_send};
+use super::{CounterDelta, lock_send, move_with_reason, settle_optins, update_send};
 use crate::{
-    domain::DeliveryState,
+    domain::{DeliveryEvent, DeliveryState},
     store::{StoreError, sql::Sql},
 };
 
-/// Deletes the user's deliveries from every send of the page, in the caller's transaction; the
-/// sends they belong to are locked first (in id order, as every writer of several sends does).
-/// A delivery in flight goes too: its answer, when it comes, finds nothing to record. Returns how
-/// many deliveries were deleted.
-pub async fn erase_recipient(
+#[derive(FromQueryResult)]
+struct SendOf {
+    send_id: String,
+}
+
+/// The sends of the page with a delivery to the user, in id order (the order every writer of
+/// several sends locks them in). Through each send's (send_id, psid) key: deliveries have no
+/// index by page and user.
+async fn sends_with(
     txn: &DatabaseTransaction,
     page_id: &str,
     psid: &str,
-    now: i64,
-) -> Result<u64, StoreError> {
+) -> Result<Vec<String>, StoreError> {
     use sea_orm::ConnectionTrait;
-    #[derive(FromQueryResult)]
-    struct SendOf {
-        send_id: String,
-    }
-    #[derive(FromQueryResult)]
-    struct Gone {
-        send_id: String,
-        state: DeliveryState,
-    }
-    let backend = txn.get_database_backend();
-    // Through each send's (send_id, psid) key: deliveries have no index by page and user.
-    let mut sql = Sql::new(backend);
+    let mut sql = Sql::new(txn.get_database_backend());
     sql.push(
         "SELECT DISTINCT d.send_id AS send_id FROM deliveries d JOIN sends s ON s.id = d.send_id \
          WHERE s.page_id = ",
@@ -42,13 +34,106 @@ pub async fn erase_recipient(
     .push(" AND d.psid = ")
     .bind(psid)
     .push(" ORDER BY d.send_id");
-    let sends = SendOf::find_by_statement(sql.statement()).all(txn).await?;
+    Ok(SendOf::find_by_statement(sql.statement())
+        .all(txn)
+        .await?
+        .into_iter()
+        .map(|s| s.send_id)
+        .collect())
+}
+
+/// Holds the user back from every send of the page before an erasure: their pending
+/// deliveries end (skipped, or `unknown` where an earlier attempt may have landed, as a cancel
+/// ends them), so none is claimed again. Returns how many of theirs are still in flight: the
+/// erasure waits until none is, so that no message reaches the user after it returns.
+pub async fn hold_recipient(
+    txn: &DatabaseTransaction,
+    page_id: &str,
+    psid: &str,
+    now: i64,
+) -> Result<u64, StoreError> {
+    use sea_orm::ConnectionTrait;
+    #[derive(FromQueryResult)]
+    struct Count {
+        n: i64,
+    }
+    let mut in_flight = 0;
+    for send_id in sends_with(txn, page_id, psid).await? {
+        lock_send(txn, &send_id).await?;
+        let mut delta = CounterDelta::default();
+        for (event, ambiguous, why) in [
+            (
+                DeliveryEvent::Skip,
+                false,
+                "the subscriber was erased before this delivery's turn",
+            ),
+            (
+                DeliveryEvent::Lose,
+                true,
+                "the subscriber was erased while an earlier attempt that may have landed waited \
+                 to be settled",
+            ),
+        ] {
+            let moved = move_with_reason(
+                txn,
+                event,
+                DeliveryState::Pending,
+                why,
+                now,
+                |_| {},
+                |sql| {
+                    sql.push("send_id = ")
+                        .bind(send_id.as_str())
+                        .push(" AND psid = ")
+                        .bind(psid)
+                        .push(" AND ambiguous = ")
+                        .bind(ambiguous);
+                },
+            )
+            .await?;
+            settle_optins(txn, &moved, event.target(), false, now).await?;
+            delta.moved(DeliveryState::Pending, event.target(), moved.len() as i64);
+        }
+        if delta != CounterDelta::default() {
+            update_send(txn, &send_id, delta, None, now).await?;
+        }
+        let mut sql = Sql::new(txn.get_database_backend());
+        sql.push("SELECT COUNT(*) AS n FROM deliveries WHERE send_id = ")
+            .bind(send_id.as_str())
+            .push(" AND psid = ")
+            .bind(psid)
+            .push(" AND state = ")
+            .bind(DeliveryState::InFlight.as_str());
+        if let Some(count) = Count::find_by_statement(sql.statement()).one(txn).await? {
+            in_flight += u64::try_from(count.n).unwrap_or(0);
+        }
+    }
+    Ok(in_flight)
+}
+
+/// Deletes the user's deliveries from every send of the page, in the caller's transaction; the
+/// sends they belong to are locked first (in id order, as every writer of several sends does).
+/// The caller has held the user back first ([`hold_recipient`]) and found nothing in flight.
+/// Returns how many deliveries were deleted.
+pub async fn erase_recipient(
+    txn: &DatabaseTransaction,
+    page_id: &str,
+    psid: &str,
+    now: i64,
+) -> Result<u64, StoreError> {
+    use sea_orm::ConnectionTrait;
+    #[derive(FromQueryResult)]
+    struct Gone {
+        send_id: String,
+        state: DeliveryState,
+    }
+    let backend = txn.get_database_backend();
     let mut deltas: BTreeMap<String, CounterDelta> = BTreeMap::new();
-    for send in &sends {
-        lock_send(txn, &send.send_id).await?;
+    for send_id in sends_with(txn, page_id, psid).await? {
+        lock_send(txn, &send_id).await?;
         let mut sql = Sql::new(backend);
         sql.push("DELETE FROM deliveries WHERE send_id = ")
-            .bind(send.send_id.as_str())
+            .bind(send_id.as_str())
             .push(" AND psid = ")
             .bind(psid)
             .push(" RETURNING send_id, state");

@@ -27,7 +27,7 @@ mod recovery;
 use sea_orm::{ConnectionTrait, DatabaseBackend, FromQueryResult};
 
 pub use claim::{Step, reconcile, step};
-pub use erasure::erase_recipient;
+pub use erasure::{erase_recipient, hold_recipient};
 pub use lifecycle::{
     NewSend, SendFilter, Started, apply, cancel, complete_if_done, find_by_request_id, get,
     halt_page, list, list_deliveries, page_sends, pages_with_work, start,
