@@ -18,6 +18,7 @@ mod judge;
 mod ledger;
 mod lifecycle;
 mod limits;
+mod model;
 mod optins;
 mod pages;
 mod restart;

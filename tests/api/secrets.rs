@@ -66,7 +66,7 @@ async fn reviewed_window_story(h: &Harness, node: &Node, text: &str) -> String {
 }
 
 /// Every row of every table of the database, or every byte of its files, as text.
-async fn database_text(db: &TestDatabase) -> String {
+pub(crate) async fn database_text(db: &TestDatabase) -> String {
     if let Some(file) = &db.sqlite_file {
         let dir = file.parent().unwrap();
         let mut text = String::new();
