@@ -4,11 +4,11 @@
 //! off and then judged against the whole promise (see `check`). A broken history is shrunk
 //! (steps taken away while it still breaks) and reported as numbered steps with its seed.
 //!
-//! - `OTN_MODEL_CASES`: histories per backend (2 by default: CI's budget);
+//! - `OTN_MODEL_CASES`: histories per backend (4 by default: CI's budget);
 //! - `OTN_MODEL_STEPS`: steps per history (30), `OTN_MODEL_PAGES`: pages (2, at most 3);
 //! - `OTN_MODEL_SEED`: the first history's seed (the rest follow it); random by default, and
 //!   printed, so `OTN_MODEL_SEED=<seed> OTN_MODEL_CASES=1` runs a reported history again;
-//! - `OTN_MODEL_SHRINK_SECONDS`: how long a failure may be shrunk (600).
+//! - `OTN_MODEL_SHRINK_SECONDS`: how long a failure may be shrunk (300).
 //!
 //! The generated steps repeat exactly from a seed; their timing against otnd's own does not,
 //! which is the point: each run explores other interleavings.
@@ -49,13 +49,13 @@ fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 fn budget() -> Budget {
     Budget {
-        cases: env_number("OTN_MODEL_CASES", 2),
+        cases: env_number("OTN_MODEL_CASES", 4),
         steps: env_number("OTN_MODEL_STEPS", 30),
         pages: env_number("OTN_MODEL_PAGES", 2usize).clamp(1, PAGES.len()),
         seed: std::env::var("OTN_MODEL_SEED")
             .ok()
             .map(|s| s.parse().expect("OTN_MODEL_SEED is a number")),
-        shrink: Duration::from_secs(env_number("OTN_MODEL_SHRINK_SECONDS", 600)),
+        shrink: Duration::from_secs(env_number("OTN_MODEL_SHRINK_SECONDS", 300)),
     }
 }
 
