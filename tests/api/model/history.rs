@@ -415,6 +415,20 @@ fn fault_set(rng: &mut StdRng) -> FaultSet {
             _ => faults.throttle_rate = rate,
         }
     }
+    // The sandbox takes shares that add up to at most 1.
+    let total = faults.error_rate
+        + faults.timeout_rate
+        + faults.reset_rate
+        + faults.accept_then_fail_rate
+        + faults.throttle_rate;
+    if total > 0.9 {
+        let scale = 0.9 / total;
+        faults.error_rate *= scale;
+        faults.timeout_rate *= scale;
+        faults.reset_rate *= scale;
+        faults.accept_then_fail_rate *= scale;
+        faults.throttle_rate *= scale;
+    }
     faults
 }
 
