@@ -73,8 +73,12 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     let runtime = runtime()?;
     // Actors live in the actix System; the gRPC and HTTP servers run on the same tokio runtime.
     actix::System::with_tokio_rt(move || runtime).block_on(async move {
+        // Listening for SIGTERM before anything else: a supervisor may stop otnd while it
+        // starts.
+        let stop = startup::shutdown_signal();
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), "otnd starting");
         let app = Application::build(settings).await?;
-        app.run_until_stopped(startup::shutdown_signal()).await
+        app.run_until_stopped(stop).await
     })
 }
 

@@ -110,10 +110,11 @@ fn main() -> ExitCode {
         webhook_retry_base: Duration::from_millis(args.webhook_retry_base_ms),
     };
     let result = runtime.block_on(async move {
+        let stop = otnd::startup::shutdown_signal();
         let listener = tokio::net::TcpListener::bind(args.addr).await?;
         // On stdout, plainly, for scripts that start it on port 0.
         println!("graph-sandbox listening on {}", listener.local_addr()?);
-        sandbox::serve(listener, options, otnd::startup::shutdown_signal()).await
+        sandbox::serve(listener, options, stop).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

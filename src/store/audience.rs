@@ -380,11 +380,22 @@ pub async fn delete_subscriber(
         .exec(&txn)
         .await?
         .rows_affected;
-    if deliveries + opt_ins + requests + tags + subscriber + reviews == 0 {
+    let found = deliveries + opt_ins + requests + tags + subscriber + reviews > 0;
+    if !found
+        && super::pages::Entity::find_by_id(page_id.as_str().to_string())
+            .one(&txn)
+            .await?
+            .is_none()
+    {
         return Err(StoreError::NotFound);
     }
+    // Remembered even when nothing was found: Facebook's webhook for the user's opt-in may
+    // still be on its way, and it must not bring them in after they asked to be erased.
     super::erasures::remember(&txn, page_id.as_str(), digest, now).await?;
     txn.commit().await?;
+    if !found {
+        return Err(StoreError::NotFound);
+    }
     Ok(Erasure {
         opt_ins,
         deliveries,

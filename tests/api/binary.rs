@@ -353,3 +353,37 @@ async fn serve_on_defaults_keeps_secrets_out_of_logs_and_stops_on_sigterm() {
         assert_eq!(mode & 0o777, 0o600);
     }
 }
+
+/// Found by the model checker (seed 6753207792766298916 on PostgreSQL, shrunk to "SIGKILL otnd,
+/// restart it; SIGTERM otnd": "after SIGTERM otnd exited with signal: 15"): the SIGTERM handler
+/// was installed only once serving began, so a SIGTERM while otnd started, or just after it
+/// said it was ready, killed it with the signal's default action instead of a clean exit. It
+/// is installed before anything else now: a SIGTERM at any moment of the start is a graceful,
+/// successful stop.
+#[test]
+fn a_sigterm_while_starting_is_a_clean_stop() {
+    for round in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut served = Served::start(
+            dir.path(),
+            &[
+                ("OTN_GRPC_ADDR", "127.0.0.1:0"),
+                ("OTN_HTTP_ADDR", "127.0.0.1:0"),
+                ("OTN_LOG_FORMAT", "json"),
+            ],
+        );
+        // Half the rounds stop it while it connects and migrates, half as soon as it is ready.
+        let moment = if round % 2 == 0 {
+            "otnd starting"
+        } else {
+            "otnd ready"
+        };
+        served.wait_for_line(moment, Duration::from_secs(30));
+        let status = served.terminate(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "round {round}, SIGTERM at {moment:?}: {status}\n{}",
+            served.log()
+        );
+    }
+}
