@@ -100,10 +100,12 @@ impl EngineHandle {
         if store.db.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
             // Another instance says a page has new work: wake its actor if it runs here, else
             // try to take the page now rather than at the next round.
-            let (wake, alive) = (supervisor.clone(), supervisor.clone());
+            let (wake, resync, alive) =
+                (supervisor.clone(), supervisor.clone(), supervisor.clone());
             actix::spawn(crate::store::notify::listen(
                 store.db.clone(),
                 move |page_id| wake.do_send(PageChanged(page_id)),
+                move || resync.do_send(supervisor::Resync),
                 move || alive.connected(),
             ));
         }
@@ -127,9 +129,9 @@ impl EngineHandle {
     }
 
     /// Tells the page's owner that its sends changed in the database (persist first, then
-    /// wake: a lost wake-up only delays the work until the owner's next round). The owner may
-    /// be this instance, another one (told through PostgreSQL), or nobody yet (this instance
-    /// tries to take the page at once).
+    /// wake: a lost wake-up only delays the work until the owner's next resync, within half a
+    /// minute). The owner may be this instance, another one (told through PostgreSQL), or
+    /// nobody yet (this instance tries to take the page at once).
     pub async fn wake(&self, page_id: &str) -> Result<(), EngineError> {
         match self.route(page_id).await? {
             Route::Local(page) => page.try_send(Wake).map_err(|err| match err {

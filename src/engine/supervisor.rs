@@ -1,6 +1,6 @@
 use std::{
     collections::{HashMap, HashSet},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use actix::{
@@ -54,7 +54,14 @@ pub struct Supervisor {
     /// Pages being handed over (draining, then released): still leased here, not to be taken
     /// back as an earlier life's.
     handing: HashSet<String>,
+    /// When every page running here last read its sends again (see [`RESYNC_EVERY`]).
+    last_resync: Instant,
 }
+
+/// How often every page running here reads its sends from the database again, whether or not
+/// it was told of a change: a wake-up can be lost (a NOTIFY that failed after the change it
+/// announces had committed), and a send resumed or started elsewhere must not wait forever.
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
 
 /// Where requests about a page go.
 #[derive(actix::MessageResponse)]
@@ -79,6 +86,17 @@ impl Supervisor {
             ticking: false,
             tick_again: false,
             handing: HashSet::new(),
+            last_resync: Instant::now(),
+        }
+    }
+
+    /// Every page actor running here reads its sends again.
+    fn resync(&mut self) {
+        self.last_resync = Instant::now();
+        for addr in self.pages.values().filter_map(|o| o.addr.as_ref()) {
+            if addr.connected() {
+                addr.do_send(Wake);
+            }
         }
     }
 
@@ -133,6 +151,9 @@ impl Supervisor {
     fn apply(&mut self, round: LeaseRound, ctx: &mut Context<Self>) {
         if !self.accepting_work {
             return;
+        }
+        if self.last_resync.elapsed() >= RESYNC_EVERY {
+            self.resync();
         }
         let held: HashMap<String, Fence> = round
             .renewed
@@ -425,6 +446,22 @@ impl Handler<PageAddr> for Supervisor {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct PageChanged(pub String);
+
+/// Changes may have gone unannounced (the notification channel was down): every page running
+/// here reads its sends again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Resync;
+
+impl Handler<Resync> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: Resync, _: &mut Context<Self>) {
+        if self.accepting_work {
+            self.resync();
+        }
+    }
+}
 
 impl Handler<PageChanged> for Supervisor {
     type Result = ();

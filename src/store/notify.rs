@@ -21,16 +21,19 @@ pub async fn page_has_work(db: &DatabaseConnection, page_id: &str) {
         [PAGES_CHANNEL.into(), page_id.into()],
     );
     if let Err(err) = db.execute_raw(notify).await {
-        // The owner's next lease round finds the work anyway.
+        // The owner's pages read their sends again within half a minute anyway (its resync).
         tracing::warn!(page_id, error = %err, "could not notify the other instances");
     }
 }
 
 /// Calls `on_page` with the page of every notification from any instance, for as long as
-/// `listening()` holds. If the listening connection fails, it listens again after a pause.
+/// `listening()` holds, and `on_listening` each time it (re)starts listening: what was announced
+/// while it did not listen is lost. If the listening connection fails, it listens again after a
+/// pause.
 pub async fn listen(
     db: DatabaseConnection,
     mut on_page: impl FnMut(String),
+    mut on_listening: impl FnMut(),
     listening: impl Fn() -> bool,
 ) {
     use sea_orm::sqlx::postgres::PgListener;
@@ -42,6 +45,8 @@ pub async fn listen(
         let outcome = async {
             let mut listener = PgListener::connect_with(pool).await?;
             listener.listen(PAGES_CHANNEL).await?;
+            // Whatever was announced while the channel was down is lost: it is read again.
+            on_listening();
             loop {
                 let notification = listener.recv().await?;
                 on_page(notification.payload().to_string());

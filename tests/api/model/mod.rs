@@ -15,6 +15,7 @@
 
 mod check;
 mod history;
+mod regressions;
 mod world;
 
 use std::time::{Duration, Instant};
@@ -51,13 +52,16 @@ fn budget() -> Budget {
     Budget {
         cases: env_number("OTN_MODEL_CASES", 4),
         steps: env_number("OTN_MODEL_STEPS", 30),
-        pages: env_number("OTN_MODEL_PAGES", 2usize).clamp(1, PAGES.len()),
+        pages: env_number("OTN_MODEL_PAGES", SHAPE_PAGES).clamp(1, PAGES.len()),
         seed: std::env::var("OTN_MODEL_SEED")
             .ok()
             .map(|s| s.parse().expect("OTN_MODEL_SEED is a number")),
         shrink: Duration::from_secs(env_number("OTN_MODEL_SHRINK_SECONDS", 300)),
     }
 }
+
+/// Pages of a history unless `OTN_MODEL_PAGES` says otherwise.
+const SHAPE_PAGES: usize = 2;
 
 /// How long a settled history may take to end every send.
 const SETTLE: Duration = Duration::from_secs(90);
@@ -98,6 +102,19 @@ async fn run_and_tell(
         }
         for (refusal, n) in refusals {
             broken.push(format!("(not a rule) answered {n}x {refusal}"));
+        }
+        let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("model-{seed}-{}.log", world::now_ms()));
+        if std::fs::write(
+            &path,
+            world.observed.logs.join("\n\n=== next instance ===\n\n"),
+        )
+        .is_ok()
+        {
+            broken.push(format!(
+                "(not a rule) the instances' logs: {}",
+                path.display()
+            ));
         }
     }
     (broken, told)
