@@ -3,9 +3,14 @@
 
 use std::collections::BTreeMap;
 
-use sea_orm::{DatabaseTransaction, FromQueryResult};
+use sea_orm::{
+    ColumnTrait, DatabaseTransaction, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    QuerySelect,
+};
 
-use super::{CounterDelta, lock_send, move_with_reason, settle_optins, update_send};
+use super::{
+    CounterDelta, lock_send, move_with_reason, send, settle_optins, unfinished, update_send,
+};
 use crate::{
     domain::{DeliveryEvent, DeliveryState},
     store::{StoreError, sql::Sql},
@@ -56,6 +61,22 @@ pub async fn hold_recipient(
     #[derive(FromQueryResult)]
     struct Count {
         n: i64,
+    }
+    // The page's unfinished sends are locked first, in id order: a step that is materialising
+    // one of them (under the same lock) commits before the user is looked for, so a delivery
+    // it made for them from the rows it read before the erasure is found and ended here, and
+    // every later step reads the user gone.
+    let open: Vec<String> = send::Entity::find()
+        .select_only()
+        .column(send::Column::Id)
+        .filter(send::Column::PageId.eq(page_id))
+        .filter(send::Column::State.is_in(unfinished()))
+        .order_by_asc(send::Column::Id)
+        .into_tuple()
+        .all(txn)
+        .await?;
+    for send_id in &open {
+        lock_send(txn, send_id).await?;
     }
     let mut in_flight = 0;
     for send_id in sends_with(txn, page_id, psid).await? {

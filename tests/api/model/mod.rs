@@ -212,10 +212,16 @@ async fn model(backend: Backend) {
         let began = Instant::now();
         let (broken, told) = run_and_tell(backend, seed, shape, &steps).await;
         tally.add(&steps);
+        let mut this = Tally::default();
+        this.add(&steps);
         println!(
-            "history {case}: seed {seed}, {} in {:.1} s: {told}",
+            "history {case}: seed {seed}, {} in {:.1} s ({} operations, {} faults, {} kills): \
+             {told}",
             if broken.is_empty() { "kept" } else { "BROKEN" },
-            began.elapsed().as_secs_f64()
+            began.elapsed().as_secs_f64(),
+            this.operations,
+            this.faults,
+            this.kills,
         );
         if !broken.is_empty() {
             let first_report = broken.join("\n- ");

@@ -98,3 +98,59 @@ async fn erased_while_their_opt_in_is_on_its_way() {
     )
     .await;
 }
+
+/// Seed 11777471088946264373 on PostgreSQL: "user w7-6 of page 9102 was erased but has rows in
+/// deliveries", and got the story 340 ms after the erasure returned. A step materialising a
+/// window send read the user before the erasure committed and inserted their delivery after
+/// it; the erasure now locks the page's unfinished sends first, as a step does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_while_a_window_send_materialises() {
+    let story = |page, topic, window| Step::CreateStory {
+        page,
+        topic,
+        window,
+        segment: None,
+    };
+    replay(
+        Backend::Postgres,
+        &[
+            story(0, 1, true),
+            story(1, 1, true),
+            Step::Wait { ms: 418 },
+            Step::Interactions { page: 1, count: 13 },
+            Step::Tag {
+                page: 1,
+                tag: 2,
+                users: 41,
+                remove: false,
+            },
+            Step::Wait { ms: 88 },
+            Step::Wait { ms: 449 },
+            Step::StartSend { story: 0 },
+            Step::StartSend { story: 1 },
+            Step::Wait { ms: 81 },
+            Step::Resume { send: 1 },
+            Step::StartSend { story: 1 },
+            Step::Erase { page: 1, user: 658 },
+            Step::Erase { page: 1, user: 745 },
+            Step::Resume { send: 1 },
+            Step::Wait { ms: 489 },
+            story(0, 0, false),
+            Step::OptIns {
+                page: 1,
+                topic: 1,
+                count: 95,
+                expiring: false,
+            },
+            story(0, 0, true),
+            Step::Interactions { page: 1, count: 11 },
+            Step::Wait { ms: 118 },
+            Step::Wait { ms: 567 },
+            Step::Faults(FaultSet {
+                accept_then_fail_rate: 0.02,
+                ..FaultSet::default()
+            }),
+        ],
+    )
+    .await;
+}
