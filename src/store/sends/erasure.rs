@@ -8,11 +8,9 @@ use sea_orm::{
     QuerySelect,
 };
 
-use super::{
-    CounterDelta, lock_send, move_with_reason, send, settle_optins, unfinished, update_send,
-};
+use super::{CounterDelta, end_pending, lock_send, send, unfinished, update_send};
 use crate::{
-    domain::{DeliveryEvent, DeliveryState},
+    domain::DeliveryState,
     store::{StoreError, sql::Sql},
 };
 
@@ -81,40 +79,10 @@ pub async fn hold_recipient(
     let mut in_flight = 0;
     for send_id in sends_with(txn, page_id, psid).await? {
         lock_send(txn, &send_id).await?;
-        let mut delta = CounterDelta::default();
-        for (event, ambiguous, why) in [
-            (
-                DeliveryEvent::Skip,
-                false,
-                "the subscriber was erased before this delivery's turn",
-            ),
-            (
-                DeliveryEvent::Lose,
-                true,
-                "the subscriber was erased while an earlier attempt that may have landed waited \
-                 to be settled",
-            ),
-        ] {
-            let moved = move_with_reason(
-                txn,
-                event,
-                DeliveryState::Pending,
-                why,
-                now,
-                |_| {},
-                |sql| {
-                    sql.push("send_id = ")
-                        .bind(send_id.as_str())
-                        .push(" AND psid = ")
-                        .bind(psid)
-                        .push(" AND ambiguous = ")
-                        .bind(ambiguous);
-                },
-            )
-            .await?;
-            settle_optins(txn, &moved, event.target(), false, now).await?;
-            delta.moved(DeliveryState::Pending, event.target(), moved.len() as i64);
-        }
+        let delta = end_pending(txn, &send_id, "the subscriber was erased", now, |sql| {
+            sql.push(" AND psid = ").bind(psid);
+        })
+        .await?;
         if delta != CounterDelta::default() {
             update_send(txn, &send_id, delta, None, now).await?;
         }

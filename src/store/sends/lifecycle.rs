@@ -6,12 +6,9 @@ use sea_orm::{
     QuerySelect, entity::prelude::*, sea_query::OnConflict,
 };
 
-use super::{
-    CounterDelta, PHASE_DONE, PHASE_TOKEN, Send, delivery, move_with_reason, send, settle_optins,
-    unfinished, update_send,
-};
+use super::{PHASE_DONE, PHASE_TOKEN, Send, delivery, end_pending, send, unfinished, update_send};
 use crate::{
-    domain::{DeliveryEvent, DeliveryState, SegmentRule, SendEvent, SendState},
+    domain::{DeliveryState, SegmentRule, SendEvent, SendState},
     store::{StoreError, begin_write, sql::Sql, stories},
 };
 
@@ -322,38 +319,7 @@ pub async fn complete_if_done(
 pub async fn cancel(db: &DatabaseConnection, send_id: &str, now: i64) -> Result<Send, StoreError> {
     let txn = begin_write(db).await?;
     apply(&txn, send_id, SendEvent::Cancel, None, now).await?;
-    let mut delta = CounterDelta::default();
-    for (event, ambiguous, why) in [
-        (
-            DeliveryEvent::Skip,
-            false,
-            "the send was cancelled before this delivery's turn",
-        ),
-        (
-            DeliveryEvent::Lose,
-            true,
-            "the send was cancelled while an earlier attempt that may have landed waited to be \
-             settled",
-        ),
-    ] {
-        let moved = move_with_reason(
-            &txn,
-            event,
-            DeliveryState::Pending,
-            why,
-            now,
-            |_| {},
-            |sql| {
-                sql.push("send_id = ")
-                    .bind(send_id)
-                    .push(" AND ambiguous = ")
-                    .bind(ambiguous);
-            },
-        )
-        .await?;
-        settle_optins(&txn, &moved, event.target(), false, now).await?;
-        delta.moved(DeliveryState::Pending, event.target(), moved.len() as i64);
-    }
+    let delta = end_pending(&txn, send_id, "the send was cancelled", now, |_| {}).await?;
     let send = update_send(&txn, send_id, delta, None, now)
         .await?
         .ok_or(StoreError::NotFound)?;

@@ -305,6 +305,50 @@ async fn move_with_reason(
     Ok(Moved::find_by_statement(sql.statement()).all(db).await?)
 }
 
+/// Ends the send's pending deliveries (those `which` narrows down with `AND …`), for `cause` (e.g. "the send was
+/// cancelled"): those no attempt of which can have landed are skipped and their opt-ins
+/// released for a later send; those whose earlier attempt may have landed are `unknown` and
+/// their tokens spent (never presented again). Returns the counter change.
+async fn end_pending(
+    db: &impl ConnectionTrait,
+    send_id: &str,
+    cause: &str,
+    now: i64,
+    which: impl Fn(&mut Sql),
+) -> Result<CounterDelta, StoreError> {
+    let mut delta = CounterDelta::default();
+    for (event, ambiguous, why) in [
+        (
+            DeliveryEvent::Skip,
+            false,
+            format!("{cause} before this delivery's turn"),
+        ),
+        (
+            DeliveryEvent::Lose,
+            true,
+            format!("{cause} while an earlier attempt that may have landed waited to be settled"),
+        ),
+    ] {
+        let moved = move_with_reason(
+            db,
+            event,
+            DeliveryState::Pending,
+            &why,
+            now,
+            |_| {},
+            |sql| {
+                sql.push("send_id = ").bind(send_id);
+                which(sql);
+                sql.push(" AND ambiguous = ").bind(ambiguous);
+            },
+        )
+        .await?;
+        settle_optins(db, &moved, event.target(), false, now).await?;
+        delta.moved(DeliveryState::Pending, event.target(), moved.len() as i64);
+    }
+    Ok(delta)
+}
+
 /// A delivery a statement moved, as it was bound.
 #[derive(Clone, Copy, Debug, FromQueryResult)]
 struct Moved {
