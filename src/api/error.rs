@@ -167,9 +167,12 @@ fn graph_status(failure: &Failure) -> Status {
         (Class::PagePermanent, _, _) => Status::failed_precondition(format!(
             "the page cannot send: fix its access token or permissions (UpdatePage) or wait out the restriction ({facebook})"
         )),
-        (Class::Throttled { wait }, _, _) => Status::resource_exhausted(format!(
+        (Class::Throttled { regain }, _, _) => Status::resource_exhausted(format!(
             "Facebook is rate limiting this page; retry in {} s ({facebook})",
-            wait.as_secs().max(1)
+            regain
+                .unwrap_or(crate::graph::classify::DEFAULT_THROTTLE_WAIT)
+                .as_secs()
+                .max(1)
         )),
         (Class::Transient { .. }, _, _) => {
             Status::unavailable(format!("the Graph API failed; retry ({facebook})"))

@@ -21,6 +21,15 @@ struct Args {
     /// Graph calls per page per wall-clock second before answering 613 (default: no limit).
     #[arg(long)]
     rate_limit_per_page: Option<u32>,
+    /// Every page's capacity: calls in any rolling second before 80006 (default: no limit).
+    #[arg(long)]
+    page_capacity_per_second: Option<u32>,
+    /// How long a page that reached its capacity stays refused, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    capacity_block_ms: u64,
+    /// The app's calls in any rolling second, all pages together, before code 4.
+    #[arg(long)]
+    app_capacity_per_second: Option<u32>,
     /// Milliseconds added to every Graph answer.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
@@ -80,6 +89,9 @@ impl Args {
             restricted_pages: self.restricted_pages.clone(),
             enforce_single_use: !self.allow_token_reuse,
             rate_limit_per_page: self.rate_limit_per_page,
+            page_capacity_per_second: self.page_capacity_per_second,
+            capacity_block_ms: self.capacity_block_ms,
+            app_capacity_per_second: self.app_capacity_per_second,
             seed: self.seed,
         }
     }

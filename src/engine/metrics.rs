@@ -12,6 +12,8 @@ pub const THROTTLE_EVENTS: &str = "otnd_throttle_events_total";
 pub const IN_FLIGHT: &str = "otnd_deliveries_in_flight";
 pub const QUEUE_DEPTH: &str = "otnd_deliveries_pending";
 pub const RECOVERED: &str = "otnd_deliveries_recovered_total";
+pub const PAGE_PACE: &str = "otnd_page_pace_calls_per_second";
+pub const PAGE_BUDGET: &str = "otnd_page_budget_calls_per_second";
 
 /// The process's recorder, installed on first use (one per process: tests run several apps in
 /// one process, and they share it).
@@ -55,6 +57,14 @@ pub fn describe() {
         QUEUE_DEPTH,
         "Materialised deliveries waiting for their turn, per page"
     );
+    metrics::describe_gauge!(
+        PAGE_PACE,
+        "Graph calls per second a page is paced at now (after throttles and its budget)"
+    );
+    metrics::describe_gauge!(
+        PAGE_BUDGET,
+        "A page's calls per second as Facebook's usage header reveals them"
+    );
     metrics::describe_counter!(
         RECOVERED,
         "Deliveries found in flight after a restart and settled by recovery"
@@ -79,6 +89,13 @@ pub fn throttled(page_id: &str) {
 pub fn page_gauges(page_id: &str, in_flight: usize, pending: i64) {
     metrics::gauge!(IN_FLIGHT, "page_id" => page_id.to_string()).set(in_flight as f64);
     metrics::gauge!(QUEUE_DEPTH, "page_id" => page_id.to_string()).set(pending as f64);
+}
+
+pub fn page_pace(page_id: &str, pace: f64, budget: Option<f64>) {
+    metrics::gauge!(PAGE_PACE, "page_id" => page_id.to_string()).set(pace);
+    if let Some(budget) = budget {
+        metrics::gauge!(PAGE_BUDGET, "page_id" => page_id.to_string()).set(budget);
+    }
 }
 
 pub fn recovered(n: u64) {

@@ -23,9 +23,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PageSignal {
     None,
-    /// Slow down; hold claims until `wait` has passed.
+    /// Slow down; with a regain time, hold the page (or, app-wide, every page) until then.
     Throttled {
-        wait: Duration,
+        regain: Option<Duration>,
         app_wide: bool,
     },
     /// The page cannot send: halt its sends.
@@ -129,16 +129,19 @@ pub fn decide(delivery: &Claimed, result: Result<Delivered, Failure>, now_ms: i6
                 error,
             })
         }
-        Class::Throttled { wait } => Decision {
+        Class::Throttled { regain } => Decision {
             outcome: Outcome::Retry {
-                at: now_ms + wait.as_millis() as i64,
+                at: now_ms
+                    + regain
+                        .unwrap_or(crate::graph::classify::DEFAULT_THROTTLE_WAIT)
+                        .as_millis() as i64,
                 ambiguous: delivery.ambiguous,
                 refund_attempt: true,
                 error,
             },
             // Code 4 is the app's own limit, shared by every page.
             signal: PageSignal::Throttled {
-                wait,
+                regain,
                 app_wide: failure.error.code == 4,
             },
         },
@@ -190,7 +193,7 @@ mod tests {
                 error_subcode: subcode,
                 fbtrace_id: None,
             },
-            None,
+            &crate::graph::Usage::default(),
         )
     }
 

@@ -5,7 +5,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Instant,
 };
@@ -43,6 +43,15 @@ pub struct Dispatch {
     /// or was resumed meanwhile), the job is not attempted.
     pub gate: Arc<AtomicU64>,
     pub generation: u64,
+    /// Set when the send stops running (paused, cancelled): its jobs still waiting for their
+    /// turn are not attempted.
+    pub stopped: Arc<AtomicBool>,
+}
+
+impl Dispatch {
+    fn may_go(&self) -> bool {
+        self.gate.load(Ordering::SeqCst) == self.generation && !self.stopped.load(Ordering::SeqCst)
+    }
 }
 
 pub type ItemResult = (i64, Result<Delivered, Failure>);
@@ -73,8 +82,11 @@ impl Handler<Dispatch> for Sender {
         let graph = self.graph.clone();
         let pacer = self.pacer.clone();
         Box::pin(async move {
-            pacer.acquire(&job.page_id, job.rate, job.items.len()).await;
-            if job.gate.load(Ordering::SeqCst) != job.generation {
+            if !job.may_go() {
+                return None;
+            }
+            let ticket = pacer.acquire(&job.page_id, job.rate, job.items.len()).await;
+            if !job.may_go() {
                 return None;
             }
             let started = Instant::now();
@@ -84,11 +96,11 @@ impl Handler<Dispatch> for Sender {
                     To::Psid(psid) => Recipient::Psid(psid.as_str()),
                 }
             }
-            let results = if let [item] = job.items.as_slice() {
-                let result = graph
-                    .send(&job.credentials, recipient(&item.to), &job.message)
+            let (results, usage) = if let [item] = job.items.as_slice() {
+                let (result, usage) = graph
+                    .send_observed(&job.credentials, recipient(&item.to), &job.message)
                     .await;
-                vec![(item.delivery_id, result)]
+                (vec![(item.delivery_id, result)], usage)
             } else {
                 let sends: Vec<BatchSend<'_>> = job
                     .items
@@ -98,7 +110,8 @@ impl Handler<Dispatch> for Sender {
                         message: &job.message,
                     })
                     .collect();
-                match graph.send_batch(&job.credentials, &sends).await {
+                let (answered, usage) = graph.send_batch(&job.credentials, &sends).await;
+                let results = match answered {
                     Ok(results) => job
                         .items
                         .iter()
@@ -111,8 +124,10 @@ impl Handler<Dispatch> for Sender {
                         .iter()
                         .map(|item| (item.delivery_id, Err(failure.clone())))
                         .collect(),
-                }
+                };
+                (results, usage)
             };
+            pacer.observe(&job.page_id, ticket, &usage);
             metrics::graph_call(started.elapsed(), job.items.len());
             crate::crashpoint::pass("graph-answered");
             Some(results)

@@ -4,14 +4,17 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::usage::Usage;
+
 /// What a failed call means for the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
     /// Retry with backoff. `ambiguous`: the request may have been carried out (a timeout, a
     /// dropped connection, a 5xx): safe to retry with a one-time token, not with a standard send.
     Transient { ambiguous: bool },
-    /// Slow down and retry after `wait`; never drop.
-    Throttled { wait: Duration },
+    /// Slow down; never drop. `regain`: Facebook's estimate of when the page (or app) may call
+    /// again, when it gave one.
+    Throttled { regain: Option<Duration> },
     /// This recipient (or this one request) cannot be sent to; the others can.
     RecipientPermanent,
     /// The page cannot send at all (token, restriction, permissions): stop and fix the page.
@@ -95,24 +98,11 @@ pub struct ErrorBody {
     pub fbtrace_id: Option<String>,
 }
 
-/// How long to wait when a throttled answer does not say.
+/// How long a throttled delivery waits before its retry when Facebook gives no regain time.
 pub const DEFAULT_THROTTLE_WAIT: Duration = Duration::from_secs(1);
 
-/// Minutes to wait from `X-Business-Use-Case-Usage` (the largest over its entries).
-pub fn regain_wait(business_usage: Option<&str>) -> Option<Duration> {
-    let usage: serde_json::Value = serde_json::from_str(business_usage?).ok()?;
-    let minutes = usage
-        .as_object()?
-        .values()
-        .filter_map(|entries| entries.as_array())
-        .flatten()
-        .filter_map(|entry| entry.get("estimated_time_to_regain_access")?.as_u64())
-        .max()?;
-    (minutes > 0).then(|| Duration::from_secs(minutes * 60))
-}
-
 /// Sorts an error answer (GRAPH_API.md's table, row by row).
-pub fn classify(http_status: u16, body: ErrorBody, business_usage: Option<&str>) -> Failure {
+pub fn classify(http_status: u16, body: ErrorBody, usage: &Usage) -> Failure {
     let error = GraphError {
         http_status: Some(http_status),
         code: body.code,
@@ -126,9 +116,11 @@ pub fn classify(http_status: u16, body: ErrorBody, business_usage: Option<&str>)
     };
     let class = match (error.code, error.subcode) {
         (1 | 2 | 1200, _) => Class::Transient { ambiguous: true },
-        (613, Some(1893016)) => Class::RecipientPermanent,
+        // Policy answers about one recipient that look like throttling and are not: the same
+        // opt-in request repeated, a recurring message before the subscriber's minimum gap.
+        (613, Some(1893016)) | (4, Some(2018354)) => Class::RecipientPermanent,
         (4 | 17 | 32 | 613 | 80006, _) => Class::Throttled {
-            wait: regain_wait(business_usage).unwrap_or(DEFAULT_THROTTLE_WAIT),
+            regain: usage.regain,
         },
         (10, Some(2018278 | 2018108)) | (551, _) | (200, Some(1545041)) => {
             Class::RecipientPermanent
@@ -158,7 +150,7 @@ mod tests {
     }
 
     fn class_of(status: u16, code: i64, subcode: Option<i64>) -> Class {
-        classify(status, body(code, subcode), None).class
+        classify(status, body(code, subcode), &Usage::default()).class
     }
 
     #[test]
@@ -170,7 +162,7 @@ mod tests {
                 "{code}"
             );
         }
-        let bare = classify(502, ErrorBody::default(), None);
+        let bare = classify(502, ErrorBody::default(), &Usage::default());
         assert_eq!(bare.class, Class::Transient { ambiguous: true });
         assert!(bare.error.message.contains("HTTP 502"));
     }
@@ -188,25 +180,30 @@ mod tests {
             Class::Throttled { .. }
         ));
         assert_eq!(class_of(400, 613, Some(1893016)), Class::RecipientPermanent);
+        assert_eq!(class_of(400, 4, Some(2018354)), Class::RecipientPermanent);
     }
 
     #[test]
-    fn the_throttle_wait_comes_from_the_usage_header() {
-        let usage = r#"{"111":[{"type":"messenger","call_count":100,"estimated_time_to_regain_access":3}]}"#;
-        let failure = classify(400, body(613, None), Some(usage));
+    fn the_regain_time_comes_from_the_usage_header() {
+        let usage = Usage::from_headers(
+            Some(
+                r#"{"111":[{"type":"messenger","call_count":100,"estimated_time_to_regain_access":3}]}"#,
+            ),
+            None,
+        );
+        let failure = classify(400, body(613, None), &usage);
         assert_eq!(
             failure.class,
             Class::Throttled {
-                wait: Duration::from_secs(180)
+                regain: Some(Duration::from_secs(180))
             }
         );
-        let failure = classify(400, body(613, None), Some("not json"));
-        assert_eq!(
-            failure.class,
-            Class::Throttled {
-                wait: DEFAULT_THROTTLE_WAIT
-            }
+        let failure = classify(
+            400,
+            body(613, None),
+            &Usage::from_headers(Some("not json"), None),
         );
+        assert_eq!(failure.class, Class::Throttled { regain: None });
     }
 
     #[test]
@@ -229,10 +226,10 @@ mod tests {
 
     #[test]
     fn code_100_on_a_token_send_means_the_token_is_spent() {
-        let failure = classify(400, body(100, None), None);
+        let failure = classify(400, body(100, None), &Usage::default());
         assert!(failure.is_token_spent(SendKind::Token));
         assert!(!failure.is_token_spent(SendKind::Standard));
-        let no_user = classify(400, body(100, Some(2018001)), None);
+        let no_user = classify(400, body(100, Some(2018001)), &Usage::default());
         assert!(!no_user.is_token_spent(SendKind::Token));
     }
 
@@ -257,7 +254,7 @@ mod tests {
 
     #[test]
     fn code_subcode_message_and_trace_are_kept() {
-        let failure = classify(400, body(10, Some(2018278)), None);
+        let failure = classify(400, body(10, Some(2018278)), &Usage::default());
         assert_eq!(failure.error.code, 10);
         assert_eq!(failure.error.subcode, Some(2018278));
         assert_eq!(failure.error.message, "(#10) test");

@@ -7,6 +7,7 @@
 //! logs, and traces. Transport errors are stripped of their URL all the same.
 
 pub mod classify;
+pub mod usage;
 
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use serde_json::{Value, json};
 use url::Url;
 
 pub use classify::{Class, Failure, GraphError, SendKind};
+pub use usage::Usage;
 
 use crate::domain::PageCredentials;
 
@@ -193,7 +195,7 @@ impl GraphClient {
             "message": {"attachment": {"type": "template", "payload": {
                 "template_type": "one_time_notif_req", "title": title, "payload": topic}}},
         });
-        self.post_message(credentials, body).await
+        self.post_message(credentials, body).await.0
     }
 
     /// A token send or a standard (`UPDATE`) send of `message`.
@@ -203,6 +205,16 @@ impl GraphClient {
         recipient: Recipient<'_>,
         message: &Value,
     ) -> Result<Delivered, Failure> {
+        self.send_observed(credentials, recipient, message).await.0
+    }
+
+    /// A send, with what the answer's usage headers said.
+    pub async fn send_observed(
+        &self,
+        credentials: &PageCredentials,
+        recipient: Recipient<'_>,
+        message: &Value,
+    ) -> (Result<Delivered, Failure>, Usage) {
         self.post_message(credentials, message_body(recipient, message))
             .await
     }
@@ -211,7 +223,7 @@ impl GraphClient {
         &self,
         credentials: &PageCredentials,
         mut body: Value,
-    ) -> Result<Delivered, Failure> {
+    ) -> (Result<Delivered, Failure>, Usage) {
         let BodyCredentials {
             access_token,
             appsecret_proof,
@@ -219,17 +231,21 @@ impl GraphClient {
         body["access_token"] = json!(access_token);
         body["appsecret_proof"] = json!(appsecret_proof);
         let request = self.http.post(self.url("me/messages")).json(&body);
-        let (status, usage, bytes) = exchange(request).await?;
-        answer(status, &bytes, usage.as_deref())
+        match exchange(request).await {
+            Ok((status, usage, bytes)) => (answer(status, &bytes, &usage), usage),
+            Err(failure) => (Err(failure), Usage::default()),
+        }
     }
 
     /// Up to 50 sends in one request; one result per item, in order. `Err` when the batch as a
     /// whole failed (nothing can be said of any item).
+    /// One batch request: an answer per send, in order (or the failure of the whole request),
+    /// with what the usage headers said, the last item's news over the request's.
     pub async fn send_batch(
         &self,
         credentials: &PageCredentials,
         sends: &[BatchSend<'_>],
-    ) -> Result<Vec<Result<Delivered, Failure>>, Failure> {
+    ) -> (Result<Vec<Result<Delivered, Failure>>, Failure>, Usage) {
         assert!(
             sends.len() <= MAX_BATCH_ITEMS,
             "callers split batches at {MAX_BATCH_ITEMS}"
@@ -278,16 +294,27 @@ impl GraphClient {
             include_headers: true,
             batch,
         });
-        let (status, usage, bytes) = exchange(request).await?;
+        let (status, mut usage, bytes) = match exchange(request).await {
+            Ok(exchanged) => exchanged,
+            Err(failure) => return (Err(failure), Usage::default()),
+        };
         if status != 200 {
-            return Err(match answer(status, &bytes, usage.as_deref()) {
+            let failure = match answer(status, &bytes, &usage) {
                 Err(failure) => failure,
                 Ok(_) => Failure::transport("the batch request answered like a send".into(), true),
-            });
+            };
+            return (Err(failure), usage);
         }
-        let answers: Vec<Option<BatchAnswer>> = serde_json::from_slice(&bytes).map_err(|e| {
-            Failure::transport(format!("the batch answer is not Graph's format: {e}"), true)
-        })?;
+        let answers: Vec<Option<BatchAnswer>> = match serde_json::from_slice(&bytes) {
+            Ok(answers) => answers,
+            Err(e) => {
+                let failure = Failure::transport(
+                    format!("the batch answer is not Graph's format: {e}"),
+                    true,
+                );
+                return (Err(failure), usage);
+            }
+        };
         let mut results: Vec<Result<Delivered, Failure>> = answers
             .into_iter()
             .map(|item| match item {
@@ -297,15 +324,21 @@ impl GraphClient {
                     true,
                 )),
                 Some(item) => {
-                    let usage = item
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case("x-business-use-case-usage"))
-                        .map(|h| h.value.clone());
+                    let header = |name: &str| {
+                        item.headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name))
+                            .map(|h| h.value.as_str())
+                    };
+                    let item_usage = Usage::from_headers(
+                        header("x-business-use-case-usage"),
+                        header("x-app-usage"),
+                    );
+                    usage = usage.then(item_usage);
                     answer(
                         item.code,
                         item.body.as_deref().unwrap_or("").as_bytes(),
-                        usage.as_deref(),
+                        &item_usage,
                     )
                 }
             })
@@ -317,7 +350,7 @@ impl GraphClient {
                 true,
             )));
         }
-        Ok(results)
+        (Ok(results), usage)
     }
 }
 
@@ -338,21 +371,17 @@ pub fn appsecret_proof(app_secret: &str, access_token: &str) -> String {
 }
 
 /// Sends a request and reads the whole answer: status, the business usage header, the body.
-async fn exchange(
-    request: reqwest::RequestBuilder,
-) -> Result<(u16, Option<String>, bytes::Bytes), Failure> {
+async fn exchange(request: reqwest::RequestBuilder) -> Result<(u16, Usage, bytes::Bytes), Failure> {
     let response = request.send().await.map_err(transport_failure)?;
     let status = response.status().as_u16();
-    let usage = business_usage(response.headers());
+    let usage = usage_of(response.headers());
     let body = response.bytes().await.map_err(transport_failure)?;
     Ok((status, usage, body))
 }
 
-fn business_usage(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("x-business-use-case-usage")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+fn usage_of(headers: &HeaderMap) -> Usage {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    Usage::from_headers(header("x-business-use-case-usage"), header("x-app-usage"))
 }
 
 /// A transport failure: ambiguous unless the request never left (connect errors). The text
@@ -371,7 +400,7 @@ fn transport_failure(err: reqwest::Error) -> Failure {
 }
 
 /// Sorts one answer (a whole response, or a batch item).
-fn answer(status: u16, body: &[u8], business_usage: Option<&str>) -> Result<Delivered, Failure> {
+fn answer(status: u16, body: &[u8], usage: &Usage) -> Result<Delivered, Failure> {
     if status == 200 {
         return match serde_json::from_slice::<SendAnswer>(body) {
             Ok(SendAnswer {
@@ -389,5 +418,5 @@ fn answer(status: u16, body: &[u8], business_usage: Option<&str>) -> Result<Deli
         };
     }
     let envelope: classify::ErrorEnvelope = serde_json::from_slice(body).unwrap_or_default();
-    Err(classify::classify(status, envelope.error, business_usage))
+    Err(classify::classify(status, envelope.error, usage))
 }

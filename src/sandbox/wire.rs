@@ -114,6 +114,17 @@ impl GraphError {
         Self::new(400, 80006, None, "(#80006) There have been too many messages sent to this Messenger account. Please wait a while before sending more messages.".into(), "rate_limited")
     }
 
+    /// Code 4: the app's own limit, shared by every page.
+    pub fn app_request_limit() -> Self {
+        Self::new(
+            400,
+            4,
+            None,
+            "(#4) Application request limit reached".into(),
+            "app_rate_limited",
+        )
+    }
+
     pub fn unknown_error() -> Self {
         Self::new(
             500,

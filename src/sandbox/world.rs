@@ -2,7 +2,7 @@
 //! users and their windows, one-time tokens, the ledger of accepted messages, counters and the
 //! fault dice. Decisions are synchronous and quick; the HTTP layer does the waiting.
 
-use std::collections::{BTreeMap, HashMap, HashSet, hash_map::Entry};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque, hash_map::Entry};
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
@@ -78,6 +78,17 @@ pub struct Faults {
     pub enforce_single_use: bool,
     /// Calls per page per wall-clock second before answering 613; `None`: no limit.
     pub rate_limit_per_page: Option<u32>,
+    /// Every page's business-use-case capacity: its calls in any rolling second. The call that
+    /// would go past it is answered 80006 and the page is refused for `capacity_block_ms`; every
+    /// answer reports the share used in `X-Business-Use-Case-Usage`. `None`: no such limit. A
+    /// client is not told this figure: it learns it from the usage header.
+    pub page_capacity_per_second: Option<u32>,
+    /// How long a page that reached its capacity stays refused; the usage header's
+    /// `estimated_time_to_regain_access` gives it in minutes, rounded up.
+    pub capacity_block_ms: u64,
+    /// The app's calls in any rolling second, all pages together, before calls are answered
+    /// code 4 (the app's own limit), reported in `X-App-Usage`. `None`: no limit.
+    pub app_capacity_per_second: Option<u32>,
     /// Seeds the fault dice, for reproducible runs.
     pub seed: Option<u64>,
 }
@@ -97,6 +108,9 @@ impl Default for Faults {
             restricted_pages: Vec::new(),
             enforce_single_use: true,
             rate_limit_per_page: None,
+            page_capacity_per_second: None,
+            capacity_block_ms: 60_000,
+            app_capacity_per_second: None,
             seed: None,
         }
     }
@@ -123,8 +137,14 @@ impl Faults {
         if total > 1.0 + f64::EPSILON {
             return Err(format!("the fault rates add up to {total}, more than 1"));
         }
-        if self.rate_limit_per_page == Some(0) {
-            return Err("rate_limit_per_page must be at least 1".into());
+        for (name, limit) in [
+            ("rate_limit_per_page", self.rate_limit_per_page),
+            ("page_capacity_per_second", self.page_capacity_per_second),
+            ("app_capacity_per_second", self.app_capacity_per_second),
+        ] {
+            if limit == Some(0) {
+                return Err(format!("{name} must be at least 1"));
+            }
         }
         Ok(())
     }
@@ -137,6 +157,10 @@ pub struct Stats {
     pub rejected: u64,
     pub rejected_by_reason: BTreeMap<String, u64>,
     pub rate_limited: u64,
+    /// Of `rate_limited`: refused because the page was at (or blocked after) its capacity.
+    pub capacity_refused: u64,
+    /// Of `rate_limited`: refused with code 4, the app at its capacity.
+    pub app_capacity_refused: u64,
     pub token_presentations: u64,
     pub tokens_presented_more_than_once: u64,
     pub tokens_accepted_more_than_once: u64,
@@ -189,6 +213,34 @@ pub struct Usage {
     /// Percent of the page's per-second budget used.
     pub call_count: u32,
     pub regain_minutes: u32,
+    /// Percent of the app's per-second budget used.
+    pub app_call_count: u32,
+}
+
+/// Calls in the last rolling second, by the sandbox's clock.
+#[derive(Default)]
+struct RollingSecond {
+    calls: VecDeque<i64>,
+}
+
+impl RollingSecond {
+    fn used(&mut self, now_ms: i64) -> u32 {
+        while self.calls.front().is_some_and(|t| *t <= now_ms - 1000) {
+            self.calls.pop_front();
+        }
+        u32::try_from(self.calls.len()).unwrap_or(u32::MAX)
+    }
+}
+
+/// A page's business-use-case budget: its rolling second, and until when it is refused.
+#[derive(Default)]
+struct Capacity {
+    second: RollingSecond,
+    blocked_until: Option<i64>,
+}
+
+fn percent(used: u32, limit: u32) -> u32 {
+    (used.saturating_mul(100) / limit.max(1)).min(100)
 }
 
 enum Fault {
@@ -210,6 +262,8 @@ pub struct World {
     recipients_with_duplicates: HashSet<(String, String)>,
     /// Calls per page in the current wall-clock second.
     rate_windows: HashMap<String, (i64, u32)>,
+    capacities: HashMap<String, Capacity>,
+    app_second: RollingSecond,
     stats: Stats,
     faults: Faults,
     /// The faults the sandbox started with (its flags); `reset` returns to them.
@@ -234,6 +288,8 @@ impl World {
             deliveries_of_content: HashMap::new(),
             recipients_with_duplicates: HashSet::new(),
             rate_windows: HashMap::new(),
+            capacities: HashMap::new(),
+            app_second: RollingSecond::default(),
             stats: Stats::default(),
             faults: initial_faults.clone(),
             initial_faults,
@@ -347,6 +403,18 @@ impl World {
         }
     }
 
+    /// The app's usage now, for answers that are not one call's (a batch request's own headers).
+    pub fn app_usage(&mut self, now_ms: i64) -> Usage {
+        let app_call_count = self
+            .faults
+            .app_capacity_per_second
+            .map_or(0, |limit| percent(self.app_second.used(now_ms), limit));
+        Usage {
+            app_call_count,
+            ..Usage::default()
+        }
+    }
+
     fn refuse(&mut self, error: GraphError, usage: Usage) -> Decision {
         self.stats.rejected += 1;
         *self
@@ -398,6 +466,40 @@ impl World {
             return self.refuse(GraphError::page_restricted(), usage);
         }
 
+        if let Some(limit) = self.faults.app_capacity_per_second {
+            let used = self.app_second.used(now_ms);
+            if used >= limit {
+                self.stats.rate_limited += 1;
+                self.stats.app_capacity_refused += 1;
+                usage.app_call_count = 100;
+                return self.refuse(GraphError::app_request_limit(), usage);
+            }
+            self.app_second.calls.push_back(now_ms);
+            usage.app_call_count = percent(used + 1, limit);
+        }
+
+        if let Some(limit) = self.faults.page_capacity_per_second {
+            let block_ms = self.faults.capacity_block_ms;
+            let capacity = self.capacities.entry(page_id.clone()).or_default();
+            let blocked = capacity.blocked_until.filter(|until| *until > now_ms);
+            let used = capacity.second.used(now_ms);
+            if blocked.is_some() || used >= limit {
+                // At 100%: this call is refused, and so is every call until the page regains
+                // access.
+                let until = blocked.unwrap_or(now_ms + i64::try_from(block_ms).unwrap_or(0));
+                capacity.blocked_until = Some(until);
+                usage.call_count = 100;
+                usage.regain_minutes =
+                    u32::try_from((until - now_ms).max(0).unsigned_abs().div_ceil(60_000))
+                        .unwrap_or(u32::MAX);
+                self.stats.rate_limited += 1;
+                self.stats.capacity_refused += 1;
+                return self.refuse(GraphError::too_many_messages(), usage);
+            }
+            capacity.second.calls.push_back(now_ms);
+            usage.call_count = percent(used + 1, limit);
+        }
+
         if let Some(limit) = self.faults.rate_limit_per_page {
             let second = now_ms.div_euclid(1000);
             let window = self
@@ -408,7 +510,7 @@ impl World {
                 *window = (second, 0);
             }
             window.1 += 1;
-            usage.call_count = (window.1.saturating_mul(100) / limit).min(100);
+            usage.call_count = usage.call_count.max(percent(window.1, limit));
             if window.1 > limit {
                 self.stats.rate_limited += 1;
                 usage.regain_minutes = 0;

@@ -156,6 +156,7 @@ async fn batches_give_one_result_per_item_in_order() {
         .client
         .send_batch(&setup.credentials, &sends)
         .await
+        .0
         .unwrap();
     assert_eq!(results.len(), 3);
     assert_eq!(
@@ -186,6 +187,7 @@ async fn batches_give_one_result_per_item_in_order() {
         .client
         .send_batch(&setup.credentials, &sends)
         .await
+        .0
         .unwrap();
     assert_eq!(
         results[0].as_ref().unwrap_err().class,
@@ -214,7 +216,7 @@ async fn throttling_carries_the_wait_the_usage_header_asks_for() {
     assert_eq!(
         failure.class,
         Class::Throttled {
-            wait: Duration::from_secs(120)
+            regain: Some(Duration::from_secs(120))
         }
     );
 }
@@ -319,7 +321,7 @@ async fn credentials_travel_in_the_body_and_never_in_a_url() {
             message: &message,
         },
     ];
-    client.send_batch(&credentials, &items).await.unwrap();
+    client.send_batch(&credentials, &items).await.0.unwrap();
 
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 3);

@@ -88,20 +88,22 @@ async fn send_after_cancel(db: TestDatabase) {
     cancel(&node, &first).await;
     nothing_in_flight(&node, &first).await;
 
-    // Every call throttled at once: the answers are back, their deliveries wait to be retried.
+    // Every call throttled at once: answers come back, their deliveries wait to be retried (the
+    // page, slowed down, still calls for some of them).
     h.faults(json!({"throttle_rate": 1.0})).await;
+    let throttled = || async { h.sandbox_get("/__sandbox/stats").await["rate_limited"].as_u64() };
+    let throttled_before = throttled().await;
     let second = start_send(&node.channel, &second_story, "pending-at-cancel").await;
-    wait_until(
-        &node.channel,
-        &second,
-        "retries waiting, nothing in flight",
-        |s| {
-            let p = s.progress.as_ref().unwrap();
-            p.in_flight == 0 && p.pending > 0
-        },
-    )
+    crate::helpers::eventually(Duration::from_secs(60), "a throttled call", || async {
+        (throttled().await != throttled_before).then_some(())
+    })
+    .await;
+    wait_until(&node.channel, &second, "throttled retries waiting", |s| {
+        s.progress.as_ref().unwrap().pending > 0
+    })
     .await;
     cancel(&node, &second).await;
+    nothing_in_flight(&node, &second).await;
     h.faults(json!({})).await;
 
     let third = start_send(&node.channel, &third_story, "after-cancels").await;

@@ -77,10 +77,10 @@ pub fn step_retry_delay(failures: u32) -> Duration {
 /// What a flush's page-level signals mean for the page.
 #[derive(Debug, Default, PartialEq)]
 pub struct Signals {
-    /// Claims wait this long (the longest throttle asked for).
+    /// Claims wait this long (the longest regain time Facebook asked for).
     pub hold_for: Option<Duration>,
-    /// Throttles to tell the pacer: the wait asked for, and whether it binds the whole app.
-    pub throttles: Vec<(Duration, bool)>,
+    /// Throttles to tell the pacer: the regain time given, and whether it binds the whole app.
+    pub throttles: Vec<(Option<Duration>, bool)>,
     /// The page cannot send: its sends halt with this reason.
     pub halt: Option<String>,
 }
@@ -89,10 +89,12 @@ pub fn read_signals(signals: &[PageSignal]) -> Signals {
     let mut read = Signals::default();
     for signal in signals {
         match signal {
-            PageSignal::Throttled { wait, app_wide } => {
-                read.throttles.push((*wait, *app_wide));
-                if read.hold_for.is_none_or(|held| held < *wait) {
-                    read.hold_for = Some(*wait);
+            PageSignal::Throttled { regain, app_wide } => {
+                read.throttles.push((*regain, *app_wide));
+                if let Some(regain) = regain
+                    && read.hold_for.is_none_or(|held| held < *regain)
+                {
+                    read.hold_for = Some(*regain);
                 }
             }
             PageSignal::Halt { reason } => read.halt = Some(reason.clone()),
@@ -169,20 +171,30 @@ mod tests {
     }
 
     #[test]
-    fn signals_hold_for_the_longest_throttle_and_halt_with_the_reason() {
+    fn signals_hold_for_the_longest_regain_time_and_halt_with_the_reason() {
         let read = read_signals(&[
             PageSignal::Throttled {
-                wait: Duration::from_secs(2),
+                regain: Some(Duration::from_secs(120)),
                 app_wide: false,
             },
             PageSignal::None,
             PageSignal::Throttled {
-                wait: Duration::from_secs(5),
+                regain: Some(Duration::from_secs(300)),
                 app_wide: true,
             },
+            PageSignal::Throttled {
+                regain: None,
+                app_wide: false,
+            },
         ]);
-        assert_eq!(read.hold_for, Some(Duration::from_secs(5)));
-        assert_eq!(read.throttles.len(), 2);
+        assert_eq!(read.hold_for, Some(Duration::from_secs(300)));
+        assert_eq!(read.throttles.len(), 3);
+        // A throttle without a regain time slows the page down and holds nothing.
+        let read = read_signals(&[PageSignal::Throttled {
+            regain: None,
+            app_wide: false,
+        }]);
+        assert_eq!(read.hold_for, None);
         assert_eq!(read.halt, None);
         let read = read_signals(&[PageSignal::Halt {
             reason: "token".into(),

@@ -20,7 +20,7 @@ use std::{
     collections::{HashMap, VecDeque},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -85,6 +85,8 @@ struct ActiveSend {
     send: sends::Send,
     message: Arc<Value>,
     finished_at: VecDeque<(Instant, u64)>,
+    /// Set once the send stops running here: its calls not yet made are not made.
+    stopped: Arc<AtomicBool>,
 }
 
 impl ActiveSend {
@@ -94,6 +96,7 @@ impl ActiveSend {
             send,
             message,
             finished_at: VecDeque::new(),
+            stopped: Arc::default(),
         }
     }
 
@@ -246,6 +249,9 @@ impl PageActor {
                 None => ActiveSend::new(row),
             })
             .collect();
+        for gone in old.values() {
+            gone.stopped.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Counters as the database has them now, published; a send that stopped running (paused,
@@ -270,16 +276,25 @@ impl PageActor {
         for active in &mut self.sends {
             self.deps.hub.publish(active.progress());
         }
-        self.sends.retain(|a| a.send.state == SendState::Running);
+        self.sends.retain(|a| {
+            let running = a.send.state == SendState::Running;
+            if !running {
+                a.stopped.store(true, Ordering::SeqCst);
+            }
+            running
+        });
         let pending: i64 = self.sends.iter().map(|a| a.send.pending()).sum();
         metrics::page_gauges(&self.page_id, self.in_flight(), pending);
+        if let Some(view) = self.deps.pacer.view(&self.page_id) {
+            metrics::page_pace(&self.page_id, view.pace, view.budget);
+        }
     }
 
     fn dispatch(&mut self, ctx: &mut Context<Self>, send_index: usize, claimed: Vec<Claimed>) {
         let Some(config) = self.config.clone() else {
             return;
         };
-        let batch = self.deps.pacer.batch_size(config.rate);
+        let batch = self.deps.pacer.batch_size(&self.page_id, config.rate);
         let active = &self.sends[send_index];
         let send_id = active.send.id.clone();
         let message = active.message.clone();
@@ -307,6 +322,7 @@ impl PageActor {
                 items,
                 gate: self.gate.clone(),
                 generation,
+                stopped: active.stopped.clone(),
             };
             // A paced page keeps at most half a second of calls in flight, which one thread
             // carries easily: its sender is the one on its own thread, so that a call and its
@@ -385,7 +401,7 @@ impl PageActor {
         };
         decide::worth_pumping(
             self.deps.pacer.in_flight_cap(config.rate),
-            self.deps.pacer.batch_size(config.rate),
+            self.deps.pacer.batch_size(&self.page_id, config.rate),
             self.in_flight(),
             self.dispatched.len(),
         )
@@ -787,11 +803,9 @@ impl Handler<Flush> for PageActor {
         }
         let answers = std::mem::take(&mut self.unrecorded);
         let signals = decide::read_signals(&std::mem::take(&mut self.signals));
-        for (wait, app_wide) in &signals.throttles {
+        for (regain, app_wide) in &signals.throttles {
             metrics::throttled(&self.page_id);
-            self.deps
-                .pacer
-                .throttled(&self.page_id, app_wide.then_some(*wait));
+            self.deps.pacer.throttled(&self.page_id, *regain, *app_wide);
         }
         if let Some(wait) = signals.hold_for {
             let until = Instant::now() + wait;
@@ -900,6 +914,12 @@ impl Handler<Control> for PageActor {
                 if let Ok(send) = &result {
                     tracing::info!(page_id = %act.page_id, send_id = %send.id,
                         state = %send.state, command = ?msg.command, "send command applied");
+                    if send.state != SendState::Running
+                        && let Some(active) = act.sends.iter().find(|a| a.send.id == send.id)
+                    {
+                        // Calls still waiting for their turn are not made.
+                        active.stopped.store(true, Ordering::SeqCst);
+                    }
                     act.deps.hub.publish(Progress::from_send(send));
                     if msg.command == Command::Resume {
                         // A fixed page: read its credentials again, and stop holding; answers
