@@ -109,9 +109,7 @@ impl Drop for CpuBudget {
 }
 
 struct Fleet {
-    admin_url: String,
-    db_name: String,
-    db_url: String,
+    database: support::PgDatabase,
     /// The bench's own connections to the fleet's database, for the whole run: a connection
     /// opened per poll started a PostgreSQL backend process several times a second on the
     /// machine being measured.
@@ -127,24 +125,12 @@ struct Fleet {
 
 impl Fleet {
     async fn new(cpu_per_instance: Option<f64>) -> Fleet {
-        let admin_url = std::env::var("DATABASE_URL")
-            .unwrap_or("postgres://postgres@127.0.0.1:5432/postgres".into());
-        let db_name = format!("otnd_bench_{}", uuid::Uuid::new_v4().simple());
-        let admin = Database::connect(&admin_url).await.unwrap();
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {db_name}"))
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-        let mut url = url::Url::parse(&admin_url).unwrap();
-        url.set_path(&format!("/{db_name}"));
-        let db = Database::connect(url.as_str()).await.unwrap();
+        let database = support::PgDatabase::create().await;
+        let db = Database::connect(database.url.as_str()).await.unwrap();
         let (sandbox, sandbox_url) =
             spawn_sandbox(&["--latency-ms", "150", "--rate-limit-per-page", "300"]);
         Fleet {
-            admin_url,
-            db_name,
-            db_url: url.to_string(),
+            database,
             db,
             sandbox_url,
             _sandbox: sandbox,
@@ -160,7 +146,7 @@ impl Fleet {
         otnd.current_dir(dir)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("OTN_DATABASE_URL", &self.db_url)
+            .env("OTN_DATABASE_URL", &self.database.url)
             .env("OTN_MASTER_KEY", STANDARD.encode([9u8; 32]))
             .env("OTN_GRAPH_URL", &self.sandbox_url)
             .env("OTN_GRPC_ADDR", "127.0.0.1:0")
@@ -176,7 +162,7 @@ impl Fleet {
                 ),
             );
         let budget = self.cpu_per_instance.map(|cores| {
-            CpuBudget::new(&format!("{}_{name}", self.db_name), cores)
+            CpuBudget::new(&format!("{}_{name}", self.database.name), cores)
                 .unwrap_or_else(|e| panic!("FLEET_CPU_PER_INSTANCE needs a cgroup: {e}"))
         });
         if let Some(budget) = &budget {
@@ -359,8 +345,7 @@ impl Fleet {
 
     async fn drop_database(self) {
         let Fleet {
-            admin_url,
-            db_name,
+            database,
             nodes,
             budgets,
             db,
@@ -369,11 +354,7 @@ impl Fleet {
         let _ = db.close().await;
         drop(nodes);
         drop(budgets);
-        let admin = Database::connect(&admin_url).await.unwrap();
-        let _ = admin
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-            .await;
-        let _ = admin.close().await;
+        database.drop_now().await;
     }
 }
 

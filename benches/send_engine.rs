@@ -49,6 +49,7 @@ use std::{
 };
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
+use futures::stream::{self, StreamExt};
 use otnd::pb::{
     CreatePageRequest, CreateStoryRequest, GetSendRequest, ListTopicsRequest, PreviewStoryRequest,
     SendProgress, SendState, StartSendRequest, StoryContent, WatchSendRequest,
@@ -150,9 +151,8 @@ impl Setup {
         response.json().await.unwrap()
     }
 
-    /// Registers a page, opts `recipients` users in through signed webhooks, and writes and
-    /// reviews a story; returns the story id.
-    async fn page_with_story(&self, page: &str, recipients: u64) -> String {
+    /// Registers a page in otnd and in the sandbox.
+    async fn register_page(&self, page: &str) {
         PageServiceClient::new(self.channel.clone())
             .create_page(CreatePageRequest {
                 page_id: page.into(),
@@ -173,10 +173,11 @@ impl Setup {
             ),
         )
         .await;
-        let loading = Instant::now();
-        let posts_before = self.stats().await["webhook_posts_delivered"]
-            .as_u64()
-            .unwrap();
+    }
+
+    /// Opts `recipients` users of the page in through signed webhooks; the webhook POSTs that
+    /// takes.
+    async fn opt_in(&self, page: &str, recipients: u64) -> u64 {
         let mut posts = 0;
         let mut left = recipients;
         let mut start = 0;
@@ -194,27 +195,32 @@ impl Setup {
             start += count;
             posts += count.div_ceil(WEBHOOK_EVENTS_PER_POST);
         }
-        // The sandbox's counters say when otnd has acknowledged every webhook POST (cheap to
-        // poll, unlike counting a million opt-ins); ListTopics then confirms.
+        posts
+    }
+
+    async fn webhook_posts_delivered(&self) -> u64 {
+        self.stats().await["webhook_posts_delivered"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Waits until otnd has acknowledged `posts` webhook POSTs more than `before`: the
+    /// sandbox's counters are cheap to poll, unlike counting a million opt-ins.
+    async fn wait_posts(&self, before: u64, posts: u64) {
         let deadline = Instant::now() + Duration::from_secs(900);
         loop {
             let stats = self.stats().await;
             assert_eq!(stats["webhook_posts_abandoned"], 0, "{stats}");
-            if stats["webhook_posts_delivered"].as_u64().unwrap() - posts_before >= posts {
-                break;
+            if stats["webhook_posts_delivered"].as_u64().unwrap() - before >= posts {
+                return;
             }
             assert!(Instant::now() < deadline, "opt-ins did not arrive: {stats}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let list_topics = self.wait_active(page, recipients).await;
-        if recipients >= 100_000 {
-            println!(
-                "    page {page}: {recipients} opt-ins through signed webhooks in {:.1} s \
-                 (then ListTopics answered in {:.0} ms)",
-                loading.elapsed().as_secs_f64(),
-                ms(list_topics)
-            );
-        }
+    }
+
+    /// Writes a story on the page's topic and reviews it; returns its id.
+    async fn reviewed_story(&self, page: &str) -> String {
         let mut stories = StoryServiceClient::new(self.channel.clone());
         let story = stories
             .create_story(CreateStoryRequest {
@@ -243,6 +249,63 @@ impl Setup {
             .await
             .unwrap();
         story.story_id
+    }
+
+    /// Registers a page, opts `recipients` users in through signed webhooks, and writes and
+    /// reviews a story; returns the story id.
+    async fn page_with_story(&self, page: &str, recipients: u64) -> String {
+        self.register_page(page).await;
+        let loading = Instant::now();
+        let posts_before = self.webhook_posts_delivered().await;
+        let posts = self.opt_in(page, recipients).await;
+        self.wait_posts(posts_before, posts).await;
+        // ListTopics then confirms.
+        let list_topics = self.wait_active(page, recipients).await;
+        if recipients >= 100_000 {
+            println!(
+                "    page {page}: {recipients} opt-ins through signed webhooks in {:.1} s \
+                 (then ListTopics answered in {:.0} ms)",
+                loading.elapsed().as_secs_f64(),
+                ms(list_topics)
+            );
+        }
+        self.reviewed_story(page).await
+    }
+
+    /// `pages.len()` pages with `recipients` opt-ins and a reviewed story each, set up many at
+    /// a time; (page, story id) in order.
+    async fn pages_with_stories(&self, pages: &[String], recipients: u64) -> Vec<(String, String)> {
+        const AT_ONCE: usize = 32;
+        let loading = Instant::now();
+        stream::iter(pages)
+            .for_each_concurrent(AT_ONCE, |page| self.register_page(page))
+            .await;
+        let posts_before = self.webhook_posts_delivered().await;
+        let posts: u64 = stream::iter(pages)
+            .map(|page| self.opt_in(page, recipients))
+            .buffer_unordered(AT_ONCE)
+            .collect::<Vec<u64>>()
+            .await
+            .iter()
+            .sum();
+        self.wait_posts(posts_before, posts).await;
+        stream::iter(pages)
+            .for_each_concurrent(AT_ONCE, |page| async move {
+                self.wait_active(page, recipients).await;
+            })
+            .await;
+        let stories: Vec<(String, String)> = stream::iter(pages)
+            .map(|page| async move { (page.clone(), self.reviewed_story(page).await) })
+            .buffered(AT_ONCE)
+            .collect()
+            .await;
+        println!(
+            "    {} pages, {recipients} opt-ins each through signed webhooks, and their \
+             reviewed stories in {:.1} s",
+            pages.len(),
+            loading.elapsed().as_secs_f64()
+        );
+        stories
     }
 
     /// Polls until the page's topic has `n` active opt-ins; how long the last ListTopics took.
@@ -289,8 +352,13 @@ impl Setup {
         per_page
     }
 
-    /// Starts a send of each (page, story) and measures it until every one is COMPLETED.
+    /// Starts a send of each (page, story), one after the other, and measures it until every
+    /// one is COMPLETED.
     async fn measure(&self, sends_of: &[(String, String)]) -> Measured {
+        self.measure_starting(sends_of, Starts::OneByOne).await
+    }
+
+    async fn measure_starting(&self, sends_of: &[(String, String)], starts: Starts) -> Measured {
         let (rss_load, _) = self.otnd.usage();
         let peak_reset = self.otnd.reset_peak();
         let stats_before = self.stats().await;
@@ -312,22 +380,50 @@ impl Setup {
         let started = Instant::now();
         let mut ids = Vec::new();
         let mut watchers: Vec<JoinHandle<Vec<Snapshot>>> = Vec::new();
-        for (_, story) in sends_of {
-            let id = sends
-                .start_send(StartSendRequest {
-                    story_id: story.clone(),
-                    request_id: format!("bench-{story}"),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .send
-                .unwrap()
-                .send_id;
-            if probes {
-                watchers.push(tokio::spawn(watch(self.channel.clone(), id.clone())));
+        let start = |story: String| {
+            let mut sends = sends.clone();
+            async move {
+                sends
+                    .start_send(StartSendRequest {
+                        request_id: format!("bench-{story}"),
+                        story_id: story,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .send
+                    .unwrap()
+                    .send_id
             }
-            ids.push(id);
+        };
+        let watched = match starts {
+            Starts::OneByOne => usize::MAX,
+            Starts::AllAtOnce { watched } => watched,
+        };
+        match starts {
+            Starts::OneByOne => {
+                for (_, story) in sends_of {
+                    let id = start(story.clone()).await;
+                    if probes {
+                        watchers.push(tokio::spawn(watch(self.channel.clone(), id.clone())));
+                    }
+                    ids.push(id);
+                }
+            }
+            Starts::AllAtOnce { .. } => {
+                let starting: Vec<_> = sends_of
+                    .iter()
+                    .map(|(_, story)| tokio::spawn(start(story.clone())))
+                    .collect();
+                for started in starting {
+                    ids.push(started.await.unwrap());
+                }
+                if probes {
+                    for id in ids.iter().take(watched) {
+                        watchers.push(tokio::spawn(watch(self.channel.clone(), id.clone())));
+                    }
+                }
+            }
         }
         let start_answered = started.elapsed();
         let sampler = probes.then(|| {
@@ -868,6 +964,15 @@ async fn first_call() -> Row {
     }
 }
 
+/// How a measurement starts its sends.
+#[derive(Clone, Copy)]
+enum Starts {
+    /// Each StartSend once the one before is answered, every send watched.
+    OneByOne,
+    /// Every StartSend at once; the first `watched` sends are watched, the others polled.
+    AllAtOnce { watched: usize },
+}
+
 /// Shares of the limit from the sandbox's ledger: (steady, lowest page's steady, first call to
 /// last). Steady: each page's accepted calls after its first and before its last second, over
 /// that span; none for a page that sent for less than about three seconds.
@@ -1023,6 +1128,83 @@ async fn paced(name: &str, per_page: u64, facebook: Facebook) -> Row {
     row
 }
 
+/// S5's target for otnd's peak RSS: 200 MB.
+const S5_RSS_TARGET_MIB: f64 = 200e6 / (1024.0 * 1024.0);
+
+/// S5: many tenants. 1,000 pages x 100 recipients, every StartSend at once, the default
+/// configuration (pages paced at 300/s), sandbox without latency or limits; then the peer's
+/// sendBatch over as many tokens, in the same run.
+async fn s5(postgres: bool, peer_dir: Option<&std::path::Path>) -> Row {
+    let pages = env_or("S5_PAGES", 1_000);
+    let per_page = env_or("S5_PER_PAGE", 100);
+    let backend = if postgres { "PostgreSQL" } else { "SQLite" };
+    let database = match postgres {
+        true => Some(support::PgDatabase::create().await),
+        false => None,
+    };
+    let env: Vec<(&str, &str)> = database
+        .iter()
+        .map(|db| ("OTN_DATABASE_URL", db.url.as_str()))
+        .collect();
+    let s = setup(&[], &env).await;
+    let page_ids: Vec<String> = (0..pages).map(|p| (100_000 + p).to_string()).collect();
+    let stories = s.pages_with_stories(&page_ids, per_page).await;
+    let m = s
+        .measure_starting(&stories, Starts::AllAtOnce { watched: 50 })
+        .await;
+    drop(s);
+    if let Some(database) = database {
+        database.drop_now().await;
+    }
+    let recipients = pages * per_page;
+    let name = format!("S5 ({backend})");
+    println!(
+        "{name}  {pages} pages x {per_page} recipients, every StartSend at once, default \
+         configuration: {}",
+        m.describe(recipients)
+    );
+    let mut row = m.row(format!(
+        "{name}: {pages} pages x {per_page}, all started at once, default configuration"
+    ));
+    let completed = m
+        .done
+        .iter()
+        .filter(|p| p.state() == SendState::Completed)
+        .count() as u64;
+    let lost = m.sent() != recipients;
+    let mut note = check_note(lost, &m);
+    if completed != pages {
+        note = format!(
+            "{note} {} of {pages} sends not COMPLETED",
+            pages - completed
+        );
+    }
+    let fine =
+        !lost && completed == pages && m.duplicates() == 0 && m.rss_send <= S5_RSS_TARGET_MIB;
+    row.target =
+        format!("≥ 2× the peer's sendBatch (1 loop), RSS ≤ 200 MB ({S5_RSS_TARGET_MIB:.0} MiB)");
+    match peer_dir {
+        Some(dir) => {
+            let peer = peer_run(dir, PeerMode::Batch { loops: 1 }, 1, 1, recipients).await;
+            let ratio = m.rate() / peer.rate;
+            println!(
+                "{name}  otnd {:.0}/s, the peer's sendBatch (1 loop) {:.0}/s over as many \
+                 tokens: {ratio:.2}×",
+                m.rate(),
+                peer.rate
+            );
+            row.share = Some(format!("{ratio:.2}× the peer's {:.0}/s", peer.rate));
+            row.met = Some(fine && ratio >= 2.0);
+        }
+        None => {
+            row.target.push_str(": peer not run");
+            row.met = None;
+        }
+    }
+    row.note = note;
+    row
+}
+
 async fn s3() -> Row {
     let recipients = std::env::var("S3_RECIPIENTS")
         .ok()
@@ -1172,8 +1354,13 @@ fn install_peer() -> tempfile::TempDir {
 }
 
 /// One peer run, printed.
-async fn peer_run(dir: &std::path::Path, mode: PeerMode, run: u64, runs: u64) -> PeerRun {
-    let tokens = s0_recipients();
+async fn peer_run(
+    dir: &std::path::Path,
+    mode: PeerMode,
+    run: u64,
+    runs: u64,
+    tokens: u64,
+) -> PeerRun {
     let r = peer_once(dir, mode, tokens).await;
     println!(
         "peer messaging-api-messenger {}, run {run}/{runs}: {} of {tokens} accepted in {:.2} s \
@@ -1214,7 +1401,17 @@ fn peer_row(mode: PeerMode, mut measured: Vec<PeerRun>) -> (PeerMode, f64, Row) 
     (mode, median.rate, row)
 }
 
-const SCENARIOS: [&str; 7] = ["s0", "peer", "first", "s1", "s2", "s3", "s4"];
+const SCENARIOS: [&str; 9] = [
+    "s0",
+    "peer",
+    "first",
+    "s1",
+    "s2",
+    "s3",
+    "s4",
+    "s5",
+    "s5-postgres",
+];
 
 fn main() {
     // `cargo bench` passes `--bench`; scenario names are the other arguments.
@@ -1247,7 +1444,7 @@ fn main() {
     let (rows, ratios) = runtime.block_on(async {
         let mut rows = Vec::new();
         // S0 and the peer take turns, round by round: both see the same machine.
-        let peer_dir = run("peer").then(install_peer);
+        let peer_dir = (run("peer") || run("s5") || run("s5-postgres")).then(install_peer);
         let mut s0_runs = Vec::new();
         let mut peer_runs: Vec<Vec<PeerRun>> = PEER_MODES.iter().map(|_| Vec::new()).collect();
         for round in 1..=runs {
@@ -1260,14 +1457,14 @@ fn main() {
                 );
                 s0_runs.push(m);
             }
-            if let Some(dir) = &peer_dir {
+            if let Some(dir) = peer_dir.as_ref().filter(|_| run("peer")) {
                 for (mode, measured) in PEER_MODES.iter().zip(&mut peer_runs) {
-                    measured.push(peer_run(dir.path(), *mode, round, runs).await);
+                    measured.push(peer_run(dir.path(), *mode, round, runs, s0_recipients()).await);
                 }
             }
         }
         let s0_row = (!s0_runs.is_empty()).then(|| s0_row(s0_runs));
-        let peers: Vec<(PeerMode, f64, Row)> = if peer_dir.is_some() {
+        let peers: Vec<(PeerMode, f64, Row)> = if run("peer") {
             PEER_MODES
                 .iter()
                 .zip(peer_runs)
@@ -1318,6 +1515,13 @@ fn main() {
         }
         if run("s3") {
             rows.push(s3().await);
+        }
+        let peer = peer_dir.as_ref().map(|dir| dir.path());
+        if run("s5") {
+            rows.push(s5(false, peer).await);
+        }
+        if run("s5-postgres") {
+            rows.push(s5(true, peer).await);
         }
         (rows, ratios)
     });

@@ -123,3 +123,46 @@ pub fn json_field(line: &str, name: &str) -> String {
     let start = line.find(&format!("\"{name}\":\"")).unwrap() + name.len() + 4;
     line[start..].split('"').next().unwrap().to_string()
 }
+
+/// A PostgreSQL database of its own on the server `DATABASE_URL` names (by default the local
+/// one), created for one run and dropped by [`PgDatabase::drop_now`].
+pub struct PgDatabase {
+    admin_url: String,
+    pub name: String,
+    pub url: String,
+}
+
+impl PgDatabase {
+    pub async fn create() -> PgDatabase {
+        use sea_orm::{ConnectionTrait, Database};
+        let admin_url = std::env::var("DATABASE_URL")
+            .unwrap_or("postgres://postgres@127.0.0.1:5432/postgres".into());
+        let name = format!("otnd_bench_{}", uuid::Uuid::new_v4().simple());
+        let admin = Database::connect(&admin_url).await.unwrap();
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        let mut url = url::Url::parse(&admin_url).unwrap();
+        url.set_path(&format!("/{name}"));
+        PgDatabase {
+            admin_url,
+            name,
+            url: url.to_string(),
+        }
+    }
+
+    /// Drops it, closing whatever sessions are still open on it.
+    pub async fn drop_now(self) {
+        use sea_orm::{ConnectionTrait, Database};
+        let admin = Database::connect(&self.admin_url).await.unwrap();
+        let _ = admin
+            .execute_unprepared(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+        let _ = admin.close().await;
+    }
+}

@@ -51,7 +51,7 @@ impl Audience {
 
     async fn subscriber(&self, page_id: &PageId, psid: &Psid) -> Result<pb::Subscriber, ApiError> {
         let now = now_ms();
-        let view = audience::get_subscriber(&self.store.db, page_id, psid, now)
+        let view = audience::get_subscriber(&self.store.read, page_id, psid, now)
             .await
             .map_err(|e| {
                 ApiError::from_store(e, || format!("subscriber {psid} of page {page_id}"))
@@ -305,7 +305,7 @@ impl AudienceService for Audience {
         )
         .await?;
         let segments =
-            audience::list_segments(&self.store.db, &page_id, after.as_deref(), size + 1)
+            audience::list_segments(&self.store.read, &page_id, after.as_deref(), size + 1)
                 .await
                 .map_err(ApiError::internal)?;
         let (segments, next_page_token) =

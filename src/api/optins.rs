@@ -178,7 +178,7 @@ impl OptInService for OptIns {
             ))
             .into());
         }
-        let row = optins::find_by_token(&self.store.db, &page_id, &token)
+        let row = optins::find_by_token(&self.store.read, &page_id, &token)
             .await
             .map_err(ApiError::internal)?;
         Ok(Response::new(pb::RecordOptInResponse {
@@ -194,7 +194,7 @@ impl OptInService for OptIns {
         let page_id = parse_page_id(&request.get_ref().page_id)
             .map_err(|rule| ApiError::from(Violations::single("page_id", rule)))?;
         ensure_page(&self.store, &page_id).await?;
-        let ledger = optins::ledger(&self.store.db, &page_id, now_ms())
+        let ledger = optins::ledger(&self.store.read, &page_id, now_ms())
             .await
             .map_err(ApiError::internal)?;
         Ok(Response::new(pb::ListTopicsResponse {
@@ -272,7 +272,7 @@ impl OptInService for OptIns {
             .map_err(ApiError::from)?;
         ensure_page(&self.store, &page_id).await?;
         let now = now_ms();
-        let rows = optins::list(&self.store.db, &page_id, &filter, after, size + 1, now)
+        let rows = optins::list(&self.store.read, &page_id, &filter, after, size + 1, now)
             .await
             .map_err(ApiError::internal)?;
         let (rows, next_page_token) =

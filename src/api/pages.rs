@@ -83,7 +83,7 @@ impl PageService for Pages {
         request: Request<pb::GetPageRequest>,
     ) -> Result<Response<pb::GetPageResponse>, Status> {
         let id = parse_page_id(&request.get_ref().page_id)?;
-        let page = pages::get(&self.store.db, &id)
+        let page = pages::get(&self.store.read, &id)
             .await
             .map_err(|e| ApiError::from_store(e, page_name(&id)))?;
         Ok(Response::new(pb::GetPageResponse {
@@ -105,7 +105,7 @@ impl PageService for Pages {
         let (size, after) = violations
             .finish(|| Some((size?, after?)))
             .map_err(ApiError::from)?;
-        let rows = pages::list(&self.store.db, after.as_deref(), size + 1)
+        let rows = pages::list(&self.store.read, after.as_deref(), size + 1)
             .await
             .map_err(ApiError::internal)?;
         let (rows, next_page_token) = paginate(rows, size, PAGE_TOKEN_KIND, |last| {

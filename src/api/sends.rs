@@ -56,7 +56,7 @@ impl Sends {
         if send_id.is_empty() {
             return Err(Violations::single("send_id", "is required").into());
         }
-        let send = sends::get(&self.store.db, send_id)
+        let send = sends::get(&self.store.read, send_id)
             .await
             .map_err(|e| ApiError::from_store(e, || format!("send {send_id}")))?;
         tracing::Span::current().record("page_id", send.page_id.as_str());
@@ -325,7 +325,7 @@ impl SendService for Sends {
         )
         .await?;
         let rows = sends::list(
-            &self.store.db,
+            &self.store.read,
             sends::SendFilter {
                 page_id: page_id.as_str(),
                 story_id: (!req.story_id.is_empty()).then_some(req.story_id.as_str()),
@@ -428,7 +428,7 @@ impl SendService for Sends {
                         if changed.is_err() {
                             // The hub let go of the channel: the send ended. Its final state is
                             // in the database.
-                            if let Ok(last) = sends::get(&store.db, &progress.send_id).await {
+                            if let Ok(last) = sends::get(&store.read, &progress.send_id).await {
                                 let last = Progress::from_send(&last);
                                 let _ = tx.send(Ok(pb::WatchSendResponse {
                                     progress: Some(progress_to_proto(&last)),
@@ -477,7 +477,7 @@ impl SendService for Sends {
             .finish(|| Some((state?, size?, after?)))
             .map_err(ApiError::from)?;
         let send = self.load(&req.send_id).await?;
-        let rows = sends::list_deliveries(&self.store.db, &send.id, state, after, size + 1)
+        let rows = sends::list_deliveries(&self.store.read, &send.id, state, after, size + 1)
             .await
             .map_err(ApiError::internal)?;
         let (rows, next_page_token) =

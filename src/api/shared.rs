@@ -38,7 +38,7 @@ pub async fn page_listing(
 
 /// NOT_FOUND unless the page is registered.
 pub async fn ensure_page(store: &Store, page_id: &PageId) -> Result<(), ApiError> {
-    match pages::exists(&store.db, page_id).await {
+    match pages::exists(&store.read, page_id).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(ApiError::NotFound(format!(
             "page {page_id} does not exist; register it with PageService.CreatePage"

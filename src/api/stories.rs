@@ -41,7 +41,7 @@ impl Stories {
         if story_id.is_empty() {
             return Err(Violations::single("story_id", "is required").into());
         }
-        let story = stories::get(&self.store.db, story_id)
+        let story = stories::get(&self.store.read, story_id)
             .await
             .map_err(|e| ApiError::from_store(e, || format!("story {story_id}")))?;
         tracing::Span::current().record("page_id", story.page_id.as_str());
@@ -50,7 +50,7 @@ impl Stories {
 
     /// A segment a story may use: one of the same page.
     async fn check_segment(&self, page_id: &PageId, segment_id: &str) -> Result<(), ApiError> {
-        match audience::get_segment(&self.store.db, segment_id).await {
+        match audience::get_segment(&self.store.read, segment_id).await {
             Ok(segment) if segment.page_id == page_id.as_str() => Ok(()),
             Ok(_) | Err(StoreError::NotFound) => Err(ApiError::NotFound(format!(
                 "segment_id: page {page_id} has no segment {segment_id}"
@@ -61,7 +61,7 @@ impl Stories {
 
     /// Warnings, not errors: opt-ins may still be coming.
     async fn topic_warnings(&self, page_id: &PageId, topic: &str) -> Result<Vec<String>, ApiError> {
-        let ledger = optins::ledger(&self.store.db, page_id, now_ms())
+        let ledger = optins::ledger(&self.store.read, page_id, now_ms())
             .await
             .map_err(ApiError::internal)?;
         if ledger.iter().any(|t| t.topic == topic && t.active > 0) {
@@ -278,9 +278,15 @@ impl StoryService for Stories {
         )
         .await?;
         let topic = (!req.topic.is_empty()).then_some(req.topic.as_str());
-        let rows = stories::list(&self.store.db, &page_id, topic, after.as_deref(), size + 1)
-            .await
-            .map_err(ApiError::internal)?;
+        let rows = stories::list(
+            &self.store.read,
+            &page_id,
+            topic,
+            after.as_deref(),
+            size + 1,
+        )
+        .await
+        .map_err(ApiError::internal)?;
         let (rows, next_page_token) = paginate(rows, size, PAGE_TOKEN_KIND, |s| s.id.clone());
         Ok(Response::new(pb::ListStoriesResponse {
             stories: rows.into_iter().map(story_to_proto).collect(),
@@ -404,10 +410,10 @@ impl StoryService for Stories {
         request: Request<pb::EstimateAudienceRequest>,
     ) -> Result<Response<pb::EstimateAudienceResponse>, Status> {
         let story = self.load(&request.get_ref().story_id).await?;
-        let segment = stories::segment_rule(&self.store.db, &story)
+        let segment = stories::segment_rule(&self.store.read, &story)
             .await
             .map_err(ApiError::internal)?;
-        let estimate = stories::estimate(&self.store.db, &story, segment.as_ref(), now_ms())
+        let estimate = stories::estimate(&self.store.read, &story, segment.as_ref(), now_ms())
             .await
             .map_err(ApiError::internal)?;
         Ok(Response::new(pb::EstimateAudienceResponse {

@@ -99,13 +99,19 @@ impl Aimd {
             let climbed = RECOVERY_PER_SECOND * now.duration_since(self.updated).as_secs_f64();
             self.share = (self.share + climbed).min(1.0);
         }
-        self.updated = now;
+        // Never back: after a hold, `updated` is its end.
+        self.updated = self.updated.max(now);
         self.share
     }
 
-    /// Slows down, unless it did so within `SLOWDOWN_EVERY`; whether it did.
-    fn slow_down(&mut self, now: Instant) -> bool {
+    /// Slows down, unless it did so within `SLOWDOWN_EVERY`; whether it did. Held until
+    /// `held_until`, it starts climbing back only then: a hold is not a clean interval.
+    fn slow_down(&mut self, now: Instant, held_until: Option<Instant>) -> bool {
         self.climb(now);
+        if let Some(until) = held_until {
+            // `climb` measures from here; an instant later than now counts as no time.
+            self.updated = self.updated.max(until);
+        }
         if self
             .slowed
             .is_some_and(|at| now.duration_since(at) < SLOWDOWN_EVERY)
@@ -348,13 +354,6 @@ impl Pacer {
     pub async fn acquire(&self, page_id: &str, rate: u32, n: usize) -> Ticket {
         let n = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
         let mut ticket = Ticket::default();
-        loop {
-            let (_, app_hold) = self.app_now(Instant::now());
-            match app_hold {
-                Some(until) => tokio::time::sleep_until(until.into()).await,
-                None => break,
-            }
-        }
         if self.settings.enforce_page_rate {
             let turn = {
                 let mut pages = self.lock_pages();
@@ -377,7 +376,17 @@ impl Pacer {
             // Pages waiting on the app-wide limit wake together: spread them.
             take(app, n, Jitter::up_to(JITTER)).await;
         }
+        if !self.settings.enforce_page_rate {
+            self.wait_out_app_hold().await;
+        }
         ticket
+    }
+
+    /// Waits while the app is held (code 4).
+    async fn wait_out_app_hold(&self) {
+        while let (_, Some(until)) = self.app_now(Instant::now()) {
+            tokio::time::sleep_until(until.into()).await;
+        }
     }
 
     /// The page's governor at its pace now, once any hold has passed.
@@ -395,10 +404,14 @@ impl Pacer {
         page.limiter.clone()
     }
 
-    /// Waits until the page's rolling second has room for `n` more calls (and any hold has
-    /// passed), then counts them; the calls in the rolling second, these included.
+    /// Waits until the page's rolling second has room for `n` more calls (and any hold of the
+    /// page or the app has passed), then counts them; the calls in the rolling second, these
+    /// included.
     async fn enter_window(&self, page_id: &str, rate: u32, n: u32) -> u32 {
         loop {
+            // Checked last, right before the call: calls that queued before the hold began
+            // wait it out too.
+            self.wait_out_app_hold().await;
             let now = Instant::now();
             let wait = {
                 let mut pages = self.lock_pages();
@@ -457,11 +470,12 @@ impl Pacer {
         let now = Instant::now();
         if app_wide {
             let mut app = self.lock_app();
-            app.aimd.slow_down(now);
             let until = now + regain.unwrap_or(DEFAULT_THROTTLE_WAIT);
             if app.hold_until.is_none_or(|held| held < until) {
                 app.hold_until = Some(until);
             }
+            let held_until = app.hold_until;
+            app.aimd.slow_down(now, held_until);
             return;
         }
         let (app_share, _) = self.app_now(now);
@@ -477,7 +491,8 @@ impl Pacer {
         }
         // Well within the budget the header reports: not this page's pace.
         let within_budget = page.budget.is_some() && page.binding_budget().is_none();
-        if (regain.is_some() || !within_budget) && page.aimd.slow_down(now) {
+        let held_until = page.hold_until;
+        if (regain.is_some() || !within_budget) && page.aimd.slow_down(now, held_until) {
             page.repace(now, app_share, self.settings.max_batch, false);
         }
     }

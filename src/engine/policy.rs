@@ -62,11 +62,13 @@ pub fn backoff(attempt: i32) -> Duration {
         .mul_f64(rand::thread_rng().r#gen::<f64>())
 }
 
-/// A claimed delivery whose call was never made: pending again, the attempt not counted.
-pub fn not_attempted(now_ms: i64) -> Outcome {
+/// A claimed delivery whose call was never made: pending again, the attempt not counted (and
+/// still ambiguous if an earlier attempt may have landed).
+pub fn not_attempted(delivery: &Claimed, now_ms: i64) -> Outcome {
     Outcome::not_attempted(
         now_ms,
-        "not attempted: the page halted or resumed before its turn",
+        "not attempted: the page halted or resumed, or the send stopped, before its turn",
+        delivery.ambiguous,
     )
 }
 
@@ -289,6 +291,22 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn policy_refusals_that_look_like_throttles_fail_the_recipient_and_slow_nothing() {
+        for (code, subcode) in [(4, Some(2018354)), (613, Some(1893016))] {
+            let d = decide(
+                &claimed("token", 1, false),
+                Err(graph_error(400, code, subcode)),
+                0,
+            );
+            assert!(
+                matches!(d.outcome, Outcome::Failed { .. }),
+                "{code}/{subcode:?}"
+            );
+            assert_eq!(d.signal, PageSignal::None, "{code}/{subcode:?}");
+        }
     }
 
     #[test]

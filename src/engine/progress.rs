@@ -304,7 +304,7 @@ async fn poll(hub: ProgressHub, store: Store, send_id: String) {
             }
             channel.sender.borrow().clone()
         };
-        if let Ok(row) = sends::get(&store.db, &send_id).await {
+        if let Ok(row) = sends::get(&store.read, &send_id).await {
             let fresh = Progress::from_send(&row);
             if !fresh.same_counts(&current) || fresh.last_error != current.last_error {
                 hub.put(fresh, false);

@@ -56,9 +56,16 @@ impl Dispatch {
 
 pub type ItemResult = (i64, Result<Delivered, Failure>);
 
+/// What came of a job: an answer per item attempted, and the items not attempted (the page's
+/// generation moved on, or the send stopped, while they waited for their turn).
+#[derive(Debug, Default)]
+pub struct Answered {
+    pub results: Vec<ItemResult>,
+    pub not_attempted: Vec<i64>,
+}
+
 impl Message for Dispatch {
-    /// `None`: not attempted (the page's generation moved on while the job waited).
-    type Result = Option<Vec<ItemResult>>;
+    type Result = Answered;
 }
 
 pub struct Sender {
@@ -76,63 +83,78 @@ impl Actor for Sender {
 }
 
 impl Handler<Dispatch> for Sender {
-    type Result = ResponseFuture<Option<Vec<ItemResult>>>;
+    type Result = ResponseFuture<Answered>;
 
     fn handle(&mut self, job: Dispatch, _: &mut Context<Self>) -> Self::Result {
         let graph = self.graph.clone();
         let pacer = self.pacer.clone();
         Box::pin(async move {
-            if !job.may_go() {
-                return None;
-            }
-            let ticket = pacer.acquire(&job.page_id, job.rate, job.items.len()).await;
-            if !job.may_go() {
-                return None;
-            }
-            let started = Instant::now();
-            fn recipient(to: &To) -> Recipient<'_> {
-                match to {
-                    To::Token(token) => Recipient::Token(token.as_str()),
-                    To::Psid(psid) => Recipient::Psid(psid.as_str()),
+            let mut answered = Answered::default();
+            let mut rest: &[Item] = &job.items;
+            // In requests of the page's batch size at the moment each goes: a job made before
+            // the page slowed down (a throttle, a budget learnt) does not go out in one burst.
+            while !rest.is_empty() && job.may_go() {
+                let size = pacer
+                    .batch_size(&job.page_id, job.rate)
+                    .clamp(1, rest.len());
+                let ticket = pacer.acquire(&job.page_id, job.rate, size).await;
+                if !job.may_go() {
+                    break;
                 }
+                let (items, after) = rest.split_at(size);
+                rest = after;
+                let started = Instant::now();
+                let (results, usage) = call(&graph, &job, items).await;
+                pacer.observe(&job.page_id, ticket, &usage);
+                metrics::graph_call(started.elapsed(), items.len());
+                crate::crashpoint::pass("graph-answered");
+                answered.results.extend(results);
             }
-            let (results, usage) = if let [item] = job.items.as_slice() {
-                let (result, usage) = graph
-                    .send_observed(&job.credentials, recipient(&item.to), &job.message)
-                    .await;
-                (vec![(item.delivery_id, result)], usage)
-            } else {
-                let sends: Vec<BatchSend<'_>> = job
-                    .items
-                    .iter()
-                    .map(|item| BatchSend {
-                        recipient: recipient(&item.to),
-                        message: &job.message,
-                    })
-                    .collect();
-                let (answered, usage) = graph.send_batch(&job.credentials, &sends).await;
-                let results = match answered {
-                    Ok(results) => job
-                        .items
-                        .iter()
-                        .map(|item| item.delivery_id)
-                        .zip(results)
-                        .collect(),
-                    // The request as a whole failed: every item shares its fate.
-                    Err(failure) => job
-                        .items
-                        .iter()
-                        .map(|item| (item.delivery_id, Err(failure.clone())))
-                        .collect(),
-                };
-                (results, usage)
-            };
-            pacer.observe(&job.page_id, ticket, &usage);
-            metrics::graph_call(started.elapsed(), job.items.len());
-            crate::crashpoint::pass("graph-answered");
-            Some(results)
+            answered.not_attempted = rest.iter().map(|item| item.delivery_id).collect();
+            answered
         })
     }
+}
+
+/// One Graph request for `items` of the job: a send, or a batch.
+async fn call(
+    graph: &GraphClient,
+    job: &Dispatch,
+    items: &[Item],
+) -> (Vec<ItemResult>, crate::graph::Usage) {
+    fn recipient(to: &To) -> Recipient<'_> {
+        match to {
+            To::Token(token) => Recipient::Token(token.as_str()),
+            To::Psid(psid) => Recipient::Psid(psid.as_str()),
+        }
+    }
+    if let [item] = items {
+        let (result, usage) = graph
+            .send_observed(&job.credentials, recipient(&item.to), &job.message)
+            .await;
+        return (vec![(item.delivery_id, result)], usage);
+    }
+    let sends: Vec<BatchSend<'_>> = items
+        .iter()
+        .map(|item| BatchSend {
+            recipient: recipient(&item.to),
+            message: &job.message,
+        })
+        .collect();
+    let (answered, usage) = graph.send_batch(&job.credentials, &sends).await;
+    let results = match answered {
+        Ok(results) => items
+            .iter()
+            .map(|item| item.delivery_id)
+            .zip(results)
+            .collect(),
+        // The request as a whole failed: every item shares its fate.
+        Err(failure) => items
+            .iter()
+            .map(|item| (item.delivery_id, Err(failure.clone())))
+            .collect(),
+    };
+    (results, usage)
 }
 
 #[derive(Clone)]
@@ -170,7 +192,7 @@ impl SenderPool {
         &self,
         job: Dispatch,
         on: Option<usize>,
-    ) -> impl Future<Output = Result<Option<Vec<ItemResult>>, actix::MailboxError>> + 'static {
+    ) -> impl Future<Output = Result<Answered, actix::MailboxError>> + 'static {
         let n =
             on.unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed)) % self.senders.len();
         self.senders[n].send(job)

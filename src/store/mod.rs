@@ -37,10 +37,21 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// SQLite page cache per connection, in KiB.
 const SQLITE_CACHE_KIB: u32 = 16 * 1024;
 
-/// The connection pool, and what the service needs to know about the backend.
+/// SQLite connections that only read (WAL readers, beside the one writer).
+const SQLITE_READERS: u32 = 4;
+
+/// The connection pools, and what the service needs to know about the backend.
 #[derive(Clone, Debug)]
 pub struct Store {
+    /// Where everything is written (and what is read inside a write). On SQLite one connection:
+    /// SQLite takes one writer at a time, and writers waiting here queue in order and are
+    /// handed the connection the moment it is free, where writers on connections of their own
+    /// would wait in SQLite's busy handler, which sleeps (up to 100 ms at a time) past the
+    /// moment the lock is released: with many pages writing, most of the time went to sleep.
     pub db: DatabaseConnection,
+    /// Reads outside a write (the API's Get and List calls): on SQLite, connections of their
+    /// own, which WAL lets read while the writer writes; on PostgreSQL, the same pool.
+    pub read: DatabaseConnection,
     /// On SQLite, the lock that keeps a second otnd off the same file (released with the last
     /// clone of the store, or by the OS when the process dies).
     _instance_lock: Option<Arc<File>>,
@@ -110,7 +121,15 @@ impl Store {
         options.sqlx_logging(false);
         options.acquire_timeout(Duration::from_secs(10));
         options.connect_timeout(Duration::from_secs(10));
-        if let DatabaseUrl::Sqlite(_) = url {
+        let mut readers = None;
+        if let DatabaseUrl::Sqlite(raw) = url {
+            // An in-memory database exists once per connection: it has no separate readers.
+            if sqlite_file(raw)?.is_some() {
+                let mut reading = options.clone();
+                reading.max_connections(SQLITE_READERS);
+                readers = Some(reading);
+            }
+            options.max_connections(1);
             options.map_sqlx_sqlite_opts(|opts| {
                 opts.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
                     .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
@@ -132,8 +151,22 @@ impl Store {
         let db = Database::connect(options)
             .await
             .with_context(|| format!("Failed to connect to the {} database", url.backend_name()))?;
+        let read = match readers {
+            Some(mut reading) => {
+                reading.map_sqlx_sqlite_opts(|opts| {
+                    opts.busy_timeout(SQLITE_BUSY_TIMEOUT)
+                        .foreign_keys(true)
+                        .pragma("cache_size", format!("-{}", SQLITE_CACHE_KIB))
+                });
+                Database::connect(reading)
+                    .await
+                    .context("Failed to open the SQLite database's readers")?
+            }
+            None => db.clone(),
+        };
         Ok(Store {
             db,
+            read,
             _instance_lock: None,
         })
     }
@@ -150,6 +183,7 @@ impl Store {
     }
 
     pub async fn close(self) {
+        let _ = self.read.close().await;
         let _ = self.db.close().await;
     }
 }

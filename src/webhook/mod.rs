@@ -142,7 +142,7 @@ pub async fn verify(
     if mode != "subscribe" {
         return refuse(StatusCode::FORBIDDEN, "hub.mode is not subscribe");
     }
-    let tokens = match store::pages::verify_tokens(&state.store.db, &state.cipher).await {
+    let tokens = match store::pages::verify_tokens(&state.store.read, &state.cipher).await {
         Ok(tokens) => tokens,
         Err(err) => {
             tracing::error!(error = %err, "webhook verification could not read pages");
@@ -215,7 +215,7 @@ pub async fn receive(
         )
             .into_response();
     }
-    let secrets = match store::pages::app_secrets(&state.store.db, &state.cipher, &named).await {
+    let secrets = match store::pages::app_secrets(&state.store.read, &state.cipher, &named).await {
         Ok(secrets) => secrets,
         Err(err) => {
             tracing::error!(error = %err, "webhook could not read page secrets");

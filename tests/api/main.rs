@@ -26,6 +26,7 @@ mod sandbox;
 mod secrets;
 mod sends;
 mod stories;
+mod throttling;
 mod tls;
 mod upgrade;
 mod webhook;

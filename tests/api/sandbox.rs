@@ -650,6 +650,97 @@ async fn the_rate_limit_answers_613_and_holds_each_second_to_the_limit() {
     assert!(per_second.values().all(|n| *n <= 2), "{per_second:?}");
 }
 
+fn header_json(answer_headers: &HeaderMap, name: &str) -> Value {
+    serde_json::from_str(answer_headers[name].to_str().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_page_at_its_capacity_answers_80006_and_stays_refused_until_it_regains_access() {
+    let sandbox = Sandbox::start().await;
+    sandbox
+        .faults(json!({"page_capacity_per_second": 4, "capacity_block_ms": 90_000}))
+        .await;
+    let tokens = optins_for(&sandbox, 6).await;
+    // Every answer says how much of the rolling second's budget is used.
+    for (n, token) in tokens.iter().take(4).enumerate() {
+        let answer = sandbox.send(PAGE_TOKEN, token_send(token, "x")).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        let usage = header_json(&answer.headers, "x-business-use-case-usage");
+        assert_eq!(usage[PAGE][0]["call_count"], json!((n + 1) * 25), "{usage}");
+        assert_eq!(usage[PAGE][0]["estimated_time_to_regain_access"], 0);
+    }
+    // The fifth call within the second finds the budget used up: refused, and so is every call
+    // until the page regains access (two minutes, rounded up from 90 s).
+    for token in &tokens[4..] {
+        let answer = sandbox.send(PAGE_TOKEN, token_send(token, "x")).await;
+        assert_eq!(answer.code(), 80006, "{:?}", answer.body);
+        let usage = header_json(&answer.headers, "x-business-use-case-usage");
+        assert_eq!(usage[PAGE][0]["call_count"], 100);
+        assert_eq!(usage[PAGE][0]["estimated_time_to_regain_access"], 2);
+    }
+    let stats = sandbox.stats().await;
+    assert_eq!((stats.accepted, stats.capacity_refused), (4, 2));
+    assert_eq!(stats.rate_limited, 2);
+}
+
+#[tokio::test]
+async fn without_a_block_the_capacity_is_a_rolling_second() {
+    let sandbox = Sandbox::start().await;
+    sandbox
+        .faults(json!({"page_capacity_per_second": 3, "capacity_block_ms": 0}))
+        .await;
+    let tokens = optins_for(&sandbox, 5).await;
+    for token in &tokens[..3] {
+        assert_eq!(
+            sandbox
+                .send(PAGE_TOKEN, token_send(token, "x"))
+                .await
+                .status,
+            200
+        );
+    }
+    let refused = sandbox.send(PAGE_TOKEN, token_send(&tokens[3], "x")).await;
+    assert_eq!(refused.code(), 80006);
+    let usage = header_json(&refused.headers, "x-business-use-case-usage");
+    assert_eq!(usage[PAGE][0]["estimated_time_to_regain_access"], 0);
+    // Once the first calls are a second old, there is room again.
+    eventually(
+        Duration::from_secs(5),
+        "room in the rolling second",
+        || async {
+            let answer = sandbox.send(PAGE_TOKEN, token_send(&tokens[3], "x")).await;
+            (answer.status == 200).then_some(())
+        },
+    )
+    .await;
+    let times: Vec<i64> = sandbox
+        .messages("")
+        .await
+        .iter()
+        .map(|m| m.time_ms)
+        .collect();
+    assert!(times[3] - times[0] >= 1000, "{times:?}");
+}
+
+#[tokio::test]
+async fn the_apps_capacity_answers_code_4_across_pages_and_x_app_usage_reports_it() {
+    let sandbox = Sandbox::start().await;
+    sandbox.faults(json!({"app_capacity_per_second": 2})).await;
+    let tokens = optins_for(&sandbox, 3).await;
+    let first = sandbox.send(PAGE_TOKEN, token_send(&tokens[0], "x")).await;
+    assert_eq!(header_json(&first.headers, "x-app-usage")["call_count"], 50);
+    sandbox.send(PAGE_TOKEN, token_send(&tokens[1], "x")).await;
+    let refused = sandbox.send(PAGE_TOKEN, token_send(&tokens[2], "x")).await;
+    assert_eq!(refused.code(), 4, "{:?}", refused.body);
+    assert_eq!(refused.body["error"]["error_subcode"], Value::Null);
+    assert_eq!(
+        header_json(&refused.headers, "x-app-usage")["call_count"],
+        100
+    );
+    let stats = sandbox.stats().await;
+    assert_eq!((stats.accepted, stats.app_capacity_refused), (2, 1));
+}
+
 #[tokio::test]
 async fn error_throttle_and_restriction_faults_accept_nothing() {
     let sandbox = Sandbox::start().await;

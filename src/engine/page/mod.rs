@@ -333,10 +333,11 @@ impl PageActor {
             ctx.spawn(self.deps.pool.dispatch(job, on).into_actor(self).map(
                 move |answer, act: &mut PageActor, ctx| {
                     let results: Vec<ItemResult> = match answer {
-                        Ok(Some(results)) => results,
-                        Ok(None) => {
-                            act.not_attempted(&ids, ctx);
-                            return;
+                        Ok(answered) => {
+                            if !answered.not_attempted.is_empty() {
+                                act.not_attempted(&answered.not_attempted, ctx);
+                            }
+                            answered.results
                         }
                         // The sender is gone; it may have called Facebook: ambiguous.
                         Err(_) => ids
@@ -435,7 +436,7 @@ impl PageActor {
                     send_id,
                     id: *id,
                     claim: claimed.claim,
-                    outcome: policy::not_attempted(now),
+                    outcome: policy::not_attempted(&claimed, now),
                 });
             }
         }

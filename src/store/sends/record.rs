@@ -45,10 +45,12 @@ pub enum Outcome {
 
 impl Outcome {
     /// A claimed delivery whose call was never made: pending again, the attempt not counted.
-    pub fn not_attempted(now: i64, why: &str) -> Self {
+    /// `ambiguous`: an earlier attempt may have landed (the claim says so), which a cancel must
+    /// not forget.
+    pub fn not_attempted(now: i64, why: &str, ambiguous: bool) -> Self {
         Outcome::Retry {
             at: now,
-            ambiguous: false,
+            ambiguous,
             refund_attempt: true,
             error: DeliveryError {
                 code: None,
