@@ -100,6 +100,14 @@ impl ActiveSend {
         }
     }
 
+    /// Running again after a pause (perhaps before any step saw it paused): jobs made from now
+    /// on may go; those made before stay stopped.
+    fn run_again(&mut self) {
+        if self.stopped.load(Ordering::SeqCst) {
+            self.stopped = Arc::default();
+        }
+    }
+
     fn progress(&mut self) -> Progress {
         let now = Instant::now();
         while self
@@ -244,6 +252,7 @@ impl PageActor {
             .map(|row| match old.remove(&row.id) {
                 Some(mut active) => {
                     active.send = row;
+                    active.run_again();
                     active
                 }
                 None => ActiveSend::new(row),
@@ -915,11 +924,13 @@ impl Handler<Control> for PageActor {
                 if let Ok(send) = &result {
                     tracing::info!(page_id = %act.page_id, send_id = %send.id,
                         state = %send.state, command = ?msg.command, "send command applied");
-                    if send.state != SendState::Running
-                        && let Some(active) = act.sends.iter().find(|a| a.send.id == send.id)
-                    {
-                        // Calls still waiting for their turn are not made.
-                        active.stopped.store(true, Ordering::SeqCst);
+                    if let Some(active) = act.sends.iter_mut().find(|a| a.send.id == send.id) {
+                        if send.state == SendState::Running {
+                            active.run_again();
+                        } else {
+                            // Calls still waiting for their turn are not made.
+                            active.stopped.store(true, Ordering::SeqCst);
+                        }
                     }
                     act.deps.hub.publish(Progress::from_send(send));
                     if msg.command == Command::Resume {
