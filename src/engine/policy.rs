@@ -62,13 +62,11 @@ pub fn backoff(attempt: i32) -> Duration {
         .mul_f64(rand::thread_rng().r#gen::<f64>())
 }
 
-/// A claimed delivery whose call was never made: pending again, the attempt not counted (and
-/// still ambiguous if an earlier attempt may have landed).
-pub fn not_attempted(delivery: &Claimed, now_ms: i64) -> Outcome {
+/// A claimed delivery whose call was never made: pending again, the attempt not counted.
+pub fn not_attempted(now_ms: i64) -> Outcome {
     Outcome::not_attempted(
         now_ms,
         "not attempted: the page halted or resumed, or the send stopped, before its turn",
-        delivery.ambiguous,
     )
 }
 

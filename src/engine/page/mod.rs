@@ -445,7 +445,7 @@ impl PageActor {
                     send_id,
                     id: *id,
                     claim: claimed.claim,
-                    outcome: policy::not_attempted(&claimed, now),
+                    outcome: policy::not_attempted(now),
                 });
             }
         }

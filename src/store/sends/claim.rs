@@ -184,10 +184,9 @@ pub async fn reconcile(
     struct InFlight {
         id: i64,
         claim: i32,
-        ambiguous: bool,
     }
     let mut sql = Sql::new(db.get_database_backend());
-    sql.push("SELECT id, claim, ambiguous FROM deliveries WHERE send_id = ")
+    sql.push("SELECT id, claim FROM deliveries WHERE send_id = ")
         .bind(send_id)
         .push(" AND state = ")
         .bind(DeliveryState::InFlight);
@@ -202,7 +201,6 @@ pub async fn reconcile(
             outcome: record::Outcome::not_attempted(
                 now,
                 "not attempted: the step that claimed it failed before handing it on",
-                row.ambiguous,
             ),
         })
         .collect();

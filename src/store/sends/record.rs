@@ -44,13 +44,12 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// A claimed delivery whose call was never made: pending again, the attempt not counted.
-    /// `ambiguous`: an earlier attempt may have landed (the claim says so), which a cancel must
-    /// not forget.
-    pub fn not_attempted(now: i64, why: &str, ambiguous: bool) -> Self {
+    /// A claimed delivery whose call was never made: pending again, the attempt not counted
+    /// (an earlier attempt's ambiguity is the row's, and stays).
+    pub fn not_attempted(now: i64, why: &str) -> Self {
         Outcome::Retry {
             at: now,
-            ambiguous,
+            ambiguous: false,
             refund_attempt: true,
             error: DeliveryError {
                 code: None,
@@ -85,7 +84,9 @@ enum Kind {
     Refuse,
     Retry,
     Lose,
-    /// A retry the send no longer wants (it was cancelled): nothing of it can have landed.
+    /// A retry the send no longer wants (it was cancelled): skipped where nothing of it can
+    /// have landed; a row an earlier attempt may have reached is lost (`unknown`) instead,
+    /// whatever the answer said, so that its token is never given back.
     Withdraw,
 }
 
@@ -162,9 +163,18 @@ pub async fn record(
         }
     }
     let mut deltas: BTreeMap<&str, CounterDelta> = BTreeMap::new();
-    for ((kind, send_id), rows) in &groups {
-        let event = kind.event();
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+    for ((group_kind, send_id), rows) in &groups {
+        // A withdrawal skips the rows nothing can have reached; what it left in flight (the
+        // ambiguous ones) is lost.
+        let passes: &[Kind] = match group_kind {
+            Kind::Withdraw => &[Kind::Withdraw, Kind::Lose],
+            kind => std::slice::from_ref(kind),
+        };
+        for (kind, chunk) in passes
+            .iter()
+            .flat_map(|kind| rows.chunks(ROWS_PER_STATEMENT).map(move |c| (kind, c)))
+        {
+            let event = kind.event();
             let mut sql = Sql::new(backend);
             statement(&mut sql, *kind, chunk, now)?;
             crate::crashpoint::pass("recording");
@@ -270,12 +280,25 @@ fn statement(sql: &mut Sql, kind: Kind, rows: &[&Answer], now: i64) -> Result<()
                 };
                 bind_error(sql, &why);
             }
+            (Outcome::Retry { error, .. }, Kind::Lose) => {
+                let why = DeliveryError {
+                    message: format!(
+                        "the send was cancelled after an attempt that may have landed ({})",
+                        error.message
+                    ),
+                    ..error.clone()
+                };
+                bind_error(sql, &why);
+            }
             (Outcome::Retry { error, .. }, _)
             | (Outcome::Failed { error, .. }, _)
             | (Outcome::Unknown { error }, _) => bind_error(sql, error),
         }
     });
     sql.push(") AS v WHERE deliveries.id = v.column1 AND deliveries.claim = v.column2");
+    if kind == Kind::Withdraw {
+        sql.push(" AND NOT deliveries.ambiguous");
+    }
     leaving(sql, event, DeliveryState::InFlight, "deliveries.state")?;
     sql.push(" RETURNING deliveries.id AS id, deliveries.optin_id AS optin_id");
     Ok(())
