@@ -7,9 +7,9 @@
 //!   than the configured rate;
 //! - the budget: the usage header's share against the calls the page made in the second before
 //!   the call gives the page's true budget (calls ÷ share). Where that is below the configured
-//!   rate (Facebook gives the page less than it was configured for), the page paces at 93% of
-//!   it and its rolling second holds at most 96% of it, so that it slows down *before* a
-//!   refusal;
+//!   rate (Facebook gives the page less than it was configured for), the page paces at 95% of
+//!   it, its rolling second holds at most 96% of it, and its requests carry no more than the
+//!   rest, so that it slows down *before* a refusal;
 //! - AIMD on refusals: a throttle the page's own pace explains (no budget known, or a budget
 //!   below the configured rate, or a regain time) halves the page's pace, at most once per half
 //!   second (the answers of calls already in flight are one event), and the pace climbs back by
@@ -308,6 +308,19 @@ impl Pacer {
             .expect("the pacer lock is never poisoned")
     }
 
+    /// The page's state, made on its first call.
+    fn page_state<'a>(
+        pages: &'a mut HashMap<String, PageState>,
+        page_id: &str,
+        rate: u32,
+        now: Instant,
+        max_batch: usize,
+    ) -> &'a mut PageState {
+        pages
+            .entry(page_id.to_string())
+            .or_insert_with(|| PageState::new(rate, now, max_batch))
+    }
+
     /// The app-wide share now, and until when the app holds.
     fn app_now(&self, now: Instant) -> (f64, Option<Instant>) {
         let mut app = self.lock_app();
@@ -357,11 +370,8 @@ impl Pacer {
         if self.settings.enforce_page_rate {
             let turn = {
                 let mut pages = self.lock_pages();
-                pages
-                    .entry(page_id.to_string())
-                    .or_insert_with(|| {
-                        PageState::new(rate, Instant::now(), self.settings.max_batch)
-                    })
+                let max_batch = self.settings.max_batch;
+                Self::page_state(&mut pages, page_id, rate, Instant::now(), max_batch)
                     .turn
                     .clone()
             };
@@ -395,9 +405,7 @@ impl Pacer {
         let (app_share, _) = self.app_now(now);
         let mut pages = self.lock_pages();
         let max_batch = self.settings.max_batch;
-        let page = pages
-            .entry(page_id.to_string())
-            .or_insert_with(|| PageState::new(rate, now, max_batch));
+        let page = Self::page_state(&mut pages, page_id, rate, now, max_batch);
         let rate_changed = page.configured_rate != rate;
         page.configured_rate = rate;
         page.repace(now, app_share, max_batch, rate_changed);
@@ -416,9 +424,7 @@ impl Pacer {
             let wait = {
                 let mut pages = self.lock_pages();
                 let max_batch = self.settings.max_batch;
-                let page = pages
-                    .entry(page_id.to_string())
-                    .or_insert_with(|| PageState::new(rate, now, max_batch));
+                let page = Self::page_state(&mut pages, page_id, rate, now, max_batch);
                 page.forget_before(now);
                 match page.hold_until.filter(|until| *until > now) {
                     Some(until) => until - now,

@@ -877,6 +877,9 @@ async fn admin_refuses_bad_input() {
             json!({"error_rate": 0.6, "reset_rate": 0.6}),
         ),
         ("/__sandbox/faults", json!({"eror_rate": 0.1})),
+        ("/__sandbox/faults", json!({"page_capacity_per_second": 0})),
+        ("/__sandbox/faults", json!({"app_capacity_per_second": 0})),
+        ("/__sandbox/faults", json!({"capacity_block_ms": -1})),
         (
             "/__sandbox/optins",
             json!({"page_id": PAGE, "payload": "t"}),
@@ -898,6 +901,18 @@ async fn admin_refuses_bad_input() {
         assert_eq!(status, 400, "{path} {body}: {answer}");
         assert!(answer["error"].is_string());
     }
+    // Refused knobs changed nothing.
+    let faults: Value = sandbox
+        .http
+        .get(sandbox.running.url("/__sandbox/faults"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(faults["page_capacity_per_second"], Value::Null, "{faults}");
+    assert_eq!(faults["app_capacity_per_second"], Value::Null, "{faults}");
     let (status, _) = sandbox
         .admin(
             "/__sandbox/optins",
