@@ -97,6 +97,7 @@ struct Setup {
     sandbox_url: String,
     client: reqwest::Client,
     channel: Channel,
+    grpc_url: String,
     http: String,
 }
 
@@ -123,13 +124,15 @@ async fn setup(sandbox_args: &[&str], otnd_env: &[(&str, &str)]) -> Setup {
         .envs(otnd_env.iter().copied());
     let (otnd, ready) = spawn_until(otnd, "otnd ready");
     let field = |name: &str| json_field(&ready, name);
-    let channel = Channel::from_shared(format!("http://{}", field("grpc_addr")))
+    let grpc_url = format!("http://{}", field("grpc_addr"));
+    let channel = Channel::from_shared(grpc_url.clone())
         .unwrap()
         .connect()
         .await
         .unwrap();
     Setup {
         _dir: dir,
+        grpc_url,
         otnd,
         sandbox_proc: sandbox,
         sandbox_url,
@@ -378,6 +381,7 @@ impl Setup {
 
         let mut sends = SendServiceClient::new(self.channel.clone());
         let started = Instant::now();
+        let started_wall = std::time::SystemTime::now();
         let mut ids = Vec::new();
         let mut watchers: Vec<JoinHandle<Vec<Snapshot>>> = Vec::new();
         let start = |story: String| {
@@ -426,12 +430,20 @@ impl Setup {
             }
         }
         let start_answered = started.elapsed();
+        // The probe is a client of its own, as a dashboard would be: its own connection and
+        // thread, so that it never waits behind this process's watchers and starts.
         let sampler = probes.then(|| {
-            tokio::spawn(sample_get_send(
-                self.channel.clone(),
-                ids.clone(),
-                stop.clone(),
-            ))
+            let (url, ids, stop) = (self.grpc_url.clone(), ids.clone(), stop.clone());
+            tokio::task::spawn_blocking(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+                    sample_get_send(channel, ids, stop).await
+                })
+            })
         });
 
         let deadline = started + send_deadline();
@@ -448,14 +460,23 @@ impl Setup {
         // Without probes, nothing streamed: GetSend polls tell when each send ended.
         streams.resize_with(ids.len(), Vec::new);
         // The streams end after the send ends; GetSend confirms (and waits, should a stream
-        // have ended early).
+        // have ended early). A send ended when otnd recorded it finished (its finish_time, on
+        // this machine's clock): the sends are polled one after another, and the thousandth
+        // poll of a campaign comes a thousand round trips after the first.
         let mut done = Vec::new();
         let mut finished_at = Vec::new();
         for (id, stream) in ids.iter().zip(&streams) {
-            let (progress, polled_at) = wait_finished(&mut sends, id, deadline).await;
+            let (send, polled_at) = wait_finished(&mut sends, id, deadline).await;
             let streamed = stream.last().filter(|s| is_finished(s.state)).map(|s| s.at);
-            finished_at.push(streamed.unwrap_or(polled_at));
-            done.push(progress);
+            let seen = streamed.unwrap_or(polled_at);
+            let recorded = send
+                .finish_time
+                .as_ref()
+                .and_then(|t| std::time::SystemTime::try_from(*t).ok())
+                .and_then(|t| t.duration_since(started_wall).ok())
+                .map(|after| started + after);
+            finished_at.push(recorded.map_or(seen, |r| r.min(seen)));
+            done.push(send.progress.unwrap());
         }
         let all_finished = *finished_at.iter().max().unwrap();
         let (_, cpu_after) = self.otnd.usage();
@@ -567,7 +588,7 @@ async fn wait_finished(
     sends: &mut SendServiceClient<Channel>,
     id: &str,
     deadline: Instant,
-) -> (SendProgress, Instant) {
+) -> (otnd::pb::Send, Instant) {
     loop {
         let send = sends
             .get_send(GetSendRequest { send_id: id.into() })
@@ -579,7 +600,7 @@ async fn wait_finished(
         let seen = Instant::now();
         if is_finished(send.state()) {
             assert_eq!(send.state(), SendState::Completed, "{send:?}");
-            return (send.progress.unwrap(), seen);
+            return (send, seen);
         }
         assert!(
             Instant::now() < deadline,

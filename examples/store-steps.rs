@@ -129,7 +129,7 @@ async fn run(recipients: usize) -> anyhow::Result<(f64, f64)> {
     let cpu_began = cpu_seconds();
     let mut sent = 0;
     loop {
-        let step = sends::step(db, &fence, &send.id, now_ms(), STEP).await?;
+        let step = sends::step(db, &fence, &send.id, now_ms(), STEP, false).await?;
         if step.claimed.is_empty() {
             break;
         }

@@ -380,6 +380,26 @@ pub fn disable_transparent_huge_pages() {
     }
 }
 
+/// How far below the API's threads the engine's threads run (a nice value, Linux).
+const ENGINE_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority below the API's: for the engine's threads (page
+/// actors and senders, the database writer), which do the bulk of a send. On a busy instance
+/// an operator's GetSend or a dashboard's snapshot then waits for no page's step: while S5's
+/// thousand pages sent, its p99 was 43 ms with every thread equal. The engine loses nothing it
+/// would have used: it is paced by Facebook, and takes every cycle the API leaves. Linux only
+/// (setpriority on a thread id changes that thread alone); elsewhere nothing changes.
+pub fn lower_engine_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and get/setpriority take plain integers and touch no memory of ours.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let current = libc::getpriority(libc::PRIO_PROCESS, tid);
+        // A lower priority is always allowed; failing to lower it changes nothing else.
+        libc::setpriority(libc::PRIO_PROCESS, tid, (current + ENGINE_NICE).min(19));
+    }
+}
+
 /// `otnd migrate`: applies pending migrations and exits.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let store = Store::connect(&settings.database_url).await?;
@@ -520,5 +540,34 @@ fn instance_id(settings: &Settings) -> String {
         (None, DatabaseUrl::Postgres(_)) => {
             format!("otnd-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
         }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    /// The thread's own nice value, as the kernel reports it.
+    fn this_threads_nice() -> i32 {
+        // SAFETY: gettid and getpriority take plain integers and touch no memory of ours.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::getpriority(libc::PRIO_PROCESS, tid)
+        }
+    }
+
+    #[test]
+    fn an_engine_thread_runs_below_the_others_and_only_it_does() {
+        let before = this_threads_nice();
+        let lowered = std::thread::spawn(|| {
+            super::lower_engine_thread_priority();
+            this_threads_nice()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(lowered, (before + super::ENGINE_NICE).min(19));
+        assert_eq!(
+            this_threads_nice(),
+            before,
+            "the calling thread is unchanged"
+        );
     }
 }

@@ -225,15 +225,17 @@ impl SendService for Sends {
         v.finish(|| Some(())).map_err(ApiError::from)?;
 
         // A retry of a request that already made its send answers with that send, whatever
-        // happened to the story since.
-        if let Some(existing) = sends::find_by_request_id(&self.store.db, &req.request_id)
+        // happened to the story since. The reads before the transaction are on the readers:
+        // `sends::start` checks again, under its lock, everything they found (the request id,
+        // the story's reviewed content), and the one writer stays free for the engine.
+        if let Some(existing) = sends::find_by_request_id(&self.store.read, &req.request_id)
             .await
             .map_err(ApiError::internal)?
         {
             return same_request(existing, &req.story_id);
         }
 
-        let story = stories::get(&self.store.db, &req.story_id)
+        let story = stories::get(&self.store.read, &req.story_id)
             .await
             .map_err(|e| ApiError::from_store(e, || format!("story {}", req.story_id)))?;
         tracing::Span::current().record("page_id", story.page_id.as_str());
@@ -252,25 +254,30 @@ impl SendService for Sends {
             ))
             .into());
         }
-        let segment = stories::segment_rule(&self.store.db, &story)
+        let segment = stories::segment_rule(&self.store.read, &story)
             .await
             .map_err(ApiError::internal)?;
-        let started = sends::start(
-            &self.store.db,
-            NewSend {
-                story: &story,
-                request_id: &req.request_id,
+        let store = self.store.clone();
+        let (row, request_id, max_active) =
+            (story.clone(), req.request_id.clone(), self.max_active_sends);
+        let starting = async move {
+            let new = NewSend {
+                story: &row,
+                request_id: &request_id,
                 segment: segment.as_ref(),
-                max_active: self.max_active_sends,
-            },
-            now_ms(),
-        )
-        .await
-        .map_err(|e| match e {
+                max_active,
+            };
+            sends::start(&store.db, new, now_ms()).await
+        };
+        let started = self.store.write(starting).await.map_err(|e| match e {
             StoreError::Conflict => ApiError::FailedPrecondition(format!(
                 "story {} changed while the send was being started; review it again",
                 story.id
             )),
+            // The story, or its page, was deleted since it was read.
+            StoreError::NotFound => {
+                ApiError::from_store(StoreError::NotFound, || format!("story {}", story.id))
+            }
             other => ApiError::internal(other),
         })?;
         let send = match started {

@@ -163,7 +163,9 @@ impl EngineHandle {
                 .timeout(ASK_TIMEOUT)
                 .await??),
             Route::Elsewhere => {
-                let send = page::apply_command(&self.store, send_id, command).await?;
+                let (store, send_id) = (self.store.clone(), send_id.to_string());
+                let steer = async move { page::apply_command(&store, &send_id, command).await };
+                let send = self.store.write(steer).await?;
                 notify::page_has_work(&self.store.db, page_id).await;
                 Ok(send)
             }

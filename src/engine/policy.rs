@@ -8,7 +8,7 @@ use rand::Rng;
 use crate::{
     domain::Route,
     graph::{Class, Delivered, Failure, SendKind},
-    store::sends::{Claimed, DeliveryError, Outcome},
+    store::sends::{Attempt, DeliveryError, Outcome},
 };
 
 /// Attempts before a transient failure is final.
@@ -70,7 +70,7 @@ pub fn not_attempted(now_ms: i64) -> Outcome {
     )
 }
 
-pub fn decide(delivery: &Claimed, result: Result<Delivered, Failure>, now_ms: i64) -> Decision {
+pub fn decide(delivery: &Attempt, result: Result<Delivered, Failure>, now_ms: i64) -> Decision {
     let token = delivery.route == Route::Token;
     let kind = if token {
         SendKind::Token
@@ -169,18 +169,12 @@ mod tests {
     use super::*;
     use crate::graph::classify::{ErrorBody, classify};
 
-    fn claimed(route: &str, attempts: i32, ambiguous: bool) -> Claimed {
-        let route = Route::parse(route).unwrap();
-        Claimed {
-            id: 7,
-            psid: "u1".into(),
-            route,
+    fn claimed(route: &str, attempts: i32, ambiguous: bool) -> Attempt {
+        Attempt {
+            route: Route::parse(route).unwrap(),
             attempts,
             claim: attempts,
             ambiguous,
-            token: (route == Route::Token).then(|| "tok".to_string()),
-            expires_at: Some(i64::MAX),
-            optin_id: (route == Route::Token).then_some(70),
         }
     }
 

@@ -13,7 +13,7 @@ use super::{
     page::{Deps, Drain, Lost, PageActor, Wake},
 };
 use crate::store::{
-    StoreError,
+    Store, StoreError,
     leases::{self, Fence},
     notify, sends,
 };
@@ -56,7 +56,20 @@ pub struct Supervisor {
     handing: HashSet<String>,
     /// When every page running here last read its sends again (see [`RESYNC_EVERY`]).
     last_resync: Instant,
+    /// When this instance last beat and renewed its leases.
+    last_renewal: Option<Instant>,
+    /// Pages being handed over that were given new work meanwhile: once released, a round
+    /// finds them a home at once.
+    work_while_handing: HashSet<String>,
+    /// Leases of drained pages waiting to be released together (and whether each page is
+    /// handed over with work); `release_scheduled` once a release is on its way.
+    releasing: Vec<(Fence, GiveUp)>,
+    release_scheduled: bool,
 }
+
+/// How long drained pages' leases wait to be released together: a thousand small sends end
+/// within moments of each other, and one statement gives all their pages up.
+const RELEASE_TOGETHER: Duration = Duration::from_millis(50);
 
 /// How often every page running here reads its sends from the database again, whether or not
 /// it was told of a change: a wake-up can be lost (a NOTIFY that failed after the change it
@@ -87,6 +100,10 @@ impl Supervisor {
             tick_again: false,
             handing: HashSet::new(),
             last_resync: Instant::now(),
+            last_renewal: None,
+            work_while_handing: HashSet::new(),
+            releasing: Vec::new(),
+            release_scheduled: false,
         }
     }
 
@@ -127,17 +144,29 @@ impl Supervisor {
         }
         self.ticking = true;
         self.tick_again = false;
-        let db = self.deps.store.db.clone();
+        let store = self.deps.store.clone();
         let settings = self.leases.clone();
         let running: HashSet<String> = self.pages.keys().chain(&self.handing).cloned().collect();
+        // The heartbeat and the renewal of every lease held are due once a round; the rounds a
+        // started send or a released page asks for in between only take pages. (A thousand
+        // sends started at once asked for hundreds of rounds, and each rewrote every lease.)
+        let renew = self
+            .last_renewal
+            .is_none_or(|at| at.elapsed() >= self.leases.round_every / 2);
+        if renew {
+            self.last_renewal = Some(Instant::now());
+        }
+        let held = (!renew).then(|| self.pages.values().map(|o| o.fence.clone()).collect());
         ctx.spawn(
-            async move { lease_round(&db, &settings, &running).await }
+            async move { lease_round(&store, &settings, &running, held).await }
                 .into_actor(self)
                 .map(|result, act, ctx| {
                     act.ticking = false;
                     match result {
                         Ok(round) => act.apply(round, ctx),
                         Err(err) => {
+                            // The next round renews, whatever it was asked for.
+                            act.last_renewal = None;
                             tracing::error!(error = %err, "could not renew or take page leases")
                         }
                     }
@@ -209,7 +238,6 @@ impl Supervisor {
         let Some(owned) = self.pages.remove(page_id) else {
             return;
         };
-        let db = self.deps.store.db.clone();
         let handing_over = why == GiveUp::HandOver;
         if handing_over {
             tracing::info!(%page_id, "handing the page to a less loaded instance");
@@ -223,23 +251,59 @@ impl Supervisor {
                     let _ = addr.send(Drain).await;
                     addr.do_send(Lost);
                 }
-                match leases::release(&db, &owned.fence).await {
+                owned.fence
+            }
+            .into_actor(self)
+            .map(move |fence, act, ctx| {
+                act.releasing.push((fence, why));
+                if !act.release_scheduled {
+                    act.release_scheduled = true;
+                    ctx.run_later(RELEASE_TOGETHER, |act, ctx| act.release(ctx));
+                }
+            }),
+        );
+    }
+
+    /// Releases the leases of the pages drained since the last release, in one statement.
+    fn release(&mut self, ctx: &mut Context<Self>) {
+        self.release_scheduled = false;
+        let releasing = std::mem::take(&mut self.releasing);
+        if releasing.is_empty() {
+            return;
+        }
+        let db = self.deps.store.db.clone();
+        ctx.spawn(
+            async move {
+                let fences: Vec<Fence> = releasing.iter().map(|(f, _)| f.clone()).collect();
+                match leases::release_many(&db, &fences).await {
                     // A page handed over still has work: the other instances look for it now,
                     // not at their next round a third of a lease later (the page would stand
                     // still meanwhile).
-                    Ok(_) if handing_over => notify::page_has_work(&db, &owned.fence.page_id).await,
-                    Ok(_) => {}
-                    Err(err) => tracing::warn!(page_id = %owned.fence.page_id, error = %err,
-                        "could not release the page's lease; it expires by itself"),
+                    Ok(_) => {
+                        for (fence, why) in &releasing {
+                            if *why == GiveUp::HandOver {
+                                notify::page_has_work(&db, &fence.page_id).await;
+                            }
+                        }
+                    }
+                    Err(err) => tracing::warn!(pages = releasing.len(), error = %err,
+                        "could not release the pages' leases; they expire by themselves"),
                 }
-                owned.fence.page_id
+                releasing
             }
             .into_actor(self)
-            .map(|page_id, act, ctx| {
-                act.handing.remove(&page_id);
-                // Work may have come for the page meanwhile: the next round finds it a home
-                // now rather than a third of a lease later.
-                act.tick(ctx);
+            .map(|releasing, act, ctx| {
+                let mut work_came = false;
+                for (fence, why) in releasing {
+                    act.handing.remove(&fence.page_id);
+                    // Work came for the page meanwhile: a round finds it a home now rather
+                    // than a third of a lease later (a page handed over is announced already).
+                    work_came |=
+                        act.work_while_handing.remove(&fence.page_id) && why == GiveUp::Idle;
+                }
+                if work_came {
+                    act.tick(ctx);
+                }
             }),
         );
     }
@@ -265,16 +329,31 @@ struct LeaseRound {
     least_loaded_other: Option<usize>,
 }
 
+/// Pages a round takes in one statement. A page's lease is a few bound values; the statement
+/// stays far under both databases' parameter limits.
+const LEASES_PER_STATEMENT: usize = 500;
+
 /// One round of lease work: heartbeat, renew what is held, take unheld pages with work up to a
-/// fair share.
+/// fair share. With `held` (the leases the actors here run under), the heartbeat and renewal
+/// are not due: the round only takes pages and gives up idle ones.
 async fn lease_round(
-    db: &sea_orm::DatabaseConnection,
+    store: &Store,
     settings: &LeaseSettings,
     running: &HashSet<String>,
+    held: Option<Vec<Fence>>,
 ) -> Result<LeaseRound, StoreError> {
+    let db = &store.db;
+    // What the round only reads comes from the engine's readers: every write it leads to is
+    // conditional (a page another instance took meanwhile is simply not granted).
+    let read = &store.engine_read;
     let ttl_ms = settings.ttl.as_millis() as i64;
-    leases::heartbeat(db, &settings.instance).await?;
-    let mut renewed = leases::renew(db, &settings.instance, ttl_ms).await?;
+    let mut renewed = match held {
+        Some(held) => held,
+        None => {
+            leases::heartbeat(db, &settings.instance).await?;
+            leases::renew(db, &settings.instance, ttl_ms).await?
+        }
+    };
     // Leases of this instance's name that no actor here runs: an earlier life of this instance
     // (restarted under the same name) held them. Taken again, with a new generation, which
     // fences that life should it still be about.
@@ -285,14 +364,13 @@ async fn lease_round(
         .map(|f| f.page_id.clone())
         .collect();
     renewed.retain(|f| running.contains(&f.page_id));
-    for page_id in &orphans {
-        if let Some(fence) = leases::acquire(db, page_id, &settings.instance, ttl_ms).await? {
-            acquired.push(fence);
-        }
+    let orphans: Vec<&str> = orphans.iter().map(String::as_str).collect();
+    for chunk in orphans.chunks(LEASES_PER_STATEMENT) {
+        acquired.extend(leases::acquire_many(db, chunk, &settings.instance, ttl_ms).await?);
     }
-    let work = sends::pages_with_work(db).await?;
+    let work = sends::pages_with_work(read).await?;
     let with_work: HashSet<&str> = work.iter().map(String::as_str).collect();
-    let live = leases::live_instances(db, ttl_ms).await?.max(1) as usize;
+    let live = leases::live_instances(read, ttl_ms).await?.max(1) as usize;
     let held: HashSet<&str> = renewed
         .iter()
         .chain(&acquired)
@@ -310,7 +388,7 @@ async fn lease_round(
     let target = work.len().div_ceil(live).min(settings.max_pages);
     // Only pages nobody holds (or whose lease lapsed): trying one another instance holds would
     // wait on its steps' row locks for nothing.
-    let taken = leases::held_by_others(db, &settings.instance).await?;
+    let taken = leases::held_by_others(read, &settings.instance).await?;
     let wanted: Vec<&String> = work
         .iter()
         .filter(|p| !held.contains(p.as_str()) && !taken.contains_key(p.as_str()))
@@ -341,18 +419,20 @@ async fn lease_round(
         let until = std::time::Instant::now() + half_round;
         // Every page held counts against the instance's limit, those still draining too.
         let mut held_here = held.len();
-        for page_id in wanted {
-            if busy >= target
-                || held_here >= settings.max_pages
-                || std::time::Instant::now() > until
-            {
+        let mut wanted = wanted.into_iter().map(String::as_str);
+        loop {
+            let room = target
+                .saturating_sub(busy)
+                .min(settings.max_pages.saturating_sub(held_here))
+                .min(LEASES_PER_STATEMENT);
+            let chunk: Vec<&str> = wanted.by_ref().take(room).collect();
+            if chunk.is_empty() || std::time::Instant::now() > until {
                 break;
             }
-            if let Some(fence) = leases::acquire(db, page_id, &settings.instance, ttl_ms).await? {
-                acquired.push(fence);
-                busy += 1;
-                held_here += 1;
-            }
+            let granted = leases::acquire_many(db, &chunk, &settings.instance, ttl_ms).await?;
+            busy += granted.len();
+            held_here += granted.len();
+            acquired.extend(granted);
         }
     }
     Ok(LeaseRound {
@@ -381,7 +461,13 @@ pub fn start_arbiters() -> Vec<ArbiterHandle> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     (0..n)
         .map(|_| {
-            let arbiter = Arbiter::new();
+            let arbiter = Arbiter::with_tokio_rt(|| {
+                crate::startup::lower_engine_thread_priority();
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("the engine's thread builds its runtime")
+            });
             let handle = arbiter.handle();
             // The arbiter's thread lives as long as its handles; the System stops it.
             std::mem::forget(arbiter);
@@ -472,7 +558,12 @@ impl Handler<PageChanged> for Supervisor {
         }
         match self.page(&msg.0) {
             Some(addr) => addr.do_send(Wake),
-            None => self.tick(ctx),
+            None => {
+                if self.handing.contains(&msg.0) {
+                    self.work_while_handing.insert(msg.0);
+                }
+                self.tick(ctx)
+            }
         }
     }
 }
@@ -488,6 +579,7 @@ impl Handler<Shutdown> for Supervisor {
         self.accepting_work = false;
         tracing::info!("engine stopped taking new work; waiting for deliveries in flight");
         let owned: Vec<Owned> = self.pages.drain().map(|(_, o)| o).collect();
+        let waiting: Vec<Fence> = self.releasing.drain(..).map(|(f, _)| f).collect();
         let drains: Vec<_> = owned
             .iter()
             .filter_map(|o| o.addr.as_ref())
@@ -501,10 +593,14 @@ impl Handler<Shutdown> for Supervisor {
                 futures::future::join_all(drains).await;
                 tracing::info!("every delivery in flight is recorded");
                 // Give the pages up at once, so another instance takes them without waiting
-                // for the leases to expire.
-                for o in &owned {
-                    let _ = leases::release(&db, &o.fence).await;
-                }
+                // for the leases to expire (those drained before, waiting to be released
+                // together, too).
+                let fences: Vec<Fence> = owned
+                    .iter()
+                    .map(|o| o.fence.clone())
+                    .chain(waiting)
+                    .collect();
+                let _ = leases::release_many(&db, &fences).await;
                 let _ = leases::leave(&db, &instance).await;
             }
             .into_actor(self),

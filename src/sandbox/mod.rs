@@ -64,13 +64,19 @@ pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Idle connections the sandbox keeps to a webhook receiver.
+const WEBHOOK_IDLE_CONNECTIONS: usize = 16;
+
 /// The sandbox's routes. Fails when `options.faults` are not valid.
 pub fn router(options: SandboxOptions) -> Result<Router, String> {
     options.faults.validate()?;
     let shared = Arc::new(Shared {
         world: Mutex::new(world::World::new(options.faults.clone())),
+        // Webhooks go out many at a time; a sender that kept every connection it ever opened
+        // would leave the receiver holding hundreds of idle ones (and their buffers).
         http: crate::graph::http_client_builder()
             .timeout(Duration::from_secs(20))
+            .pool_max_idle_per_host(WEBHOOK_IDLE_CONNECTIONS)
             .build()
             .expect("a plain HTTP client builds"),
         options,

@@ -131,6 +131,48 @@ pub async fn acquire(
     }
 }
 
+/// Takes as many of `page_ids` as nobody else holds, as [`acquire`] takes one, in one statement
+/// (one transaction on the one writer, rather than one for each page: a thousand pages that
+/// start sending at once would otherwise queue a thousand commits behind their own steps). On
+/// PostgreSQL, should a row be locked by an owner's step for longer than a moment, the pages
+/// are taken one by one instead, which deals with a stuck owner.
+pub async fn acquire_many(
+    db: &DatabaseConnection,
+    page_ids: &[&str],
+    owner: &str,
+    ttl_ms: i64,
+) -> Result<Vec<Fence>, StoreError> {
+    let mut pages: Vec<&str> = page_ids.to_vec();
+    // Sorted and without repeats: one statement cannot take a row twice, and instances that
+    // take overlapping pages lock them in the same order.
+    pages.sort_unstable();
+    pages.dedup();
+    if pages.is_empty() {
+        return Ok(Vec::new());
+    }
+    if db.get_database_backend() != DatabaseBackend::Postgres {
+        return try_acquire_many(db, &pages, owner, ttl_ms).await;
+    }
+    let txn = db.begin().await?;
+    txn.execute_unprepared("SET LOCAL lock_timeout = '250ms'")
+        .await?;
+    match try_acquire_many(&txn, &pages, owner, ttl_ms).await {
+        Ok(granted) => {
+            txn.commit().await?;
+            Ok(granted)
+        }
+        Err(StoreError::Db(err)) if is_lock_timeout(&err) => {
+            drop(txn);
+            let mut granted = Vec::new();
+            for page_id in pages {
+                granted.extend(acquire(db, page_id, owner, ttl_ms).await?);
+            }
+            Ok(granted)
+        }
+        Err(err) => Err(err),
+    }
+}
+
 /// Prefix of the PostgreSQL `application_name` of an instance's connections (then its name),
 /// by which a stuck instance's sessions are found.
 pub const APPLICATION_NAME_PREFIX: &str = "otnd:";
@@ -145,29 +187,45 @@ async fn try_acquire(
     owner: &str,
     ttl_ms: i64,
 ) -> Result<Option<Fence>, StoreError> {
+    Ok(try_acquire_many(db, &[page_id], owner, ttl_ms).await?.pop())
+}
+
+async fn try_acquire_many(
+    db: &impl ConnectionTrait,
+    page_ids: &[&str],
+    owner: &str,
+    ttl_ms: i64,
+) -> Result<Vec<Fence>, StoreError> {
     let backend = db.get_database_backend();
     let mut sql = Sql::new(backend);
-    sql.push("INSERT INTO page_leases (page_id, owner, generation, expires_at) VALUES (")
-        .bind(page_id)
-        .push(", ")
-        .bind(owner)
-        .push(", 1, ")
-        .push(db_now(backend))
-        .push(" + ")
-        .bind(ttl_ms)
-        .push(
-            ") ON CONFLICT (page_id) DO UPDATE SET owner = excluded.owner, \
-             generation = page_leases.generation + 1, expires_at = excluded.expires_at \
-             WHERE page_leases.owner = excluded.owner OR page_leases.expires_at <= ",
-        )
-        .push(db_now(backend))
-        .push(" RETURNING page_id, generation");
-    let granted = Granted::find_by_statement(sql.statement()).one(db).await?;
-    Ok(granted.map(|g| Fence {
-        page_id: g.page_id,
-        owner: owner.to_string(),
-        generation: g.generation,
-    }))
+    sql.push("INSERT INTO page_leases (page_id, owner, generation, expires_at) VALUES ");
+    for (i, page_id) in page_ids.iter().enumerate() {
+        sql.push(if i == 0 { "(" } else { ", (" })
+            .bind(*page_id)
+            .push(", ")
+            .bind(owner)
+            .push(", 1, ")
+            .push(db_now(backend))
+            .push(" + ")
+            .bind(ttl_ms)
+            .push(")");
+    }
+    sql.push(
+        " ON CONFLICT (page_id) DO UPDATE SET owner = excluded.owner, \
+         generation = page_leases.generation + 1, expires_at = excluded.expires_at \
+         WHERE page_leases.owner = excluded.owner OR page_leases.expires_at <= ",
+    )
+    .push(db_now(backend))
+    .push(" RETURNING page_id, generation");
+    let granted = Granted::find_by_statement(sql.statement()).all(db).await?;
+    Ok(granted
+        .into_iter()
+        .map(|g| Fence {
+            page_id: g.page_id,
+            owner: owner.to_string(),
+            generation: g.generation,
+        })
+        .collect())
 }
 
 /// Extends every unexpired lease `owner` holds; returns them. A lease that expired is not
@@ -203,14 +261,29 @@ pub async fn renew(
 /// Gives the page up (its actor has stopped and recorded what it had in flight), so that
 /// another instance may take it at once.
 pub async fn release(db: &impl ConnectionTrait, fence: &Fence) -> Result<bool, StoreError> {
-    let mut sql = Sql::new(db.get_database_backend());
-    sql.push("UPDATE page_leases SET expires_at = 0 WHERE page_id = ")
-        .bind(fence.page_id.as_str())
-        .push(" AND owner = ")
-        .bind(fence.owner.as_str())
-        .push(" AND generation = ")
-        .bind(fence.generation);
-    Ok(db.execute_raw(sql.statement()).await?.rows_affected() == 1)
+    Ok(release_many(db, std::slice::from_ref(fence)).await? == 1)
+}
+
+/// Gives many pages up at once, as [`release`] gives up one, in one statement per few hundred;
+/// returns how many were still held under the fences given.
+pub async fn release_many(db: &impl ConnectionTrait, fences: &[Fence]) -> Result<u64, StoreError> {
+    let mut released = 0;
+    for chunk in fences.chunks(500) {
+        let mut sql = Sql::new(db.get_database_backend());
+        sql.push("UPDATE page_leases SET expires_at = 0 WHERE ");
+        for (i, fence) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { " OR (" })
+                .push("page_id = ")
+                .bind(fence.page_id.as_str())
+                .push(" AND owner = ")
+                .bind(fence.owner.as_str())
+                .push(" AND generation = ")
+                .bind(fence.generation)
+                .push(")");
+        }
+        released += db.execute_raw(sql.statement()).await?.rows_affected();
+    }
+    Ok(released)
 }
 
 /// Pages whose unexpired lease another instance holds: page -> owner.

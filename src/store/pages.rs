@@ -173,29 +173,16 @@ pub async fn update(
     Ok(PageRecord::from(updated))
 }
 
-/// How a transaction holds a page's row (PostgreSQL; SQLite's writers are serialised anyway).
-pub(crate) enum Lock {
-    /// Starting a send: many may, but not while the page is deleted.
-    Shared,
-    /// Deleting the page.
-    Exclusive,
-}
-
-/// Locks the page's row for the rest of the transaction; `false` when there is no such page.
-pub(crate) async fn lock(
-    db: &impl ConnectionTrait,
-    id: &PageId,
-    how: Lock,
-) -> Result<bool, StoreError> {
+/// Locks the page's row for the rest of the transaction (PostgreSQL; SQLite's writers are
+/// serialised anyway); `false` when there is no such page. A send being started holds a share
+/// lock on the row through its foreign key, which this waits for.
+async fn lock(db: &impl ConnectionTrait, id: &PageId) -> Result<bool, StoreError> {
     let backend = db.get_database_backend();
     let mut sql = super::sql::Sql::new(backend);
     sql.push("SELECT id FROM pages WHERE id = ")
         .bind(id.as_str());
     if backend == sea_orm::DatabaseBackend::Postgres {
-        sql.push(match how {
-            Lock::Shared => " FOR SHARE",
-            Lock::Exclusive => " FOR UPDATE",
-        });
+        sql.push(" FOR UPDATE");
     }
     Ok(db.query_one_raw(sql.statement()).await?.is_some())
 }
@@ -215,7 +202,7 @@ pub enum Deletion {
 pub async fn delete(db: &DatabaseConnection, id: &PageId) -> Result<Deletion, StoreError> {
     use super::sends::send;
     let txn = super::begin_write(db).await?;
-    if !lock(&txn, id, Lock::Exclusive).await? {
+    if !lock(&txn, id).await? {
         return Err(StoreError::NotFound);
     }
     let unfinished: Vec<(String, SendState)> = send::Entity::find()

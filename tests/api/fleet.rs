@@ -10,6 +10,7 @@ use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::json;
 
 use crate::{
+    backend_tests,
     helpers::{TestDatabase, eventually},
     judge::{Harness, Node, judge_page, progress_of, start_send, wait_until},
 };
@@ -462,4 +463,57 @@ async fn an_instance_whose_clock_runs_ahead_takes_no_live_lease() {
         ahead.served.log()
     );
     all_complete_and_judged(&h, &a, &sends).await;
+}
+
+// Many pages in one statement, by the same rules as one: free and lapsed pages are granted (a
+// lapsed one at a new generation), the owner's own are taken back at a new generation, and a
+// page another owner holds unexpired is not, while the rest are.
+backend_tests! {
+    async fn leases_taken_together_follow_the_rules_of_one(db) {
+        use otnd::store::{Store, leases};
+
+        let settings = crate::helpers::settings_for(&db, &[]).unwrap();
+        let store = Store::connect(&settings.database_url).await.unwrap();
+        store.migrate().await.unwrap();
+        let conn = &store.db;
+        let held_by_b = leases::acquire(conn, "8002", "b", 60_000)
+            .await
+            .unwrap()
+            .expect("a free page is granted");
+        let lapsed = leases::acquire(conn, "8003", "c", 0)
+            .await
+            .unwrap()
+            .expect("a free page is granted");
+        let own = leases::acquire(conn, "8004", "a", 60_000)
+            .await
+            .unwrap()
+            .expect("a free page is granted");
+
+        // Out of order and with a repeat: each page once, in one statement.
+        let granted = leases::acquire_many(conn, &["8004", "8001", "8002", "8003", "8001"], "a", 60_000)
+            .await
+            .unwrap();
+        let mut by_page: Vec<(String, i64)> = granted
+            .iter()
+            .map(|f| (f.page_id.clone(), f.generation))
+            .collect();
+        by_page.sort();
+        assert_eq!(
+            by_page,
+            vec![
+                ("8001".to_string(), 1),
+                ("8003".to_string(), lapsed.generation + 1),
+                ("8004".to_string(), own.generation + 1),
+            ],
+            "granted {granted:?}"
+        );
+        assert!(granted.iter().all(|f| f.owner == "a"));
+        // The page b holds is still b's, at its generation: its fence still passes.
+        let check = sea_orm::TransactionTrait::begin(conn).await.unwrap();
+        held_by_b.check(&check).await.unwrap();
+        check.commit().await.unwrap();
+        // Nothing asked, nothing granted.
+        assert!(leases::acquire_many(conn, &[], "a", 60_000).await.unwrap().is_empty());
+        store.close().await;
+    }
 }

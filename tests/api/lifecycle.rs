@@ -547,7 +547,7 @@ async fn answers_recorded_twice(db: TestDatabase) {
         .await
         .unwrap()
         .unwrap();
-    let claimed = sends::step(&conn, &fence, &send.id, now, 100)
+    let claimed = sends::step(&conn, &fence, &send.id, now, 100, false)
         .await
         .unwrap()
         .claimed;
@@ -599,7 +599,7 @@ async fn answers_recorded_twice(db: TestDatabase) {
 
     // The retried deliveries are claimed again; the old retry answers, recorded once more,
     // must not put them back to pending while their new attempt is out.
-    let again = sends::step(&conn, &fence, &send.id, now, 100)
+    let again = sends::step(&conn, &fence, &send.id, now, 100, false)
         .await
         .unwrap()
         .claimed;
@@ -626,17 +626,28 @@ async fn answers_recorded_twice(db: TestDatabase) {
             )
         })
         .collect();
-    sends::record(&conn, &fence, &last, None, now)
+    // The recording of the last answers completes the send, in the statement that counts them;
+    // recorded again, or completed again, it changes nothing.
+    let recorded = sends::record(&conn, &fence, &last, None, now)
         .await
         .unwrap();
-    sends::step(&conn, &fence, &send.id, now, 100)
-        .await
-        .unwrap();
-    let done = sends::complete_if_done(&conn, &send.id, now)
-        .await
-        .unwrap()
-        .expect("every delivery ended: the send completes");
+    let done = &recorded[0];
+    assert_eq!(done.state, otnd::domain::SendState::Completed);
     assert_eq!((done.sent, done.total), (USERS as i64, USERS as i64));
+    assert_eq!(done.finished_at, Some(now));
+    let again = sends::record(&conn, &fence, &last, None, now)
+        .await
+        .unwrap();
+    assert_eq!(&again[0], done, "a completed send's answers recorded again");
+    assert_eq!(
+        sends::complete_if_done(&conn, &send.id, now).await.unwrap(),
+        None,
+        "a completed send completes once"
+    );
+    sends::step(&conn, &fence, &send.id, now, 100, false)
+        .await
+        .unwrap();
+    assert_eq!(&sends::get(&conn, &send.id).await.unwrap(), done);
     let _ = conn.close().await;
     ledger::assert_rows_hold(&h.database_url, None).await;
 }

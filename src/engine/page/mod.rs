@@ -47,7 +47,7 @@ use crate::{
         Store, StoreError,
         leases::Fence,
         now_ms, pages,
-        sends::{self, Answer, Claimed, Outcome},
+        sends::{self, Answer, Attempt, Claimed, Outcome},
     },
 };
 
@@ -56,13 +56,14 @@ const TICK: Duration = Duration::from_millis(200);
 /// How often the page's rate and credentials are read again (UpdatePage takes effect).
 const PAGE_RELOAD: Duration = Duration::from_secs(5);
 /// Answers are recorded together: at once when this many wait, else after `FLUSH_DELAY` on an
-/// unpaced page and `PACED_FLUSH_DELAY` on a paced one. A paced page's answers trickle in a
-/// batch of two at a time: recorded as they come, a transaction would carry two deliveries, and
-/// the transactions, not the rows, would be most of the database's work (on PostgreSQL, a round
-/// trip each for the lease check, the statements and the commit).
+/// unpaced page and `PACED_FLUSH_DELAY` on a paced one. A paced page's answers come a batch
+/// (a sixth of a second's calls) at a time: recorded as they come, the transactions, not the
+/// rows, would be most of the database's work (on PostgreSQL, a round trip each for the lease
+/// check, the statements and the commit). A little over one batch's interval lets a send of
+/// two batches (a page at 300/s sending to 100 users) record both, and end, in one step.
 const FLUSH_AT: usize = 512;
 const FLUSH_DELAY: Duration = Duration::from_millis(2);
-const PACED_FLUSH_DELAY: Duration = Duration::from_millis(100);
+const PACED_FLUSH_DELAY: Duration = Duration::from_millis(200);
 /// Window over which a send's rate is measured.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 
@@ -140,9 +141,10 @@ pub struct PageActor {
     /// Round-robin start among the running sends.
     turn: usize,
     /// Dispatched deliveries whose answers have not come back, by delivery id.
-    dispatched: HashMap<i64, (String, Claimed)>,
+    dispatched: HashMap<i64, (Arc<str>, Attempt)>,
     /// Decided answers not yet recorded.
     unrecorded: Vec<Answer>,
+    /// A halt an answer called for, made by the next recording.
     signals: Vec<PageSignal>,
     /// Sends whose last step failed: how many times in a row, and when to try again.
     retry_at: HashMap<String, (u32, Instant)>,
@@ -277,6 +279,12 @@ impl PageActor {
                             .finished_at
                             .push_back((now, u64::try_from(newly).unwrap_or(0)));
                     }
+                    // Completed by a step or by the recording of its last answers.
+                    if row.state == SendState::Completed && active.send.state != row.state {
+                        tracing::info!(page_id = %self.page_id, send_id = %row.id,
+                            sent = row.sent, failed = row.failed, skipped = row.skipped,
+                            unknown = row.unknown, "send completed");
+                    }
                     active.send = row;
                 }
                 None => self.deps.hub.publish(Progress::from_send(&row)),
@@ -305,7 +313,7 @@ impl PageActor {
         };
         let batch = self.deps.pacer.batch_size(&self.page_id, config.rate);
         let active = &self.sends[send_index];
-        let send_id = active.send.id.clone();
+        let send_id: Arc<str> = Arc::from(active.send.id.as_str());
         let message = active.message.clone();
         for chunk in claimed.chunks(batch) {
             let items: Vec<Item> = chunk
@@ -319,7 +327,7 @@ impl PageActor {
                 })
                 .collect();
             for c in chunk {
-                self.dispatched.insert(c.id, (send_id.clone(), c.clone()));
+                self.dispatched.insert(c.id, (send_id.clone(), c.attempt()));
             }
             let ids: Vec<i64> = chunk.iter().map(|c| c.id).collect();
             let generation = self.gate.load(Ordering::SeqCst);
@@ -371,22 +379,44 @@ impl PageActor {
     fn answers(&mut self, results: Vec<ItemResult>, generation: u64, ctx: &mut Context<Self>) {
         let now = now_ms();
         let current = generation == self.gate.load(Ordering::SeqCst);
+        let mut signals = Vec::new();
         for (id, result) in results {
             let Some((send_id, claimed)) = self.dispatched.remove(&id) else {
                 continue;
             };
             let decision = policy::decide(&claimed, result, now);
             if current && decision.signal != PageSignal::None {
-                self.signals.push(decision.signal);
+                signals.push(decision.signal);
             }
             self.unrecorded.push(Answer {
-                send_id,
+                send_id: send_id.to_string(),
                 id,
                 claim: claimed.claim,
                 outcome: decision.outcome,
             });
         }
+        self.react(&signals);
         self.flush_soon(ctx);
+    }
+
+    /// What the answers say of the page, acted on as they come: a throttle slows the page (or
+    /// the app) and holds it now, not when the answers are recorded, which on a paced page is
+    /// up to `PACED_FLUSH_DELAY` later. A halt waits for the recording that halts the sends.
+    fn react(&mut self, signals: &[PageSignal]) {
+        let read = decide::read_signals(signals);
+        for (regain, app_wide) in &read.throttles {
+            metrics::throttled(&self.page_id);
+            self.deps.pacer.throttled(&self.page_id, *regain, *app_wide);
+        }
+        if let Some(wait) = read.hold_for {
+            let until = Instant::now() + wait;
+            if self.hold_until.is_none_or(|h| h < until) {
+                self.hold_until = Some(until);
+            }
+        }
+        if let Some(reason) = read.halt {
+            self.signals.push(PageSignal::Halt { reason });
+        }
     }
 
     /// One transaction for many answers: now when enough wait (or nothing else is coming),
@@ -442,7 +472,7 @@ impl PageActor {
         for id in ids {
             if let Some((send_id, claimed)) = self.dispatched.remove(id) {
                 self.unrecorded.push(Answer {
-                    send_id,
+                    send_id: send_id.to_string(),
                     id: *id,
                     claim: claimed.claim,
                     outcome: policy::not_attempted(now),
@@ -535,10 +565,20 @@ struct PumpPlan {
     reload_sends: bool,
     reload_config: bool,
     capacity: usize,
+    /// How many deliveries the actor has out: with `capacity` unknown (the page's settings not
+    /// yet read), the step works it out from the settings it reads.
+    first_claim: Option<ClaimRoom>,
     sends: Vec<sends::Send>,
     turn: usize,
     /// Sends waiting after a failed step (see `decide::step_order`).
     retry_at: HashMap<String, (u32, Instant)>,
+}
+
+/// What a step needs to size its own claim once it has read the page's rate.
+struct ClaimRoom {
+    in_flight: usize,
+    draining: bool,
+    held: bool,
 }
 
 #[derive(Default)]
@@ -561,15 +601,19 @@ async fn pump(
     deps: Deps,
     page_id: String,
     fence: Fence,
-    plan: PumpPlan,
+    mut plan: PumpPlan,
 ) -> Result<PumpResult, StoreError> {
     let db = &deps.store.db;
+    // What a step only reads (its sends, the page's settings) comes from the readers: on
+    // SQLite the writer is one connection every page's steps queue for. Every write that
+    // follows a read is conditional on the state it leaves, so a read a moment old is safe.
+    let read = &deps.store.engine_read;
     let now = now_ms();
     let mut result = PumpResult::default();
     // The page's sends, read once for recovery and the reload below.
     let mut listed = None;
     if plan.recover {
-        let mut rows = sends::page_sends(db, &page_id).await?;
+        let mut rows = sends::page_sends(read, &page_id).await?;
         for send in &mut rows {
             // The counter moves in the transactions that move the deliveries: it is exact.
             if send.in_flight > 0 {
@@ -579,7 +623,7 @@ async fn pump(
                         "deliveries found in flight settled by recovery");
                 }
                 result.recovered += n;
-                *send = sends::get(db, &send.id).await?;
+                *send = sends::get(read, &send.id).await?;
             }
         }
         listed = Some(rows);
@@ -587,9 +631,10 @@ async fn pump(
     if let Some(known) = &plan.reconcile {
         let rows = match &listed {
             Some(rows) => rows.clone(),
-            None => sends::page_sends(db, &page_id).await?,
+            None => sends::page_sends(read, &page_id).await?,
         };
-        for send in rows.iter().filter(|s| s.in_flight > 0) {
+        let with_flight: Vec<&sends::Send> = rows.iter().filter(|s| s.in_flight > 0).collect();
+        for send in with_flight {
             let n = sends::reconcile(db, &fence, &send.id, known, now).await?;
             if n > 0 {
                 tracing::warn!(page_id, send_id = %send.id, reconciled = n,
@@ -601,45 +646,48 @@ async fn pump(
     }
     if plan.reload_config {
         let id = PageId::parse(&page_id).map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e)))?;
-        let record = pages::get(db, &id).await?;
-        let credentials = pages::credentials(db, &deps.cipher, &id).await?;
+        let record = pages::get(read, &id).await?;
+        let credentials = pages::credentials(read, &deps.cipher, &id).await?;
+        let rate = record.send_rate_per_second;
         result.config = Some(PageConfig {
-            rate: record.send_rate_per_second,
+            rate,
             credentials: Arc::new(credentials),
         });
+        // The actor's first step: it claims at once rather than in a second step (with many
+        // small sends, one step fewer for every page on the one writer).
+        if let Some(room) = &plan.first_claim {
+            plan.capacity = decide::claim_capacity(
+                Some(deps.pacer.in_flight_cap(rate)),
+                room.in_flight,
+                room.draining,
+                room.held,
+            );
+        }
     }
     let mut running = plan.sends;
     if plan.reload_sends || plan.recover || plan.reconcile.is_some() {
         let listed = match listed {
             Some(rows) => rows,
-            None => sends::page_sends(db, &page_id).await?,
+            None => sends::page_sends(read, &page_id).await?,
         };
-        let mut rows = Vec::new();
-        for send in listed {
-            match send.state {
-                SendState::Queued => {
-                    match sends::apply(db, &send.id, SendEvent::Run, None, now).await {
-                        Ok(row) => rows.push(row),
-                        // Paused or cancelled meanwhile (from any instance): not to be run.
-                        Err(StoreError::Conflict) => {}
-                        Err(err) => return Err(err),
-                    }
-                }
-                SendState::Running => rows.push(send),
-                _ => {}
-            }
-        }
+        // Queued sends are run by their first step below (or, left without one, after it).
+        let rows: Vec<sends::Send> = listed
+            .into_iter()
+            .filter(|send| matches!(send.state, SendState::Queued | SendState::Running))
+            .collect();
         result.reloaded = Some(rows.clone());
         running = rows;
     }
-    let views: Vec<decide::SendView<'_>> = running
-        .iter()
-        .map(|send| decide::SendView {
-            id: &send.id,
-            nothing_to_claim: send.audience_done() && send.pending() == 0,
-        })
-        .collect();
-    let order = decide::step_order(&views, plan.turn, &plan.retry_at, Instant::now());
+    let order = {
+        let views: Vec<decide::SendView<'_>> = running
+            .iter()
+            .map(|send| decide::SendView {
+                id: &send.id,
+                nothing_to_claim: send.audience_done() && send.pending() == 0,
+            })
+            .collect();
+        decide::step_order(&views, plan.turn, &plan.retry_at, Instant::now())
+    };
     let mut capacity = plan.capacity;
     for index in order {
         if capacity == 0 {
@@ -648,7 +696,7 @@ async fn pump(
         let send = &running[index];
         // Retries and recovered deliveries first, then new recipients, claimed as they are
         // materialised.
-        match sends::step(db, &fence, &send.id, now, capacity as u64).await {
+        match sends::step(db, &fence, &send.id, now, capacity as u64, true).await {
             Ok(step) => {
                 capacity -= step.claimed.len();
                 result.refreshed.push(step.send);
@@ -659,6 +707,18 @@ async fn pump(
             }
             Err(StoreError::Fenced) => return Err(StoreError::Fenced),
             Err(err) => result.failed.push((send.id.clone(), err)),
+        }
+    }
+    // Queued sends no step reached (no room left) run now, so that they show as running.
+    for send in running.iter().filter(|s| s.state == SendState::Queued) {
+        if result.refreshed.iter().any(|row| row.id == send.id) {
+            continue;
+        }
+        match sends::apply(db, &send.id, SendEvent::Run, None, now).await {
+            Ok(row) => result.refreshed.push(row),
+            // Paused or cancelled meanwhile (from any instance): not to be run.
+            Err(StoreError::Conflict) => {}
+            Err(err) => return Err(err),
         }
     }
     // A send that had nothing to claim may be done.
@@ -707,8 +767,14 @@ impl Handler<Pump> for PageActor {
                 || self
                     .config_loaded
                     .is_none_or(|at| at.elapsed() >= PAGE_RELOAD),
-            // Nothing is claimed before the page's settings are known.
+            // Nothing is claimed before the page's settings are known: the step that reads
+            // them sizes the claim.
             capacity,
+            first_claim: cap.is_none().then_some(ClaimRoom {
+                in_flight: self.in_flight(),
+                draining: self.draining,
+                held,
+            }),
             sends: self.sends.iter().map(|a| a.send.clone()).collect(),
             turn: self.turn,
             retry_at: self.retry_at.clone(),
@@ -717,14 +783,15 @@ impl Handler<Pump> for PageActor {
             self.config_loaded = Some(Instant::now());
         }
         self.turn = self.turn.wrapping_add(1);
-        let had_config = self.config.is_some();
         self.reload_sends = false;
-        let fut = pump(
+        let store = self.deps.store.clone();
+        let step = pump(
             self.deps.clone(),
             self.page_id.clone(),
             self.fence.clone(),
             plan,
         );
+        let fut = async move { store.write(step).await };
         let began = Instant::now();
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| match result {
@@ -748,10 +815,6 @@ impl Handler<Pump> for PageActor {
                     }
                     if let Some(config) = result.config {
                         act.config = Some(config);
-                        // The first step only learnt the page's rate: claim at once.
-                        if !had_config {
-                            act.schedule_pump(ctx);
-                        }
                     }
                     if let Some(rows) = result.reloaded {
                         act.replace_sends(rows);
@@ -780,11 +843,6 @@ impl Handler<Pump> for PageActor {
                             act.dispatch(ctx, index, claimed);
                         }
                     }
-                    for done in &result.completed {
-                        tracing::info!(page_id = %act.page_id, send_id = %done.id,
-                            sent = done.sent, failed = done.failed, skipped = done.skipped,
-                            unknown = done.unknown, "send completed");
-                    }
                     let mut rows = result.refreshed;
                     rows.extend(result.completed);
                     act.refresh(rows);
@@ -812,18 +870,8 @@ impl Handler<Flush> for PageActor {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
         let answers = std::mem::take(&mut self.unrecorded);
-        let signals = decide::read_signals(&std::mem::take(&mut self.signals));
-        for (regain, app_wide) in &signals.throttles {
-            metrics::throttled(&self.page_id);
-            self.deps.pacer.throttled(&self.page_id, *regain, *app_wide);
-        }
-        if let Some(wait) = signals.hold_for {
-            let until = Instant::now() + wait;
-            if self.hold_until.is_none_or(|h| h < until) {
-                self.hold_until = Some(until);
-            }
-        }
-        let halt = signals.halt;
+        // Only halts wait here: throttles were acted on as their answers came (`react`).
+        let halt = decide::read_signals(&std::mem::take(&mut self.signals)).halt;
         if let Some(reason) = &halt {
             // Jobs still waiting for their turn are not attempted.
             self.gate.fetch_add(1, Ordering::SeqCst);
@@ -834,12 +882,16 @@ impl Handler<Flush> for PageActor {
         let recorded = answers.len();
         let (deps, page_id, fence) = (self.deps.clone(), self.page_id.clone(), self.fence.clone());
         let (to_record, reason) = (answers.clone(), halt.clone());
+        let store = deps.store.clone();
         let fut = async move {
             if to_record.is_empty() && reason.is_none() {
                 return Ok(Vec::new());
             }
-            let halt = reason.as_deref().map(|r| (page_id.as_str(), r));
-            sends::record(&deps.store.db, &fence, &to_record, halt, now_ms()).await
+            let step = async move {
+                let halt = reason.as_deref().map(|r| (page_id.as_str(), r));
+                sends::record(&deps.store.db, &fence, &to_record, halt, now_ms()).await
+            };
+            store.write(step).await
         };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| {
@@ -918,7 +970,12 @@ impl Handler<Control> for PageActor {
     fn handle(&mut self, msg: Control, _: &mut Context<Self>) -> Self::Result {
         let store = self.deps.store.clone();
         let (send_id, command) = (msg.send_id.clone(), msg.command);
-        let fut = async move { apply_command(&store, &send_id, command).await };
+        let fut = async move {
+            let on = store.clone();
+            store
+                .write(async move { apply_command(&on, &send_id, command).await })
+                .await
+        };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| {
                 if let Ok(send) = &result {

@@ -6,11 +6,12 @@ use std::collections::HashSet;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, FromQueryResult};
 
 use super::{
-    Claimed, CounterDelta, ROWS_PER_STATEMENT, Send, leaving, lock_send, materialize::materialize,
-    move_with_reason, push_id_list, record, set_state, settle_optins, update_send,
+    Claimed, CounterDelta, ROWS_PER_STATEMENT, Send, SendChange, leaving, lock_send,
+    materialize::materialize, move_with_reason, push_id_list, record, set_state, settle_optins,
+    update_send,
 };
 use crate::{
-    domain::{DeliveryEvent, DeliveryState, SendState},
+    domain::{DeliveryEvent, DeliveryState, SendEvent, SendState},
     store::{StoreError, begin_write, leases::Fence, sql::Sql},
 };
 
@@ -22,27 +23,36 @@ pub struct Step {
 }
 
 /// One step of the send, in one transaction that locks the send's row first: nothing when the
-/// send is not running (paused, cancelled... meanwhile, perhaps by another instance); else up
-/// to `limit` due pending deliveries (retries and recovered ones) first, then new recipients
-/// materialised while room is left, with the send's counters and audience cursor.
+/// send is not running (paused, cancelled... meanwhile, perhaps by another instance) or, with
+/// `start`, queued; else up to `limit` due pending deliveries (retries and recovered ones)
+/// first, then new recipients materialised while room is left, with the send's counters and
+/// audience cursor. With `start`, a queued send is run by the same statement that moves its
+/// counters (its first step is one transaction, not two).
 pub async fn step(
     db: &DatabaseConnection,
     fence: &Fence,
     send_id: &str,
     now: i64,
     limit: u64,
+    start: bool,
 ) -> Result<Step, StoreError> {
     let txn = begin_write(db).await?;
     fence.check(&txn).await?;
     let send = lock_send(&txn, send_id).await?;
-    if send.state != SendState::Running {
+    let starting = start && send.state == SendState::Queued;
+    if send.state != SendState::Running && !starting {
         txn.commit().await?;
         return Ok(Step {
             claimed: Vec::new(),
             send,
         });
     }
-    let (mut claimed, mut delta) = claim(&txn, &send.id, now, limit).await?;
+    // The counters are exact (they move with the rows): a send none of whose deliveries is
+    // pending has none to claim, and a new send's first step only materialises.
+    let (mut claimed, mut delta) = match send.pending() {
+        0 => (Vec::new(), CounterDelta::default()),
+        _ => claim(&txn, &send.id, now, limit).await?,
+    };
     let mut audience = None;
     if (claimed.len() as u64) < limit && !send.audience_done() {
         let want = limit - claimed.len() as u64;
@@ -52,11 +62,16 @@ pub async fn step(
         claimed.extend(more);
         audience = Some((phase, cursor));
     }
-    let row = if delta.is_zero() && audience.is_none() {
+    let row = if delta.is_zero() && audience.is_none() && !starting {
         send
     } else {
         let audience = audience.as_ref().map(|(p, c)| (*p, c.as_str()));
-        update_send(&txn, &send.id, delta, audience, now)
+        let change = SendChange {
+            delta,
+            audience,
+            event: starting.then_some(SendEvent::Run),
+        };
+        update_send(&txn, &send.id, change, now)
             .await?
             .ok_or(StoreError::NotFound)?
     };

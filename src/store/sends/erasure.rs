@@ -8,7 +8,7 @@ use sea_orm::{
     QuerySelect,
 };
 
-use super::{CounterDelta, end_pending, lock_send, send, unfinished, update_send};
+use super::{CounterDelta, SendChange, end_pending, lock_send, send, unfinished, update_send};
 use crate::{
     domain::DeliveryState,
     store::{StoreError, sql::Sql},
@@ -84,7 +84,7 @@ pub async fn hold_recipient(
         })
         .await?;
         if delta != CounterDelta::default() {
-            update_send(txn, &send_id, delta, None, now).await?;
+            update_send(txn, &send_id, SendChange::counters(delta), now).await?;
         }
         let mut sql = Sql::new(txn.get_database_backend());
         sql.push("SELECT COUNT(*) AS n FROM deliveries WHERE send_id = ")
@@ -136,7 +136,7 @@ pub async fn erase_recipient(
     let mut erased = 0;
     for (send_id, delta) in &deltas {
         erased += delta_rows(delta);
-        update_send(txn, send_id, *delta, None, now).await?;
+        update_send(txn, send_id, SendChange::counters(*delta), now).await?;
     }
     Ok(erased)
 }

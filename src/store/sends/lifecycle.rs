@@ -6,7 +6,10 @@ use sea_orm::{
     QuerySelect, entity::prelude::*, sea_query::OnConflict,
 };
 
-use super::{PHASE_DONE, PHASE_TOKEN, Send, delivery, end_pending, send, unfinished, update_send};
+use super::{
+    CounterDelta, PHASE_DONE, PHASE_TOKEN, Send, SendChange, delivery, end_pending, send,
+    unfinished, update_send,
+};
 use crate::{
     domain::{DeliveryState, SegmentRule, SendEvent, SendState},
     store::{StoreError, begin_write, sql::Sql, stories},
@@ -66,11 +69,6 @@ pub async fn start(
         updated_at: now,
     };
     let txn = begin_write(db).await?;
-    // No send starts on a page being deleted (see `pages::delete`).
-    let page = crate::domain::PageId::from_trusted(story.page_id.clone());
-    if !crate::store::pages::lock(&txn, &page, crate::store::pages::Lock::Shared).await? {
-        return Err(StoreError::NotFound);
-    }
     let existing = |txn| async move {
         send::Entity::find()
             .filter(send::Column::RequestId.eq(new.request_id))
@@ -91,6 +89,9 @@ pub async fn start(
             None => Started::Shed { active },
         });
     }
+    // No send starts on a page being deleted (see `pages::delete`), nor for a story deleted
+    // meanwhile: the send's foreign keys check both rows in this statement (on PostgreSQL
+    // with a share lock on each that `pages::delete`'s lock waits for).
     let inserted = send::Entity::insert(send::ActiveModel::from(model.clone()))
         .on_conflict(
             OnConflict::column(send::Column::RequestId)
@@ -98,7 +99,11 @@ pub async fn start(
                 .to_owned(),
         )
         .exec_without_returning(&txn)
-        .await?;
+        .await
+        .map_err(|err| match StoreError::from(err) {
+            StoreError::InUse => StoreError::NotFound,
+            other => other,
+        })?;
     if inserted == 0 {
         let found = existing(&txn).await?.ok_or(StoreError::Conflict)?;
         txn.commit().await?;
@@ -263,8 +268,36 @@ pub async fn apply(
 
 /// ` AND state IN (<the states a send event leaves>)`.
 fn guard(sql: &mut Sql, event: SendEvent) {
+    sql.push(" AND ");
+    guard_condition(sql, event);
+}
+
+/// `state IN (<the states a send event leaves>)`.
+pub(super) fn guard_condition(sql: &mut Sql, event: SendEvent) {
     let sources = crate::store::stored::quoted(&event.sources(), SendState::as_str);
-    sql.push(&format!(" AND state IN ({sources})"));
+    sql.push(&format!("state IN ({sources})"));
+}
+
+/// Every delivery of the send ended, once `delta` is applied to its counters (and its audience
+/// is in `phase` when given, else as the row has it): the audience is materialised, nothing is
+/// in flight, and everything counted has ended.
+pub(super) fn done_condition(sql: &mut Sql, phase: Option<&str>, delta: CounterDelta) {
+    match phase {
+        Some(phase) => sql.push(if phase == PHASE_DONE { "TRUE" } else { "FALSE" }),
+        None => sql.push("audience_phase = ").bind(PHASE_DONE),
+    };
+    sql.push(" AND in_flight + ")
+        .bind(delta.in_flight)
+        .push(" = 0 AND total + ")
+        .bind(delta.total)
+        .push(" = sent + ")
+        .bind(delta.sent)
+        .push(" + failed + ")
+        .bind(delta.failed)
+        .push(" + skipped + ")
+        .bind(delta.skipped)
+        .push(" + unknown + ")
+        .bind(delta.unknown);
 }
 
 /// Every send of the page that can halt halts with `reason`: the page cannot send.
@@ -305,9 +338,9 @@ pub async fn complete_if_done(
         .push(" WHERE id = ")
         .bind(send_id);
     guard(&mut sql, SendEvent::Complete);
-    sql.push(" AND audience_phase = ")
-        .bind(PHASE_DONE)
-        .push(" AND in_flight = 0 AND total = sent + failed + skipped + unknown RETURNING *");
+    sql.push(" AND ");
+    done_condition(&mut sql, None, CounterDelta::default());
+    sql.push(" RETURNING *");
     Ok(Send::find_by_statement(sql.statement()).one(db).await?)
 }
 
@@ -320,7 +353,7 @@ pub async fn cancel(db: &DatabaseConnection, send_id: &str, now: i64) -> Result<
     let txn = begin_write(db).await?;
     apply(&txn, send_id, SendEvent::Cancel, None, now).await?;
     let delta = end_pending(&txn, send_id, "the send was cancelled", now, |_| {}).await?;
-    let send = update_send(&txn, send_id, delta, None, now)
+    let send = update_send(&txn, send_id, SendChange::counters(delta), now)
         .await?
         .ok_or(StoreError::NotFound)?;
     txn.commit().await?;

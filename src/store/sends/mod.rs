@@ -36,7 +36,9 @@ pub use record::{Answer, DeliveryError, Outcome, record};
 pub use recovery::recover_in_flight;
 
 use super::{StoreError, optins, sql::Sql};
-use crate::domain::{DeliveryEvent, DeliveryState, OptInEvent, Route, SegmentRule, SendState};
+use crate::domain::{
+    DeliveryEvent, DeliveryState, OptInEvent, Route, SegmentRule, SendEvent, SendState,
+};
 
 /// Rows per multi-row statement. Each statement is a round trip to the database thread and,
 /// on SQLite, a parse: fewer, larger statements cost less CPU per delivery (S0: 500 rows gave
@@ -164,6 +166,31 @@ pub struct Claimed {
     pub optin_id: Option<i64>,
 }
 
+impl Claimed {
+    /// What deciding this attempt's answer needs of it.
+    pub fn attempt(&self) -> Attempt {
+        Attempt {
+            route: self.route,
+            attempts: self.attempts,
+            claim: self.claim,
+            ambiguous: self.ambiguous,
+        }
+    }
+}
+
+/// A claimed delivery as its answer is decided: kept while its call is out, without the
+/// recipient and the token (a thousand pages' small sends keep a hundred thousand of these).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    pub route: Route,
+    /// Attempts including this one.
+    pub attempts: i32,
+    /// The claim this attempt belongs to.
+    pub claim: i32,
+    /// An earlier attempt may have landed.
+    pub ambiguous: bool,
+}
+
 /// Counter changes, applied in the transaction that moved the deliveries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct CounterDelta {
@@ -211,15 +238,35 @@ impl CounterDelta {
     }
 }
 
-/// Applies `delta` to the send's counters (and, after a materialising step, its audience phase
-/// and cursor); returns the row as it is now.
+/// What one statement changes in a send's row.
+#[derive(Clone, Copy, Debug, Default)]
+struct SendChange<'a> {
+    delta: CounterDelta,
+    /// After a materialising step: the audience phase and cursor the send moves to.
+    audience: Option<(&'a str, &'a str)>,
+    /// The send's state moves too, if it is in a state the event leaves.
+    event: Option<SendEvent>,
+}
+
+impl<'a> SendChange<'a> {
+    fn counters(delta: CounterDelta) -> Self {
+        SendChange {
+            delta,
+            ..SendChange::default()
+        }
+    }
+}
+
+/// Applies `change` to the send's row: counters, audience, and (when the event's guard holds,
+/// a completion only when the counters after the change say every delivery ended) its state;
+/// returns the row as it is now.
 async fn update_send(
     db: &impl ConnectionTrait,
     send_id: &str,
-    delta: CounterDelta,
-    audience: Option<(&str, &str)>,
+    change: SendChange<'_>,
     now: i64,
 ) -> Result<Option<Send>, StoreError> {
+    let delta = change.delta;
     let mut sql = Sql::new(db.get_database_backend());
     sql.push("UPDATE sends SET total = total + ")
         .bind(delta.total)
@@ -235,11 +282,42 @@ async fn update_send(
         .bind(delta.unknown)
         .push(", updated_at = ")
         .bind(now);
-    if let Some((phase, cursor)) = audience {
+    if let Some((phase, cursor)) = change.audience {
         sql.push(", audience_phase = ")
             .bind(phase)
             .push(", audience_cursor = ")
             .bind(cursor);
+    }
+    if let Some(event) = change.event {
+        // Every expression of a SET sees the row as it was: the guard is written once for
+        // each column the event moves.
+        let when = |sql: &mut Sql| {
+            sql.push(" CASE WHEN ");
+            lifecycle::guard_condition(sql, event);
+            if event == SendEvent::Complete {
+                sql.push(" AND ");
+                lifecycle::done_condition(sql, change.audience.map(|(phase, _)| phase), delta);
+            }
+            sql.push(" THEN ");
+        };
+        sql.push(", state =");
+        when(&mut sql);
+        sql.bind(event.target()).push(" ELSE state END");
+        match event.target() {
+            SendState::Running => {
+                sql.push(", started_at =");
+                when(&mut sql);
+                sql.push("COALESCE(started_at, ")
+                    .bind(now)
+                    .push(") ELSE started_at END");
+            }
+            target if target.is_finished() => {
+                sql.push(", finished_at =");
+                when(&mut sql);
+                sql.bind(now).push(" ELSE finished_at END");
+            }
+            _ => {}
+        }
     }
     sql.push(" WHERE id = ").bind(send_id).push(" RETURNING *");
     Ok(Send::find_by_statement(sql.statement()).one(db).await?)

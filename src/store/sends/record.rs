@@ -8,11 +8,11 @@ use std::collections::{BTreeMap, HashMap};
 use sea_orm::{DatabaseConnection, FromQueryResult};
 
 use super::{
-    CounterDelta, Moved, ROWS_PER_STATEMENT, Send, leaving, lifecycle, lock_send, push_values,
-    set_state, settle_optins, update_send,
+    CounterDelta, Moved, ROWS_PER_STATEMENT, Send, SendChange, leaving, lifecycle, lock_send,
+    push_values, set_state, settle_optins, update_send,
 };
 use crate::{
-    domain::{DeliveryEvent, DeliveryState, SendState},
+    domain::{DeliveryEvent, DeliveryState, SendEvent, SendState},
     store::{StoreError, begin_write, leases::Fence, sql::Sql},
 };
 
@@ -170,10 +170,11 @@ pub async fn record(
             Kind::Withdraw => &[Kind::Withdraw, Kind::Lose],
             kind => std::slice::from_ref(kind),
         };
-        for (kind, chunk) in passes
+        let chunks: Vec<(&Kind, &[&Answer])> = passes
             .iter()
             .flat_map(|kind| rows.chunks(ROWS_PER_STATEMENT).map(move |c| (kind, c)))
-        {
+            .collect();
+        for (kind, chunk) in chunks {
             let event = kind.event();
             let mut sql = Sql::new(backend);
             statement(&mut sql, *kind, chunk, now)?;
@@ -197,7 +198,13 @@ pub async fn record(
     let mut rows = Vec::new();
     for send_id in states.keys() {
         let delta = deltas.get(send_id).copied().unwrap_or_default();
-        if let Some(row) = update_send(&txn, send_id, delta, None, now).await? {
+        // The last answers of a send complete it in the statement that counts them: a small
+        // send otherwise takes one more step on the writer only to end.
+        let change = SendChange {
+            event: halt.is_none().then_some(SendEvent::Complete),
+            ..SendChange::counters(delta)
+        };
+        if let Some(row) = update_send(&txn, send_id, change, now).await? {
             rows.push(row);
         }
     }

@@ -3,7 +3,7 @@
 
 use sea_orm::DatabaseConnection;
 
-use super::{CounterDelta, lock_send, move_with_reason, settle_optins, update_send};
+use super::{CounterDelta, SendChange, lock_send, move_with_reason, settle_optins, update_send};
 use crate::{
     domain::{DeliveryEvent, DeliveryState, Route, SendState},
     store::{StoreError, begin_write, leases::Fence},
@@ -69,7 +69,7 @@ pub async fn recover_in_flight(
         delta.moved(DeliveryState::InFlight, event.target(), moved.len() as i64);
         recovered += moved.len() as u64;
     }
-    update_send(&txn, send_id, delta, None, now).await?;
+    update_send(&txn, send_id, SendChange::counters(delta), now).await?;
     txn.commit().await?;
     Ok(recovered)
 }
