@@ -441,6 +441,14 @@ impl Setup {
                     .unwrap();
                 runtime.block_on(async move {
                     let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+                    // A dashboard's connection is warm: its first call (HTTP/2's settings
+                    // exchange) is not a read of a send.
+                    let mut warm = SendServiceClient::new(channel.clone());
+                    let _ = warm
+                        .get_send(GetSendRequest {
+                            send_id: ids[0].clone(),
+                        })
+                        .await;
                     sample_get_send(channel, ids, stop).await
                 })
             })

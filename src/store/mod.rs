@@ -43,6 +43,9 @@ const SQLITE_CACHE_KIB: u32 = 16 * 1024;
 const SQLITE_READERS: u32 = 4;
 const SQLITE_ENGINE_READERS: u32 = 2;
 
+/// PostgreSQL connections for the API's reads, beside the pool everything else uses.
+const POSTGRES_API_READERS: u32 = 4;
+
 /// A reader's page cache, in KiB: SQLite's default. A reader starting a read after any commit
 /// drops its whole cache (WAL), so a larger one only costs memory and the time to empty it.
 const SQLITE_READER_CACHE_KIB: u32 = 2 * 1024;
@@ -56,11 +59,11 @@ pub struct Store {
     /// would wait in SQLite's busy handler, which sleeps (up to 100 ms at a time) past the
     /// moment the lock is released: with many pages writing, most of the time went to sleep.
     pub db: DatabaseConnection,
-    /// Reads outside a write (the API's Get and List calls): on SQLite, connections of their
-    /// own, which WAL lets read while the writer writes; on PostgreSQL, the same pool.
+    /// Reads outside a write (the API's Get and List calls): connections of their own, which
+    /// on SQLite WAL lets read while the writer writes.
     pub read: DatabaseConnection,
-    /// The engine's reads outside a write (a page's sends and settings): like `read`, on
-    /// connections of their own.
+    /// The engine's reads outside a write (a page's sends and settings, the lease rounds): on
+    /// SQLite, connections of their own; on PostgreSQL, the writers' pool.
     pub engine_read: DatabaseConnection,
     /// On SQLite, the thread that drives every transaction on the writer (see [`Store::write`]).
     writer: Option<WriterThread>,
@@ -176,6 +179,7 @@ impl Store {
                 options.map_sqlx_postgres_opts(move |opts| opts.application_name(&name));
             }
         }
+        let options_for_reads = options.clone();
         let writer = match url {
             DatabaseUrl::Sqlite(_) => Some(WriterThread::start()?),
             DatabaseUrl::Postgres(_) => None,
@@ -202,6 +206,17 @@ impl Store {
                     .await
                     .context("Failed to open the SQLite database's readers")?,
             ),
+            // PostgreSQL: the API's reads get a few connections of their own (while a
+            // thousand pages step, every connection of the shared pool is taken, and a GetSend
+            // waited seconds for one); the engine's share the writers' pool.
+            None if matches!(url, DatabaseUrl::Postgres(_)) => {
+                let mut api = options_for_reads;
+                api.max_connections(POSTGRES_API_READERS);
+                let read = Database::connect(api)
+                    .await
+                    .context("Failed to open the PostgreSQL readers' pool")?;
+                (read, db.clone())
+            }
             None => (db.clone(), db.clone()),
         };
         Ok(Store {
