@@ -217,8 +217,17 @@ async fn try_acquire_many(
     )
     .push(db_now(backend))
     .push(" RETURNING page_id, generation");
-    let granted = Granted::find_by_statement(sql.statement()).all(db).await?;
-    Ok(granted
+    granted(db, &sql, owner).await
+}
+
+/// Runs a statement that returns `page_id, generation` of leases now `owner`'s: their fences.
+async fn granted(
+    db: &impl ConnectionTrait,
+    sql: &Sql,
+    owner: &str,
+) -> Result<Vec<Fence>, StoreError> {
+    let rows = Granted::find_by_statement(sql.statement()).all(db).await?;
+    Ok(rows
         .into_iter()
         .map(|g| Fence {
             page_id: g.page_id,
@@ -247,15 +256,7 @@ pub async fn renew(
         .push(" AND expires_at > ")
         .push(db_now(backend))
         .push(" RETURNING page_id, generation");
-    let rows = Granted::find_by_statement(sql.statement()).all(db).await?;
-    Ok(rows
-        .into_iter()
-        .map(|g| Fence {
-            page_id: g.page_id,
-            owner: owner.to_string(),
-            generation: g.generation,
-        })
-        .collect())
+    granted(db, &sql, owner).await
 }
 
 /// Gives the page up (its actor has stopped and recorded what it had in flight), so that

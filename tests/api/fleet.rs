@@ -334,20 +334,15 @@ fn restarts(node: &Node) -> usize {
 /// owner's fence fails.
 #[tokio::test]
 async fn a_takeover_waits_for_a_fenced_write_then_fences_the_old_owner() {
-    use otnd::store::{Store, StoreError, leases};
+    use otnd::store::{StoreError, leases};
     use sea_orm::TransactionTrait;
 
     let Some(db) = postgres().await else { return };
-    let settings = crate::helpers::settings_for(&db, &[]).unwrap();
-    let store = Store::connect(&settings.database_url).await.unwrap();
-    store.migrate().await.unwrap();
+    let store = db.store().await;
     let conn = &store.db;
     // A lease that lapses at once (by the database's clock), as if its owner had stopped
     // renewing.
-    let fence = leases::acquire(conn, "7001", "a", 0)
-        .await
-        .unwrap()
-        .expect("a free page is granted");
+    let fence = free_lease(conn, "7001", "a", 0).await;
 
     // A step of the old owner passes its check (which does not look at the expiry) and has
     // not committed yet: the page is not taken from under it.
@@ -371,6 +366,19 @@ async fn a_takeover_waits_for_a_fenced_write_then_fences_the_old_owner() {
     taken.check(&next).await.unwrap();
     next.commit().await.unwrap();
     store.close().await;
+}
+
+/// Takes a page nobody holds: granted.
+async fn free_lease(
+    conn: &sea_orm::DatabaseConnection,
+    page_id: &str,
+    owner: &str,
+    ttl_ms: i64,
+) -> otnd::store::leases::Fence {
+    otnd::store::leases::acquire(conn, page_id, owner, ttl_ms)
+        .await
+        .unwrap()
+        .expect("a free page is granted")
 }
 
 /// libfaketime, which moves a process's wall clock (Debian's `faketime` package; CI installs it).
@@ -470,24 +478,13 @@ async fn an_instance_whose_clock_runs_ahead_takes_no_live_lease() {
 // page another owner holds unexpired is not, while the rest are.
 backend_tests! {
     async fn leases_taken_together_follow_the_rules_of_one(db) {
-        use otnd::store::{Store, leases};
+        use otnd::store::leases;
 
-        let settings = crate::helpers::settings_for(&db, &[]).unwrap();
-        let store = Store::connect(&settings.database_url).await.unwrap();
-        store.migrate().await.unwrap();
+        let store = db.store().await;
         let conn = &store.db;
-        let held_by_b = leases::acquire(conn, "8002", "b", 60_000)
-            .await
-            .unwrap()
-            .expect("a free page is granted");
-        let lapsed = leases::acquire(conn, "8003", "c", 0)
-            .await
-            .unwrap()
-            .expect("a free page is granted");
-        let own = leases::acquire(conn, "8004", "a", 60_000)
-            .await
-            .unwrap()
-            .expect("a free page is granted");
+        let held_by_b = free_lease(conn, "8002", "b", 60_000).await;
+        let lapsed = free_lease(conn, "8003", "c", 0).await;
+        let own = free_lease(conn, "8004", "a", 60_000).await;
 
         // Out of order and with a repeat: each page once, in one statement.
         let granted = leases::acquire_many(conn, &["8004", "8001", "8002", "8003", "8001"], "a", 60_000)

@@ -73,6 +73,16 @@ fn postgres_admin_url() -> Option<String> {
 }
 
 impl TestDatabase {
+    /// The store on this database, as a tool would open it (no instance lock), migrated.
+    pub async fn store(&self) -> otnd::store::Store {
+        let settings = settings_for(self, &[]).unwrap();
+        let store = otnd::store::Store::connect(&settings.database_url)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
     pub fn sqlite() -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let file = dir.path().join("otnd.db");

@@ -7,7 +7,7 @@ use otnd::{
         CreatePageRequest, DeletePageRequest, GetPageRequest, ListPagesRequest, Page,
         UpdatePageRequest,
     },
-    store::{Store, pages},
+    store::pages,
 };
 use prost::Message;
 use sea_orm::{ConnectionTrait, Statement};
@@ -66,8 +66,7 @@ fn update(page_id: &str) -> UpdatePageRequest {
 
 /// Opens the stored secrets with the key the harness gave the app.
 async fn stored_credentials(db: &TestDatabase, page_id: &str) -> otnd::domain::PageCredentials {
-    let settings = crate::helpers::settings_for(db, &[]).unwrap();
-    let store = Store::connect(&settings.database_url).await.unwrap();
+    let store = db.store().await;
     let cipher = SecretCipher::new(&MasterKey::from_bytes(&TEST_MASTER_KEY).unwrap());
     let credentials = pages::credentials(&store.db, &cipher, &PageId::parse(page_id).unwrap())
         .await
@@ -302,8 +301,7 @@ backend_tests! {
         create_page(&mut app, "6001").await;
 
         // The sealed columns hold no plaintext, yet open with the master key.
-        let settings = crate::helpers::settings_for(&db, &[]).unwrap();
-        let store = Store::connect(&settings.database_url).await.unwrap();
+        let store = db.store().await;
         let row = store.db.query_one_raw(Statement::from_string(
             store.db.get_database_backend(),
             "SELECT access_token_enc, app_secret_enc, verify_token_enc FROM pages WHERE id = '6001'",
