@@ -142,6 +142,11 @@ impl Store {
             // round trip to the connection's thread before every transaction and every read,
             // a sixth of the writer's round trips in S5, to test a file that cannot hang up.
             options.test_before_acquire(false);
+            // Nor are its connections recycled (sqlx closes idle ones after 10 minutes and
+            // every one after 30): a file gains nothing by it, and the writer's connection
+            // would come back on whichever thread next asked for it, at that thread's priority
+            // rather than the writer's (see `WriterThread`).
+            options.idle_timeout(None).max_lifetime(None);
             // An in-memory database exists once per connection: it has no separate readers.
             if sqlite_file(raw)?.is_some() {
                 let mut reading = options.clone();
