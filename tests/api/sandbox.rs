@@ -130,9 +130,10 @@ impl Sandbox {
         }
     }
 
-    async fn stats(&self) -> Stats {
+    /// A GET of the sandbox's admin surface, its JSON answer read as `T`.
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
         self.http
-            .get(self.running.url("/__sandbox/stats"))
+            .get(self.running.url(path))
             .send()
             .await
             .unwrap()
@@ -141,16 +142,12 @@ impl Sandbox {
             .unwrap()
     }
 
+    async fn stats(&self) -> Stats {
+        self.get_json("/__sandbox/stats").await
+    }
+
     async fn messages(&self, query: &str) -> Vec<AcceptedMessage> {
-        let body: Value = self
-            .http
-            .get(self.running.url(&format!("/__sandbox/messages{query}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body: Value = self.get_json(&format!("/__sandbox/messages{query}")).await;
         serde_json::from_value(body["messages"].clone()).unwrap()
     }
 }
@@ -902,15 +899,7 @@ async fn admin_refuses_bad_input() {
         assert!(answer["error"].is_string());
     }
     // Refused knobs changed nothing.
-    let faults: Value = sandbox
-        .http
-        .get(sandbox.running.url("/__sandbox/faults"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let faults: Value = sandbox.get_json("/__sandbox/faults").await;
     assert_eq!(faults["page_capacity_per_second"], Value::Null, "{faults}");
     assert_eq!(faults["app_capacity_per_second"], Value::Null, "{faults}");
     let (status, _) = sandbox

@@ -277,22 +277,13 @@ fn statement(sql: &mut Sql, kind: Kind, rows: &[&Answer], now: i64) -> Result<()
                     .push(", ")
                     .bind(i32::from(*refund_attempt));
             }
-            (Outcome::Retry { error, .. }, Kind::Withdraw) => {
-                let why = DeliveryError {
-                    message: format!(
-                        "the send was cancelled before this delivery could be tried again ({})",
-                        error.message
-                    ),
-                    ..error.clone()
+            (Outcome::Retry { error, .. }, ended @ (Kind::Withdraw | Kind::Lose)) => {
+                let when = match ended {
+                    Kind::Withdraw => "before this delivery could be tried again",
+                    _ => "after an attempt that may have landed",
                 };
-                bind_error(sql, &why);
-            }
-            (Outcome::Retry { error, .. }, Kind::Lose) => {
                 let why = DeliveryError {
-                    message: format!(
-                        "the send was cancelled after an attempt that may have landed ({})",
-                        error.message
-                    ),
+                    message: format!("the send was cancelled {when} ({})", error.message),
                     ..error.clone()
                 };
                 bind_error(sql, &why);
