@@ -157,10 +157,13 @@ impl Store {
                 });
                 // Opened now, from here: a connection's SQLite thread runs at the priority of
                 // the thread that opens it, and a reader opened by the engine's writer would
-                // serve the API's reads at the engine's lower one.
+                // serve the API's reads at the engine's lower one. (Only when serving: a tool,
+                // such as `otnd migrate`, has no engine and opens what it uses.)
+                let serving = instance.is_some();
                 let pool = |n: u32| {
                     let mut pool = reading.clone();
-                    pool.max_connections(n).min_connections(n);
+                    pool.max_connections(n)
+                        .min_connections(if serving { n } else { 0 });
                     pool
                 };
                 readers = Some((pool(SQLITE_READERS), pool(SQLITE_ENGINE_READERS)));
