@@ -13,7 +13,7 @@ use otnd::{
     crypto::{MasterKey, SecretCipher},
     domain::{ContentInput, NewPage, OptInToken, PageId, Psid, SendEvent, StoryContent, Topic},
     store::{
-        Store, leases, now_ms, optins,
+        Store, in_transaction, leases, now_ms, optins,
         sends::{self, Answer, NewSend, Outcome, Started},
         stories,
     },
@@ -106,17 +106,14 @@ async fn run(recipients: usize) -> anyhow::Result<(f64, f64)> {
         now,
     )
     .await?;
-    let Started::Created(send) = sends::start(
-        db,
-        NewSend {
-            story: &story,
-            request_id: "bench",
-            segment: None,
-            max_active: 10,
-        },
-        now,
-    )
-    .await?
+    let new = NewSend {
+        story: &story,
+        request_id: "bench",
+        segment: None,
+        max_active: 10,
+    };
+    let Started::Created(send) =
+        in_transaction(db, async |txn| sends::start(txn, new, now).await).await?
     else {
         anyhow::bail!("no new send");
     };
@@ -129,7 +126,10 @@ async fn run(recipients: usize) -> anyhow::Result<(f64, f64)> {
     let cpu_began = cpu_seconds();
     let mut sent = 0;
     loop {
-        let step = sends::step(db, &fence, &send.id, now_ms(), STEP, false).await?;
+        let step = in_transaction(db, async |txn| {
+            sends::step(txn, &fence, &send.id, now_ms(), STEP, false).await
+        })
+        .await?;
         if step.claimed.is_empty() {
             break;
         }
@@ -148,7 +148,10 @@ async fn run(recipients: usize) -> anyhow::Result<(f64, f64)> {
             .collect();
         // The engine records answers in batches of about half a step.
         for half in answers.chunks(answers.len().div_ceil(2)) {
-            sends::record(db, &fence, half, None, now_ms()).await?;
+            in_transaction(db, async |txn| {
+                sends::record(txn, &fence, half, None, now_ms()).await
+            })
+            .await?;
         }
         sent += answers.len();
     }

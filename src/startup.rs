@@ -384,7 +384,7 @@ pub fn disable_transparent_huge_pages() {
 const ENGINE_NICE: i32 = 10;
 
 /// Lowers the calling thread's CPU priority below the API's: for the engine's threads (page
-/// actors and senders, the database writer), which do the bulk of a send. On a busy instance
+/// actors and senders), which do the bulk of a send. On a busy instance
 /// an operator's GetSend or a dashboard's snapshot then waits for no page's step: while S5's
 /// thousand pages sent, its p99 was 43 ms with every thread equal. The engine loses nothing it
 /// would have used: it is paced by Facebook, and takes every cycle the API leaves. Linux only

@@ -1,6 +1,6 @@
 //! SendService: start a reviewed story's send, steer it, watch it, list what happened.
 
-use std::{pin::Pin, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -16,7 +16,7 @@ use crate::{
     domain::{DeliveryState, Route, SendState, Violations, char_len},
     engine::{EngineError, EngineHandle, Progress, SendCommand},
     store::{
-        Store, StoreError, now_ms,
+        Shared, Store, StoreError, now_ms,
         sends::{self, NewSend, Started},
         stories,
     },
@@ -257,19 +257,25 @@ impl SendService for Sends {
         let segment = stories::segment_rule(&self.store.read, &story)
             .await
             .map_err(ApiError::internal)?;
-        let store = self.store.clone();
-        let (row, request_id, max_active) =
-            (story.clone(), req.request_id.clone(), self.max_active_sends);
-        let starting = async move {
-            let new = NewSend {
-                story: &row,
-                request_id: &request_id,
-                segment: segment.as_ref(),
-                max_active,
-            };
-            sends::start(&store.db, new, now_ms()).await
+        let (row, request_id, max_active) = (
+            Arc::new(story.clone()),
+            Arc::<str>::from(req.request_id.as_str()),
+            self.max_active_sends,
+        );
+        let segment = Arc::new(segment);
+        let starting = move |txn: Shared| {
+            let (row, request_id, segment) = (row.clone(), request_id.clone(), segment.clone());
+            async move {
+                let new = NewSend {
+                    story: &row,
+                    request_id: &request_id,
+                    segment: segment.as_ref().as_ref(),
+                    max_active,
+                };
+                sends::start(&txn, new, now_ms()).await
+            }
         };
-        let started = self.store.write(starting).await.map_err(|e| match e {
+        let started = self.store.transact(starting).await.map_err(|e| match e {
             StoreError::Conflict => ApiError::FailedPrecondition(format!(
                 "story {} changed while the send was being started; review it again",
                 story.id

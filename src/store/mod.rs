@@ -12,6 +12,7 @@ pub mod sends;
 mod sql;
 mod stored;
 pub mod stories;
+mod writer;
 
 use std::{
     fs::File,
@@ -30,6 +31,9 @@ use sea_orm::{
 };
 
 use crate::config::DatabaseUrl;
+use writer::{Committer, WriterThread};
+
+pub use writer::Shared;
 
 /// How long a SQLite writer waits for another writer before giving up.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -67,6 +71,8 @@ pub struct Store {
     pub engine_read: DatabaseConnection,
     /// On SQLite, the thread that drives every transaction on the writer (see [`Store::write`]).
     writer: Option<WriterThread>,
+    /// On SQLite, where works are queued to be committed together (see [`Store::transact`]).
+    committer: Option<Committer>,
     /// On SQLite, the lock that keeps a second otnd off the same file (released with the last
     /// clone of the store, or by the OS when the process dies).
     _instance_lock: Option<Arc<File>>,
@@ -227,11 +233,13 @@ impl Store {
             }
             None => (db.clone(), db.clone()),
         };
+        let committer = writer.as_ref().map(|w| w.committer(db.clone()));
         Ok(Store {
             db,
             read,
             engine_read,
             writer,
+            committer,
             _instance_lock: None,
         })
     }
@@ -254,6 +262,25 @@ impl Store {
         }
     }
 
+    /// Runs `work` in a write transaction on [`Store::db`] and answers once it is committed. On
+    /// SQLite the works queued while the writer is busy are committed together, in one
+    /// transaction, in the order they came: a thousand pages' steps take a few dozen commits
+    /// (each a round trip, and a write of every page of the file it changed) rather than a
+    /// thousand. A group whose work fails is rolled back and its works run again each alone,
+    /// so `work` may run twice, the first time in a transaction that never commits: it must
+    /// change nothing but rows. On PostgreSQL each work has a transaction of its own.
+    pub async fn transact<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(writer::Shared) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        match &self.committer {
+            Some(committer) => committer.transact(work).await,
+            None => writer::alone(&self.db, work).await,
+        }
+    }
+
     /// Applies every pending migration.
     pub async fn migrate(&self) -> anyhow::Result<()> {
         Migrator::up(&self.db, None)
@@ -269,55 +296,6 @@ impl Store {
         let _ = self.read.close().await;
         let _ = self.engine_read.close().await;
         let _ = self.db.close().await;
-    }
-}
-
-/// A thread of its own that drives the transactions on SQLite's one writer connection. A
-/// transaction holds the connection from its BEGIN to its COMMIT, and each of its statements is
-/// a round trip between the thread that awaits it and SQLite's worker thread. Awaited on the
-/// engine's threads, which also make the HTTP calls of hundreds of pages, every round trip
-/// waited its turn there while every other writer waited for the connection (S5: a thousand
-/// small sends, 1.05x the peer before, about 1.3x after).
-#[derive(Clone, Debug)]
-struct WriterThread {
-    runtime: tokio::runtime::Handle,
-    /// Dropped with the last clone of the store: the thread then ends.
-    _stop: Arc<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl WriterThread {
-    fn start() -> anyhow::Result<Self> {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (ready, started) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("otnd-db-writer".into())
-            .spawn(move || {
-                crate::startup::lower_engine_thread_priority();
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(err) => {
-                        let _ = ready.send(Err(err));
-                        return;
-                    }
-                };
-                let _ = ready.send(Ok(runtime.handle().clone()));
-                // Drives the spawned transactions until the store is dropped.
-                runtime.block_on(async {
-                    let _ = stopped.await;
-                });
-            })
-            .context("Failed to start the database writer's thread")?;
-        let runtime = started
-            .recv()
-            .context("The database writer's thread ended before it started")?
-            .context("Failed to start the database writer's runtime")?;
-        Ok(WriterThread {
-            runtime,
-            _stop: Arc::new(stop),
-        })
     }
 }
 
@@ -343,6 +321,25 @@ pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction,
         ..TransactionOptions::default()
     })
     .await
+}
+
+/// Runs `work` in a write transaction of its own on `db` (see [`begin_write`]): committed if it
+/// succeeds, rolled back if not.
+pub async fn in_transaction<T>(
+    db: &DatabaseConnection,
+    work: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let txn = begin_write(db).await?;
+    match work(&txn).await {
+        Ok(value) => {
+            txn.commit().await?;
+            Ok(value)
+        }
+        Err(err) => {
+            let _ = txn.rollback().await;
+            Err(err)
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch: how every time is stored.

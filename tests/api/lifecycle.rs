@@ -512,7 +512,7 @@ async fn answers_recorded_twice(db: TestDatabase) {
     use otnd::{
         domain::SendEvent,
         store::{
-            leases, now_ms,
+            in_transaction, leases, now_ms,
             sends::{self, Answer, DeliveryError, NewSend, Outcome, Started},
             stories,
         },
@@ -526,18 +526,17 @@ async fn answers_recorded_twice(db: TestDatabase) {
     let conn = Database::connect(&h.database_url).await.unwrap();
     let now = now_ms();
     let story = stories::get(&conn, &story).await.unwrap();
-    let Started::Created(send) = sends::start(
-        &conn,
-        NewSend {
-            story: &story,
-            request_id: "by-hand",
-            segment: None,
-            max_active: 100,
-        },
-        now,
-    )
-    .await
-    .unwrap() else {
+    let new = NewSend {
+        story: &story,
+        request_id: "by-hand",
+        segment: None,
+        max_active: 100,
+    };
+    let Started::Created(send) =
+        in_transaction(&conn, async |txn| sends::start(txn, new, now).await)
+            .await
+            .unwrap()
+    else {
         panic!("a new send")
     };
     sends::apply(&conn, &send.id, SendEvent::Run, None, now)
@@ -547,10 +546,12 @@ async fn answers_recorded_twice(db: TestDatabase) {
         .await
         .unwrap()
         .unwrap();
-    let claimed = sends::step(&conn, &fence, &send.id, now, 100, false)
-        .await
-        .unwrap()
-        .claimed;
+    let claimed = in_transaction(&conn, async |txn| {
+        sends::step(txn, &fence, &send.id, now, 100, false).await
+    })
+    .await
+    .unwrap()
+    .claimed;
     assert_eq!(claimed.len() as u64, USERS);
     let (sent, retried) = claimed.split_at(claimed.len() / 2);
     let answer = |c: &sends::Claimed, outcome: Outcome| Answer {
@@ -581,12 +582,16 @@ async fn answers_recorded_twice(db: TestDatabase) {
         })
         .collect();
     answers.extend(retried.iter().map(|c| answer(c, retry())));
-    let once = sends::record(&conn, &fence, &answers, None, now)
-        .await
-        .unwrap();
-    let twice = sends::record(&conn, &fence, &answers, None, now)
-        .await
-        .unwrap();
+    let once = in_transaction(&conn, async |txn| {
+        sends::record(txn, &fence, &answers, None, now).await
+    })
+    .await
+    .unwrap();
+    let twice = in_transaction(&conn, async |txn| {
+        sends::record(txn, &fence, &answers, None, now).await
+    })
+    .await
+    .unwrap();
     assert_eq!(
         once, twice,
         "the same answers recorded again change nothing"
@@ -599,16 +604,20 @@ async fn answers_recorded_twice(db: TestDatabase) {
 
     // The retried deliveries are claimed again; the old retry answers, recorded once more,
     // must not put them back to pending while their new attempt is out.
-    let again = sends::step(&conn, &fence, &send.id, now, 100, false)
-        .await
-        .unwrap()
-        .claimed;
+    let again = in_transaction(&conn, async |txn| {
+        sends::step(txn, &fence, &send.id, now, 100, false).await
+    })
+    .await
+    .unwrap()
+    .claimed;
     assert_eq!(again.len(), retried.len());
     assert!(again.iter().all(|c| c.claim == 2));
     let stale: Vec<Answer> = retried.iter().map(|c| answer(c, retry())).collect();
-    let after = sends::record(&conn, &fence, &stale, None, now)
-        .await
-        .unwrap();
+    let after = in_transaction(&conn, async |txn| {
+        sends::record(txn, &fence, &stale, None, now).await
+    })
+    .await
+    .unwrap();
     assert_eq!(
         (after[0].in_flight, after[0].pending()),
         (retried.len() as i64, 0),
@@ -628,25 +637,31 @@ async fn answers_recorded_twice(db: TestDatabase) {
         .collect();
     // The recording of the last answers completes the send, in the statement that counts them;
     // recorded again, or completed again, it changes nothing.
-    let recorded = sends::record(&conn, &fence, &last, None, now)
-        .await
-        .unwrap();
+    let recorded = in_transaction(&conn, async |txn| {
+        sends::record(txn, &fence, &last, None, now).await
+    })
+    .await
+    .unwrap();
     let done = &recorded[0];
     assert_eq!(done.state, otnd::domain::SendState::Completed);
     assert_eq!((done.sent, done.total), (USERS as i64, USERS as i64));
     assert_eq!(done.finished_at, Some(now));
-    let again = sends::record(&conn, &fence, &last, None, now)
-        .await
-        .unwrap();
+    let again = in_transaction(&conn, async |txn| {
+        sends::record(txn, &fence, &last, None, now).await
+    })
+    .await
+    .unwrap();
     assert_eq!(&again[0], done, "a completed send's answers recorded again");
     assert_eq!(
         sends::complete_if_done(&conn, &send.id, now).await.unwrap(),
         None,
         "a completed send completes once"
     );
-    sends::step(&conn, &fence, &send.id, now, 100, false)
-        .await
-        .unwrap();
+    in_transaction(&conn, async |txn| {
+        sends::step(txn, &fence, &send.id, now, 100, false).await
+    })
+    .await
+    .unwrap();
     assert_eq!(&sends::get(&conn, &send.id).await.unwrap(), done);
     let _ = conn.close().await;
     ledger::assert_rows_hold(&h.database_url, None).await;

@@ -44,7 +44,7 @@ use crate::{
     domain::{PageCredentials, PageId, Route, SendEvent, SendState},
     graph::Failure,
     store::{
-        Store, StoreError,
+        Shared, Store, StoreError,
         leases::Fence,
         now_ms, pages,
         sends::{self, Answer, Attempt, Claimed, Outcome},
@@ -603,7 +603,7 @@ async fn pump(
     fence: Fence,
     mut plan: PumpPlan,
 ) -> Result<PumpResult, StoreError> {
-    let db = &deps.store.db;
+    let store = &deps.store;
     // What a step only reads (its sends, the page's settings) comes from the readers: on
     // SQLite the writer is one connection every page's steps queue for. Every write that
     // follows a read is conditional on the state it leaves, so a read a moment old is safe.
@@ -617,7 +617,11 @@ async fn pump(
         for send in &mut rows {
             // The counter moves in the transactions that move the deliveries: it is exact.
             if send.in_flight > 0 {
-                let n = sends::recover_in_flight(db, &fence, &send.id, now).await?;
+                let recovering = {
+                    let (db, fence, send_id) = (store.db.clone(), fence.clone(), send.id.clone());
+                    async move { sends::recover_in_flight(&db, &fence, &send_id, now).await }
+                };
+                let n = store.write(recovering).await?;
                 if n > 0 {
                     tracing::warn!(page_id, send_id = %send.id, recovered = n,
                         "deliveries found in flight settled by recovery");
@@ -635,7 +639,12 @@ async fn pump(
         };
         let with_flight: Vec<&sends::Send> = rows.iter().filter(|s| s.in_flight > 0).collect();
         for send in with_flight {
-            let n = sends::reconcile(db, &fence, &send.id, known, now).await?;
+            let reconciling = {
+                let (db, fence, send_id) = (store.db.clone(), fence.clone(), send.id.clone());
+                let known = known.clone();
+                async move { sends::reconcile(&db, &fence, &send_id, &known, now).await }
+            };
+            let n = store.write(reconciling).await?;
             if n > 0 {
                 tracing::warn!(page_id, send_id = %send.id, reconciled = n,
                     "deliveries a failed step left in flight, never attempted, are pending again");
@@ -696,7 +705,15 @@ async fn pump(
         let send = &running[index];
         // Retries and recovered deliveries first, then new recipients, claimed as they are
         // materialised.
-        match sends::step(db, &fence, &send.id, now, capacity as u64, true).await {
+        let stepping = {
+            let (fence, send_id) = (fence.clone(), Arc::<str>::from(send.id.as_str()));
+            let limit = capacity as u64;
+            move |txn: Shared| {
+                let (fence, send_id) = (fence.clone(), send_id.clone());
+                async move { sends::step(&txn, &fence, &send_id, now, limit, true).await }
+            }
+        };
+        match store.transact(stepping).await {
             Ok(step) => {
                 capacity -= step.claimed.len();
                 result.refreshed.push(step.send);
@@ -714,7 +731,12 @@ async fn pump(
         if result.refreshed.iter().any(|row| row.id == send.id) {
             continue;
         }
-        match sends::apply(db, &send.id, SendEvent::Run, None, now).await {
+        let send_id = Arc::<str>::from(send.id.as_str());
+        let running = move |txn: Shared| {
+            let send_id = send_id.clone();
+            async move { sends::apply(&*txn, &send_id, SendEvent::Run, None, now).await }
+        };
+        match store.transact(running).await {
             Ok(row) => result.refreshed.push(row),
             // Paused or cancelled meanwhile (from any instance): not to be run.
             Err(StoreError::Conflict) => {}
@@ -735,7 +757,15 @@ async fn pump(
             .unwrap_or(send);
         if latest.in_flight == 0
             && latest.audience_done()
-            && let Some(done) = sends::complete_if_done(db, &send.id, now).await?
+            && let Some(done) = store
+                .transact({
+                    let send_id = Arc::<str>::from(send.id.as_str());
+                    move |txn: Shared| {
+                        let send_id = send_id.clone();
+                        async move { sends::complete_if_done(&*txn, &send_id, now).await }
+                    }
+                })
+                .await?
         {
             result.refreshed.retain(|row| row.id != send.id);
             result.completed.push(done);
@@ -784,14 +814,14 @@ impl Handler<Pump> for PageActor {
         }
         self.turn = self.turn.wrapping_add(1);
         self.reload_sends = false;
-        let store = self.deps.store.clone();
-        let step = pump(
+        // On the page's own thread: only the transactions go to the writer (see
+        // `Store::transact`), which serves nothing else while pages wait for it.
+        let fut = pump(
             self.deps.clone(),
             self.page_id.clone(),
             self.fence.clone(),
             plan,
         );
-        let fut = async move { store.write(step).await };
         let began = Instant::now();
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| match result {
@@ -880,18 +910,25 @@ impl Handler<Flush> for PageActor {
         let counts = count_outcomes(&answers);
         let began = Instant::now();
         let recorded = answers.len();
-        let (deps, page_id, fence) = (self.deps.clone(), self.page_id.clone(), self.fence.clone());
-        let (to_record, reason) = (answers.clone(), halt.clone());
-        let store = deps.store.clone();
+        let (page_id, fence) = (Arc::<str>::from(self.page_id.as_str()), self.fence.clone());
+        let (to_record, reason) = (
+            Arc::new(answers.clone()),
+            halt.clone().map(Arc::<str>::from),
+        );
+        let store = self.deps.store.clone();
         let fut = async move {
             if to_record.is_empty() && reason.is_none() {
                 return Ok(Vec::new());
             }
-            let step = async move {
-                let halt = reason.as_deref().map(|r| (page_id.as_str(), r));
-                sends::record(&deps.store.db, &fence, &to_record, halt, now_ms()).await
+            let step = move |txn: Shared| {
+                let (page_id, fence) = (page_id.clone(), fence.clone());
+                let (to_record, reason) = (to_record.clone(), reason.clone());
+                async move {
+                    let halt = reason.as_deref().map(|r| (&*page_id, r));
+                    sends::record(&txn, &fence, &to_record, halt, now_ms()).await
+                }
             };
-            store.write(step).await
+            store.transact(step).await
         };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| {

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     domain::{DeliveryEvent, DeliveryState, SendEvent, SendState},
-    store::{StoreError, begin_write, leases::Fence, sql::Sql},
+    store::{StoreError, in_transaction, leases::Fence, sql::Sql},
 };
 
 /// What one step of a send did: the deliveries it committed `in_flight`, and the send's row
@@ -29,19 +29,17 @@ pub struct Step {
 /// audience cursor. With `start`, a queued send is run by the same statement that moves its
 /// counters (its first step is one transaction, not two).
 pub async fn step(
-    db: &DatabaseConnection,
+    txn: &DatabaseTransaction,
     fence: &Fence,
     send_id: &str,
     now: i64,
     limit: u64,
     start: bool,
 ) -> Result<Step, StoreError> {
-    let txn = begin_write(db).await?;
-    fence.check(&txn).await?;
-    let send = lock_send(&txn, send_id).await?;
+    fence.check(txn).await?;
+    let send = lock_send(txn, send_id).await?;
     let starting = start && send.state == SendState::Queued;
     if send.state != SendState::Running && !starting {
-        txn.commit().await?;
         return Ok(Step {
             claimed: Vec::new(),
             send,
@@ -51,12 +49,12 @@ pub async fn step(
     // pending has none to claim, and a new send's first step only materialises.
     let (mut claimed, mut delta) = match send.pending() {
         0 => (Vec::new(), CounterDelta::default()),
-        _ => claim(&txn, &send.id, now, limit).await?,
+        _ => claim(txn, &send.id, now, limit).await?,
     };
     let mut audience = None;
     if (claimed.len() as u64) < limit && !send.audience_done() {
         let want = limit - claimed.len() as u64;
-        let (more, phase, cursor) = materialize(&txn, &send, now, want).await?;
+        let (more, phase, cursor) = materialize(txn, &send, now, want).await?;
         delta.total += more.len() as i64;
         delta.in_flight += more.len() as i64;
         claimed.extend(more);
@@ -71,11 +69,10 @@ pub async fn step(
             audience,
             event: starting.then_some(SendEvent::Run),
         };
-        update_send(&txn, &send.id, change, now)
+        update_send(txn, &send.id, change, now)
             .await?
             .ok_or(StoreError::NotFound)?
     };
-    txn.commit().await?;
     Ok(Step { claimed, send: row })
 }
 
@@ -221,7 +218,10 @@ pub async fn reconcile(
         .collect();
     let n = answers.len() as u64;
     if n > 0 {
-        record::record(db, fence, &answers, None, now).await?;
+        in_transaction(db, async |txn| {
+            record::record(txn, fence, &answers, None, now).await
+        })
+        .await?;
     }
     Ok(n)
 }

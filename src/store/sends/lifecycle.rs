@@ -2,8 +2,8 @@
 //! cancelled and completed, each one event of `SendEvent` as one conditional statement.
 
 use sea_orm::{
-    Condition, ConnectionTrait, DatabaseConnection, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect, entity::prelude::*, sea_query::OnConflict,
+    Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction, FromQueryResult,
+    QueryFilter, QueryOrder, QuerySelect, entity::prelude::*, sea_query::OnConflict,
 };
 
 use super::{
@@ -37,7 +37,7 @@ pub enum Started {
 /// Creates the send (queued) and locks the story, in one transaction; or returns the send this
 /// request id already made.
 pub async fn start(
-    db: &DatabaseConnection,
+    txn: &DatabaseTransaction,
     new: NewSend<'_>,
     now: i64,
 ) -> Result<Started, StoreError> {
@@ -68,8 +68,7 @@ pub async fn start(
         finished_at: None,
         updated_at: now,
     };
-    let txn = begin_write(db).await?;
-    let existing = |txn| async move {
+    let existing = || async move {
         send::Entity::find()
             .filter(send::Column::RequestId.eq(new.request_id))
             .one(txn)
@@ -79,11 +78,10 @@ pub async fn start(
     // on PostgreSQL concurrent starts may overshoot it by the few racing with this one.
     let active = send::Entity::find()
         .filter(send::Column::State.is_in([SendState::Queued, SendState::Running]))
-        .count(&txn)
+        .count(txn)
         .await?;
     if active >= new.max_active {
-        let found = existing(&txn).await?;
-        txn.commit().await?;
+        let found = existing().await?;
         return Ok(match found {
             Some(send) => Started::Existing(send),
             None => Started::Shed { active },
@@ -98,15 +96,14 @@ pub async fn start(
                 .do_nothing()
                 .to_owned(),
         )
-        .exec_without_returning(&txn)
+        .exec_without_returning(txn)
         .await
         .map_err(|err| match StoreError::from(err) {
             StoreError::InUse => StoreError::NotFound,
             other => other,
         })?;
     if inserted == 0 {
-        let found = existing(&txn).await?.ok_or(StoreError::Conflict)?;
-        txn.commit().await?;
+        let found = existing().await?.ok_or(StoreError::Conflict)?;
         return Ok(Started::Existing(found));
     }
     // The story is locked from here on: what was reviewed is what is sent.
@@ -118,13 +115,12 @@ pub async fn start(
         .col_expr(stories::Column::UpdatedAt, Expr::value(now))
         .filter(stories::Column::Id.eq(story.id.as_str()))
         .filter(stories::Column::ContentHash.eq(story.content_hash.as_str()))
-        .exec(&txn)
+        .exec(txn)
         .await?;
     if locked.rows_affected == 0 {
         // Edited (or deleted) since it was read: its review no longer holds.
         return Err(StoreError::Conflict);
     }
-    txn.commit().await?;
     Ok(Started::Created(model))
 }
 

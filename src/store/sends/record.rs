@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use sea_orm::{DatabaseConnection, FromQueryResult};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, FromQueryResult};
 
 use super::{
     CounterDelta, Moved, ROWS_PER_STATEMENT, Send, SendChange, leaving, lifecycle, lock_send,
@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     domain::{DeliveryEvent, DeliveryState, SendEvent, SendState},
-    store::{StoreError, begin_write, leases::Fence, sql::Sql},
+    store::{StoreError, leases::Fence, sql::Sql},
 };
 
 /// How one attempt ended, as the engine decided.
@@ -124,15 +124,14 @@ impl Kind {
 /// id order) first; with `halt`, the page's sends halt in the same transaction. Returns the
 /// sends' rows afterwards.
 pub async fn record(
-    db: &DatabaseConnection,
+    txn: &DatabaseTransaction,
     fence: &Fence,
     answers: &[Answer],
     halt: Option<(&str, &str)>,
     now: i64,
 ) -> Result<Vec<Send>, StoreError> {
-    let backend = db.get_database_backend();
-    let txn = begin_write(db).await?;
-    fence.check(&txn).await?;
+    let backend = txn.get_database_backend();
+    fence.check(txn).await?;
     let mut by_send: BTreeMap<&str, Vec<&Answer>> = BTreeMap::new();
     for answer in answers {
         by_send
@@ -142,7 +141,7 @@ pub async fn record(
     }
     let mut states = HashMap::new();
     for send_id in by_send.keys() {
-        match lock_send(&txn, send_id).await {
+        match lock_send(txn, send_id).await {
             Ok(send) => {
                 states.insert(*send_id, send.state);
             }
@@ -179,20 +178,13 @@ pub async fn record(
             let mut sql = Sql::new(backend);
             statement(&mut sql, *kind, chunk, now)?;
             crate::crashpoint::pass("recording");
-            let moved = Moved::find_by_statement(sql.statement()).all(&txn).await?;
+            let moved = Moved::find_by_statement(sql.statement()).all(txn).await?;
             deltas.entry(send_id).or_default().moved(
                 DeliveryState::InFlight,
                 event.target(),
                 moved.len() as i64,
             );
-            settle_optins(
-                &txn,
-                &moved,
-                event.target(),
-                *kind == Kind::RefuseToken,
-                now,
-            )
-            .await?;
+            settle_optins(txn, &moved, event.target(), *kind == Kind::RefuseToken, now).await?;
         }
     }
     let mut rows = Vec::new();
@@ -204,17 +196,16 @@ pub async fn record(
             event: halt.is_none().then_some(SendEvent::Complete),
             ..SendChange::counters(delta)
         };
-        if let Some(row) = update_send(&txn, send_id, change, now).await? {
+        if let Some(row) = update_send(txn, send_id, change, now).await? {
             rows.push(row);
         }
     }
     if let Some((page_id, reason)) = halt {
-        lifecycle::halt_page(&txn, page_id, reason, now).await?;
+        lifecycle::halt_page(txn, page_id, reason, now).await?;
         for row in &mut rows {
-            *row = lifecycle::get(&txn, &row.id).await?;
+            *row = lifecycle::get(txn, &row.id).await?;
         }
     }
-    txn.commit().await?;
     Ok(rows)
 }
 
