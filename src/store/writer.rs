@@ -142,7 +142,9 @@ where
     fn answer(self: Box<Self>, outcome: Result<(), StoreError>) {
         let Work { value, reply, .. } = *self;
         let answer = outcome.and_then(|()| {
-            value.ok_or_else(|| StoreError::Db(DbErr::Custom("a work answered twice".into())))
+            value.ok_or_else(|| {
+                StoreError::Db(DbErr::Custom("a work ended without its value".into()))
+            })
         });
         // Whoever queued it may have stopped waiting: the work stands all the same.
         let _ = reply.send(answer);
