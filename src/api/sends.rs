@@ -16,7 +16,7 @@ use crate::{
     domain::{DeliveryState, Route, SendState, Violations, char_len},
     engine::{EngineError, EngineHandle, Progress, SendCommand},
     store::{
-        Shared, Store, StoreError, now_ms,
+        Store, StoreError, now_ms,
         sends::{self, NewSend, Started},
         stories,
     },
@@ -257,25 +257,24 @@ impl SendService for Sends {
         let segment = stories::segment_rule(&self.store.read, &story)
             .await
             .map_err(ApiError::internal)?;
-        let (row, request_id, max_active) = (
+        let max_active = self.max_active_sends;
+        let context = (
             Arc::new(story.clone()),
             Arc::<str>::from(req.request_id.as_str()),
-            self.max_active_sends,
+            Arc::new(segment),
         );
-        let segment = Arc::new(segment);
-        let starting = move |txn: Shared| {
-            let (row, request_id, segment) = (row.clone(), request_id.clone(), segment.clone());
-            async move {
-                let new = NewSend {
-                    story: &row,
-                    request_id: &request_id,
-                    segment: segment.as_ref().as_ref(),
-                    max_active,
-                };
-                sends::start(&txn, new, now_ms()).await
-            }
-        };
-        let started = self.store.transact(starting).await.map_err(|e| match e {
+        let starting =
+            self.store
+                .transact(context, move |txn, (row, request_id, segment)| async move {
+                    let new = NewSend {
+                        story: &row,
+                        request_id: &request_id,
+                        segment: segment.as_ref().as_ref(),
+                        max_active,
+                    };
+                    sends::start(&txn, new, now_ms()).await
+                });
+        let started = starting.await.map_err(|e| match e {
             StoreError::Conflict => ApiError::FailedPrecondition(format!(
                 "story {} changed while the send was being started; review it again",
                 story.id

@@ -268,16 +268,18 @@ impl Store {
     /// (each a round trip, and a write of every page of the file it changed) rather than a
     /// thousand. A group whose work fails is rolled back and its works run again each alone,
     /// so `work` may run twice, the first time in a transaction that never commits: it must
-    /// change nothing but rows. On PostgreSQL each work has a transaction of its own.
-    pub async fn transact<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
+    /// change nothing but rows. Each run is given its own copy of `context` (what the work
+    /// needs of the caller's). On PostgreSQL each work has a transaction of its own.
+    pub async fn transact<C, T, F, Fut>(&self, context: C, work: F) -> Result<T, StoreError>
     where
+        C: Clone + Send + 'static,
         T: Send + 'static,
-        F: Fn(writer::Shared) -> Fut + Send + 'static,
+        F: Fn(Shared, C) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         match &self.committer {
-            Some(committer) => committer.transact(work).await,
-            None => writer::alone(&self.db, work).await,
+            Some(committer) => committer.transact(context, work).await,
+            None => writer::alone(&self.db, context, work).await,
         }
     }
 

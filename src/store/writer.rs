@@ -84,22 +84,15 @@ pub(super) struct Committer {
 }
 
 impl Committer {
-    /// Runs `work` in a write transaction, perhaps shared with the works queued beside it, and
-    /// answers once that transaction is committed. A group whose work fails is rolled back and
-    /// its works run again each in a transaction of its own, so `work` may run twice (the first
-    /// time in a transaction that never commits): it must leave nothing but rows behind.
-    pub(super) async fn transact<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
+    /// See [`Store::transact`](super::Store::transact).
+    pub(super) async fn transact<C, T, F, Fut>(&self, context: C, work: F) -> Result<T, StoreError>
     where
+        C: Clone + Send + 'static,
         T: Send + 'static,
-        F: Fn(Shared) -> Fut + Send + 'static,
+        F: Fn(Shared, C) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel();
-        let job = Box::new(Work {
-            work,
-            value: None,
-            reply,
-        });
+        let (job, answer) = Work::queued(context, work);
         self.jobs.send(job).map_err(|_| writer_stopped())?;
         answer.await.map_err(|_| writer_stopped())?
     }
@@ -119,20 +112,38 @@ trait Job: Send {
     fn answer(self: Box<Self>, outcome: Result<(), StoreError>);
 }
 
-struct Work<T, F> {
+/// A work and what it is given at each run: its own copy of `context`.
+struct Work<C, T, F> {
+    context: C,
     work: F,
     value: Option<T>,
     reply: oneshot::Sender<Result<T, StoreError>>,
 }
 
-impl<T, F, Fut> Job for Work<T, F>
+type Answer<T> = oneshot::Receiver<Result<T, StoreError>>;
+
+impl<C, T, F> Work<C, T, F> {
+    fn queued(context: C, work: F) -> (Box<Self>, Answer<T>) {
+        let (reply, answer) = oneshot::channel();
+        let work = Work {
+            context,
+            work,
+            value: None,
+            reply,
+        };
+        (Box::new(work), answer)
+    }
+}
+
+impl<C, T, F, Fut> Job for Work<C, T, F>
 where
+    C: Clone + Send + 'static,
     T: Send + 'static,
-    F: Fn(Shared) -> Fut + Send + 'static,
+    F: Fn(Shared, C) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
 {
     fn run(&mut self, txn: Shared) -> BoxFuture<'_, Result<(), StoreError>> {
-        let running = (self.work)(txn);
+        let running = (self.work)(txn, self.context.clone());
         Box::pin(async move {
             self.value = Some(running.await?);
             Ok(())
@@ -214,18 +225,18 @@ async fn commit_group(db: &DatabaseConnection, mut group: Vec<Box<dyn Job>>) {
 }
 
 /// Runs `work` in a transaction of its own, here: committed if it succeeds, rolled back if not.
-pub(super) async fn alone<T, F, Fut>(db: &DatabaseConnection, work: F) -> Result<T, StoreError>
+pub(super) async fn alone<C, T, F, Fut>(
+    db: &DatabaseConnection,
+    context: C,
+    work: F,
+) -> Result<T, StoreError>
 where
+    C: Clone + Send + 'static,
     T: Send + 'static,
-    F: Fn(Shared) -> Fut + Send + 'static,
+    F: Fn(Shared, C) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
 {
-    let (reply, answer) = oneshot::channel();
-    let mut job = Box::new(Work {
-        work,
-        value: None,
-        reply,
-    });
+    let (mut job, answer) = Work::queued(context, work);
     let outcome = run_alone(db, job.as_mut()).await;
     job.answer(outcome);
     answer.await.map_err(|_| writer_stopped())?
@@ -296,30 +307,22 @@ mod tests {
         store
     }
 
+    /// What [`insert`] inserts, where it counts its runs, and whether it then fails.
+    type Insert = (&'static str, Arc<AtomicUsize>, bool);
+
     /// A work that inserts `key`, counting its runs, and then fails if `fail`.
-    fn insert(
-        key: &'static str,
-        runs: Arc<AtomicUsize>,
-        fail: bool,
-    ) -> impl Fn(Shared) -> futures::future::BoxFuture<'static, Result<&'static str, StoreError>>
-    + Send
-    + 'static {
-        move |txn: Shared| {
-            let runs = runs.clone();
-            Box::pin(async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                txn.execute_raw(Statement::from_sql_and_values(
-                    txn.get_database_backend(),
-                    "INSERT INTO t (k) VALUES (?)",
-                    [key.into()],
-                ))
-                .await?;
-                if fail {
-                    return Err(StoreError::Db(DbErr::Custom(format!("{key} fails"))));
-                }
-                Ok(key)
-            })
+    async fn insert(txn: Shared, (key, runs, fail): Insert) -> Result<&'static str, StoreError> {
+        runs.fetch_add(1, Ordering::SeqCst);
+        txn.execute_raw(Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            "INSERT INTO t (k) VALUES (?)",
+            [key.into()],
+        ))
+        .await?;
+        if fail {
+            return Err(StoreError::Db(DbErr::Custom(format!("{key} fails"))));
         }
+        Ok(key)
     }
 
     async fn keys(store: &Store) -> Vec<String> {
@@ -352,15 +355,13 @@ mod tests {
         let holding = store.clone();
         let holder = tokio::spawn(async move {
             holding
-                .transact(move |_txn: Shared| {
-                    let gates = gates.lock().unwrap().take();
-                    async move {
-                        if let Some((started, released)) = gates {
-                            let _ = started.send(());
-                            let _ = released.await;
-                        }
-                        Ok(())
+                .transact(gates, |_txn, gates| async move {
+                    let taken = gates.lock().unwrap().take();
+                    if let Some((started, released)) = taken {
+                        let _ = started.send(());
+                        let _ = released.await;
                     }
+                    Ok(())
                 })
                 .await
                 .unwrap();
@@ -370,11 +371,9 @@ mod tests {
             .iter()
             .map(|&(key, fails)| {
                 let runs = Arc::new(AtomicUsize::new(0));
-                let (store, work) = (store.clone(), insert(key, runs.clone(), fails));
-                (
-                    runs,
-                    tokio::spawn(async move { store.transact(work).await }),
-                )
+                let (store, context) = (store.clone(), (key, runs.clone(), fails));
+                let answer = tokio::spawn(async move { store.transact(context, insert).await });
+                (runs, answer)
             })
             .collect();
         // Every work is queued before the writer is free again.
@@ -432,11 +431,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = scratch_store(&dir).await;
         let runs = Arc::new(AtomicUsize::new(0));
-        let failed = store.transact(insert("x", runs.clone(), true)).await;
+        let failed = store.transact(("x", runs.clone(), true), insert).await;
         assert!(failed.is_err());
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(keys(&store).await.is_empty());
-        let ok = store.transact(insert("y", runs.clone(), false)).await;
+        let ok = store.transact(("y", runs.clone(), false), insert).await;
         assert_eq!(ok.ok(), Some("y"));
         assert_eq!(keys(&store).await, ["y"]);
     }

@@ -44,7 +44,7 @@ use crate::{
     domain::{PageCredentials, PageId, Route, SendEvent, SendState},
     graph::Failure,
     store::{
-        Shared, Store, StoreError,
+        Store, StoreError,
         leases::Fence,
         now_ms, pages,
         sends::{self, Answer, Attempt, Claimed, Outcome},
@@ -705,15 +705,14 @@ async fn pump(
         let send = &running[index];
         // Retries and recovered deliveries first, then new recipients, claimed as they are
         // materialised.
-        let stepping = {
-            let (fence, send_id) = (fence.clone(), Arc::<str>::from(send.id.as_str()));
-            let limit = capacity as u64;
-            move |txn: Shared| {
-                let (fence, send_id) = (fence.clone(), send_id.clone());
-                async move { sends::step(&txn, &fence, &send_id, now, limit, true).await }
-            }
-        };
-        match store.transact(stepping).await {
+        let limit = capacity as u64;
+        let stepping = store.transact(
+            (fence.clone(), send.id.clone()),
+            move |txn, (fence, send_id)| async move {
+                sends::step(&txn, &fence, &send_id, now, limit, true).await
+            },
+        );
+        match stepping.await {
             Ok(step) => {
                 capacity -= step.claimed.len();
                 result.refreshed.push(step.send);
@@ -731,12 +730,10 @@ async fn pump(
         if result.refreshed.iter().any(|row| row.id == send.id) {
             continue;
         }
-        let send_id = Arc::<str>::from(send.id.as_str());
-        let running = move |txn: Shared| {
-            let send_id = send_id.clone();
-            async move { sends::apply(&*txn, &send_id, SendEvent::Run, None, now).await }
-        };
-        match store.transact(running).await {
+        let running = store.transact(send.id.clone(), move |txn, send_id| async move {
+            sends::apply(&*txn, &send_id, SendEvent::Run, None, now).await
+        });
+        match running.await {
             Ok(row) => result.refreshed.push(row),
             // Paused or cancelled meanwhile (from any instance): not to be run.
             Err(StoreError::Conflict) => {}
@@ -758,12 +755,8 @@ async fn pump(
         if latest.in_flight == 0
             && latest.audience_done()
             && let Some(done) = store
-                .transact({
-                    let send_id = Arc::<str>::from(send.id.as_str());
-                    move |txn: Shared| {
-                        let send_id = send_id.clone();
-                        async move { sends::complete_if_done(&*txn, &send_id, now).await }
-                    }
+                .transact(send.id.clone(), move |txn, send_id| async move {
+                    sends::complete_if_done(&*txn, &send_id, now).await
                 })
                 .await?
         {
@@ -910,25 +903,26 @@ impl Handler<Flush> for PageActor {
         let counts = count_outcomes(&answers);
         let began = Instant::now();
         let recorded = answers.len();
-        let (page_id, fence) = (Arc::<str>::from(self.page_id.as_str()), self.fence.clone());
-        let (to_record, reason) = (
+        let nothing = answers.is_empty() && halt.is_none();
+        let context = (
+            Arc::<str>::from(self.page_id.as_str()),
+            self.fence.clone(),
             Arc::new(answers.clone()),
             halt.clone().map(Arc::<str>::from),
         );
         let store = self.deps.store.clone();
         let fut = async move {
-            if to_record.is_empty() && reason.is_none() {
+            if nothing {
                 return Ok(Vec::new());
             }
-            let step = move |txn: Shared| {
-                let (page_id, fence) = (page_id.clone(), fence.clone());
-                let (to_record, reason) = (to_record.clone(), reason.clone());
-                async move {
+            let recording = store.transact(
+                context,
+                |txn, (page_id, fence, to_record, reason)| async move {
                     let halt = reason.as_deref().map(|r| (&*page_id, r));
                     sends::record(&txn, &fence, &to_record, halt, now_ms()).await
-                }
-            };
-            store.transact(step).await
+                },
+            );
+            recording.await
         };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| {
