@@ -205,6 +205,7 @@ impl Application {
         let audience = pb::audience_service_server::AudienceServiceServer::new(Audience::new(
             self.store.clone(),
             self.cipher.clone(),
+            self.engine.clone(),
             self.graph_timeout,
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);

@@ -16,6 +16,7 @@ use super::{
 use crate::{
     crypto::SecretCipher,
     domain::{OptInState, PageId, Psid, SegmentRule, Violations, WINDOW_MS, char_len, parse_tags},
+    engine::EngineHandle,
     store::{
         Store,
         audience::{self, SegmentRecord, SubscriberTouch, SubscriberView},
@@ -33,6 +34,8 @@ const PAGE_TOKEN_KIND: &str = "segments";
 pub struct Audience {
     store: Store,
     cipher: SecretCipher,
+    /// Told when an erasure moved the counters of a page's sends.
+    engine: EngineHandle,
     /// How long DeleteSubscriber waits for a message to the user that is in flight to be
     /// answered before it answers UNAVAILABLE.
     erasure_wait: Duration,
@@ -41,10 +44,16 @@ pub struct Audience {
 impl Audience {
     /// `graph_timeout` bounds how long a Graph call may stay unanswered; an erasure waits that
     /// long and a little more for one to the user it erases.
-    pub fn new(store: Store, cipher: SecretCipher, graph_timeout: Duration) -> Self {
+    pub fn new(
+        store: Store,
+        cipher: SecretCipher,
+        engine: EngineHandle,
+        graph_timeout: Duration,
+    ) -> Self {
         Audience {
             store,
             cipher,
+            engine,
             erasure_wait: graph_timeout + Duration::from_secs(5),
         }
     }
@@ -242,6 +251,7 @@ impl AudienceService for Audience {
         )
         .await
         .map_err(|e| ApiError::from_store(e, || format!("subscriber {psid} of page {page_id}")))?;
+        self.engine.sends_changed_elsewhere(page_id.as_str());
         tracing::info!(
             opt_ins_deleted = erased.opt_ins,
             deliveries_deleted = erased.deliveries,

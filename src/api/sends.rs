@@ -64,6 +64,20 @@ impl Sends {
         Ok(send)
     }
 
+    /// The send as a read sees it: a running send's row as its page actor here last committed
+    /// it, so that reads wait for no database reader while the engine writes (see
+    /// `EngineHandle::current_row`); else the database's.
+    async fn current(&self, send_id: &str) -> Result<Arc<sends::Send>, ApiError> {
+        match self.engine.current_row(send_id) {
+            Some(row) => {
+                tracing::Span::current().record("page_id", row.page_id.as_str());
+                tracing::Span::current().record("send_id", row.id.as_str());
+                Ok(row)
+            }
+            None => Ok(Arc::new(self.load(send_id).await?)),
+        }
+    }
+
     async fn command(&self, send_id: &str, command: SendCommand) -> Result<pb::Send, ApiError> {
         let send = self.load(send_id).await?;
         match self.engine.command(&send.page_id, &send.id, command).await {
@@ -311,7 +325,7 @@ impl SendService for Sends {
         &self,
         request: Request<pb::GetSendRequest>,
     ) -> Result<Response<pb::GetSendResponse>, Status> {
-        let send = self.load(&request.get_ref().send_id).await?;
+        let send = self.current(&request.get_ref().send_id).await?;
         Ok(Response::new(pb::GetSendResponse {
             send: Some(send_to_proto(&send)),
         }))
@@ -389,7 +403,7 @@ impl SendService for Sends {
         &self,
         request: Request<pb::WatchSendRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let send = self.load(&request.get_ref().send_id).await?;
+        let send = self.current(&request.get_ref().send_id).await?;
         let subscription = self
             .engine
             .watch(Progress::from_send(&send))

@@ -166,11 +166,30 @@ impl EngineHandle {
                 let (store, send_id) = (self.store.clone(), send_id.to_string());
                 let steer = async move { page::apply_command(&store, &send_id, command).await };
                 let send = self.store.write(steer).await?;
+                self.hub.publish_steered(&send, false);
                 notify::page_has_work(&self.store.db, page_id).await;
                 Ok(send)
             }
             Route::Stopped => Err(EngineError::Stopped),
         }
+    }
+
+    /// The send's row as its page actor on this instance last committed it, when that is
+    /// the send's current row: on SQLite, where this instance is the only one, every change to
+    /// a running send goes through its actor or tells the hub (a command applied directly, an
+    /// erasure); on PostgreSQL another instance may have changed it, so `None`. A row not
+    /// republished for half a second (its page held, say) is not answered either.
+    pub fn current_row(&self, send_id: &str) -> Option<std::sync::Arc<crate::store::sends::Send>> {
+        if self.store.db.get_database_backend() != sea_orm::DatabaseBackend::Sqlite {
+            return None;
+        }
+        self.hub.row(send_id)
+    }
+
+    /// Something other than the page's actor changed the page's sends (an erasure): their rows
+    /// are read from the database until the actor commits again.
+    pub fn sends_changed_elsewhere(&self, page_id: &str) {
+        self.hub.forget_rows_of_page(page_id);
     }
 
     /// Snapshots of a send, from `current` on; refused beyond the watcher limits.

@@ -6,6 +6,10 @@
 //! Watch alike, see [`StreamSlots`]) and so many per send. A send watched here whose page runs
 //! elsewhere (another instance, or nobody yet) is read from the database by one poller per send,
 //! however many watch it, and only while no page actor of this instance publishes it.
+//!
+//! The hub also keeps the row a page actor of this instance last committed for each send it
+//! drives, so that GetSend of a running send is answered from memory (see [`ProgressHub::row`])
+//! instead of waiting for a database reader while the engine writes.
 
 use std::{
     collections::HashMap,
@@ -23,6 +27,11 @@ use crate::{
 /// A watched send with no snapshot from this instance's page actor for this long is read from
 /// the database.
 const POLL_EVERY: Duration = Duration::from_millis(500);
+
+/// A row published here is answered from memory for this long after it was published; an older
+/// one is read from the database again (a send whose page is held publishes nothing, and an
+/// erasure on another path may have moved its counters).
+const ROW_FRESH_FOR: Duration = POLL_EVERY;
 
 /// What a watcher sees of a send.
 #[derive(Clone, Debug, PartialEq)]
@@ -134,14 +143,55 @@ struct Channel {
     published_here: Option<Instant>,
     /// A poller reads the send from the database for its watchers.
     polled: bool,
+    /// The row this instance's page actor committed last, while it drives the send; cleared by
+    /// any snapshot from elsewhere (a poller's read, a command applied without the actor).
+    row: Option<Arc<Send>>,
 }
 
 struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
+    /// Sends steered (paused, resumed, cancelled) lately: a page actor may still publish a row
+    /// its step committed before the command, so their rows are not answered from memory until
+    /// the actor has read the send again.
+    steered: Lately,
+    /// Pages whose sends something other than their actor changed lately (an erasure): likewise.
+    changed_elsewhere: Lately,
     slots: StreamSlots,
     per_send: usize,
     /// Where pollers read sends run elsewhere; `None` for a hub that never polls (tests).
     store: Option<Store>,
+}
+
+/// Keys marked within the last [`ROW_FRESH_FOR`].
+#[derive(Default)]
+struct Lately(Mutex<HashMap<String, Instant>>);
+
+impl Lately {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.0
+            .lock()
+            .expect("the progress hub lock is never poisoned")
+    }
+
+    fn mark(&self, key: &str) {
+        let mut marked = self.lock();
+        let now = Instant::now();
+        marked.retain(|_, at| now.duration_since(*at) < ROW_FRESH_FOR);
+        marked.insert(key.to_string(), now);
+    }
+
+    fn lately(&self, key: &str) -> bool {
+        self.lock()
+            .get(key)
+            .is_some_and(|at| at.elapsed() < ROW_FRESH_FOR)
+    }
+
+    #[cfg(test)]
+    fn age(&self, key: &str) {
+        if let Some(at) = self.lock().get_mut(key) {
+            *at = Instant::now().checked_sub(ROW_FRESH_FOR).unwrap_or(*at);
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -177,6 +227,8 @@ impl ProgressHub {
         ProgressHub {
             inner: Arc::new(Inner {
                 channels: Mutex::new(HashMap::new()),
+                steered: Lately::default(),
+                changed_elsewhere: Lately::default(),
                 slots,
                 per_send,
                 store,
@@ -191,21 +243,63 @@ impl ProgressHub {
             .expect("the progress hub lock is never poisoned")
     }
 
-    /// Publishes a snapshot from this instance's page actor.
-    pub fn publish(&self, progress: Progress) {
-        self.put(progress, true);
+    /// Publishes a snapshot from this instance's page actor, with the row it was taken from
+    /// (the row as the actor's last transaction left it).
+    pub fn publish(&self, progress: Progress, row: &Send) {
+        self.put(progress, Some(row));
+    }
+
+    /// Publishes the row a command (pause, resume, cancel) left, applied by the send's page
+    /// actor here (`by_actor`) or directly.
+    pub fn publish_steered(&self, row: &Send, by_actor: bool) {
+        self.inner.steered.mark(&row.id);
+        self.put(Progress::from_send(row), by_actor.then_some(row));
+    }
+
+    /// The send's row as this instance's page actor last committed it, if it did so within
+    /// [`ROW_FRESH_FOR`]. Only meaningful where every change to a running send goes through its
+    /// page actor here or is told to the hub (one instance: SQLite); the caller decides.
+    pub fn row(&self, send_id: &str) -> Option<Arc<Send>> {
+        if self.inner.steered.lately(send_id) {
+            return None;
+        }
+        let row = {
+            let channels = self.lock();
+            let channel = channels.get(send_id)?;
+            let fresh = channel
+                .published_here
+                .is_some_and(|at| at.elapsed() < ROW_FRESH_FOR);
+            fresh.then(|| channel.row.clone()).flatten()?
+        };
+        (!self.inner.changed_elsewhere.lately(&row.page_id)).then_some(row)
+    }
+
+    /// Forgets the rows of the page's sends: something other than their page actor changed
+    /// them (an erasure moved their counters). They are read from the database until the actor
+    /// publishes again.
+    pub fn forget_rows_of_page(&self, page_id: &str) {
+        self.inner.changed_elsewhere.mark(page_id);
+        for channel in self.lock().values_mut() {
+            if channel.row.as_ref().is_some_and(|r| r.page_id == page_id) {
+                channel.row = None;
+            }
+        }
     }
 
     /// A finished send's channel is dropped after its last snapshot, which ends every watcher's
-    /// stream once they have read it.
-    fn put(&self, progress: Progress, from_here: bool) {
+    /// stream once they have read it. `row` is the committed row a snapshot from this
+    /// instance's page actor was taken from; `None` for a snapshot from elsewhere.
+    fn put(&self, progress: Progress, row: Option<&Send>) {
         let mut channels = self.lock();
         let finished = progress.is_finished();
+        let from_here = row.is_some();
+        let row = row.map(|r| Arc::new(r.clone()));
         match channels.get_mut(&progress.send_id) {
             Some(channel) => {
                 if from_here {
                     channel.published_here = Some(Instant::now());
                 }
+                channel.row = row;
                 channel.sender.send_if_modified(|current| {
                     let changed = *current != progress;
                     if changed {
@@ -223,6 +317,7 @@ impl ProgressHub {
                         watchers: 0,
                         published_here: from_here.then(Instant::now),
                         polled: false,
+                        row,
                     },
                 );
             }
@@ -256,6 +351,7 @@ impl ProgressHub {
             watchers: 0,
             published_here: None,
             polled: false,
+            row: None,
         });
         if channel.watchers >= self.inner.per_send {
             return Err(WatchRefused::Send {
@@ -307,7 +403,7 @@ async fn poll(hub: ProgressHub, store: Store, send_id: String) {
         if let Ok(row) = sends::get(&store.read, &send_id).await {
             let fresh = Progress::from_send(&row);
             if !fresh.same_counts(&current) || fresh.last_error != current.last_error {
-                hub.put(fresh, false);
+                hub.put(fresh, None);
             }
         }
     }
@@ -353,21 +449,99 @@ mod tests {
             .expect("a place was given back");
     }
 
+    fn row(id: &str, page_id: &str, state: SendState, sent: i64) -> Send {
+        Send {
+            id: id.into(),
+            story_id: "story".into(),
+            page_id: page_id.into(),
+            request_id: format!("request-{id}"),
+            state,
+            topic: "topic".into(),
+            message: "{}".into(),
+            include_window_users: false,
+            segment_rule: None,
+            audience_phase: "done".into(),
+            audience_cursor: String::new(),
+            total: 10,
+            in_flight: 0,
+            sent,
+            failed: 0,
+            skipped: 0,
+            unknown: 0,
+            last_error: String::new(),
+            created_at: 1,
+            started_at: Some(2),
+            finished_at: None,
+            updated_at: 3,
+        }
+    }
+
+    fn publish(hub: &ProgressHub, row: &Send) {
+        hub.publish(Progress::from_send(row), row);
+    }
+
     #[test]
     fn every_watcher_sees_the_newest_snapshot_and_the_end() {
         let hub = ProgressHub::new(None, StreamSlots::new(10), 10);
         let mut one = hub.subscribe(progress("s", SendState::Running, 0)).unwrap();
         let mut two = hub.subscribe(progress("s", SendState::Running, 0)).unwrap();
-        hub.publish(progress("s", SendState::Running, 3));
-        hub.publish(progress("s", SendState::Running, 5));
+        publish(&hub, &row("s", "p", SendState::Running, 3));
+        publish(&hub, &row("s", "p", SendState::Running, 5));
         assert_eq!(one.snapshots.borrow_and_update().sent, 5);
         assert_eq!(two.snapshots.borrow_and_update().sent, 5);
-        hub.publish(progress("s", SendState::Completed, 10));
+        publish(&hub, &row("s", "p", SendState::Completed, 10));
         assert_eq!(
             one.snapshots.borrow_and_update().state,
             SendState::Completed
         );
         // The channel is gone: the stream's end.
         assert!(one.snapshots.has_changed().is_err());
+    }
+
+    #[test]
+    fn the_row_a_page_actor_published_is_answered_until_something_else_moves_the_send() {
+        let hub = ProgressHub::new(None, StreamSlots::new(10), 10);
+        assert!(hub.row("s").is_none(), "nothing published: none");
+        publish(&hub, &row("s", "p", SendState::Running, 3));
+        publish(&hub, &row("t", "q", SendState::Running, 4));
+        assert_eq!(hub.row("s").unwrap().sent, 3);
+        publish(&hub, &row("s", "p", SendState::Running, 5));
+        assert_eq!(hub.row("s").unwrap().sent, 5, "the newest row");
+
+        // An erasure on page p: its sends are read from the database again, q's are not, even
+        // if the actor publishes a row it committed before the erasure.
+        hub.forget_rows_of_page("p");
+        assert!(hub.row("s").is_none());
+        assert_eq!(hub.row("t").unwrap().sent, 4);
+        publish(&hub, &row("s", "p", SendState::Running, 5));
+        assert!(hub.row("s").is_none());
+        hub.inner.changed_elsewhere.age("p");
+
+        // A command: the actor may still publish a row its step committed before, so no row
+        // is answered for a while, whoever applied it.
+        publish(&hub, &row("s", "p", SendState::Running, 6));
+        hub.publish_steered(&row("s", "p", SendState::Paused, 6), true);
+        publish(&hub, &row("s", "p", SendState::Running, 6));
+        assert!(hub.row("s").is_none());
+        hub.inner.steered.age("s");
+        assert_eq!(hub.row("s").unwrap().sent, 6, "answered again later");
+        hub.publish_steered(&row("s", "p", SendState::Paused, 6), false);
+        hub.inner.steered.age("s");
+        assert!(
+            hub.row("s").is_none(),
+            "a command applied directly is not the actor's row"
+        );
+
+        // A finished send is the database's to answer.
+        publish(&hub, &row("t", "q", SendState::Completed, 10));
+        assert!(hub.row("t").is_none());
+    }
+
+    #[test]
+    fn a_row_published_longer_ago_than_it_stays_fresh_is_not_answered() {
+        let hub = ProgressHub::new(None, StreamSlots::new(10), 10);
+        publish(&hub, &row("s", "p", SendState::Running, 3));
+        hub.lock().get_mut("s").unwrap().published_here = Instant::now().checked_sub(ROW_FRESH_FOR);
+        assert!(hub.row("s").is_none());
     }
 }

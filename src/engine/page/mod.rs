@@ -287,11 +287,12 @@ impl PageActor {
                     }
                     active.send = row;
                 }
-                None => self.deps.hub.publish(Progress::from_send(&row)),
+                None => self.deps.hub.publish(Progress::from_send(&row), &row),
             }
         }
         for active in &mut self.sends {
-            self.deps.hub.publish(active.progress());
+            let progress = active.progress();
+            self.deps.hub.publish(progress, &active.send);
         }
         self.sends.retain(|a| {
             let running = a.send.state == SendState::Running;
@@ -1020,7 +1021,7 @@ impl Handler<Control> for PageActor {
                             active.stopped.store(true, Ordering::SeqCst);
                         }
                     }
-                    act.deps.hub.publish(Progress::from_send(send));
+                    act.deps.hub.publish_steered(send, true);
                     if msg.command == Command::Resume {
                         // A fixed page: read its credentials again, and stop holding; answers
                         // to calls made before now halt nothing.
