@@ -23,6 +23,11 @@
 //! PostgreSQL: `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) names the
 //! server; each run creates its own database and drops it.
 
+// The allocator graph-sandbox's binary uses, for the sandbox this program runs as a child of its
+// own (see `support::serve_if_sandbox_child`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "support/mod.rs"]
 mod support;
 
@@ -545,6 +550,7 @@ async fn failover(pages: u64, per_page: u64, lease_seconds: u64, cpu: Option<f64
 }
 
 fn main() {
+    support::serve_if_sandbox_child();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

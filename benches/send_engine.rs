@@ -34,6 +34,11 @@
 //! `FIRST_RECIPIENTS`, `BENCH_RUNS` (runs of S0 and of each peer mode, default 3).
 //! `BENCH_PROBES=0` turns the probes off (to see what they cost).
 
+// The allocator graph-sandbox's binary uses, for the sandbox this program runs as a child of its
+// own (see `support::serve_if_sandbox_child`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "support/mod.rs"]
 mod support;
 
@@ -1443,6 +1448,7 @@ const SCENARIOS: [&str; 9] = [
 ];
 
 fn main() {
+    support::serve_if_sandbox_child();
     // `cargo bench` passes `--bench`; scenario names are the other arguments.
     let mut wanted: Vec<String> = std::env::args()
         .skip(1)

@@ -8,7 +8,6 @@ pub mod domain;
 pub mod engine;
 pub mod graph;
 pub mod http;
-pub mod sandbox;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

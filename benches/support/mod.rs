@@ -11,7 +11,24 @@ use std::{
 };
 
 pub const OTND: &str = env!("CARGO_BIN_EXE_otnd");
-pub const SANDBOX: &str = env!("CARGO_BIN_EXE_graph-sandbox");
+
+/// Set in the environment of a bench program started as graph-sandbox (see [`spawn_sandbox`]).
+const SANDBOX_CHILD: &str = "OTND_BENCH_AS_GRAPH_SANDBOX";
+
+/// graph-sandbox is another package of the workspace, so cargo builds no binary of it for these
+/// programs: each runs it as a child of its own, this same program started again as the sandbox
+/// (`graph_sandbox::cli`, the binary's own code), so that it keeps a process, CPU time and memory
+/// of its own. Call first in `main`: in such a child, this serves until killed and exits.
+pub fn serve_if_sandbox_child() {
+    if std::env::var_os(SANDBOX_CHILD).is_some() {
+        let code = graph_sandbox::cli::run(std::env::args_os());
+        std::process::exit(if code == std::process::ExitCode::SUCCESS {
+            0
+        } else {
+            1
+        });
+    }
+}
 
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -111,8 +128,12 @@ pub fn spawn_until(mut command: Command, needle: &str) -> (Proc, String) {
 
 /// A fresh sandbox on port 0 with `args`: the process and its base URL.
 pub fn spawn_sandbox(args: &[&str]) -> (Proc, String) {
-    let mut sandbox = Command::new(SANDBOX);
-    sandbox.args(["--addr", "127.0.0.1:0"]).args(args);
+    let this_program = std::env::current_exe().expect("the bench program knows its path");
+    let mut sandbox = Command::new(this_program);
+    sandbox
+        .env(SANDBOX_CHILD, "1")
+        .args(["--addr", "127.0.0.1:0"])
+        .args(args);
     let (sandbox, line) = spawn_until(sandbox, "graph-sandbox listening on");
     let url = format!("http://{}", line.rsplit(' ').next().unwrap());
     (sandbox, url)

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use graph_sandbox::{RunningSandbox, SandboxOptions};
 use otnd::{
     domain::PageCredentials,
     graph::{BatchSend, Class, GraphClient, Recipient},
-    sandbox::{RunningSandbox, SandboxOptions},
 };
 use secrecy::SecretString;
 use serde_json::{Value, json};

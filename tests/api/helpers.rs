@@ -9,7 +9,7 @@ use std::{
 };
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
-use otnd::sandbox::{RunningSandbox, SandboxOptions};
+use graph_sandbox::{RunningSandbox, SandboxOptions};
 use otnd::{
     config::Settings,
     pb::{

@@ -4,16 +4,14 @@
 
 use std::time::Duration;
 
-use otnd::{
-    pb::{
-        CreatePageRequest, CreateStoryRequest, DeliveryState, GetSendRequest, GetSubscriberRequest,
-        ListDeliveriesRequest, PreviewStoryRequest, SendProgress, SendState, StartSendRequest,
-        StoryContent, audience_service_client::AudienceServiceClient,
-        opt_in_service_client::OptInServiceClient, page_service_client::PageServiceClient,
-        send_service_client::SendServiceClient, story_content::Kind,
-        story_service_client::StoryServiceClient,
-    },
-    sandbox::{RunningSandbox, SandboxOptions},
+use graph_sandbox::{RunningSandbox, SandboxOptions};
+use otnd::pb::{
+    CreatePageRequest, CreateStoryRequest, DeliveryState, GetSendRequest, GetSubscriberRequest,
+    ListDeliveriesRequest, PreviewStoryRequest, SendProgress, SendState, StartSendRequest,
+    StoryContent, audience_service_client::AudienceServiceClient,
+    opt_in_service_client::OptInServiceClient, page_service_client::PageServiceClient,
+    send_service_client::SendServiceClient, story_content::Kind,
+    story_service_client::StoryServiceClient,
 };
 use serde_json::{Value, json};
 use tonic::transport::Channel;

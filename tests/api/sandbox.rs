@@ -10,7 +10,7 @@ use std::{
 };
 
 use axum::{Router, body::Bytes, http::HeaderMap, routing::post};
-use otnd::sandbox::{AcceptedMessage, RunningSandbox, SandboxOptions, Stats};
+use graph_sandbox::{AcceptedMessage, RunningSandbox, SandboxOptions, Stats};
 use serde_json::{Value, json};
 
 use crate::helpers::eventually;
@@ -1207,82 +1207,4 @@ async fn unknown_versions_and_batch_items_are_graph_errors() {
     let items = answer.body.as_array().unwrap();
     assert_eq!(items[0]["code"], 400, "only sends are supported");
     assert_eq!(items[1]["code"], 200, "the other items still run");
-}
-
-/// The real `graph-sandbox` binary: fault flags apply from the start and survive a reset; bad
-/// flags exit 2 saying why.
-#[tokio::test]
-async fn the_binary_takes_its_faults_as_flags() {
-    use std::io::BufRead;
-    let binary = env!("CARGO_BIN_EXE_graph-sandbox");
-    let refused = std::process::Command::new(binary)
-        .args(["--error-rate", "2"])
-        .output()
-        .unwrap();
-    assert_eq!(refused.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("error_rate must be from 0 to 1"));
-
-    let mut child = std::process::Command::new(binary)
-        .args([
-            "--addr",
-            "127.0.0.1:0",
-            "--restricted-page",
-            PAGE,
-            "--rate-limit-per-page",
-            "5",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    let http = otnd::graph::http_client();
-    let admin = |path: &'static str, body: Value| {
-        let request = http.post(format!("http://{addr}{path}")).json(&body);
-        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
-    };
-    let faults = admin("/__sandbox/reset", json!({})).await;
-    assert_eq!(faults, json!({}));
-    let faults: Value = http
-        .get(format!("http://{addr}/__sandbox/faults"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        faults["restricted_pages"],
-        json!([PAGE]),
-        "reset returns to the flags"
-    );
-    assert_eq!(faults["rate_limit_per_page"], 5);
-    admin(
-        "/__sandbox/pages",
-        json!({"page_id": PAGE, "access_token": PAGE_TOKEN, "app_secret": APP_SECRET}),
-    )
-    .await;
-    let token = admin(
-        "/__sandbox/optins",
-        json!({"page_id": PAGE, "psid": "u1", "payload": "t"}),
-    )
-    .await;
-    let answer: Value = http
-        .post(format!(
-            "http://{addr}/v24.0/me/messages?access_token={PAGE_TOKEN}"
-        ))
-        .json(&token_send(token["token"].as_str().unwrap(), "x"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(answer["error"]["error_subcode"], 1893063, "{answer}");
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -1,6 +1,6 @@
 //! How fast graph-sandbox answers single one-time-token sends on one core, with no faults.
 //!
-//!     cargo run --release --example sandbox-throughput [-- SENDS CONCURRENCY]
+//!     cargo bench -p graph-sandbox --bench throughput [-- SENDS CONCURRENCY]
 //!
 //! The sandbox runs alone on one thread (a current-thread runtime); the client runs on another.
 //! Besides wall-clock throughput it reads the sandbox thread's own CPU time (Linux
@@ -15,7 +15,7 @@ use std::{
     time::Instant,
 };
 
-use otnd::sandbox::{self, SandboxOptions, Stats};
+use graph_sandbox::{self as sandbox, SandboxOptions, Stats};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
@@ -84,7 +84,7 @@ async fn run(
     concurrency: usize,
 ) {
     let base = format!("http://{addr}");
-    let http = otnd::graph::http_client_builder()
+    let http = graph_sandbox::http_client_builder()
         .pool_max_idle_per_host(concurrency)
         .build()
         .unwrap();

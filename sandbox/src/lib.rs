@@ -3,6 +3,7 @@
 //! message accepted). State lives in memory. See the README's "Staging with graph-sandbox".
 
 mod admin;
+pub mod cli;
 mod graph;
 mod webhook;
 pub mod wire;
@@ -64,6 +65,13 @@ pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// A reqwest client builder with rustls on the ring provider (installed as the process's default
+/// if none is yet; whoever installed one first keeps theirs).
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
 /// Idle connections the sandbox keeps to a webhook receiver.
 const WEBHOOK_IDLE_CONNECTIONS: usize = 16;
 
@@ -74,7 +82,7 @@ pub fn router(options: SandboxOptions) -> Result<Router, String> {
         world: Mutex::new(world::World::new(options.faults.clone())),
         // Webhooks go out many at a time; a sender that kept every connection it ever opened
         // would leave the receiver holding hundreds of idle ones (and their buffers).
-        http: crate::graph::http_client_builder()
+        http: http_client_builder()
             .timeout(Duration::from_secs(20))
             .pool_max_idle_per_host(WEBHOOK_IDLE_CONNECTIONS)
             .build()

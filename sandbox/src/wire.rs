@@ -466,17 +466,34 @@ pub fn form_params(form: &[u8]) -> Map<String, Value> {
         .collect()
 }
 
-pub use crate::graph::appsecret_proof;
+/// HMAC-SHA256 of `message` under `key`. The sandbox's own, not otnd's: the judge of what otnd
+/// signs shares no code with it.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
+/// Facebook's `appsecret_proof`: hex HMAC-SHA256 of the access token under the app secret.
+pub fn appsecret_proof(app_secret: &str, access_token: &str) -> String {
+    hex::encode(hmac_sha256(app_secret.as_bytes(), access_token.as_bytes()))
+}
 
 /// The `X-Hub-Signature-256` header value for a webhook body.
 pub fn webhook_signature(app_secret: &str, body: &[u8]) -> String {
     format!(
         "sha256={}",
-        hex::encode(crate::crypto::hmac_sha256(app_secret.as_bytes(), body))
+        hex::encode(hmac_sha256(app_secret.as_bytes(), body))
     )
 }
 
-pub use crate::crypto::constant_time_eq;
+/// Compares secrets without leaking, through timing, how much of them matched.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
+}
 
 /// JSON as Facebook writes webhook bodies: every non-ASCII character as `\uXXXX` (surrogate pairs
 /// beyond the BMP) and `/` as `\/`. Receivers must verify the signature over these exact bytes.

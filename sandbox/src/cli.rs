@@ -1,14 +1,10 @@
-//! graph-sandbox: a fake of the Graph API for tests, benchmarks and staging.
+//! The `graph-sandbox` command line: flags for every fault, serving until a signal.
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use otnd::sandbox::{self, Faults, SandboxOptions};
 
-// The fake shares a machine with otnd in tests and benchmarks: what it spends in the allocator
-// is taken from the service under test.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use crate::{self as sandbox, Faults, SandboxOptions};
 
 /// A faithful fake of the Graph API parts otnd uses; admin surface under /__sandbox/.
 /// Every fault flag can also be changed at run time with POST /__sandbox/faults.
@@ -97,15 +93,67 @@ impl Args {
     }
 }
 
-fn main() -> ExitCode {
-    otnd::startup::disable_transparent_huge_pages();
-    let args = Args::parse();
+/// Keeps transparent huge pages off this process: where THP is `always`, the allocator's
+/// returned-and-refaulted memory costs a zeroed 2 MiB page per fault, CPU taken from the service
+/// under test on the same machine. Linux only; elsewhere, or if refused, nothing changes.
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and reads or writes no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C elsewhere). The handlers are installed when this is
+/// called, so a signal that arrives before the server serves is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (terminate, interrupt) {
+                (Ok(mut terminate), Ok(mut interrupt)) => {
+                    tokio::select! {
+                        _ = terminate.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs the sandbox as its binary does, with `args` as its command line (the program's name
+/// first): listens until SIGTERM or SIGINT. Exits with 2 on bad flags. Programs that need it as
+/// a process of their own without the binary at hand (benchmarks) call this in a child.
+pub fn run<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    disable_transparent_huge_pages();
+    let args = Args::parse_from(args);
     let faults = args.faults();
     if let Err(why) = faults.validate() {
         eprintln!("graph-sandbox: {why}");
         return ExitCode::from(2);
     }
-    otnd::telemetry::init(otnd::config::LogFormat::Pretty);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -122,7 +170,7 @@ fn main() -> ExitCode {
         webhook_retry_base: Duration::from_millis(args.webhook_retry_base_ms),
     };
     let result = runtime.block_on(async move {
-        let stop = otnd::startup::shutdown_signal();
+        let stop = shutdown_signal();
         let listener = tokio::net::TcpListener::bind(args.addr).await?;
         // On stdout, plainly, for scripts that start it on port 0.
         println!("graph-sandbox listening on {}", listener.local_addr()?);
