@@ -64,9 +64,9 @@ impl Sends {
         Ok(send)
     }
 
-    /// The send as a read sees it: a running send's row as its page actor here last committed
-    /// it, so that reads wait for no database reader while the engine writes (see
-    /// `EngineHandle::current_row`); else the database's.
+    /// The send as a read sees it: a running (or lately finished) send's row as its page actor
+    /// here last committed it, so that reads wait for no database reader while the engine
+    /// writes (see `EngineHandle::current_row`); else the database's.
     async fn current(&self, send_id: &str) -> Result<Arc<sends::Send>, ApiError> {
         match self.engine.current_row(send_id) {
             Some(row) => {

@@ -177,8 +177,9 @@ impl EngineHandle {
     /// The send's row as its page actor on this instance last committed it, when that is
     /// the send's current row: on SQLite, where this instance is the only one, every change to
     /// a running send goes through its actor or tells the hub (a command applied directly, an
-    /// erasure); on PostgreSQL another instance may have changed it, so `None`. A row not
-    /// republished for half a second (its page held, say) is not answered either.
+    /// erasure); on PostgreSQL another instance may have changed it, so `None`. A finished
+    /// send's last row is answered for a while after its end; a paused or halted send, or a
+    /// running one whose actor restarted or stopped, is not (see `ProgressHub::row`).
     pub fn current_row(&self, send_id: &str) -> Option<std::sync::Arc<crate::store::sends::Send>> {
         if self.store.db.get_database_backend() != sea_orm::DatabaseBackend::Sqlite {
             return None;

@@ -8,8 +8,8 @@
 //! however many watch it, and only while no page actor of this instance publishes it.
 //!
 //! The hub also keeps the row a page actor of this instance last committed for each send it
-//! drives, so that GetSend of a running send is answered from memory (see [`ProgressHub::row`])
-//! instead of waiting for a database reader while the engine writes.
+//! drives (and for a while, each that finished), so that GetSend is answered from memory (see
+//! [`ProgressHub::row`]) instead of waiting for a database reader while the engine writes.
 
 use std::{
     collections::HashMap,
@@ -28,10 +28,20 @@ use crate::{
 /// the database.
 const POLL_EVERY: Duration = Duration::from_millis(500);
 
-/// A row published here is answered from memory for this long after it was published; an older
-/// one is read from the database again (a send whose page is held publishes nothing, and an
-/// erasure on another path may have moved its counters).
-const ROW_FRESH_FOR: Duration = POLL_EVERY;
+/// A running send's row published here is answered from memory for this long after it was
+/// published. Every change to a running send goes through its page actor or is told to the hub,
+/// so this bounds only what nobody foresaw. It must outlast the gap between a page's commits on
+/// a busy instance: with a thousand pages stepping, each waits most of a second for the writer
+/// (S5), and a bound of half a second sent most reads to the database.
+const ROW_FRESH_FOR: Duration = Duration::from_secs(10);
+
+/// After a command or an erasure, the sends concerned are read from the database for this long:
+/// their page actor may still publish a row it committed before, and has read them again by
+/// then.
+const SETTLE_FOR: Duration = POLL_EVERY;
+
+/// At most so many finished sends' rows are kept (a bound on memory: a few hundred bytes each).
+const FINISHED_KEPT: usize = 10_000;
 
 /// What a watcher sees of a send.
 #[derive(Clone, Debug, PartialEq)]
@@ -156,13 +166,17 @@ struct Inner {
     steered: Lately,
     /// Pages whose sends something other than their actor changed lately (an erasure): likewise.
     changed_elsewhere: Lately,
+    /// Sends that finished lately, as the page actor here committed their last row: a finished
+    /// send changes only with an erasure (told to the hub), and a dashboard reads it again
+    /// right after its end. Kept for [`ROW_FRESH_FOR`], at most [`FINISHED_KEPT`].
+    finished: Mutex<HashMap<String, (Arc<Send>, Instant)>>,
     slots: StreamSlots,
     per_send: usize,
     /// Where pollers read sends run elsewhere; `None` for a hub that never polls (tests).
     store: Option<Store>,
 }
 
-/// Keys marked within the last [`ROW_FRESH_FOR`].
+/// Keys marked within the last [`SETTLE_FOR`].
 #[derive(Default)]
 struct Lately(Mutex<HashMap<String, Instant>>);
 
@@ -176,20 +190,20 @@ impl Lately {
     fn mark(&self, key: &str) {
         let mut marked = self.lock();
         let now = Instant::now();
-        marked.retain(|_, at| now.duration_since(*at) < ROW_FRESH_FOR);
+        marked.retain(|_, at| now.duration_since(*at) < SETTLE_FOR);
         marked.insert(key.to_string(), now);
     }
 
     fn lately(&self, key: &str) -> bool {
         self.lock()
             .get(key)
-            .is_some_and(|at| at.elapsed() < ROW_FRESH_FOR)
+            .is_some_and(|at| at.elapsed() < SETTLE_FOR)
     }
 
     #[cfg(test)]
     fn age(&self, key: &str) {
         if let Some(at) = self.lock().get_mut(key) {
-            *at = Instant::now().checked_sub(ROW_FRESH_FOR).unwrap_or(*at);
+            *at = Instant::now().checked_sub(SETTLE_FOR).unwrap_or(*at);
         }
     }
 }
@@ -229,6 +243,7 @@ impl ProgressHub {
                 channels: Mutex::new(HashMap::new()),
                 steered: Lately::default(),
                 changed_elsewhere: Lately::default(),
+                finished: Mutex::new(HashMap::new()),
                 slots,
                 per_send,
                 store,
@@ -249,6 +264,19 @@ impl ProgressHub {
         self.put(progress, Some(row));
     }
 
+    /// Publishes a row of a send this instance's page actor does not drive (not running here):
+    /// progress for its watchers, not a row to answer reads with.
+    pub fn publish_undriven(&self, row: &Send) {
+        self.put(Progress::from_send(row), None);
+    }
+
+    /// The send is no longer driven here: its row is the database's to answer.
+    pub fn forget_running_row(&self, send_id: &str) {
+        if let Some(channel) = self.lock().get_mut(send_id) {
+            channel.row = None;
+        }
+    }
+
     /// Publishes the row a command (pause, resume, cancel) left, applied by the send's page
     /// actor here (`by_actor`) or directly.
     pub fn publish_steered(&self, row: &Send, by_actor: bool) {
@@ -256,29 +284,54 @@ impl ProgressHub {
         self.put(Progress::from_send(row), by_actor.then_some(row));
     }
 
-    /// The send's row as this instance's page actor last committed it, if it did so within
-    /// [`ROW_FRESH_FOR`]. Only meaningful where every change to a running send goes through its
-    /// page actor here or is told to the hub (one instance: SQLite); the caller decides.
+    /// The send's row as this instance's page actor last committed it: a running send's while
+    /// the actor drives it (and committed within [`ROW_FRESH_FOR`]), a finished send's for
+    /// [`ROW_FRESH_FOR`] after its end. A paused or halted send is the database's to answer, as
+    /// is any send lately steered or on a page lately erased from. Only meaningful where every
+    /// change to a send goes through its page actor here or is told to the hub (one instance:
+    /// SQLite); the caller decides.
     pub fn row(&self, send_id: &str) -> Option<Arc<Send>> {
         if self.inner.steered.lately(send_id) {
             return None;
         }
-        let row = {
+        let running = {
             let channels = self.lock();
-            let channel = channels.get(send_id)?;
-            let fresh = channel
-                .published_here
-                .is_some_and(|at| at.elapsed() < ROW_FRESH_FOR);
-            fresh.then(|| channel.row.clone()).flatten()?
+            channels.get(send_id).and_then(|channel| {
+                let fresh = channel
+                    .published_here
+                    .is_some_and(|at| at.elapsed() < ROW_FRESH_FOR);
+                fresh.then(|| channel.row.clone()).flatten()
+            })
+        };
+        let row = match running {
+            Some(row) if row.state == SendState::Running => row,
+            // Paused or halted: no longer driven, the database's to answer.
+            Some(_) => return None,
+            None => {
+                let finished = self.finished();
+                let (row, at) = finished.get(send_id)?;
+                if at.elapsed() >= ROW_FRESH_FOR {
+                    return None;
+                }
+                row.clone()
+            }
         };
         (!self.inner.changed_elsewhere.lately(&row.page_id)).then_some(row)
     }
 
     /// Forgets the rows of the page's sends: something other than their page actor changed
-    /// them (an erasure moved their counters). They are read from the database until the actor
+    /// them (an erasure moved their counters), or the actor restarts or stops. They are read from the database until the actor
     /// publishes again.
     pub fn forget_rows_of_page(&self, page_id: &str) {
         self.inner.changed_elsewhere.mark(page_id);
+        self.forget_running_rows_of_page(page_id);
+        self.finished().retain(|_, (row, _)| row.page_id != page_id);
+    }
+
+    /// The page's actor restarts or stops: nobody here drives its running sends any more, and
+    /// the database answers for them. Finished sends keep their rows (only an erasure moves
+    /// them).
+    pub fn forget_running_rows_of_page(&self, page_id: &str) {
         for channel in self.lock().values_mut() {
             if channel.row.as_ref().is_some_and(|r| r.page_id == page_id) {
                 channel.row = None;
@@ -286,20 +339,43 @@ impl ProgressHub {
         }
     }
 
+    fn finished(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<Send>, Instant)>> {
+        self.inner
+            .finished
+            .lock()
+            .expect("the progress hub lock is never poisoned")
+    }
+
+    /// Keeps a finished send's last row from its page actor here.
+    fn keep_finished(&self, row: Arc<Send>, now: Instant) {
+        let mut finished = self.finished();
+        finished.retain(|_, (_, at)| now.duration_since(*at) < ROW_FRESH_FOR);
+        if finished.len() >= FINISHED_KEPT {
+            // Sends finishing faster than this for ten seconds: the database answers.
+            finished.clear();
+        }
+        finished.insert(row.id.clone(), (row, now));
+    }
+
     /// A finished send's channel is dropped after its last snapshot, which ends every watcher's
     /// stream once they have read it. `row` is the committed row a snapshot from this
     /// instance's page actor was taken from; `None` for a snapshot from elsewhere.
     fn put(&self, progress: Progress, row: Option<&Send>) {
-        let mut channels = self.lock();
         let finished = progress.is_finished();
         let from_here = row.is_some();
+        // Copied before the lock is taken: the API's reads wait on it, and a page actor's thread
+        // runs below their priority (a copy made inside could hold them up while it waits for
+        // a core).
         let row = row.map(|r| Arc::new(r.clone()));
+        let now = Instant::now();
+        let replaced;
+        let mut channels = self.lock();
         match channels.get_mut(&progress.send_id) {
             Some(channel) => {
                 if from_here {
-                    channel.published_here = Some(Instant::now());
+                    channel.published_here = Some(now);
                 }
-                channel.row = row;
+                replaced = std::mem::replace(&mut channel.row, row);
                 channel.sender.send_if_modified(|current| {
                     let changed = *current != progress;
                     if changed {
@@ -315,17 +391,32 @@ impl ProgressHub {
                     Channel {
                         sender,
                         watchers: 0,
-                        published_here: from_here.then(Instant::now),
+                        published_here: from_here.then_some(now),
                         polled: false,
                         row,
                     },
                 );
+                replaced = None;
             }
-            None => {}
+            None => replaced = row,
         }
-        if finished {
-            channels.remove(&progress.send_id);
+        let removed = if finished {
+            channels.remove(&progress.send_id)
+        } else {
+            None
+        };
+        drop(channels);
+        if finished && from_here {
+            let row = removed
+                .as_ref()
+                .and_then(|channel| channel.row.clone())
+                .or_else(|| replaced.clone());
+            if let Some(row) = row {
+                self.keep_finished(row, now);
+            }
         }
+        // Freed after the lock is given back, for the same reason.
+        drop((replaced, removed));
     }
 
     /// A watcher of the send, starting from `current` (read from the database) unless the hub
@@ -531,9 +622,49 @@ mod tests {
             hub.row("s").is_none(),
             "a command applied directly is not the actor's row"
         );
+        hub.publish_steered(&row("s", "p", SendState::Paused, 6), true);
+        hub.inner.steered.age("s");
+        assert!(
+            hub.row("s").is_none(),
+            "a paused send is not driven: the database's to answer"
+        );
 
-        // A finished send is the database's to answer.
-        publish(&hub, &row("t", "q", SendState::Completed, 10));
+        // A send its actor no longer drives, or that it publishes undriven, is the database's.
+        publish(&hub, &row("t", "q", SendState::Running, 5));
+        hub.forget_running_row("t");
+        assert!(hub.row("t").is_none());
+        publish(&hub, &row("t", "q", SendState::Running, 5));
+        hub.publish_undriven(&row("t", "q", SendState::Running, 5));
+        assert!(hub.row("t").is_none());
+    }
+
+    #[test]
+    fn a_finished_sends_last_row_is_kept_until_an_erasure_on_its_page() {
+        let hub = ProgressHub::new(None, StreamSlots::new(10), 10);
+        publish(&hub, &row("s", "p", SendState::Running, 5));
+        publish(&hub, &row("s", "p", SendState::Completed, 10));
+        publish(&hub, &row("t", "q", SendState::Cancelled, 4));
+        assert_eq!(hub.row("s").unwrap().state, SendState::Completed);
+        assert_eq!(hub.row("t").unwrap().sent, 4, "finished without a channel");
+
+        // The actor stops: its running sends go to the database, its finished ones stay.
+        hub.forget_running_rows_of_page("p");
+        assert_eq!(hub.row("s").unwrap().sent, 10);
+
+        // An erasure moves the counters of finished sends too.
+        hub.forget_rows_of_page("p");
+        assert!(hub.row("s").is_none());
+        hub.inner.changed_elsewhere.age("p");
+        assert!(hub.row("s").is_none(), "forgotten, not only hidden");
+        assert_eq!(hub.row("t").unwrap().sent, 4, "another page's stays");
+
+        // A finished row from elsewhere (a command applied directly) is not kept.
+        hub.publish_steered(&row("u", "q", SendState::Cancelled, 0), false);
+        hub.inner.steered.age("u");
+        assert!(hub.row("u").is_none());
+
+        // Kept for as long as a running row is answered.
+        hub.finished().get_mut("t").unwrap().1 = Instant::now().checked_sub(ROW_FRESH_FOR).unwrap();
         assert!(hub.row("t").is_none());
     }
 

@@ -262,6 +262,9 @@ impl PageActor {
             .collect();
         for gone in old.values() {
             gone.stopped.store(true, Ordering::SeqCst);
+            // No longer driven here: whatever row the hub holds of it may be older than the
+            // database's (a step committed before the command that stopped it).
+            self.deps.hub.forget_running_row(&gone.send.id);
         }
     }
 
@@ -287,7 +290,12 @@ impl PageActor {
                     }
                     active.send = row;
                 }
-                None => self.deps.hub.publish(Progress::from_send(&row), &row),
+                // Not driven here (a cancelled send's last answers, say): its row is answered
+                // from memory only once it is final.
+                None if row.state.is_finished() => {
+                    self.deps.hub.publish(Progress::from_send(&row), &row)
+                }
+                None => self.deps.hub.publish_undriven(&row),
             }
         }
         for active in &mut self.sends {
@@ -517,6 +525,11 @@ impl Actor for PageActor {
         self.schedule_pump(ctx);
         tracing::debug!(page_id = %self.page_id, "page actor started");
     }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        // Nobody drives the page's sends here any more: the database answers for them.
+        self.deps.hub.forget_running_rows_of_page(&self.page_id);
+    }
 }
 
 impl Supervised for PageActor {
@@ -525,7 +538,9 @@ impl Supervised for PageActor {
             return;
         }
         // Answers of the last life are lost with its futures; their rows are still in flight,
-        // and recovery settles them exactly as after a crash.
+        // and recovery settles them exactly as after a crash. Until it has, the database
+        // answers for the page's running sends.
+        self.deps.hub.forget_running_rows_of_page(&self.page_id);
         tracing::warn!(page_id = %self.page_id, "page actor restarting");
         self.dispatched.clear();
         self.unrecorded.clear();
