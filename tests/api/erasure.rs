@@ -117,6 +117,36 @@ async fn webhook(node: &Node, events: Vec<Value>) {
     assert_eq!(response.status(), 200);
 }
 
+/// A send's total and ended counters as GetSend shows them.
+fn counters(send: &otnd::pb::Send) -> (u64, u64, u64, u64) {
+    let p = send.progress.as_ref().unwrap();
+    (p.total, p.sent, p.skipped, p.pending)
+}
+
+/// The same, read from the database's row.
+async fn stored_counters(database_url: &str, send_id: &str) -> (u64, u64, u64, u64) {
+    let db = Database::connect(database_url).await.unwrap();
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            match db.get_database_backend() {
+                sea_orm::DatabaseBackend::Postgres => {
+                    "SELECT total, sent, skipped, in_flight, failed, unknown FROM sends WHERE id = $1"
+                }
+                _ => "SELECT total, sent, skipped, in_flight, failed, unknown FROM sends WHERE id = ?",
+            },
+            [send_id.into()],
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let n = |c: &str| row.try_get::<i64>("", c).unwrap() as u64;
+    let _ = db.close().await;
+    let pending =
+        n("total") - n("sent") - n("skipped") - n("in_flight") - n("failed") - n("unknown");
+    (n("total"), n("sent"), n("skipped"), pending)
+}
+
 async fn subscriber(node: &Node, psid: &str) -> Result<otnd::pb::Subscriber, tonic::Status> {
     AudienceServiceClient::new(node.channel.clone())
         .get_subscriber(GetSubscriberRequest {
@@ -194,6 +224,14 @@ async fn erasure(db: TestDatabase) {
     })
     .await;
 
+    // Read once before: the running and the finished send are answered from memory then.
+    for send in [&sent, &throttled] {
+        assert_eq!(
+            counters(&progress_of(&node.channel, send).await),
+            stored_counters(&h.database_url, send).await
+        );
+    }
+
     let erased = audience
         .delete_subscriber(DeleteSubscriberRequest {
             page_id: PAGE.into(),
@@ -207,6 +245,15 @@ async fn erasure(db: TestDatabase) {
         erased.deliveries_deleted, 2,
         "one sent, one pending: {erased:?}"
     );
+    // Reads agree with the database the moment the erasure has returned, whether the send
+    // runs or has finished.
+    for send in [&sent, &throttled] {
+        assert_eq!(
+            counters(&progress_of(&node.channel, send).await),
+            stored_counters(&h.database_url, send).await,
+            "GetSend after the erasure"
+        );
+    }
     h.faults(json!({})).await;
     wait_until(
         &node.channel,

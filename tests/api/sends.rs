@@ -546,6 +546,14 @@ backend_tests! {
         let paused = app.sends.pause_send(PauseSendRequest { send_id: send.send_id.clone() })
             .await.unwrap().into_inner().send.unwrap();
         assert_eq!(paused.state(), SendState::Paused);
+        // Reads agree at once (a running send's reads are answered from memory on SQLite).
+        let read = |sends: &otnd::pb::send_service_client::SendServiceClient<_>, id: &str| {
+            let (mut sends, id) = (sends.clone(), id.to_string());
+            async move {
+                sends.get_send(GetSendRequest { send_id: id }).await.unwrap().into_inner().send.unwrap()
+            }
+        };
+        assert_eq!(read(&sends, &id).await.state(), SendState::Paused);
         // In-flight attempts finish; then nothing moves, and the sandbox agrees with otnd.
         let settled = eventually(Duration::from_secs(10), "in-flight deliveries to finish", || {
             let (mut sends, id) = (sends.clone(), id.clone());
@@ -563,6 +571,7 @@ backend_tests! {
         let resumed = app.sends.resume_send(ResumeSendRequest { send_id: send.send_id.clone() })
             .await.unwrap().into_inner().send.unwrap();
         assert_eq!(resumed.state(), SendState::Running);
+        assert_eq!(read(&sends, &id).await.state(), SendState::Running);
         eventually(Duration::from_secs(20), "more deliveries after resuming", || {
             let (mut sends, id) = (sends.clone(), id.clone());
             async move {
@@ -574,6 +583,7 @@ backend_tests! {
         let cancelled = app.sends.cancel_send(CancelSendRequest { send_id: send.send_id.clone() })
             .await.unwrap().into_inner().send.unwrap();
         assert_eq!(cancelled.state(), SendState::Cancelled);
+        assert_eq!(read(&sends, &id).await.state(), SendState::Cancelled);
         let done = eventually(Duration::from_secs(10), "in-flight deliveries after cancelling", || {
             let (mut sends, id) = (sends.clone(), id.clone());
             async move {
