@@ -91,7 +91,7 @@ impl Application {
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
 
-        match crate::crashpoint::describe() {
+        match crate::crashpoint::arm() {
             Ok(None) => {}
             Ok(Some(point)) => tracing::warn!(
                 %point,
