@@ -12,16 +12,13 @@ use common::PAGE;
 use std::time::Instant;
 
 use otnd::{
-    domain::{OptInToken, PageId, Psid, Topic},
+    domain::{EventKind, IncomingEvent, OptInToken, PageId, Psid, Topic},
     pb::{
         CreateSegmentRequest, CreateStoryRequest, EstimateAudienceRequest, SegmentRule,
         StoryContent, TagSubscribersRequest, audience_service_client::AudienceServiceClient,
         story_content::Kind, story_service_client::StoryServiceClient,
     },
-    store::{
-        Store,
-        optins::{EventKind, IncomingEvent},
-    },
+    store::Store,
 };
 
 const TOPIC: &str = "Tickets on sale";

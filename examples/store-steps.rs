@@ -81,10 +81,10 @@ async fn run(recipients: usize) -> anyhow::Result<(f64, f64)> {
     let now = now_ms();
     for start in (0..recipients).step_by(10_000) {
         let events = (start..(start + 10_000).min(recipients))
-            .map(|n| optins::IncomingEvent {
+            .map(|n| otnd::domain::IncomingEvent {
                 psid: Psid::parse(&format!("psid-{n:07}")).unwrap(),
                 at_ms: now,
-                kind: optins::EventKind::OptIn {
+                kind: otnd::domain::EventKind::OptIn {
                     topic: topic.clone(),
                     token: OptInToken::parse(&format!("token-{n:09}")).unwrap(),
                 },

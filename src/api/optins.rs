@@ -10,11 +10,13 @@ use super::{
 };
 use crate::{
     crypto::SecretCipher,
-    domain::{OptInState, OptInToken, Topic, Violations, char_len, fingerprint},
+    domain::{
+        EventKind, IncomingEvent, OptInState, OptInToken, Topic, Violations, char_len, fingerprint,
+    },
     graph::GraphClient,
     store::{
         Store, now_ms,
-        optins::{self, EventKind, IncomingEvent, OptInFilter},
+        optins::{self, OptInFilter},
         pages,
     },
 };

@@ -212,6 +212,25 @@ impl SegmentRule {
     }
 }
 
+/// One event from Facebook (or a gateway) about one user of a page: what the webhook parser and
+/// RecordOptIn give, and what the store ingests.
+#[derive(Clone, Debug)]
+pub struct IncomingEvent {
+    pub psid: Psid,
+    pub at_ms: i64,
+    pub kind: EventKind,
+}
+
+#[derive(Clone, Debug)]
+pub enum EventKind {
+    /// A one-time notification opt-in.
+    OptIn { topic: Topic, token: OptInToken },
+    /// A message, postback or opt-in: the user is inside the window from `at_ms`.
+    Interaction,
+    /// Anything else about the user (reads, deliveries): known, window unchanged.
+    Seen,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,8 +9,8 @@ mod send;
 mod story;
 
 pub use audience::{
-    OPT_IN_LIFETIME_MS, OptInToken, Psid, SegmentRule, Tag, Topic, WINDOW_MS, fingerprint,
-    parse_tags,
+    EventKind, IncomingEvent, OPT_IN_LIFETIME_MS, OptInToken, Psid, SegmentRule, Tag, Topic,
+    WINDOW_MS, fingerprint, parse_tags,
 };
 pub use lifecycle::IllegalTransition;
 pub use optin::{OptInEvent, OptInState};

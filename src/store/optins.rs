@@ -11,7 +11,10 @@ use sea_orm::{
 
 use super::{StoreError, audience, erasures, sql::Sql};
 use crate::crypto::SecretCipher;
-use crate::domain::{OPT_IN_LIFETIME_MS, OptInEvent, OptInState, OptInToken, PageId, Psid, Topic};
+use crate::domain::{
+    EventKind, IncomingEvent, OPT_IN_LIFETIME_MS, OptInEvent, OptInState, OptInToken, PageId, Psid,
+    Topic,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "optins")]
@@ -89,24 +92,6 @@ pub async fn apply(
 pub(crate) fn guard(sql: &mut Sql, event: OptInEvent, column: &str) {
     let sources = super::stored::quoted(&event.sources(), OptInState::as_str);
     sql.push(&format!(" AND {column} IN ({sources})"));
-}
-
-/// One event from Facebook (or a gateway) about one user of a page.
-#[derive(Clone, Debug)]
-pub struct IncomingEvent {
-    pub psid: Psid,
-    pub at_ms: i64,
-    pub kind: EventKind,
-}
-
-#[derive(Clone, Debug)]
-pub enum EventKind {
-    /// A one-time notification opt-in.
-    OptIn { topic: Topic, token: OptInToken },
-    /// A message, postback or opt-in: the user is inside the window from `at_ms`.
-    Interaction,
-    /// Anything else about the user (reads, deliveries): known, window unchanged.
-    Seen,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

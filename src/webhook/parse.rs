@@ -1,14 +1,16 @@
-//! Facebook's webhook envelope into events. Tolerant: every event or entry otnd does not handle,
-//! or cannot read, is skipped and counted, never fatal to the rest of the POST.
+//! Facebook's webhook envelope into events, read with serde. Tolerant, as real payloads need:
+//! ids as strings or numbers (above 2^53 kept exactly), times missing or in seconds instead of
+//! milliseconds, events under `standby` (another app holds the thread) as well as `messaging`,
+//! event kinds otnd does not handle, empty arrays. Every event or entry otnd does not handle, or
+//! cannot read, is skipped and counted, never fatal to the rest of the POST: each is read on its
+//! own, and a field of the wrong type reads as absent.
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use serde_json::Value;
 
-use crate::{
-    domain::{OptInToken, PageId, Psid, Topic},
-    store::optins::{EventKind, IncomingEvent},
-};
+use crate::domain::{EventKind, IncomingEvent, OptInToken, PageId, Psid, Topic};
 
 #[derive(Debug, Default)]
 pub struct ParsedWebhook {
@@ -26,14 +28,6 @@ pub enum ParseError {
     NotAnEnvelope(&'static str),
 }
 
-fn id_of(value: Option<&Value>) -> Option<String> {
-    match value? {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
 /// The times otnd takes from Facebook: 0001-01-01 to 9999-12-31 in epoch milliseconds, the range
 /// of a protobuf Timestamp (and of `RecordOptIn`). A time outside it is treated as absent, so
 /// that no date arithmetic downstream (an opt-in's expiry a year on, the 24-hour window) can
@@ -41,36 +35,180 @@ fn id_of(value: Option<&Value>) -> Option<String> {
 const MIN_TIME_MS: i64 = -62_135_596_800_000;
 const MAX_TIME_MS: i64 = 253_402_300_799_999;
 
-fn time_of(value: Option<&Value>) -> Option<i64> {
-    value
-        .and_then(Value::as_i64)
-        .filter(|ms| (MIN_TIME_MS..=MAX_TIME_MS).contains(ms))
+/// A time from 0 up to this is read as seconds: in milliseconds it would be before March 1973,
+/// and some of Facebook's products (and gateways relaying them) send `time` in seconds.
+const SECONDS_BELOW: i64 = 100_000_000_000;
+
+/// A field read as `T` when it has `T`'s shape, else absent: one field of the wrong type never
+/// costs the rest of its event.
+fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    let value = Value::deserialize(deserializer)?;
+    Ok(T::deserialize(value).ok())
+}
+
+/// `value` read as `T` when it is a JSON object of `T`'s shape. (serde would also read a struct
+/// from an array of its fields in order; Facebook's structs are objects, and `[0]` is no sender.)
+fn from_object<T: DeserializeOwned>(value: Value) -> Option<T> {
+    if value.is_object() {
+        T::deserialize(value).ok()
+    } else {
+        None
+    }
+}
+
+/// A field read with [`from_object`], absent when it is something else.
+fn lenient_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    Ok(from_object(Value::deserialize(deserializer)?))
+}
+
+/// A page or user id: Facebook sends strings, some relays numbers. A number keeps its decimal
+/// digits exactly (serde_json reads integers up to 2^64 without going through a float).
+#[derive(Debug)]
+struct Id(String);
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match Value::deserialize(deserializer)? {
+            Value::String(s) => Ok(Id(s)),
+            Value::Number(n) => Ok(Id(n.to_string())),
+            _ => Err(serde::de::Error::custom("an id is a string or a number")),
+        }
+    }
+}
+
+/// Epoch milliseconds (or seconds, see [`SECONDS_BELOW`]), an integer in the range otnd takes.
+#[derive(Clone, Copy, Debug)]
+struct Time(i64);
+
+impl<'de> Deserialize<'de> for Time {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = i64::deserialize(deserializer)?;
+        let ms = if (0..SECONDS_BELOW).contains(&raw) {
+            raw * 1000
+        } else {
+            raw
+        };
+        if (MIN_TIME_MS..=MAX_TIME_MS).contains(&ms) {
+            Ok(Time(ms))
+        } else {
+            Err(serde::de::Error::custom("a time no clock gives"))
+        }
+    }
+}
+
+/// The body: `object` says whose updates they are; `entry` holds them.
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(default, deserialize_with = "lenient")]
+    object: Option<String>,
+    #[serde(default)]
+    entry: Option<Value>,
+}
+
+/// One page's updates.
+#[derive(Deserialize)]
+struct Entry {
+    #[serde(default, deserialize_with = "lenient")]
+    id: Option<Id>,
+    #[serde(default, deserialize_with = "lenient")]
+    time: Option<Time>,
+    /// Events for the app that holds the conversation.
+    #[serde(default, deserialize_with = "lenient")]
+    messaging: Option<Vec<Value>>,
+    /// The same events while another app holds the conversation (handover): the user, their
+    /// window and their opt-ins are the page's all the same.
+    #[serde(default, deserialize_with = "lenient")]
+    standby: Option<Vec<Value>>,
+}
+
+#[derive(Deserialize)]
+struct Party {
+    #[serde(default, deserialize_with = "lenient")]
+    id: Option<Id>,
+}
+
+/// A field that is there, whatever its value (`null` included): an event's kind is the key it
+/// carries.
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
+}
+
+#[derive(Deserialize)]
+struct Event {
+    #[serde(default, deserialize_with = "lenient_object")]
+    sender: Option<Party>,
+    #[serde(default, deserialize_with = "lenient")]
+    timestamp: Option<Time>,
+    #[serde(default, deserialize_with = "present")]
+    optin: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    message: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    postback: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct OptIn {
+    #[serde(default, rename = "type", deserialize_with = "lenient")]
+    kind: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    payload: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    one_time_notif_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    #[serde(default, deserialize_with = "lenient")]
+    is_echo: Option<bool>,
 }
 
 pub fn parse(body: &[u8], now_ms: i64) -> Result<ParsedWebhook, ParseError> {
-    let envelope: Value =
+    // Read as a JSON value first: what is JSON is serde_json's call alone, and a key given
+    // twice keeps its last value, as everywhere else otnd reads JSON.
+    let body: Value =
         serde_json::from_slice(body).map_err(|e| ParseError::NotJson(e.to_string()))?;
-    let Some(envelope) = envelope.as_object() else {
-        return Err(ParseError::NotAnEnvelope("not a JSON object"));
-    };
+    let envelope: Envelope =
+        from_object(body).ok_or(ParseError::NotAnEnvelope("not a JSON object"))?;
     let mut parsed = ParsedWebhook::default();
     // Instagram, WhatsApp and others share the endpoint shape; only pages are otnd's.
-    if envelope.get("object").and_then(Value::as_str) != Some("page") {
+    if envelope.object.as_deref() != Some("page") {
         parsed.skipped += 1;
         return Ok(parsed);
     }
-    let Some(entries) = envelope.get("entry").and_then(Value::as_array) else {
+    let Some(Value::Array(entries)) = envelope.entry else {
         return Err(ParseError::NotAnEnvelope("no entry array"));
     };
     for entry in entries {
-        let page_id = id_of(entry.get("id")).and_then(|id| PageId::parse(&id).ok());
-        let messaging = entry.get("messaging").and_then(Value::as_array);
-        let (Some(page_id), Some(messaging)) = (page_id, messaging) else {
+        let Some(entry) = from_object::<Entry>(entry) else {
             parsed.skipped += 1;
             continue;
         };
-        let entry_time = time_of(entry.get("time")).unwrap_or(now_ms);
-        for event in messaging {
+        let page_id = entry.id.and_then(|id| PageId::parse(&id.0).ok());
+        let events: Option<Vec<Value>> = match (entry.messaging, entry.standby) {
+            (None, None) => None,
+            (messaging, standby) => Some(
+                messaging
+                    .into_iter()
+                    .flatten()
+                    .chain(standby.into_iter().flatten())
+                    .collect(),
+            ),
+        };
+        let (Some(page_id), Some(events)) = (page_id, events) else {
+            parsed.skipped += 1;
+            continue;
+        };
+        let entry_time = entry.time.map_or(now_ms, |t| t.0);
+        for event in events {
             match parse_event(event, &page_id, entry_time) {
                 Some(event) => parsed.pages.entry(page_id.clone()).or_default().push(event),
                 None => parsed.skipped += 1,
@@ -80,30 +218,40 @@ pub fn parse(body: &[u8], now_ms: i64) -> Result<ParsedWebhook, ParseError> {
     Ok(parsed)
 }
 
-fn parse_event(event: &Value, page_id: &PageId, entry_time: i64) -> Option<IncomingEvent> {
-    let sender = id_of(event.get("sender")?.get("id"))?;
+fn parse_event(event: Value, page_id: &PageId, entry_time: i64) -> Option<IncomingEvent> {
+    let event: Event = from_object(event)?;
+    let sender = event.sender?.id?.0;
     // The page's own messages (echoes) name the page as sender: not a subscriber.
     if sender == page_id.as_str() {
         return None;
     }
     let psid = Psid::parse(&sender).ok()?;
-    let at_ms = time_of(event.get("timestamp")).unwrap_or(entry_time);
-    let kind = if let Some(optin) = event.get("optin") {
-        match optin.get("type").and_then(Value::as_str) {
-            Some("one_time_notif_req") => {
-                let topic = Topic::parse(optin.get("payload")?.as_str()?).ok()?;
-                let token = OptInToken::parse(optin.get("one_time_notif_token")?.as_str()?).ok()?;
+    let at_ms = event.timestamp.map_or(entry_time, |t| t.0);
+    let kind = if let Some(optin) = event.optin {
+        // An `optin` that is no object says nothing of its type: seen, like other types.
+        let optin: Option<OptIn> = from_object(optin);
+        match optin {
+            Some(OptIn {
+                kind: Some(kind),
+                payload,
+                one_time_notif_token,
+            }) if kind == "one_time_notif_req" => {
+                let topic = Topic::parse(&payload?).ok()?;
+                let token = OptInToken::parse(&one_time_notif_token?).ok()?;
                 EventKind::OptIn { topic, token }
             }
             // Recurring notifications, plugin opt-ins: the user is known, nothing more.
             _ => EventKind::Seen,
         }
-    } else if let Some(message) = event.get("message") {
-        if message.get("is_echo").and_then(Value::as_bool) == Some(true) {
+    } else if let Some(message) = event.message {
+        let echo = from_object::<Message>(message)
+            .and_then(|m| m.is_echo)
+            .unwrap_or(false);
+        if echo {
             return None;
         }
         EventKind::Interaction
-    } else if event.get("postback").is_some() {
+    } else if event.postback.is_some() {
         EventKind::Interaction
     } else {
         // Reads, deliveries, reactions, referrals...
@@ -125,7 +273,7 @@ mod tests {
     fn several_entries_and_events_with_everything_facebook_sends() {
         let parsed = events(json!({"object": "page", "entry": [
             {"id": "111", "time": 5, "messaging": [
-                {"sender": {"id": "u1"}, "recipient": {"id": "111"}, "timestamp": 1000,
+                {"sender": {"id": "u1"}, "recipient": {"id": "111"}, "timestamp": 1_700_000_001_000_i64,
                  "optin": {"type": "one_time_notif_req", "payload": "Spring Sale!", "one_time_notif_token": "tok1"}},
                 {"sender": {"id": "u2"}, "recipient": {"id": "111"}, "timestamp": 2000, "message": {"mid": "m", "text": "hi"}},
                 {"sender": {"id": "111"}, "recipient": {"id": "u2"}, "message": {"is_echo": true, "text": "echo"}},
@@ -145,7 +293,7 @@ mod tests {
             matches!(&page_111[0].kind, EventKind::OptIn { topic, token }
             if topic.as_str() == "Spring Sale!" && token.as_str() == "tok1")
         );
-        assert_eq!(page_111[0].at_ms, 1000);
+        assert_eq!(page_111[0].at_ms, 1_700_000_001_000);
         assert!(matches!(page_111[1].kind, EventKind::Interaction));
         assert!(
             matches!(page_111[2].kind, EventKind::Interaction),
@@ -158,8 +306,8 @@ mod tests {
         );
         let page_222 = &parsed.pages[&PageId::parse("222").unwrap()];
         assert_eq!(
-            page_222[0].at_ms, 7,
-            "the entry's time when the event has none"
+            page_222[0].at_ms, 7000,
+            "the entry's time when the event has none (here in seconds)"
         );
         assert_eq!(
             parsed.skipped, 3,
@@ -177,11 +325,104 @@ mod tests {
             )
         };
         let at = |parsed: ParsedWebhook| parsed.pages[&PageId::parse("111").unwrap()][0].at_ms;
-        assert_eq!(at(body(json!(5), json!(i64::MAX))), 5);
-        assert_eq!(at(body(json!(5), json!(MAX_TIME_MS + 1))), 5);
-        assert_eq!(at(body(json!(5), json!(MAX_TIME_MS))), MAX_TIME_MS);
+        let entry = 1_700_000_000_123_i64;
+        assert_eq!(at(body(json!(entry), json!(i64::MAX))), entry);
+        assert_eq!(at(body(json!(entry), json!(MAX_TIME_MS + 1))), entry);
+        assert_eq!(at(body(json!(entry), json!(MAX_TIME_MS))), MAX_TIME_MS);
         assert_eq!(at(body(json!(i64::MIN), json!(MIN_TIME_MS - 1))), 0, "now");
         assert_eq!(at(body(json!(u64::MAX), json!(MIN_TIME_MS))), MIN_TIME_MS);
+        assert_eq!(
+            at(body(json!(entry), json!("1700000000000"))),
+            entry,
+            "a string"
+        );
+        assert_eq!(at(body(json!(entry), json!(1.7e12))), entry, "a float");
+    }
+
+    #[test]
+    fn times_in_seconds_are_read_as_seconds() {
+        let at = |time: Value, timestamp: Option<Value>| {
+            let mut event = json!({"sender": {"id": "u1"}, "read": {"watermark": 1}});
+            if let Some(timestamp) = timestamp {
+                event["timestamp"] = timestamp;
+            }
+            events(json!({"object": "page", "entry": [
+                {"id": "111", "time": time, "messaging": [event]}]}))
+            .pages[&PageId::parse("111").unwrap()][0]
+                .at_ms
+        };
+        assert_eq!(at(json!(1_700_000_000), None), 1_700_000_000_000);
+        assert_eq!(at(json!(1), Some(json!(1_700_000_001))), 1_700_000_001_000);
+        assert_eq!(
+            at(json!(1), Some(json!(1_700_000_001_234_i64))),
+            1_700_000_001_234,
+            "milliseconds stay"
+        );
+        assert_eq!(at(json!(1), Some(json!(SECONDS_BELOW))), SECONDS_BELOW);
+        assert_eq!(
+            at(json!(1), Some(json!(SECONDS_BELOW - 1))),
+            (SECONDS_BELOW - 1) * 1000
+        );
+    }
+
+    #[test]
+    fn real_payloads_standby_numeric_ids_unknown_kinds_and_empty_arrays() {
+        // Handover: the events of a conversation another app holds come under `standby`.
+        let parsed = events(json!({"object": "page", "entry": [
+            {"id": 18446744073709551615_u64, "time": 1_700_000_000_000_i64, "standby": [
+                {"sender": {"id": 9007199254740993_u64}, "recipient": {"id": "1"},
+                 "timestamp": 1_700_000_000_500_i64, "message": {"mid": "m", "text": "hi"}},
+                {"sender": {"id": "u2"}, "recipient": {"id": "1"},
+                 "optin": {"type": "one_time_notif_req", "payload": "t", "one_time_notif_token": "k2"}},
+            ]},
+            {"id": "222", "time": 1_700_000_000_000_i64, "messaging": [], "standby": []},
+            {"id": "333", "messaging": [
+                {"sender": {"id": "u3"}, "reaction": {"reaction": "love", "action": "react"}},
+                {"sender": {"id": "u3"}, "message": null},
+                {"sender": {"id": "u3"}, "postback": null},
+                {"sender": {"id": "u3"}, "optin": null},
+                {"sender": {"id": "u3"}, "message_edit": {"mid": "m", "text": "x"}},
+                {"sender": {"id": "u3"}, "timestamp": "soon", "delivery": {"mids": []}},
+                {},
+                [],
+            ]},
+        ]}));
+        let page = &parsed.pages[&PageId::parse("18446744073709551615").unwrap()];
+        assert_eq!(page.len(), 2);
+        assert_eq!(
+            page[0].psid.as_str(),
+            "9007199254740993",
+            "above 2^53, exactly"
+        );
+        assert!(matches!(page[0].kind, EventKind::Interaction));
+        assert_eq!(page[0].at_ms, 1_700_000_000_500);
+        assert!(matches!(&page[1].kind, EventKind::OptIn { token, .. } if token.as_str() == "k2"));
+        assert!(
+            !parsed.pages.contains_key(&PageId::parse("222").unwrap()),
+            "nothing in empty arrays"
+        );
+        let kinds: Vec<&EventKind> = parsed.pages[&PageId::parse("333").unwrap()]
+            .iter()
+            .map(|e| &e.kind)
+            .collect();
+        assert!(
+            matches!(
+                kinds[..],
+                [
+                    EventKind::Seen,
+                    EventKind::Interaction,
+                    EventKind::Interaction,
+                    EventKind::Seen,
+                    EventKind::Seen,
+                    EventKind::Seen
+                ]
+            ),
+            "{kinds:?}"
+        );
+        assert_eq!(
+            parsed.skipped, 2,
+            "the event without a sender, the one that is no object"
+        );
     }
 
     #[test]

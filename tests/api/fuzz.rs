@@ -19,13 +19,12 @@ use std::{
 };
 
 use otnd::{
-    domain::{Button, ButtonInput, ButtonKind, ContentInput, StoryContent, fingerprint},
+    domain::{Button, ButtonInput, ButtonKind, ContentInput, EventKind, StoryContent, fingerprint},
     pb::{
         CreateSegmentRequest, CreateStoryRequest, GetSubscriberRequest, ListOptInsRequest,
         PreviewStoryRequest, RecordInteractionRequest, RecordOptInRequest, SegmentRule,
         StartSendRequest, story_content::Kind,
     },
-    store::optins::EventKind,
     webhook::parse::{ParseError, ParsedWebhook, parse},
 };
 use proptest::{
@@ -136,9 +135,14 @@ fn is_token(token: &str) -> bool {
 }
 
 /// Epoch milliseconds: an integer from 0001-01-01 to 9999-12-31 (a float, a number in a string
-/// or a time no clock gives is none).
+/// or a time no clock gives is none); from 0 to 10^11 (before March 1973 in milliseconds), seconds.
 fn oracle_ms(value: &Value) -> Option<i64> {
-    let ms = value.as_i64()?;
+    let raw = value.as_i64()?;
+    let ms = if (0..100_000_000_000).contains(&raw) {
+        raw * 1000
+    } else {
+        raw
+    };
     let year_1 = -62_135_596_800_000_i64;
     let year_10000 = 253_402_300_800_000_i64;
     (year_1 <= ms && ms < year_10000).then_some(ms)
@@ -164,16 +168,21 @@ fn oracle(body: &Value, now_ms: i64) -> Option<Outcome> {
             .get("id")
             .and_then(oracle_id)
             .filter(|id| is_page_id(id));
-        let messaging = match entry.get("messaging") {
-            Some(Value::Array(messaging)) => Some(messaging),
+        // Events come under `messaging`, or `standby` while another app holds the thread.
+        let list = |key: &str| match entry.get(key) {
+            Some(Value::Array(events)) => Some(events.clone()),
             _ => None,
+        };
+        let messaging = match (list("messaging"), list("standby")) {
+            (None, None) => None,
+            (a, b) => Some([a.unwrap_or_default(), b.unwrap_or_default()].concat()),
         };
         let (Some(page), Some(messaging)) = (page, messaging) else {
             out.skipped += 1;
             continue;
         };
         let entry_time = entry.get("time").and_then(oracle_ms).unwrap_or(now_ms);
-        for event in messaging {
+        for event in &messaging {
             match oracle_event(event, &page, entry_time) {
                 Some(taken) => out.pages.entry(page.clone()).or_default().push(taken),
                 None => out.skipped += 1,
@@ -245,7 +254,7 @@ fn json_key() -> impl Strategy<Value = String> {
     prop_oneof![
         3 => prop::sample::select(vec![
             "object", "entry", "id", "time", "messaging", "sender", "recipient", "timestamp",
-            "optin", "type", "payload", "one_time_notif_token", "message", "is_echo", "postback",
+            "optin", "type", "payload", "one_time_notif_token", "message", "is_echo", "postback", "standby",
             "read", "watermark", "text",
         ])
         .prop_map(String::from),
@@ -383,6 +392,7 @@ fn psid_value() -> impl Strategy<Value = Value> {
 fn time_value() -> impl Strategy<Value = Value> {
     prop_oneof![
         4 => (1_400_000_000_000_i64..1_900_000_000_000).prop_map(Value::from),
+        1 => (1_400_000_000_i64..1_900_000_000).prop_map(Value::from),
         2 => json_number(),
         1 => "[0-9]{1,15}".prop_map(Value::from),
     ]
@@ -455,9 +465,19 @@ fn envelope_value() -> impl Strategy<Value = Value> {
         field(page_id_value()),
         field(time_value()),
         field(prop::collection::vec(event_value(), 0..5).prop_map(Value::Array)),
+        // Handover: another app holds the thread, the events come under `standby`.
+        prop_oneof![
+            3 => Just(None),
+            1 => field(prop::collection::vec(event_value(), 0..3).prop_map(Value::Array)),
+        ],
     )
-        .prop_map(|(id, time, messaging)| {
-            object(vec![("id", id), ("time", time), ("messaging", messaging)])
+        .prop_map(|(id, time, messaging, standby)| {
+            object(vec![
+                ("id", id),
+                ("time", time),
+                ("messaging", messaging),
+                ("standby", standby),
+            ])
         });
     (
         field(
