@@ -16,32 +16,11 @@ fn http_client() -> reqwest::Client {
         .expect("a plain HTTP client builds")
 }
 
-fn token_send(token: &str, text: &str) -> Value {
-    json!({"recipient": {"one_time_notif_token": token}, "message": {"text": text}})
-}
-
-/// The real `graph-sandbox` binary: fault flags apply from the start and survive a reset; bad
-/// flags exit 2 saying why.
-#[tokio::test]
-async fn the_binary_takes_its_faults_as_flags() {
-    use std::io::BufRead;
-    let binary = env!("CARGO_BIN_EXE_graph-sandbox");
-    let refused = std::process::Command::new(binary)
-        .args(["--error-rate", "2"])
-        .output()
-        .unwrap();
-    assert_eq!(refused.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("error_rate must be from 0 to 1"));
-
-    let mut child = std::process::Command::new(binary)
-        .args([
-            "--addr",
-            "127.0.0.1:0",
-            "--restricted-page",
-            PAGE,
-            "--rate-limit-per-page",
-            "5",
-        ])
+/// The binary started with `args` on a free port: the process and the address it printed.
+fn start_binary(args: &[&str]) -> (std::process::Child, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_graph-sandbox"))
+        .args(["--addr", "127.0.0.1:0"])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -50,7 +29,29 @@ async fn the_binary_takes_its_faults_as_flags() {
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
+    assert!(line.starts_with("graph-sandbox listening on "), "{line}");
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    (child, addr)
+}
+
+fn token_send(token: &str, text: &str) -> Value {
+    json!({"recipient": {"one_time_notif_token": token}, "message": {"text": text}})
+}
+
+/// The real `graph-sandbox` binary: fault flags apply from the start and survive a reset; bad
+/// flags exit 2 saying why.
+#[tokio::test]
+async fn the_binary_takes_its_faults_as_flags() {
+    let binary = env!("CARGO_BIN_EXE_graph-sandbox");
+    let refused = std::process::Command::new(binary)
+        .args(["--error-rate", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("error_rate must be from 0 to 1"));
+
+    let (mut child, addr) =
+        start_binary(&["--restricted-page", PAGE, "--rate-limit-per-page", "5"]);
     let http = http_client();
     let admin = |path: &'static str, body: Value| {
         let request = http.post(format!("http://{addr}{path}")).json(&body);
@@ -102,17 +103,7 @@ async fn the_binary_takes_its_faults_as_flags() {
 #[cfg(unix)]
 #[test]
 fn a_sigterm_stops_the_binary_cleanly() {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_graph-sandbox"))
-        .args(["--addr", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("graph-sandbox listening on "), "{line}");
+    let (mut child, _) = start_binary(&[]);
     // SAFETY: kill takes plain integers.
     unsafe {
         libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
