@@ -1,4 +1,4 @@
-//! What the benchmark programs share: otnd started as `otnd serve` runs, on a fresh SQLite file,
+//! What the in-process benchmark programs (ingest, estimate_audience) share: otnd started as `otnd serve` runs, on a fresh SQLite file,
 //! with one page registered.
 
 use std::collections::BTreeMap;

@@ -1,12 +1,12 @@
 //! How long EstimateAudience takes at a million opt-ins, on SQLite.
 //!
-//!     cargo run --release --example estimate-audience [-- OPT_INS]
+//!     cargo bench --bench estimate_audience [-- OPT_INS]
 //!
 //! Loads OPT_INS opt-ins on one topic (one in ten already expired, half the users tagged `vip`,
 //! a tenth `churned`) through the store's ingestion, then times EstimateAudience over gRPC for a
 //! story to everyone and for one aimed at a segment (vip and not churned) with window users.
 
-#[path = "common/mod.rs"]
+#[path = "in_process/mod.rs"]
 mod common;
 use common::PAGE;
 use std::time::Instant;

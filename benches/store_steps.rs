@@ -5,7 +5,7 @@
 //! to the store's statements can be measured without the rest of the engine. Under
 //! `valgrind --tool=callgrind --separate-threads=yes` its instruction counts repeat exactly.
 //!
-//!     cargo run --release --example store-steps [-- RECIPIENTS [RUNS]]
+//!     cargo bench --bench store_steps [-- RECIPIENTS [RUNS]]
 
 use std::time::Instant;
 

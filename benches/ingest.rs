@@ -1,13 +1,13 @@
 //! How fast otnd takes opt-ins in through its webhook, on SQLite.
 //!
-//!     cargo run --release --example ingest-throughput [-- OPT_INS CONCURRENCY]
+//!     cargo bench --bench ingest [-- OPT_INS CONCURRENCY]
 //!
 //! Starts otnd (the library's BackgroundApp, as `otnd serve` runs) on a fresh SQLite file,
 //! registers a page, then POSTs signed webhook bodies of 100 opt-in events each, as Facebook
 //! does, from CONCURRENCY connections. Every token must be stored exactly once: the ledger is
 //! checked through ListTopics at the end.
 
-#[path = "common/mod.rs"]
+#[path = "in_process/mod.rs"]
 mod common;
 use common::PAGE;
 use std::{
