@@ -34,6 +34,11 @@ fn start_binary(args: &[&str]) -> (std::process::Child, String) {
     (child, addr)
 }
 
+/// `GET url`, its JSON body.
+async fn get_json(http: &reqwest::Client, url: String) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 fn token_send(token: &str, text: &str) -> Value {
     json!({"recipient": {"one_time_notif_token": token}, "message": {"text": text}})
 }
@@ -59,14 +64,7 @@ async fn the_binary_takes_its_faults_as_flags() {
     };
     let faults = admin("/__sandbox/reset", json!({})).await;
     assert_eq!(faults, json!({}));
-    let faults: Value = http
-        .get(format!("http://{addr}/__sandbox/faults"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let faults = get_json(&http, format!("http://{addr}/__sandbox/faults")).await;
     assert_eq!(
         faults["restricted_pages"],
         json!([PAGE]),
@@ -159,14 +157,7 @@ async fn a_token_is_accepted_once_and_the_stats_count_the_second_try() {
     };
     assert_eq!(status, 400, "a wrong appsecret_proof is refused: {forged}");
 
-    let stats: Value = http
-        .get(format!("{base}/__sandbox/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = get_json(&http, format!("{base}/__sandbox/stats")).await;
     assert_eq!(stats["accepted"], 1, "{stats}");
     assert_eq!(stats["tokens_presented_more_than_once"], 1, "{stats}");
     assert_eq!(stats["tokens_accepted_more_than_once"], 0, "{stats}");
