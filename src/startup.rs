@@ -58,6 +58,16 @@ impl Application {
     /// Connects and migrates the database, checks the master key, binds both listeners and starts
     /// the engine. Must run inside an `actix::System`.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // First, so that a build without crash points refuses the setting before it creates
+        // or migrates anything.
+        match crate::crashpoint::arm() {
+            Ok(None) => {}
+            Ok(Some(point)) => tracing::warn!(
+                %point,
+                "a test crash point is armed: this process will abort when it passes it"
+            ),
+            Err(problem) => bail!(problem),
+        }
         let tls = settings.tls.as_ref().map(tls_config).transpose()?;
         let graph = GraphClient::new(
             &settings.graph_url,
@@ -91,14 +101,6 @@ impl Application {
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
 
-        match crate::crashpoint::arm() {
-            Ok(None) => {}
-            Ok(Some(point)) => tracing::warn!(
-                %point,
-                "a test crash point is armed: this process will abort when it passes it"
-            ),
-            Err(problem) => bail!(problem),
-        }
         if !settings.enforce_page_rate {
             tracing::warn!(
                 "OTN_ENFORCE_PAGE_RATE is off: pages are sent to as fast as Graph answers; \
