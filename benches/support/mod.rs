@@ -21,12 +21,7 @@ const SANDBOX_CHILD: &str = "OTND_BENCH_AS_GRAPH_SANDBOX";
 /// of its own. Call first in `main`: in such a child, this serves until killed and exits.
 pub fn serve_if_sandbox_child() {
     if std::env::var_os(SANDBOX_CHILD).is_some() {
-        let code = graph_sandbox::cli::run(std::env::args_os());
-        std::process::exit(if code == std::process::ExitCode::SUCCESS {
-            0
-        } else {
-            1
-        });
+        std::process::exit(i32::from(graph_sandbox::cli::run(std::env::args_os())));
     }
 }
 

@@ -1,6 +1,6 @@
 //! The `graph-sandbox` command line: flags for every fault, serving until a signal.
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
 
@@ -133,9 +133,10 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 }
 
 /// Runs the sandbox as its binary does, with `args` as its command line (the program's name
-/// first): listens until SIGTERM or SIGINT. Exits with 2 on bad flags. Programs that need it as
+/// first): listens until SIGTERM or SIGINT. Returns the exit status: 0 after a signal, 2 on bad
+/// flags, 1 when it cannot serve. Programs that need it as
 /// a process of their own without the binary at hand (benchmarks) call this in a child.
-pub fn run<I, T>(args: I) -> ExitCode
+pub fn run<I, T>(args: I) -> u8
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
@@ -145,7 +146,7 @@ where
     let faults = args.faults();
     if let Err(why) = faults.validate() {
         eprintln!("graph-sandbox: {why}");
-        return ExitCode::from(2);
+        return 2;
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -161,7 +162,7 @@ where
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("graph-sandbox: {err}");
-            return ExitCode::FAILURE;
+            return 1;
         }
     };
     let options = SandboxOptions {
@@ -177,10 +178,10 @@ where
         sandbox::serve(listener, options, stop).await
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(err) => {
             eprintln!("graph-sandbox: {err}");
-            ExitCode::FAILURE
+            1
         }
     }
 }

@@ -8,5 +8,5 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    graph_sandbox::cli::run(std::env::args_os())
+    ExitCode::from(graph_sandbox::cli::run(std::env::args_os()))
 }
