@@ -205,6 +205,33 @@ backend_tests! {
         assert!(get("500").await.is_err(), "the page's echo made no subscriber");
     }
 
+    async fn standby_events_times_in_seconds_and_numeric_ids_are_taken_as_facebook_means_them(db) {
+        let mut app = spawn_app(&db).await;
+        app.register_page("700").await;
+        let now_s = now_ms() / 1000;
+        // Handover: another app holds the conversations, so the events come under `standby`;
+        // this relay sends times in seconds and ids as numbers (one above 2^53).
+        let body = json!({"object": "page", "entry": [{"id": 700, "time": now_s, "standby": [
+            {"sender": {"id": 9007199254740993_u64}, "recipient": {"id": 700}, "timestamp": now_s,
+             "message": {"mid": "m1", "text": "hi"}},
+            {"sender": {"id": "u2"}, "recipient": {"id": "700"},
+             "optin": {"type": "one_time_notif_req", "payload": "Standby sale", "one_time_notif_token": "tok-standby"}},
+        ]}]}).to_string();
+        let signature = sign_webhook(&page_app_secret("700"), body.as_bytes());
+        assert_eq!(post(&app, body.as_bytes(), Some(&signature)).await.0, 200);
+
+        assert_eq!(active_on(&mut app, "700", "Standby sale").await, 1, "the standby opt-in is stored");
+        let writer = app.audience.get_subscriber(GetSubscriberRequest {
+            page_id: "700".into(), psid: "9007199254740993".into() }).await.unwrap().into_inner().subscriber.unwrap();
+        assert!(writer.window_open, "a standby message opens the window");
+        let last = writer.last_interaction_time.unwrap();
+        assert_eq!(last.seconds, now_s, "the time in seconds read as seconds");
+        let opted = app.audience.get_subscriber(GetSubscriberRequest {
+            page_id: "700".into(), psid: "u2".into() }).await.unwrap().into_inner().subscriber.unwrap();
+        let first = opted.first_seen_time.unwrap();
+        assert_eq!(first.seconds, now_s, "no timestamp: the entry's time, in seconds");
+    }
+
     async fn an_older_event_never_moves_the_window_back(db) {
         let mut app = spawn_app(&db).await;
         app.register_page("600").await;
