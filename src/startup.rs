@@ -218,16 +218,20 @@ impl Application {
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
         let stories = pb::story_service_server::StoryServiceServer::new(Stories::new(
-            self.store.clone(),
-            self.cipher.clone(),
-            self.graph.clone(),
+            crate::service::stories::Context {
+                store: self.store.clone(),
+                cipher: self.cipher.clone(),
+                graph: self.graph.clone(),
+            },
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
         let sends = pb::send_service_server::SendServiceServer::new(Sends::new(
-            self.store.clone(),
-            self.engine.clone(),
-            stop_rx.clone(),
-            self.max_active_sends,
+            crate::service::sends::Context {
+                store: self.store.clone(),
+                engine: self.engine.clone(),
+                stopping: stop_rx.clone(),
+                max_active_sends: self.max_active_sends,
+            },
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 

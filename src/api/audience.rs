@@ -8,7 +8,7 @@ use std::{
 use tonic::{Request, Response, Status};
 
 use super::{
-    ApiError, paginate,
+    ServiceError, paginate,
     pb::{self, audience_service_server::AudienceService},
     shared::{ensure_page, ms_from_timestamp, page_listing, parse_page_id, parse_psid},
     time::timestamp_from_ms,
@@ -58,19 +58,23 @@ impl Audience {
         }
     }
 
-    async fn subscriber(&self, page_id: &PageId, psid: &Psid) -> Result<pb::Subscriber, ApiError> {
+    async fn subscriber(
+        &self,
+        page_id: &PageId,
+        psid: &Psid,
+    ) -> Result<pb::Subscriber, ServiceError> {
         let now = now_ms();
         let view = audience::get_subscriber(&self.store.read, page_id, psid, now)
             .await
             .map_err(|e| {
-                ApiError::from_store(e, || format!("subscriber {psid} of page {page_id}"))
+                ServiceError::from_store(e, || format!("subscriber {psid} of page {page_id}"))
             })?;
         Ok(subscriber_to_proto(page_id.as_str(), view, now))
     }
 }
 
 /// The (page, user) pair GetSubscriber and DeleteSubscriber address.
-fn subscriber_key(page_id: &str, psid: &str) -> Result<(PageId, Psid), ApiError> {
+fn subscriber_key(page_id: &str, psid: &str) -> Result<(PageId, Psid), ServiceError> {
     let mut v = Violations::new();
     let page_id = v.check("page_id", parse_page_id(page_id));
     let psid = v.check("psid", parse_psid(psid));
@@ -136,16 +140,16 @@ impl AudienceService for Audience {
         };
         let (page_id, psid, at) = v
             .finish(|| Some((page_id?, psid?, at?)))
-            .map_err(ApiError::from)?;
+            .map_err(ServiceError::from)?;
         ensure_page(&self.store, &page_id).await?;
         let digest = erasures::digest(&self.cipher, page_id.as_str(), psid.as_str());
         let erased = erasures::erased_at(&self.store.db, page_id.as_str(), &[digest.as_str()])
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(ServiceError::internal)?;
         if let Some(erased_at) = erased.get(&digest)
             && erasures::is_late(at, true, *erased_at)
         {
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(ServiceError::FailedPrecondition(format!(
                 "subscriber {psid} of page {page_id} was erased after this interaction; only \
                  what the user does after the erasure is recorded"
             ))
@@ -160,7 +164,7 @@ impl AudienceService for Audience {
         )]);
         audience::upsert_subscribers(&self.store.db, &touch)
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(ServiceError::internal)?;
         Ok(Response::new(pb::RecordInteractionResponse {
             subscriber: Some(self.subscriber(&page_id, &psid).await?),
         }))
@@ -197,7 +201,7 @@ impl AudienceService for Audience {
                      got {named}"
                 ),
             );
-            return Err(ApiError::from(v).into());
+            return Err(ServiceError::from(v).into());
         }
         let add = parse_tags("add_tags", &req.add_tags, &mut v);
         let remove = parse_tags("remove_tags", &req.remove_tags, &mut v);
@@ -213,12 +217,12 @@ impl AudienceService for Audience {
                 format!("'{}' is also in add_tags", both.as_str()),
             );
         }
-        let page_id = v.finish(|| page_id).map_err(ApiError::from)?;
+        let page_id = v.finish(|| page_id).map_err(ServiceError::from)?;
         ensure_page(&self.store, &page_id).await?;
         let updated =
             audience::tag_subscribers(&self.store.db, &page_id, &psids, &add, &remove, now_ms())
                 .await
-                .map_err(ApiError::internal)?;
+                .map_err(ServiceError::internal)?;
         Ok(Response::new(pb::TagSubscribersResponse {
             updated: updated as u32,
         }))
@@ -250,7 +254,9 @@ impl AudienceService for Audience {
             self.erasure_wait,
         )
         .await
-        .map_err(|e| ApiError::from_store(e, || format!("subscriber {psid} of page {page_id}")))?;
+        .map_err(|e| {
+            ServiceError::from_store(e, || format!("subscriber {psid} of page {page_id}"))
+        })?;
         self.engine.sends_changed_elsewhere(page_id.as_str());
         tracing::info!(
             opt_ins_deleted = erased.opt_ins,
@@ -288,13 +294,15 @@ impl AudienceService for Audience {
         };
         let (page_id, rule) = v
             .finish(|| Some((page_id?, rule?)))
-            .map_err(ApiError::from)?;
+            .map_err(ServiceError::from)?;
         ensure_page(&self.store, &page_id).await?;
         let segment =
             audience::create_segment(&self.store.db, &page_id, &req.name, &rule, now_ms())
                 .await
                 .map_err(|e| {
-                    ApiError::from_store(e, || format!("segment '{}' of page {page_id}", req.name))
+                    ServiceError::from_store(e, || {
+                        format!("segment '{}' of page {page_id}", req.name)
+                    })
                 })?;
         Ok(Response::new(pb::CreateSegmentResponse {
             segment: Some(segment_to_proto(segment)),
@@ -317,7 +325,7 @@ impl AudienceService for Audience {
         let segments =
             audience::list_segments(&self.store.read, &page_id, after.as_deref(), size + 1)
                 .await
-                .map_err(ApiError::internal)?;
+                .map_err(ServiceError::internal)?;
         let (segments, next_page_token) =
             paginate(segments, size, PAGE_TOKEN_KIND, |last| last.name.clone());
         Ok(Response::new(pb::ListSegmentsResponse {
@@ -332,15 +340,15 @@ impl AudienceService for Audience {
     ) -> Result<Response<pb::DeleteSegmentResponse>, Status> {
         let id = request.into_inner().segment_id;
         if id.is_empty() {
-            return Err(ApiError::from(Violations::single("segment_id", "is required")).into());
+            return Err(ServiceError::from(Violations::single("segment_id", "is required")).into());
         }
         audience::delete_segment(&self.store.db, &id)
             .await
             .map_err(|e| match e {
-                crate::store::StoreError::InUse => ApiError::FailedPrecondition(format!(
+                crate::store::StoreError::InUse => ServiceError::FailedPrecondition(format!(
                     "segment {id} is used by a story: change or delete the story first"
                 )),
-                e => ApiError::from_store(e, || format!("segment {id}")),
+                e => ServiceError::from_store(e, || format!("segment {id}")),
             })?;
         Ok(Response::new(pb::DeleteSegmentResponse {}))
     }

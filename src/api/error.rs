@@ -1,4 +1,4 @@
-//! One error type for the API boundary and its one mapping to gRPC statuses.
+//! The one mapping of a use case's error to a gRPC status.
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
@@ -7,94 +7,42 @@ use crate::{
     domain::Violations,
     engine::EngineError,
     graph::{Class, Failure},
-    store::StoreError,
+    service::ServiceError,
 };
 
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("invalid request: {0}")]
-    Invalid(#[from] Violations),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// Load shed: the server holds as much of this kind of work as it takes.
-    #[error("{0}")]
-    ResourceExhausted(String),
-    /// Cannot be done this moment; the same request may be retried.
-    #[error("{0}")]
-    Unavailable(String),
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    /// Facebook refused or failed a call made for this request.
-    #[error("{0}")]
-    Graph(crate::graph::Failure),
-    /// Not the caller's fault: logged with its cause chain, answered with an opaque message.
-    #[error("internal error")]
-    Internal(#[source] anyhow::Error),
-}
-
-impl ApiError {
-    pub fn internal(err: impl Into<anyhow::Error>) -> Self {
-        ApiError::Internal(err.into())
-    }
-
-    /// Maps a store error for a request about `what` (e.g. "page 123").
-    pub fn from_store(err: StoreError, what: impl FnOnce() -> String) -> Self {
+impl From<ServiceError> for Status {
+    fn from(err: ServiceError) -> Status {
         match err {
-            StoreError::NotFound => ApiError::NotFound(format!("{} does not exist", what())),
-            StoreError::AlreadyExists => {
-                ApiError::AlreadyExists(format!("{} already exists", what()))
-            }
-            StoreError::Conflict => ApiError::FailedPrecondition(format!(
-                "{} changed while this request ran; read it again and retry",
-                what()
-            )),
-            StoreError::InUse => {
-                ApiError::FailedPrecondition(format!("{} is still in use", what()))
-            }
-            StoreError::InFlight => ApiError::Unavailable(format!(
-                "a message to {} is still on its way to Facebook; retry once it is answered",
-                what()
-            )),
-            other => ApiError::internal(other),
-        }
-    }
-}
-
-impl From<ApiError> for Status {
-    fn from(err: ApiError) -> Status {
-        match err {
-            ApiError::Invalid(violations) => invalid_argument(&violations),
+            ServiceError::Invalid(violations) => invalid_argument(&violations),
             // These messages may quote what the request named (an id of any length).
-            ApiError::NotFound(message) => Status::not_found(clip(&message, MAX_MESSAGE_CHARS)),
-            ApiError::AlreadyExists(message) => {
+            ServiceError::NotFound(message) => Status::not_found(clip(&message, MAX_MESSAGE_CHARS)),
+            ServiceError::AlreadyExists(message) => {
                 Status::already_exists(clip(&message, MAX_MESSAGE_CHARS))
             }
-            ApiError::FailedPrecondition(message) => {
+            ServiceError::FailedPrecondition(message) => {
                 Status::failed_precondition(clip(&message, MAX_MESSAGE_CHARS))
             }
-            ApiError::ResourceExhausted(message) => {
+            ServiceError::ResourceExhausted(message) => {
                 Status::resource_exhausted(clip(&message, MAX_MESSAGE_CHARS))
             }
-            ApiError::Unavailable(message) => {
+            ServiceError::Unavailable(message) => {
                 Status::unavailable(clip(&message, MAX_MESSAGE_CHARS))
             }
-            ApiError::Engine(err @ EngineError::Busy) => {
+            ServiceError::Engine(err @ EngineError::Busy) => {
                 Status::resource_exhausted(err.to_string())
             }
-            ApiError::Engine(err @ EngineError::Timeout) => {
+            ServiceError::Engine(err @ EngineError::Timeout) => {
                 Status::deadline_exceeded(err.to_string())
             }
-            ApiError::Engine(err @ EngineError::Stopped) => Status::unavailable(err.to_string()),
-            ApiError::Engine(EngineError::Store(err)) => {
+            ServiceError::Engine(err @ EngineError::Stopped) => {
+                Status::unavailable(err.to_string())
+            }
+            ServiceError::Engine(EngineError::Store(err)) => {
                 tracing::error!(error = ?err, "request failed in the engine");
                 Status::internal("internal error; the cause is in otnd's log")
             }
-            ApiError::Graph(failure) => graph_status(&failure),
-            ApiError::Internal(cause) => {
+            ServiceError::Graph(failure) => graph_status(&failure),
+            ServiceError::Internal(cause) => {
                 tracing::error!(error = ?cause, "request failed");
                 Status::internal("internal error; the cause is in otnd's log")
             }
@@ -204,7 +152,7 @@ mod tests {
                 format!("must be at most 20 characters, got '{}'", "é🎉".repeat(500)),
             );
         }
-        let status = Status::from(ApiError::Invalid(violations));
+        let status = Status::from(ServiceError::Invalid(violations));
         let fields = status.get_details_bad_request().unwrap().field_violations;
         assert!((1..=MAX_VIOLATIONS_LISTED).contains(&fields.len()));
         assert_eq!(fields[0].field, "content.button_template.buttons[0].title");
@@ -213,7 +161,7 @@ mod tests {
         assert!(header_bytes(status) < 16 * 1024);
 
         let long_id = "\u{1F389}".repeat(1_000_000);
-        let status = Status::from(ApiError::NotFound(format!(
+        let status = Status::from(ServiceError::NotFound(format!(
             "story {long_id} does not exist"
         )));
         assert_eq!(status.code(), Code::NotFound);
@@ -225,7 +173,7 @@ mod tests {
         let mut violations = Violations::new();
         violations.add("page_id", "is required");
         violations.add("name", "must be at most 200 characters, got 201");
-        let status = Status::from(ApiError::Invalid(violations.clone()));
+        let status = Status::from(ServiceError::Invalid(violations.clone()));
         assert_eq!(status.message(), violations.summary());
         assert_eq!(
             status

@@ -1,5 +1,6 @@
 //! The gRPC surface: the only module that knows protobuf. Services are thin: parse into domain
-//! types, call the store or the engine, map the result back.
+//! types (`TryFrom`), call a use case (`crate::service`) or the store, map the result back
+//! (`From`).
 
 mod audience;
 mod error;
@@ -12,12 +13,13 @@ mod stories;
 mod time;
 
 pub use audience::Audience;
-pub use error::ApiError;
 pub use guard::GuardLayer;
 pub use optins::OptIns;
 pub use pages::Pages;
 pub use sends::Sends;
 pub use stories::Stories;
+
+use crate::service::ServiceError;
 
 /// The generated code of `proto/otn/v1`, clients included.
 #[allow(clippy::all, clippy::pedantic)]

@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    ApiError, page_size, page_token, paginate,
+    ServiceError, page_size, page_token, paginate,
     pb::{self, opt_in_service_server::OptInService},
     shared::{ensure_page, ms_from_timestamp, parse_page_id, parse_psid},
     time::timestamp_from_ms,
@@ -110,17 +110,17 @@ impl OptInService for OptIns {
         };
         let (page_id, psid, topic, title) = v
             .finish(|| Some((page_id?, psid?, topic?, title?)))
-            .map_err(ApiError::from)?;
+            .map_err(ServiceError::from)?;
         let credentials = pages::credentials(&self.store.db, &self.cipher, &page_id)
             .await
-            .map_err(|e| ApiError::from_store(e, || format!("page {page_id}")))?;
+            .map_err(|e| ServiceError::from_store(e, || format!("page {page_id}")))?;
         let delivered = self
             .graph
             .send_optin_request(&credentials, psid.as_str(), &title, topic.as_str())
             .await
             .map_err(|failure| {
                 tracing::info!(%failure, "opt-in request refused");
-                ApiError::Graph(failure)
+                ServiceError::Graph(failure)
             })?;
         optins::record_request(
             &self.store.db,
@@ -132,7 +132,7 @@ impl OptInService for OptIns {
             now_ms(),
         )
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ServiceError::internal)?;
         tracing::info!(message_id = %delivered.message_id, "opt-in request sent");
         Ok(Response::new(pb::SendOptInRequestResponse {
             message_id: delivered.message_id,
@@ -155,7 +155,7 @@ impl OptInService for OptIns {
         };
         let (page_id, psid, topic, token, at) = v
             .finish(|| Some((page_id?, psid?, topic?, token?, at?)))
-            .map_err(ApiError::from)?;
+            .map_err(ServiceError::from)?;
         ensure_page(&self.store, &page_id).await?;
         let event = IncomingEvent {
             psid,
@@ -171,9 +171,9 @@ impl OptInService for OptIns {
             &[(page_id.clone(), vec![event])],
         )
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ServiceError::internal)?;
         if report.dropped_erased > 0 {
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(ServiceError::FailedPrecondition(format!(
                 "subscriber {} of page {page_id} was erased after this opt-in; only what the \
                  user does after the erasure is recorded",
                 req.psid
@@ -182,7 +182,7 @@ impl OptInService for OptIns {
         }
         let row = optins::find_by_token(&self.store.read, &page_id, &token)
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(ServiceError::internal)?;
         Ok(Response::new(pb::RecordOptInResponse {
             opt_in: Some(opt_in_to_proto(row, now_ms())),
             created: report.opt_ins_created == 1,
@@ -194,11 +194,11 @@ impl OptInService for OptIns {
         request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
         let page_id = parse_page_id(&request.get_ref().page_id)
-            .map_err(|rule| ApiError::from(Violations::single("page_id", rule)))?;
+            .map_err(|rule| ServiceError::from(Violations::single("page_id", rule)))?;
         ensure_page(&self.store, &page_id).await?;
         let ledger = optins::ledger(&self.store.read, &page_id, now_ms())
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(ServiceError::internal)?;
         Ok(Response::new(pb::ListTopicsResponse {
             topics: ledger
                 .into_iter()
@@ -271,12 +271,12 @@ impl OptInService for OptIns {
                     after?,
                 ))
             })
-            .map_err(ApiError::from)?;
+            .map_err(ServiceError::from)?;
         ensure_page(&self.store, &page_id).await?;
         let now = now_ms();
         let rows = optins::list(&self.store.read, &page_id, &filter, after, size + 1, now)
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(ServiceError::internal)?;
         let (rows, next_page_token) =
             paginate(rows, size, PAGE_TOKEN_KIND, |last| last.id.to_string());
         Ok(Response::new(pb::ListOptInsResponse {

@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    ApiError, page_size, page_token, paginate,
+    ServiceError, page_size, page_token, paginate,
     pb::{self, page_service_server::PageService},
     time::timestamp_from_ms,
 };
@@ -39,7 +39,7 @@ fn to_proto(page: PageRecord) -> pb::Page {
     }
 }
 
-fn parse_page_id(raw: &str) -> Result<PageId, ApiError> {
+fn parse_page_id(raw: &str) -> Result<PageId, ServiceError> {
     let id = PageId::parse(raw).map_err(|rule| Violations::single("page_id", rule))?;
     tracing::Span::current().record("page_id", id.as_str());
     Ok(id)
@@ -64,11 +64,11 @@ impl PageService for Pages {
             &req.verify_token,
             req.send_rate_per_second,
         )
-        .map_err(ApiError::from)?;
+        .map_err(ServiceError::from)?;
         tracing::Span::current().record("page_id", page.id.as_str());
         let created = pages::create(&self.store.db, &self.cipher, &page)
             .await
-            .map_err(|e| ApiError::from_store(e, page_name(&page.id)))?;
+            .map_err(|e| ServiceError::from_store(e, page_name(&page.id)))?;
         tracing::info!(
             send_rate_per_second = created.send_rate_per_second,
             "page created"
@@ -85,7 +85,7 @@ impl PageService for Pages {
         let id = parse_page_id(&request.get_ref().page_id)?;
         let page = pages::get(&self.store.read, &id)
             .await
-            .map_err(|e| ApiError::from_store(e, page_name(&id)))?;
+            .map_err(|e| ServiceError::from_store(e, page_name(&id)))?;
         Ok(Response::new(pb::GetPageResponse {
             page: Some(to_proto(page)),
         }))
@@ -104,10 +104,10 @@ impl PageService for Pages {
         );
         let (size, after) = violations
             .finish(|| Some((size?, after?)))
-            .map_err(ApiError::from)?;
+            .map_err(ServiceError::from)?;
         let rows = pages::list(&self.store.read, after.as_deref(), size + 1)
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(ServiceError::internal)?;
         let (rows, next_page_token) = paginate(rows, size, PAGE_TOKEN_KIND, |last| {
             last.id.as_str().to_string()
         });
@@ -130,10 +130,10 @@ impl PageService for Pages {
             req.verify_token.as_deref(),
             req.send_rate_per_second,
         )
-        .map_err(ApiError::from)?;
+        .map_err(ServiceError::from)?;
         let updated = pages::update(&self.store.db, &self.cipher, &id, &changes)
             .await
-            .map_err(|e| ApiError::from_store(e, page_name(&id)))?;
+            .map_err(|e| ServiceError::from_store(e, page_name(&id)))?;
         // Which fields changed is worth a log line; their values never are.
         tracing::info!(
             name = changes.name.is_some(),
@@ -155,7 +155,7 @@ impl PageService for Pages {
         let id = parse_page_id(&request.get_ref().page_id)?;
         match pages::delete(&self.store.db, &id)
             .await
-            .map_err(|e| ApiError::from_store(e, page_name(&id)))?
+            .map_err(|e| ServiceError::from_store(e, page_name(&id)))?
         {
             pages::Deletion::Deleted => {
                 tracing::info!("page deleted");
@@ -167,7 +167,7 @@ impl PageService for Pages {
                     .take(5)
                     .map(|(send, state)| format!("{send} ({state})"))
                     .collect();
-                Err(ApiError::FailedPrecondition(format!(
+                Err(ServiceError::FailedPrecondition(format!(
                     "page {id} has {} sends that are not finished: {}{}; cancel them \
                      (SendService.CancelSend) and wait until nothing is in flight, then delete \
                      the page",

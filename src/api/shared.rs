@@ -2,10 +2,11 @@
 
 use prost_types::Timestamp;
 
-use super::ApiError;
+use super::ServiceError;
+pub use crate::service::ensure_page;
 use crate::{
     domain::{PageId, Psid, Violations},
-    store::{Store, pages},
+    store::Store,
 };
 
 /// Parses a page id and tags the RPC's span with it.
@@ -26,7 +27,7 @@ pub async fn page_listing(
     page_size: i32,
     page_token: &str,
     kind: &str,
-) -> Result<(PageId, u64, Option<String>), ApiError> {
+) -> Result<(PageId, u64, Option<String>), ServiceError> {
     let mut v = Violations::new();
     let page_id = v.check("page_id", parse_page_id(page_id));
     let size = v.check("page_size", super::page_size(page_size));
@@ -34,17 +35,6 @@ pub async fn page_listing(
     let (page_id, size, after) = v.finish(|| Some((page_id?, size?, after?)))?;
     ensure_page(store, &page_id).await?;
     Ok((page_id, size, after))
-}
-
-/// NOT_FOUND unless the page is registered.
-pub async fn ensure_page(store: &Store, page_id: &PageId) -> Result<(), ApiError> {
-    match pages::exists(&store.read, page_id).await {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(ApiError::NotFound(format!(
-            "page {page_id} does not exist; register it with PageService.CreatePage"
-        ))),
-        Err(err) => Err(ApiError::internal(err)),
-    }
 }
 
 /// A protobuf Timestamp as epoch milliseconds, refusing values no clock would give.

@@ -27,7 +27,7 @@ use crate::{
     graph::GraphClient,
     store::{Store, StoreError, notify},
 };
-use page::{Command, Control, Deps, Wake};
+use page::{Command, Deps, Steered, Wake};
 use progress::ProgressHub;
 use supervisor::{GetStatus, PageAddr, PageChanged, Route, Shutdown, Supervisor};
 
@@ -147,31 +147,47 @@ impl EngineHandle {
         }
     }
 
-    /// Pause, resume or cancel, in order with the page's own steps.
+    /// Pause, resume or cancel: one path wherever the page runs. The change is written first,
+    /// conditional on the state it leaves (`page::apply_command`: safe from any instance, since
+    /// the owner's steps check the send's state in their own transactions), then the page's
+    /// owner is told, as of any change to its sends. An actor here has caught up before this
+    /// returns (a paused or cancelled send's calls not yet made are not made); an owner
+    /// elsewhere hears it through PostgreSQL and reads its sends again.
     pub async fn command(
         &self,
         page_id: &str,
         send_id: &str,
         command: Command,
     ) -> Result<crate::store::sends::Send, EngineError> {
-        match self.route(page_id).await? {
-            Route::Local(page) => Ok(page
-                .send(Control {
-                    send_id: send_id.to_string(),
-                    command,
-                })
-                .timeout(ASK_TIMEOUT)
-                .await??),
-            Route::Elsewhere => {
-                let (store, send_id) = (self.store.clone(), send_id.to_string());
-                let steer = async move { page::apply_command(&store, &send_id, command).await };
-                let send = self.store.write(steer).await?;
-                self.hub.publish_steered(&send, false);
-                notify::page_has_work(&self.store.db, page_id).await;
-                Ok(send)
-            }
-            Route::Stopped => Err(EngineError::Stopped),
+        let route = self.route(page_id).await?;
+        if matches!(route, Route::Stopped) {
+            return Err(EngineError::Stopped);
         }
+        let (store, id) = (self.store.clone(), send_id.to_string());
+        let send = self
+            .store
+            .write(async move { page::apply_command(&store, &id, command).await })
+            .await?;
+        self.hub.publish_steered(&send);
+        match route {
+            Route::Local(page) => {
+                let told = page.send(Steered {
+                    send: send.clone(),
+                    command,
+                });
+                // The command is written: an actor that stopped meanwhile reads it when the page
+                // runs again.
+                if let Err(err) = told.timeout(ASK_TIMEOUT).await {
+                    tracing::warn!(%page_id, %send_id, error = %err,
+                        "the page's actor did not hear of the command; it reads it at its next step");
+                }
+            }
+            Route::Elsewhere | Route::Stopped => {
+                self.supervisor.do_send(PageChanged(page_id.to_string()));
+                notify::page_has_work(&self.store.db, page_id).await;
+            }
+        }
+        Ok(send)
     }
 
     /// The send's row as its page actor on this instance last committed it, when that is

@@ -277,11 +277,11 @@ impl ProgressHub {
         }
     }
 
-    /// Publishes the row a command (pause, resume, cancel) left, applied by the send's page
-    /// actor here (`by_actor`) or directly.
-    pub fn publish_steered(&self, row: &Send, by_actor: bool) {
+    /// Publishes the row a command (pause, resume, cancel) left. The row is the database's to
+    /// answer until the send's actor commits again (see [`ProgressHub::row`]).
+    pub fn publish_steered(&self, row: &Send) {
         self.inner.steered.mark(&row.id);
-        self.put(Progress::from_send(row), by_actor.then_some(row));
+        self.put(Progress::from_send(row), None);
     }
 
     /// The send's row as this instance's page actor last committed it: a running send's while
@@ -609,24 +609,18 @@ mod tests {
         hub.inner.changed_elsewhere.age("p");
 
         // A command: the actor may still publish a row its step committed before, so no row
-        // is answered for a while, whoever applied it.
+        // is answered for a while.
         publish(&hub, &row("s", "p", SendState::Running, 6));
-        hub.publish_steered(&row("s", "p", SendState::Paused, 6), true);
+        hub.publish_steered(&row("s", "p", SendState::Paused, 6));
         publish(&hub, &row("s", "p", SendState::Running, 6));
         assert!(hub.row("s").is_none());
         hub.inner.steered.age("s");
         assert_eq!(hub.row("s").unwrap().sent, 6, "answered again later");
-        hub.publish_steered(&row("s", "p", SendState::Paused, 6), false);
+        hub.publish_steered(&row("s", "p", SendState::Paused, 6));
         hub.inner.steered.age("s");
         assert!(
             hub.row("s").is_none(),
-            "a command applied directly is not the actor's row"
-        );
-        hub.publish_steered(&row("s", "p", SendState::Paused, 6), true);
-        hub.inner.steered.age("s");
-        assert!(
-            hub.row("s").is_none(),
-            "a paused send is not driven: the database's to answer"
+            "the row a command left is the database's to answer"
         );
 
         // A send its actor no longer drives, or that it publishes undriven, is the database's.
@@ -658,8 +652,8 @@ mod tests {
         assert!(hub.row("s").is_none(), "forgotten, not only hidden");
         assert_eq!(hub.row("t").unwrap().sent, 4, "another page's stays");
 
-        // A finished row from elsewhere (a command applied directly) is not kept.
-        hub.publish_steered(&row("u", "q", SendState::Cancelled, 0), false);
+        // The row a command left (a cancel) is not kept.
+        hub.publish_steered(&row("u", "q", SendState::Cancelled, 0));
         hub.inner.steered.age("u");
         assert!(hub.row("u").is_none());
 

@@ -1004,52 +1004,39 @@ pub enum Command {
     Cancel,
 }
 
+/// A command was applied to one of the page's sends (see `EngineHandle::command`): the actor
+/// catches up with the row it left.
 #[derive(Message)]
-#[rtype(result = "Result<sends::Send, StoreError>")]
-pub struct Control {
-    pub send_id: String,
+#[rtype(result = "()")]
+pub struct Steered {
+    pub send: sends::Send,
     pub command: Command,
 }
 
-impl Handler<Control> for PageActor {
-    type Result = AtomicResponse<Self, Result<sends::Send, StoreError>>;
+impl Handler<Steered> for PageActor {
+    type Result = ();
 
-    fn handle(&mut self, msg: Control, _: &mut Context<Self>) -> Self::Result {
-        let store = self.deps.store.clone();
-        let (send_id, command) = (msg.send_id.clone(), msg.command);
-        let fut = async move {
-            let on = store.clone();
-            store
-                .write(async move { apply_command(&on, &send_id, command).await })
-                .await
-        };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(
-            move |result, act, ctx| {
-                if let Ok(send) = &result {
-                    tracing::info!(page_id = %act.page_id, send_id = %send.id,
-                        state = %send.state, command = ?msg.command, "send command applied");
-                    if let Some(active) = act.sends.iter_mut().find(|a| a.send.id == send.id) {
-                        if send.state == SendState::Running {
-                            active.run_again();
-                        } else {
-                            // Calls still waiting for their turn are not made.
-                            active.stopped.store(true, Ordering::SeqCst);
-                        }
-                    }
-                    act.deps.hub.publish_steered(send, true);
-                    if msg.command == Command::Resume {
-                        // A fixed page: read its credentials again, and stop holding; answers
-                        // to calls made before now halt nothing.
-                        act.gate.fetch_add(1, Ordering::SeqCst);
-                        act.config_loaded = None;
-                        act.hold_until = None;
-                    }
-                    act.reload_sends = true;
-                    act.schedule_pump(ctx);
-                }
-                result
-            },
-        )))
+    fn handle(&mut self, msg: Steered, ctx: &mut Context<Self>) {
+        let send = &msg.send;
+        tracing::info!(page_id = %self.page_id, send_id = %send.id, state = %send.state,
+            command = ?msg.command, "send command applied");
+        if let Some(active) = self.sends.iter_mut().find(|a| a.send.id == send.id) {
+            if send.state == SendState::Running {
+                active.run_again();
+            } else {
+                // Calls still waiting for their turn are not made.
+                active.stopped.store(true, Ordering::SeqCst);
+            }
+        }
+        if msg.command == Command::Resume {
+            // A fixed page: read its credentials again, and stop holding; answers to calls made
+            // before now halt nothing.
+            self.gate.fetch_add(1, Ordering::SeqCst);
+            self.config_loaded = None;
+            self.hold_until = None;
+        }
+        self.reload_sends = true;
+        self.schedule_pump(ctx);
     }
 }
 
