@@ -38,18 +38,15 @@ use std::{
 };
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
-use otnd::pb::{
-    CreatePageRequest, CreateStoryRequest, GetSendRequest, ListTopicsRequest, PreviewStoryRequest,
-    SendState, StartSendRequest, StoryContent, opt_in_service_client::OptInServiceClient,
-    page_service_client::PageServiceClient, send_service_client::SendServiceClient,
-    story_content::Kind, story_service_client::StoryServiceClient,
-};
+use otnd::pb::SendState;
+use otnd_testkit::{Sandbox, StorySpec};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
-use serde_json::{Value, json};
 use support::{OTND, Proc, env_or, json_field, spawn_sandbox, spawn_until};
 use tonic::transport::Channel;
 
 const TOPIC: &str = "Fleet topic";
+/// How long a page's opt-ins may take to be stored, all pages' webhooks arriving together.
+const OPT_INS_WITHIN: Duration = Duration::from_secs(600);
 
 /// A cgroup whose processes share `cores` of CPU time, removed when dropped (after its
 /// processes are gone).
@@ -188,96 +185,26 @@ impl Fleet {
         ));
     }
 
-    async fn sandbox(&self, path: &str, body: Value) -> Value {
-        otnd::graph::http_client()
-            .post(format!("{}{path}", self.sandbox_url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
     /// Pages with opt-ins and a reviewed story each, set up through the first instance.
     async fn pages(&self, pages: u64, per_page: u64) -> Vec<String> {
         let (_, _, channel, http) = &self.nodes[0];
-        let mut stories = Vec::new();
-        for i in 0..pages {
-            let page = format!("7{i:04}");
-            PageServiceClient::new(channel.clone())
-                .create_page(CreatePageRequest {
-                    page_id: page.clone(),
-                    name: format!("Fleet {page}"),
-                    access_token: format!("EAAB-{page}"),
-                    app_secret: format!("secret-{page}"),
-                    verify_token: String::new(),
-                    send_rate_per_second: Some(300),
-                })
-                .await
-                .unwrap();
-            self.sandbox(
-                "/__sandbox/pages",
-                json!({"page_id": page, "access_token": format!("EAAB-{page}"),
-                       "app_secret": format!("secret-{page}"),
-                       "webhook_url": format!("http://{http}/webhook")}),
-            )
-            .await;
-            self.sandbox(
-                "/__sandbox/optins",
-                json!({"page_id": page, "psid_prefix": "u", "count": per_page,
-                       "payload": TOPIC, "deliver_webhook": true}),
-            )
-            .await;
-            self.sandbox(
-                "/__sandbox/interactions",
-                json!({"page_id": page, "psid": "boss", "text": "ok", "deliver_webhook": false}),
-            )
-            .await;
+        let sandbox = Sandbox::new(&self.sandbox_url);
+        let page_ids: Vec<String> = (0..pages).map(|i| format!("7{i:04}")).collect();
+        // Every page's opt-ins on their way before any is waited for.
+        for page in &page_ids {
+            otnd_testkit::register_page(channel, &sandbox, http, page, Some(300)).await;
+            sandbox.opt_in(page, TOPIC, "u", per_page, None).await;
         }
-        for i in 0..pages {
-            let page = format!("7{i:04}");
-            loop {
-                let topics = OptInServiceClient::new(channel.clone())
-                    .list_topics(ListTopicsRequest {
-                        page_id: page.clone(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .topics;
-                if topics
-                    .iter()
-                    .any(|t| t.topic == TOPIC && t.active == per_page)
-                {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let mut client = StoryServiceClient::new(channel.clone());
-            let story = client
-                .create_story(CreateStoryRequest {
-                    page_id: page.clone(),
-                    topic: TOPIC.into(),
-                    content: Some(StoryContent {
-                        kind: Some(Kind::Text("Fleet".into())),
-                    }),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .story
-                .unwrap();
-            client
-                .preview_story(PreviewStoryRequest {
-                    story_id: story.story_id.clone(),
-                    reviewer_psid: "boss".into(),
-                })
-                .await
-                .unwrap();
-            stories.push(story.story_id);
+        let mut stories = Vec::new();
+        for page in &page_ids {
+            otnd_testkit::wait_for_opt_ins(channel, page, TOPIC, per_page, OPT_INS_WITHIN).await;
+            let spec = StorySpec {
+                page,
+                topic: TOPIC,
+                text: "Fleet",
+                ..StorySpec::default()
+            };
+            stories.push(otnd_testkit::reviewed_story(channel, &sandbox, spec).await);
         }
         stories
     }
@@ -287,19 +214,11 @@ impl Fleet {
     /// single instance held to a tenth of a core, the sends already started taking its CPU.
     async fn start_sends(&self, stories: &[String]) -> Vec<String> {
         let starts = stories.iter().enumerate().map(|(i, story)| {
-            let channel = self.nodes[i % self.nodes.len()].2.clone();
-            let request = StartSendRequest {
-                story_id: story.clone(),
-                request_id: format!("fleet-{i}"),
-            };
+            let channel = &self.nodes[i % self.nodes.len()].2;
+            let request_id = format!("fleet-{i}");
             async move {
-                SendServiceClient::new(channel)
-                    .start_send(request)
+                otnd_testkit::start_send(channel, story, &request_id)
                     .await
-                    .unwrap()
-                    .into_inner()
-                    .send
-                    .unwrap()
                     .send_id
             }
         });
@@ -329,15 +248,7 @@ impl Fleet {
         let mut sent = 0;
         for (i, id) in sends.iter().enumerate() {
             let channel = &self.nodes[i % self.nodes.len()].2;
-            let send = SendServiceClient::new(channel.clone())
-                .get_send(GetSendRequest {
-                    send_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .send
-                .unwrap();
+            let send = otnd_testkit::get_send(channel, id).await;
             assert_eq!(send.state(), SendState::Completed, "{send:?}");
             sent += send.progress.unwrap().sent;
         }

@@ -56,12 +56,10 @@ use std::{
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use futures::stream::{self, StreamExt};
 use otnd::pb::{
-    CreatePageRequest, CreateStoryRequest, GetSendRequest, ListTopicsRequest, PreviewStoryRequest,
-    SendProgress, SendState, StartSendRequest, StoryContent, WatchSendRequest,
-    opt_in_service_client::OptInServiceClient, page_service_client::PageServiceClient,
-    send_service_client::SendServiceClient, story_content::Kind,
-    story_service_client::StoryServiceClient,
+    GetSendRequest, ListTopicsRequest, SendProgress, SendState, StartSendRequest, WatchSendRequest,
+    opt_in_service_client::OptInServiceClient, send_service_client::SendServiceClient,
 };
+use otnd_testkit::{Sandbox, StorySpec};
 use serde_json::{Value, json};
 use support::{OTND, Proc, env_or, json_field, spawn_sandbox, spawn_until};
 use tokio::{task::JoinHandle, time::MissedTickBehavior};
@@ -100,6 +98,8 @@ struct Setup {
     otnd: Proc,
     sandbox_proc: Proc,
     sandbox_url: String,
+    /// The sandbox's admin surface.
+    sandbox: Sandbox,
     client: reqwest::Client,
     channel: Channel,
     grpc_url: String,
@@ -140,45 +140,23 @@ async fn setup(sandbox_args: &[&str], otnd_env: &[(&str, &str)]) -> Setup {
         grpc_url,
         otnd,
         sandbox_proc: sandbox,
+        sandbox: Sandbox::new(&sandbox_url),
         sandbox_url,
-        client: otnd::graph::http_client(),
+        client: graph_sandbox::http_client_builder().build().unwrap(),
         channel,
         http: field("http_addr"),
     }
 }
 
 impl Setup {
-    async fn sandbox(&self, path: &str, body: Option<Value>) -> Value {
-        let url = format!("{}{path}", self.sandbox_url);
-        let request = match body {
-            Some(body) => self.client.post(url).json(&body),
-            None => self.client.get(url),
-        };
-        let response = request.send().await.unwrap();
-        assert!(response.status().is_success(), "{path}: {response:?}");
-        response.json().await.unwrap()
-    }
-
     /// Registers a page in otnd and in the sandbox.
     async fn register_page(&self, page: &str) {
-        PageServiceClient::new(self.channel.clone())
-            .create_page(CreatePageRequest {
-                page_id: page.into(),
-                name: format!("Bench {page}"),
-                access_token: format!("EAAB-{page}"),
-                app_secret: format!("secret-{page}"),
-                verify_token: String::new(),
-                send_rate_per_second: Some(PAGE_LIMIT),
-            })
-            .await
-            .unwrap();
-        self.sandbox(
-            "/__sandbox/pages",
-            Some(
-                json!({"page_id": page, "access_token": format!("EAAB-{page}"),
-                "app_secret": format!("secret-{page}"),
-                "webhook_url": format!("http://{}/webhook", self.http)}),
-            ),
+        otnd_testkit::register_page(
+            &self.channel,
+            &self.sandbox,
+            &self.http,
+            page,
+            Some(PAGE_LIMIT),
         )
         .await;
     }
@@ -191,14 +169,9 @@ impl Setup {
         let mut start = 0;
         while left > 0 {
             let count = left.min(100_000);
-            self.sandbox(
-                "/__sandbox/optins",
-                Some(
-                    json!({"page_id": page, "psid_prefix": format!("u{start}-"), "count": count,
-                    "payload": TOPIC, "deliver_webhook": true}),
-                ),
-            )
-            .await;
+            self.sandbox
+                .opt_in(page, TOPIC, &format!("u{start}-"), count, None)
+                .await;
             left -= count;
             start += count;
             posts += count.div_ceil(WEBHOOK_EVENTS_PER_POST);
@@ -229,34 +202,14 @@ impl Setup {
 
     /// Writes a story on the page's topic and reviews it; returns its id.
     async fn reviewed_story(&self, page: &str) -> String {
-        let mut stories = StoryServiceClient::new(self.channel.clone());
-        let story = stories
-            .create_story(CreateStoryRequest {
-                page_id: page.into(),
-                topic: TOPIC.into(),
-                content: Some(StoryContent {
-                    kind: Some(Kind::Text("Tickets are on sale".into())),
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .story
-            .unwrap();
-        self.sandbox(
-            "/__sandbox/interactions",
-            Some(json!({"page_id": page, "psid": "reviewer", "text": "ok", "deliver_webhook": false})),
-        )
-        .await;
-        stories
-            .preview_story(PreviewStoryRequest {
-                story_id: story.story_id.clone(),
-                reviewer_psid: "reviewer".into(),
-            })
-            .await
-            .unwrap();
-        story.story_id
+        let spec = StorySpec {
+            page,
+            topic: TOPIC,
+            text: "Tickets are on sale",
+            reviewer: "reviewer",
+            ..StorySpec::default()
+        };
+        otnd_testkit::reviewed_story(&self.channel, &self.sandbox, spec).await
     }
 
     /// Registers a page, opts `recipients` users in through signed webhooks, and writes and
@@ -339,12 +292,12 @@ impl Setup {
     }
 
     async fn stats(&self) -> Value {
-        self.sandbox("/__sandbox/stats", None).await
+        self.sandbox.stats().await
     }
 
     /// Every token message the sandbox accepted, by page: the sandbox's clock (Unix ms), sorted.
     async fn ledger(&self) -> BTreeMap<String, Vec<i64>> {
-        let messages = self.sandbox("/__sandbox/messages", None).await;
+        let messages = self.sandbox.get("/__sandbox/messages").await;
         let mut per_page: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         for m in messages["messages"].as_array().unwrap() {
             if m["token"].is_string() {
@@ -1082,9 +1035,9 @@ async fn paced(name: &str, per_page: u64, facebook: Facebook) -> Row {
     }
     if let Facebook::RandomThrottles(throttle_rate) = facebook {
         // Only now: the reviews' previews above must not be throttled.
-        let mut faults = s.sandbox("/__sandbox/faults", None).await;
+        let mut faults = s.sandbox.get("/__sandbox/faults").await;
         faults["throttle_rate"] = json!(throttle_rate);
-        let set = s.sandbox("/__sandbox/faults", Some(faults)).await;
+        let set = s.sandbox.post("/__sandbox/faults", faults).await;
         assert_eq!(set["throttle_rate"], json!(throttle_rate), "{set}");
     }
     let m = s.measure(&stories).await;

@@ -10,7 +10,7 @@ use tonic::Code;
 
 use crate::{
     backend_tests,
-    helpers::{TestApp, spawn_app, violated_fields},
+    support::{TestApp, spawn_app, violated_fields},
     webhook::topics,
 };
 

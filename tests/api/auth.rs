@@ -6,8 +6,8 @@ use tonic::{Code, Request, metadata::MetadataValue};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
-    helpers::{TestApp, TestDatabase, code_of, spawn_app_with},
     pages::create_request,
+    support::{TestApp, TestDatabase, code_of, spawn_app_with},
 };
 
 const ADMIN: &str = "admin-key-0123456789";

@@ -7,7 +7,7 @@ use otnd::pb::{
 };
 use tonic::Code;
 
-use crate::helpers::{TestDatabase, code_of, spawn_app, violated_fields};
+use crate::support::{TestDatabase, code_of, spawn_app, violated_fields};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_rpcs_name_the_missing_field_and_an_unknown_send() {

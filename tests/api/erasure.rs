@@ -6,21 +6,22 @@
 use std::time::Duration;
 
 use otnd::pb::{
-    CancelSendRequest, CreateSegmentRequest, DeletePageRequest, DeleteSubscriberRequest,
-    GetPageRequest, GetSubscriberRequest, RecordInteractionRequest, RecordOptInRequest,
-    SegmentRule, SendOptInRequestRequest, SendState, TagSubscribersRequest,
+    CancelSendRequest, DeletePageRequest, DeleteSubscriberRequest, GetPageRequest,
+    GetSubscriberRequest, RecordInteractionRequest, RecordOptInRequest, SegmentRule,
+    SendOptInRequestRequest, SendState, TagSubscribersRequest,
     audience_service_client::AudienceServiceClient, opt_in_service_client::OptInServiceClient,
     page_service_client::PageServiceClient,
 };
+use otnd_testkit::create_segment;
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::{Value, json};
 use tonic::Code;
 
 use crate::{
     backend_tests,
-    helpers::{TestDatabase, eventually, page_app_secret, sign_webhook},
     judge::{Harness, Node, PAGE, StorySpec, TOPIC, progress_of, start_send, wait_until},
     ledger,
+    support::{TestDatabase, eventually, page_app_secret, sign_webhook},
 };
 
 /// Every row of every table (but the migrations' own), as text, with the table's name.
@@ -393,28 +394,23 @@ async fn page_deletion(db: TestDatabase) {
     let h = Harness::new(&db, 50).await;
     let node = h.start().await;
     let story = h.prepare_page(&node, DELETED, 300).await;
-    let mut audience = AudienceServiceClient::new(node.channel.clone());
-    let segment = audience
-        .create_segment(CreateSegmentRequest {
-            page_id: DELETED.into(),
-            name: "everyone tagged".into(),
-            rule: Some(SegmentRule {
-                none_tags: vec!["churned".into()],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .segment
-        .unwrap();
+    let segment_id = create_segment(
+        &node.channel,
+        DELETED,
+        "everyone tagged",
+        SegmentRule {
+            none_tags: vec!["churned".into()],
+            ..Default::default()
+        },
+    )
+    .await;
     let segmented = h
         .reviewed_story(
             &node,
             StorySpec {
                 page: DELETED,
                 text: "For the segment",
-                segment_id: &segment.segment_id,
+                segment_id: &segment_id,
                 ..StorySpec::default()
             },
         )

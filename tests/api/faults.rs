@@ -33,11 +33,11 @@ use tonic_health::pb::{
 
 use crate::{
     backend_tests,
-    helpers::{TestDatabase, eventually},
     judge::{
         Harness, Node, PAGE, TOPIC, judge, progress_of, psids_in, rss_mib, sent, start_send,
         wait_until,
     },
+    support::{TestDatabase, eventually},
 };
 
 /// A small xorshift generator: the kill moments are random, and reproducible from the printed

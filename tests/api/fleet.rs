@@ -11,8 +11,8 @@ use serde_json::json;
 
 use crate::{
     backend_tests,
-    helpers::{TestDatabase, eventually},
     judge::{Harness, Node, judge_page, progress_of, start_send, wait_until},
+    support::{TestDatabase, eventually},
 };
 
 const LEASE_SECONDS: &str = "3";

@@ -8,6 +8,7 @@ use otnd::{
     domain::PageCredentials,
     graph::{BatchSend, Class, GraphClient, Recipient},
 };
+use otnd_testkit::Sandbox;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
@@ -23,13 +24,12 @@ async fn setup(timeout: Duration) -> Setup {
     let sandbox = RunningSandbox::start(SandboxOptions::default())
         .await
         .unwrap();
-    let admin = otnd::graph::http_client();
-    admin
-        .post(sandbox.url("/__sandbox/pages"))
-        .json(&json!({"page_id": PAGE, "access_token": "EAAB-100", "app_secret": "secret-100"}))
-        .send()
-        .await
-        .unwrap();
+    Sandbox::new(sandbox.url(""))
+        .post(
+            "/__sandbox/pages",
+            json!({"page_id": PAGE, "access_token": "EAAB-100", "app_secret": "secret-100"}),
+        )
+        .await;
     let base = url::Url::parse(&sandbox.url("")).unwrap();
     Setup {
         client: GraphClient::new(&base, "v24.0", timeout).unwrap(),
@@ -48,15 +48,7 @@ fn credentials(access_token: &str) -> PageCredentials {
 
 impl Setup {
     async fn admin(&self, path: &str, body: Value) -> Value {
-        otnd::graph::http_client()
-            .post(self.sandbox.url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        Sandbox::new(self.sandbox.url("")).post(path, body).await
     }
 
     /// A token send expected to fail, with `faults` set first.

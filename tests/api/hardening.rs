@@ -8,8 +8,8 @@ use sea_orm::sqlx::{Connection, Executor, SqliteConnection};
 use tonic::{Code, transport::Channel};
 
 use crate::{
-    helpers::{TestDatabase, eventually, spawn_app, spawn_app_with, violated_fields},
     pages::create_request,
+    support::{TestDatabase, eventually, spawn_app, spawn_app_with, violated_fields},
 };
 
 /// Takes SQLite's write lock until `release` is called, so writes wait in the busy handler.

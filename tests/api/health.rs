@@ -8,7 +8,7 @@ use tonic_health::pb::{
 };
 use tonic_reflection::pb::{v1, v1alpha};
 
-use crate::helpers::{TestApp, TestDatabase, spawn_app, spawn_app_with};
+use crate::support::{TestApp, TestDatabase, spawn_app, spawn_app_with};
 
 const OUR_SERVICES: [&str; 5] = [
     "otn.v1.AudienceService",

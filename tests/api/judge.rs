@@ -6,26 +6,17 @@ use std::time::Duration;
 
 use graph_sandbox::{RunningSandbox, SandboxOptions};
 use otnd::pb::{
-    CreatePageRequest, CreateStoryRequest, DeliveryState, GetSendRequest, GetSubscriberRequest,
-    ListDeliveriesRequest, PreviewStoryRequest, SendProgress, SendState, StartSendRequest,
-    StoryContent, audience_service_client::AudienceServiceClient,
-    opt_in_service_client::OptInServiceClient, page_service_client::PageServiceClient,
-    send_service_client::SendServiceClient, story_content::Kind,
-    story_service_client::StoryServiceClient,
+    GetSubscriberRequest, SendProgress, audience_service_client::AudienceServiceClient,
 };
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 use crate::{
     binary::{Served, json_field},
-    helpers::{
-        TestDatabase, eventually, page_access_token, page_app_secret, page_verify_token,
-        test_master_key_base64,
-    },
+    support::{Sandbox, TestDatabase, eventually, test_master_key_base64},
 };
 
-pub(crate) const PAGE: &str = "4242";
-pub(crate) const TOPIC: &str = "Doors open";
+pub(crate) use otnd_testkit::{PAGE, StorySpec, TOPIC, get_send as progress_of, psids_in};
 
 /// One sandbox, one database, one working directory: `otnd` may be started on them many times.
 pub(crate) struct Harness {
@@ -119,34 +110,21 @@ impl Harness {
         }
     }
 
+    /// The sandbox's admin surface.
+    pub(crate) fn admin(&self) -> Sandbox {
+        Sandbox::new(self.sandbox.url(""))
+    }
+
     pub(crate) async fn sandbox_post(&self, path: &str, body: Value) -> Value {
-        let response = otnd::graph::http_client()
-            .post(self.sandbox.url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            response.status().is_success(),
-            "{path}: {}",
-            response.status()
-        );
-        response.json().await.unwrap()
+        self.admin().post(path, body).await
     }
 
     pub(crate) async fn sandbox_get(&self, path: &str) -> Value {
-        otnd::graph::http_client()
-            .get(self.sandbox.url(path))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.admin().get(path).await
     }
 
     pub(crate) async fn faults(&self, faults: Value) {
-        self.sandbox_post("/__sandbox/faults", faults).await;
+        self.admin().faults(faults).await;
     }
 
     /// Registers the page at `rate` per second, opts every recipient in through the signed
@@ -157,24 +135,8 @@ impl Harness {
 
     /// `prepare` for any page.
     pub(crate) async fn prepare_page(&self, node: &Node, page: &str, rate: u32) -> String {
-        PageServiceClient::new(node.channel.clone())
-            .create_page(CreatePageRequest {
-                page_id: page.into(),
-                name: "Faults".into(),
-                access_token: page_access_token(page),
-                app_secret: page_app_secret(page),
-                verify_token: page_verify_token(page),
-                send_rate_per_second: Some(rate),
-            })
-            .await
-            .unwrap();
-        self.sandbox_post(
-            "/__sandbox/pages",
-            json!({"page_id": page, "access_token": page_access_token(page),
-                   "app_secret": page_app_secret(page),
-                   "webhook_url": format!("http://{}/webhook", node.http)}),
-        )
-        .await;
+        otnd_testkit::register_page(&node.channel, &self.admin(), &node.http, page, Some(rate))
+            .await;
         self.opt_in_page(node, page, "c", self.recipients, None)
             .await;
         self.story_page(node, page, "The doors are open").await
@@ -190,46 +152,17 @@ impl Harness {
         count: u64,
         expires_in_seconds: Option<i64>,
     ) {
-        let before = self.active(node, page).await;
-        let mut body = json!({"page_id": page, "psid_prefix": prefix, "count": count,
-                              "payload": TOPIC, "deliver_webhook": true});
-        if let Some(seconds) = expires_in_seconds {
-            body["expires_in_seconds"] = json!(seconds);
-        }
-        self.sandbox_post("/__sandbox/optins", body).await;
-        let optins = OptInServiceClient::new(node.channel.clone());
-        eventually(Duration::from_secs(60), "every opt-in stored", || {
-            let mut optins = optins.clone();
-            async move {
-                let topics = optins
-                    .list_topics(otnd::pb::ListTopicsRequest {
-                        page_id: page.into(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .topics;
-                topics
-                    .iter()
-                    .any(|t| t.topic == TOPIC && t.active >= before + count)
-                    .then_some(())
-            }
-        })
+        let admin = self.admin();
+        otnd_testkit::opt_in_users(
+            &node.channel,
+            &admin,
+            page,
+            TOPIC,
+            prefix,
+            count,
+            expires_in_seconds,
+        )
         .await;
-    }
-
-    async fn active(&self, node: &Node, page: &str) -> u64 {
-        OptInServiceClient::new(node.channel.clone())
-            .list_topics(otnd::pb::ListTopicsRequest {
-                page_id: page.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .topics
-            .iter()
-            .find(|t| t.topic == TOPIC)
-            .map_or(0, |t| t.active)
     }
 
     /// A reviewed text story on the topic.
@@ -249,39 +182,9 @@ impl Harness {
         .await
     }
 
-    /// A story as `spec` says, reviewed (the reviewer is brought inside the window first,
-    /// through the sandbox only: otnd does not hear of it).
+    /// A story as `spec` says, reviewed (see `otnd_testkit::reviewed_story`).
     pub(crate) async fn reviewed_story(&self, node: &Node, spec: StorySpec<'_>) -> String {
-        let mut stories = StoryServiceClient::new(node.channel.clone());
-        let story = stories
-            .create_story(CreateStoryRequest {
-                page_id: spec.page.into(),
-                topic: spec.topic.into(),
-                content: Some(StoryContent {
-                    kind: Some(Kind::Text(spec.text.into())),
-                }),
-                include_window_users: spec.window,
-                segment_id: spec.segment_id.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .story
-            .unwrap();
-        self.sandbox_post(
-            "/__sandbox/interactions",
-            json!({"page_id": spec.page, "psid": spec.reviewer, "text": "ok",
-                   "deliver_webhook": false}),
-        )
-        .await;
-        stories
-            .preview_story(PreviewStoryRequest {
-                story_id: story.story_id.clone(),
-                reviewer_psid: spec.reviewer.into(),
-            })
-            .await
-            .unwrap();
-        story.story_id
+        otnd_testkit::reviewed_story(&node.channel, &self.admin(), spec).await
     }
 
     /// `count` users `{prefix}{n}` of `page` write to it (the signed webhook reaches otnd):
@@ -321,54 +224,13 @@ impl Harness {
     }
 }
 
-/// What [`Harness::reviewed_story`] makes: a text story on the topic, by default reviewed by
-/// `boss`, without window users or segment.
-pub(crate) struct StorySpec<'a> {
-    pub(crate) page: &'a str,
-    pub(crate) topic: &'a str,
-    pub(crate) text: &'a str,
-    pub(crate) window: bool,
-    pub(crate) segment_id: &'a str,
-    pub(crate) reviewer: &'a str,
-}
-
-impl Default for StorySpec<'_> {
-    fn default() -> Self {
-        StorySpec {
-            page: PAGE,
-            topic: TOPIC,
-            text: "The doors are open",
-            window: false,
-            segment_id: "",
-            reviewer: "boss",
-        }
-    }
-}
+/// How long a send of the harness's size may take to reach what a test waits for.
+const SEND_DEADLINE: Duration = Duration::from_secs(120);
 
 pub(crate) async fn start_send(channel: &Channel, story_id: &str, request_id: &str) -> String {
-    SendServiceClient::new(channel.clone())
-        .start_send(StartSendRequest {
-            story_id: story_id.into(),
-            request_id: request_id.into(),
-        })
+    otnd_testkit::start_send(channel, story_id, request_id)
         .await
-        .unwrap()
-        .into_inner()
-        .send
-        .unwrap()
         .send_id
-}
-
-pub(crate) async fn progress_of(channel: &Channel, send_id: &str) -> otnd::pb::Send {
-    SendServiceClient::new(channel.clone())
-        .get_send(GetSendRequest {
-            send_id: send_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .send
-        .unwrap()
 }
 
 pub(crate) async fn wait_until(
@@ -377,102 +239,26 @@ pub(crate) async fn wait_until(
     what: &str,
     done: impl Fn(&otnd::pb::Send) -> bool,
 ) {
-    eventually(Duration::from_secs(120), what, || {
-        let channel = channel.clone();
-        let send_id = send_id.to_string();
-        let done = &done;
-        async move {
-            let send = progress_of(&channel, &send_id).await;
-            done(&send).then_some(())
-        }
-    })
-    .await;
+    otnd_testkit::wait_for_send(channel, send_id, what, SEND_DEADLINE, done).await;
 }
 
 pub(crate) fn sent(send: &otnd::pb::Send) -> u64 {
     send.progress.as_ref().unwrap().sent
 }
 
-/// The psids of the send's deliveries in `state`, sorted.
-pub(crate) async fn psids_in(
-    channel: &Channel,
-    send_id: &str,
-    state: DeliveryState,
-) -> Vec<String> {
-    let mut psids = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = SendServiceClient::new(channel.clone())
-            .list_deliveries(ListDeliveriesRequest {
-                send_id: send_id.into(),
-                state: state.into(),
-                page_size: 1000,
-                page_token: token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        psids.extend(page.deliveries.into_iter().map(|d| d.psid));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
-    psids.sort();
-    psids
-}
-
-/// The judge, for a send that has ended: every recipient in exactly one terminal state; no
-/// recipient messaged twice and no token accepted twice at the sandbox; otnd's `sent` is exactly
-/// the set of recipients whose token the sandbox accepted. Returns the final progress.
+/// The judge (`otnd_testkit::judge`) for a send of [`PAGE`].
 pub(crate) async fn judge(h: &Harness, channel: &Channel, send_id: &str) -> SendProgress {
     judge_page(h, channel, send_id, PAGE).await
 }
 
-/// [`judge`] for a send of any page.
+/// The judge for a send of any page.
 pub(crate) async fn judge_page(
     h: &Harness,
     channel: &Channel,
     send_id: &str,
     page: &str,
 ) -> SendProgress {
-    let send = progress_of(channel, send_id).await;
-    let state = send.state();
-    let p = send.progress.unwrap();
-    assert_eq!(state, SendState::Completed, "{p:?}");
-    assert_eq!((p.pending, p.in_flight), (0, 0), "nothing left over: {p:?}");
-    assert_eq!(
-        p.sent + p.failed + p.unknown + p.skipped,
-        p.total,
-        "every recipient in one terminal state: {p:?}"
-    );
-    let stats = h.sandbox_get("/__sandbox/stats").await;
-    assert_eq!(stats["recipients_with_duplicate_content"], 0, "{stats}");
-    assert_eq!(stats["tokens_accepted_more_than_once"], 0, "{stats}");
-    assert!(
-        stats["rejected_by_reason"].get("token_expired").is_none(),
-        "an expired token was presented: {stats}"
-    );
-    let messages = h
-        .sandbox_get(&format!("/__sandbox/messages?page_id={page}"))
-        .await;
-    let mut accepted: Vec<String> = messages["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["token"].is_string())
-        .map(|m| m["psid"].as_str().unwrap().to_string())
-        .collect();
-    accepted.sort();
-    let sent_psids = psids_in(channel, send_id, DeliveryState::Sent).await;
-    assert_eq!(sent_psids.len() as u64, p.sent, "{p:?}");
-    assert!(
-        sent_psids == accepted,
-        "otnd's sent ({}) differs from the sandbox's accepted ({}); {stats}",
-        sent_psids.len(),
-        accepted.len()
-    );
-    p
+    otnd_testkit::judge(channel, &h.admin(), send_id, page).await
 }
 
 /// Resident set of a process, in MiB.

@@ -18,9 +18,9 @@ use tonic::Code;
 
 use crate::{
     backend_tests,
-    helpers::TestDatabase,
     judge::{Harness, Node, PAGE, StorySpec, TOPIC, progress_of, start_send, wait_until},
     ledger,
+    support::TestDatabase,
 };
 
 async fn accepted(h: &Harness) -> Vec<(Value, String)> {
@@ -94,7 +94,7 @@ async fn send_after_cancel(db: TestDatabase) {
     let throttled = || async { h.sandbox_get("/__sandbox/stats").await["rate_limited"].as_u64() };
     let throttled_before = throttled().await;
     let second = start_send(&node.channel, &second_story, "pending-at-cancel").await;
-    crate::helpers::eventually(Duration::from_secs(60), "a throttled call", || async {
+    crate::support::eventually(Duration::from_secs(60), "a throttled call", || async {
         (throttled().await != throttled_before).then_some(())
     })
     .await;
@@ -673,9 +673,9 @@ async fn answers_recorded_twice(db: TestDatabase) {
 /// now; one stored before the cap still works, because the queries no longer grow with it.
 async fn a_rule_of_any_size(db: TestDatabase) {
     use otnd::pb::{
-        CreateSegmentRequest, SegmentRule, TagSubscribersRequest,
-        audience_service_client::AudienceServiceClient,
+        SegmentRule, TagSubscribersRequest, audience_service_client::AudienceServiceClient,
     };
+    use otnd_testkit::create_segment;
     let h = Harness::new(&db, 10).await;
     let node = h.start().await;
     h.prepare(&node, 300).await;
@@ -702,20 +702,16 @@ async fn a_rule_of_any_size(db: TestDatabase) {
         })
         .await
         .unwrap();
-    let segment = audience
-        .create_segment(CreateSegmentRequest {
-            page_id: PAGE.into(),
-            name: "old and big".into(),
-            rule: Some(SegmentRule {
-                all_tags: vec!["t0".into()],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .segment
-        .unwrap();
+    let segment_id = create_segment(
+        &node.channel,
+        PAGE,
+        "old and big",
+        SegmentRule {
+            all_tags: vec!["t0".into()],
+            ..Default::default()
+        },
+    )
+    .await;
     // As an earlier version could have stored it.
     let rule = json!({"all_tags": tags, "any_tags": [], "none_tags": []}).to_string();
     let conn = Database::connect(&h.database_url).await.unwrap();
@@ -725,7 +721,7 @@ async fn a_rule_of_any_size(db: TestDatabase) {
             sea_orm::DatabaseBackend::Postgres => "UPDATE segments SET rule = $1 WHERE id = $2",
             _ => "UPDATE segments SET rule = ? WHERE id = ?",
         },
-        [rule.into(), segment.segment_id.clone().into()],
+        [rule.into(), segment_id.clone().into()],
     ))
     .await
     .unwrap();
@@ -735,7 +731,7 @@ async fn a_rule_of_any_size(db: TestDatabase) {
             &node,
             StorySpec {
                 text: "For the most tagged",
-                segment_id: &segment.segment_id,
+                segment_id: &segment_id,
                 ..StorySpec::default()
             },
         )

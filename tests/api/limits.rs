@@ -14,9 +14,9 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
     backend_tests,
-    helpers::TestDatabase,
     judge::{Harness, PAGE, StorySpec, progress_of, start_send, wait_until},
     ledger,
+    support::TestDatabase,
 };
 
 /// Defect: OTN_MAX_ACTIVE_SENDS (100 by default) counted queued sends, so a platform starting a

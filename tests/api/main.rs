@@ -1,7 +1,7 @@
 //! Integration tests: the real application, spawned on port 0 with a database of its own, driven
 //! through the generated gRPC clients and plain HTTP like any other client.
 
-mod helpers;
+mod support;
 
 mod audience;
 mod auth;

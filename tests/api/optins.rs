@@ -11,7 +11,7 @@ use tonic::Code;
 
 use crate::{
     backend_tests,
-    helpers::{TestApp, spawn_app, violated_fields},
+    support::{TestApp, spawn_app, violated_fields},
     webhook::topics,
 };
 
@@ -184,9 +184,7 @@ backend_tests! {
             .await.unwrap().into_inner();
         assert!(sent.message_id.starts_with("m_"));
 
-        let ledger: serde_json::Value = otnd::graph::http_client()
-            .get(app.sandbox_url("/__sandbox/messages?page_id=500&psid=u1"))
-            .send().await.unwrap().json().await.unwrap();
+        let ledger = app.sandbox_get("/__sandbox/messages?page_id=500&psid=u1").await;
         let payload = &ledger["messages"][0]["message"]["attachment"]["payload"];
         assert_eq!(payload["template_type"], "one_time_notif_req");
         assert_eq!(payload["payload"], "Spring Sale!", "the topic travels as the payload");
@@ -255,8 +253,7 @@ backend_tests! {
         assert!(status.message().contains("required when the topic is longer than 65"));
         let status = app.optins.send_opt_in_request(opt_in_request("799", "u1", "t", "x")).await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound);
-        let stats: serde_json::Value = otnd::graph::http_client()
-            .get(app.sandbox_url("/__sandbox/stats")).send().await.unwrap().json().await.unwrap();
+        let stats = app.sandbox_get("/__sandbox/stats").await;
         assert_eq!(stats["accepted"].as_u64().unwrap() + stats["rejected"].as_u64().unwrap(), 0);
     }
 }

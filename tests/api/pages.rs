@@ -16,7 +16,7 @@ use tonic::Code;
 
 use crate::{
     backend_tests,
-    helpers::{TEST_MASTER_KEY, TestApp, TestDatabase, spawn_app, violated_fields},
+    support::{TEST_MASTER_KEY, TestApp, TestDatabase, spawn_app, violated_fields},
 };
 
 const ACCESS_TOKEN: &str = "EAAB-access-token-PLAINTEXT-1";

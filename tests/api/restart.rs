@@ -11,8 +11,8 @@ use secrecy::ExposeSecret;
 
 use crate::{
     backend_tests,
-    helpers::{TestDatabase, settings_for, spawn_app, spawn_app_with, try_spawn},
     pages::create_page,
+    support::{TestDatabase, settings_for, spawn_app, spawn_app_with, try_spawn},
 };
 
 backend_tests! {

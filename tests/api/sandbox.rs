@@ -13,7 +13,7 @@ use axum::{Router, body::Bytes, http::HeaderMap, routing::post};
 use graph_sandbox::{AcceptedMessage, RunningSandbox, SandboxOptions, Stats};
 use serde_json::{Value, json};
 
-use crate::helpers::eventually;
+use crate::support::eventually;
 
 const PAGE: &str = "111";
 const PAGE_TOKEN: &str = "EAAB-page-111";
@@ -52,7 +52,7 @@ impl Sandbox {
     async fn start_with(options: SandboxOptions) -> Self {
         let sandbox = Sandbox {
             running: RunningSandbox::start(options).await.unwrap(),
-            http: otnd::graph::http_client_builder()
+            http: graph_sandbox::http_client_builder()
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap(),
@@ -787,7 +787,7 @@ async fn timeouts_and_resets_leave_nothing_accepted_but_accept_then_fail_does() 
     let url = sandbox
         .running
         .url(&format!("/v24.0/me/messages?access_token={PAGE_TOKEN}"));
-    let impatient = otnd::graph::http_client_builder()
+    let impatient = graph_sandbox::http_client_builder()
         .timeout(Duration::from_millis(300))
         .build()
         .unwrap();

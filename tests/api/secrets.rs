@@ -17,10 +17,10 @@ use serde_json::{Value, json};
 
 use crate::{
     backend_tests,
-    helpers::{
+    judge::{Harness, Node, PAGE, StorySpec},
+    support::{
         TestDatabase, page_access_token, page_app_secret, page_verify_token, test_master_key_base64,
     },
-    judge::{Harness, Node, PAGE, StorySpec},
 };
 
 /// Every fault kind the sandbox has, each on its own.

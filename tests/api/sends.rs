@@ -7,32 +7,21 @@ use std::time::Duration;
 use otnd::pb::{
     CancelSendRequest, CreateSegmentRequest, CreateStoryRequest, DeliveryState, GetSendRequest,
     ListDeliveriesRequest, ListSendsRequest, ListTopicsRequest, PauseSendRequest,
-    PreviewStoryRequest, RecordOptInRequest, ResumeSendRequest, Route, SegmentRule, Send,
-    SendState, StartSendRequest, StoryContent, TagSubscribersRequest, UpdatePageRequest,
-    WatchSendRequest, story_content::Kind,
+    RecordOptInRequest, ResumeSendRequest, Route, SegmentRule, Send, SendState, StartSendRequest,
+    TagSubscribersRequest, UpdatePageRequest, WatchSendRequest,
 };
 use serde_json::{Value, json};
 use tonic::Code;
 
 use crate::{
     backend_tests,
-    helpers::{TestApp, eventually, page_access_token, spawn_app, spawn_app_with},
-    webhook::wait_for_active,
+    support::{TestApp, eventually, page_access_token, spawn_app, spawn_app_with},
 };
+use otnd_testkit::{StorySpec, active_opt_ins, get_send, opt_in_users, start_send, wait_for_send};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const PAGE: &str = "300";
 const TOPIC: &str = "Tickets on sale";
-
-pub async fn sandbox_get(app: &TestApp, path: &str) -> Value {
-    otnd::graph::http_client()
-        .get(app.sandbox_url(path))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
 
 async fn set_rate(app: &mut TestApp, page: &str, rate: u32) {
     app.pages
@@ -46,90 +35,33 @@ async fn set_rate(app: &mut TestApp, page: &str, rate: u32) {
 }
 
 /// `count` users `{prefix}0..` opt in on the topic through the sandbox's signed webhooks.
-async fn opt_in_many(app: &mut TestApp, page: &str, prefix: &str, count: u64) {
-    let before = active(app, page).await;
-    app.sandbox_admin(
-        "/__sandbox/optins",
-        json!({"page_id": page, "psid_prefix": prefix, "count": count, "payload": TOPIC,
-               "deliver_webhook": true}),
+async fn opt_in_many(app: &TestApp, page: &str, prefix: &str, count: u64) {
+    opt_in_users(
+        &app.channel,
+        &app.sandbox(),
+        page,
+        TOPIC,
+        prefix,
+        count,
+        None,
     )
     .await;
-    wait_for_active(app, page, TOPIC, before + count).await;
 }
 
-async fn active(app: &mut TestApp, page: &str) -> u64 {
-    let topics = app
-        .optins
-        .list_topics(ListTopicsRequest {
-            page_id: page.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .topics;
-    topics
-        .iter()
-        .find(|t| t.topic == TOPIC)
-        .map_or(0, |t| t.active)
-}
-
-/// A reviewed text story on the topic.
-async fn reviewed_story(app: &mut TestApp, page: &str, request: CreateStoryRequest) -> String {
-    let story = app
-        .stories
-        .create_story(CreateStoryRequest {
-            page_id: page.into(),
-            topic: TOPIC.into(),
-            content: Some(StoryContent {
-                kind: Some(Kind::Text("Tickets are on sale now".into())),
-            }),
-            ..request
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .story
-        .unwrap();
-    // A reviewer per story: the sandbox would count one reviewer seeing the same text twice.
-    let reviewer = format!("reviewer-{}", &story.story_id[..8]);
-    app.sandbox_admin(
-        "/__sandbox/interactions",
-        json!({"page_id": page, "psid": reviewer, "text": "ready", "deliver_webhook": false}),
-    )
-    .await;
-    app.stories
-        .preview_story(PreviewStoryRequest {
-            story_id: story.story_id.clone(),
-            reviewer_psid: reviewer,
-        })
-        .await
-        .unwrap();
-    story.story_id
-}
-
-async fn start(app: &mut TestApp, story_id: &str, request_id: &str) -> Send {
-    app.sends
-        .start_send(StartSendRequest {
-            story_id: story_id.into(),
-            request_id: request_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .send
-        .unwrap()
-}
-
-async fn get_send(app: &mut TestApp, send_id: &str) -> Send {
-    app.sends
-        .get_send(GetSendRequest {
-            send_id: send_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .send
-        .unwrap()
+/// A reviewed text story on the topic, with the request's audience; a reviewer per story (the
+/// sandbox would count one reviewer seeing the same text twice).
+async fn reviewed_story(app: &TestApp, page: &str, request: CreateStoryRequest) -> String {
+    static STORIES: AtomicU64 = AtomicU64::new(0);
+    let reviewer = format!("reviewer-{}", STORIES.fetch_add(1, Ordering::Relaxed));
+    let spec = StorySpec {
+        page,
+        topic: TOPIC,
+        text: "Tickets are on sale now",
+        window: request.include_window_users,
+        segment_id: &request.segment_id,
+        reviewer: &reviewer,
+    };
+    otnd_testkit::reviewed_story(&app.channel, &app.sandbox(), spec).await
 }
 
 /// Polls until the send is in `state`.
@@ -139,20 +71,9 @@ pub async fn wait_for_state(
     state: SendState,
     within: Duration,
 ) -> Send {
-    let sends = app.sends.clone();
-    eventually(within, &format!("send {send_id} to be {state:?}"), || {
-        let mut sends = sends.clone();
-        let send_id = send_id.to_string();
-        async move {
-            let send = sends
-                .get_send(GetSendRequest { send_id })
-                .await
-                .unwrap()
-                .into_inner()
-                .send
-                .unwrap();
-            (send.state() == state).then_some(send)
-        }
+    let what = format!("send {send_id} to be {state:?}");
+    wait_for_send(&app.channel, send_id, &what, within, |send| {
+        send.state() == state
     })
     .await
 }
@@ -191,20 +112,9 @@ fn counters(send: &Send) -> (u64, u64, u64, u64, u64) {
 
 /// The sandbox's judge: nobody messaged twice, no token accepted twice.
 async fn assert_no_duplicates(app: &TestApp) -> Value {
-    let stats = sandbox_get(app, "/__sandbox/stats").await;
+    let stats = app.sandbox_get("/__sandbox/stats").await;
     assert_eq!(stats["recipients_with_duplicate_content"], 0, "{stats}");
     stats
-}
-
-/// Token sends the sandbox accepted for the page (the preview is a standard message).
-async fn accepted_token_sends(app: &TestApp, page: &str) -> usize {
-    let messages = sandbox_get(app, &format!("/__sandbox/messages?page_id={page}")).await;
-    messages["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["token"].is_string())
-        .count()
 }
 
 backend_tests! {
@@ -219,13 +129,13 @@ backend_tests! {
         // S1 (`cargo bench --bench send_engine -- s1`: no 613).
         set_rate(&mut app, PAGE, 250).await;
         app.sandbox_admin("/__sandbox/faults", json!({"rate_limit_per_page": 300})).await;
-        opt_in_many(&mut app, PAGE, "fan-", 1000).await;
-        let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest::default()).await;
+        opt_in_many(&app, PAGE, "fan-", 1000).await;
+        let story_id = reviewed_story(&app, PAGE, CreateStoryRequest::default()).await;
 
-        let send = start(&mut app, &story_id, "launch-1").await;
+        let send = start_send(&app.channel, &story_id, "launch-1").await;
         assert_eq!(send.request_id, "launch-1");
         // The same request id is the same send; for another story it is refused.
-        assert_eq!(start(&mut app, &story_id, "launch-1").await.send_id, send.send_id);
+        assert_eq!(start_send(&app.channel, &story_id, "launch-1").await.send_id, send.send_id);
 
         let mut stream = app.sends.watch_send(WatchSendRequest { send_id: send.send_id.clone() })
             .await.unwrap().into_inner();
@@ -244,7 +154,7 @@ backend_tests! {
         let stats = assert_no_duplicates(&app).await;
         assert_eq!(stats["tokens_presented_more_than_once"], 0, "{stats}");
         assert_eq!(stats["rate_limited"], 0, "no 613: {stats}");
-        assert_eq!(accepted_token_sends(&app, PAGE).await, 1000);
+        assert_eq!(app.sandbox().token_recipients(PAGE).await.len(), 1000);
 
         let sent = deliveries(&mut app, &send.send_id, DeliveryState::Sent).await;
         assert_eq!(sent.len(), 1000);
@@ -254,14 +164,14 @@ backend_tests! {
         let topic = topics.iter().find(|t| t.topic == TOPIC).unwrap();
         assert_eq!((topic.active, topic.reserved, topic.used), (0, 0, 1000));
 
-        let done = get_send(&mut app, &send.send_id).await;
+        let done = get_send(&app.channel, &send.send_id).await;
         assert!(done.start_time.is_some() && done.finish_time.is_some());
         let listed = app.sends.list_sends(ListSendsRequest { page_id: PAGE.into(), ..Default::default() })
             .await.unwrap().into_inner().sends;
         assert_eq!(listed.len(), 1);
 
         // Another story cannot reuse the request id; the sent story is locked.
-        let other = reviewed_story(&mut app, PAGE, CreateStoryRequest::default()).await;
+        let other = reviewed_story(&app, PAGE, CreateStoryRequest::default()).await;
         let status = app.sends.start_send(StartSendRequest { story_id: other, request_id: "launch-1".into() })
             .await.unwrap_err();
         assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
@@ -286,9 +196,9 @@ backend_tests! {
         let mut app = spawn_app(&db).await;
         app.register_page(PAGE).await;
         set_rate(&mut app, PAGE, 300).await;
-        opt_in_many(&mut app, PAGE, "fan-", 600).await;
-        let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest::default()).await;
-        let send = start(&mut app, &story_id, "watched").await;
+        opt_in_many(&app, PAGE, "fan-", 600).await;
+        let story_id = reviewed_story(&app, PAGE, CreateStoryRequest::default()).await;
+        let send = start_send(&app.channel, &story_id, "watched").await;
         let watch = |app: &TestApp| {
             let mut sends = app.sends.clone();
             let send_id = send.send_id.clone();
@@ -331,14 +241,14 @@ backend_tests! {
         app.register_page(PAGE).await;
         set_rate(&mut app, PAGE, 5).await;
         app.sandbox_admin("/__sandbox/faults", json!({"rate_limit_per_page": 5})).await;
-        opt_in_many(&mut app, PAGE, "slow-", 24).await;
-        let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest::default()).await;
-        let send = start(&mut app, &story_id, "paced").await;
+        opt_in_many(&app, PAGE, "slow-", 24).await;
+        let story_id = reviewed_story(&app, PAGE, CreateStoryRequest::default()).await;
+        let send = start_send(&app.channel, &story_id, "paced").await;
         wait_for_state(&mut app, &send.send_id, SendState::Completed, Duration::from_secs(30)).await;
 
         let stats = assert_no_duplicates(&app).await;
         assert_eq!(stats["rate_limited"], 0, "{stats}");
-        let messages = sandbox_get(&app, &format!("/__sandbox/messages?page_id={PAGE}")).await;
+        let messages = app.sandbox_get(&format!("/__sandbox/messages?page_id={PAGE}")).await;
         let mut per_second = std::collections::BTreeMap::new();
         for m in messages["messages"].as_array().unwrap().iter().filter(|m| m["token"].is_string()) {
             *per_second.entry(m["time_ms"].as_i64().unwrap() / 1000).or_insert(0) += 1;
@@ -352,7 +262,7 @@ backend_tests! {
         let mut app = spawn_app(&db).await;
         app.register_page(PAGE).await;
         set_rate(&mut app, PAGE, 300).await;
-        opt_in_many(&mut app, PAGE, "u", 10).await;
+        opt_in_many(&app, PAGE, "u", 10).await;
         // Three users only wrote to the page: inside the window, without an opt-in.
         for psid in ["w0", "w1", "w2"] {
             app.sandbox_admin("/__sandbox/interactions",
@@ -377,10 +287,10 @@ backend_tests! {
             page_id: PAGE.into(), name: "vips".into(),
             rule: Some(SegmentRule { all_tags: vec!["vip".into()], ..Default::default() }) })
             .await.unwrap().into_inner().segment.unwrap();
-        let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest {
+        let story_id = reviewed_story(&app, PAGE, CreateStoryRequest {
             include_window_users: true, segment_id: segment.segment_id, ..Default::default() }).await;
 
-        let send = start(&mut app, &story_id, "vips").await;
+        let send = start_send(&app.channel, &story_id, "vips").await;
         let done = wait_for_state(&mut app, &send.send_id, SendState::Completed, Duration::from_secs(30)).await;
         assert_eq!(counters(&done), (7, 7, 0, 0, 0));
         let sent = deliveries(&mut app, &send.send_id, DeliveryState::Sent).await;
@@ -393,7 +303,7 @@ backend_tests! {
         ]);
         assert_no_duplicates(&app).await;
         // The others' opt-ins are untouched.
-        assert_eq!(active(&mut app, PAGE).await, 5);
+        assert_eq!(active_opt_ins(&app.channel, PAGE, TOPIC).await, 5);
     }
 
     async fn a_window_message_that_may_have_landed_is_unknown_and_never_retried(db) {
@@ -415,12 +325,12 @@ backend_tests! {
                 Some(())
             }
         }).await;
-        let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest {
+        let story_id = reviewed_story(&app, PAGE, CreateStoryRequest {
             include_window_users: true, ..Default::default() }).await;
         // Half the answers are lost after the message was accepted, some connections drop.
         app.sandbox_admin("/__sandbox/faults",
             json!({"seed": 3, "accept_then_fail_rate": 0.4, "reset_rate": 0.1})).await;
-        let send = start(&mut app, &story_id, "window").await;
+        let send = start_send(&app.channel, &story_id, "window").await;
         let done = wait_for_state(&mut app, &send.send_id, SendState::Completed, Duration::from_secs(30)).await;
         let (total, sent, failed, skipped, unknown) = counters(&done);
         assert_eq!((total, failed, skipped), (40, 0, 0));
@@ -430,7 +340,7 @@ backend_tests! {
         let unknowns = deliveries(&mut app, &send.send_id, DeliveryState::Unknown).await;
         assert!(unknowns.iter().all(|d| d.attempts == 1 && d.route() == Route::Window), "{unknowns:?}");
         // Each standard message was attempted once: the sandbox saw at most one per user.
-        let messages = sandbox_get(&app, &format!("/__sandbox/messages?page_id={PAGE}")).await;
+        let messages = app.sandbox_get(&format!("/__sandbox/messages?page_id={PAGE}")).await;
         let to_window_users = messages["messages"].as_array().unwrap().iter()
             .filter(|m| m["psid"].as_str().unwrap().starts_with('w')).count() as u64;
         assert!(to_window_users >= sent && to_window_users <= sent + unknown, "{stats}");
@@ -440,13 +350,13 @@ backend_tests! {
         let mut app = spawn_app(&db).await;
         app.register_page(PAGE).await;
         set_rate(&mut app, PAGE, 300).await;
-        opt_in_many(&mut app, PAGE, "fan-", 5).await;
+        opt_in_many(&app, PAGE, "fan-", 5).await;
         // A token Facebook never issued (with faults off: after an ambiguous attempt, code 100
         // would mean the first attempt landed).
         app.optins.record_opt_in(RecordOptInRequest { page_id: PAGE.into(), psid: "ghost".into(),
             topic: TOPIC.into(), token: "never-issued-token".into(), opt_in_time: None }).await.unwrap();
-        let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest::default()).await;
-        let send = start(&mut app, &story_id, "ghost").await;
+        let story_id = reviewed_story(&app, PAGE, CreateStoryRequest::default()).await;
+        let send = start_send(&app.channel, &story_id, "ghost").await;
         let done = wait_for_state(&mut app, &send.send_id, SendState::Completed, Duration::from_secs(30)).await;
         assert_eq!(counters(&done), (6, 5, 1, 0, 0));
         let failed = deliveries(&mut app, &send.send_id, DeliveryState::Failed).await;
@@ -469,7 +379,7 @@ backend_tests! {
         set_rate(&mut app, PAGE, 300).await;
         // Every user opts in twice: now (a year's token, through the webhook), and through a
         // gateway with a token that expires in 30 days, recorded after the first.
-        opt_in_many(&mut app, PAGE, "m", USERS).await;
+        opt_in_many(&app, PAGE, "m", USERS).await;
         let sooner = app.sandbox_admin("/__sandbox/optins", json!({"page_id": PAGE,
             "psid_prefix": "m", "count": USERS, "payload": TOPIC,
             "expires_in_seconds": SOONER_SECONDS, "deliver_webhook": false})).await;
@@ -484,14 +394,14 @@ backend_tests! {
                     nanos: ((opted_in_ms % 1000) * 1_000_000) as i32 }) })
                 .await.unwrap();
         }
-        assert_eq!(active(&mut app, PAGE).await, 2 * USERS);
+        assert_eq!(active_opt_ins(&app.channel, PAGE, TOPIC).await, 2 * USERS);
 
-        let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest::default()).await;
-        let send = start(&mut app, &story_id, "twice").await;
+        let story_id = reviewed_story(&app, PAGE, CreateStoryRequest::default()).await;
+        let send = start_send(&app.channel, &story_id, "twice").await;
         let done = wait_for_state(&mut app, &send.send_id, SendState::Completed, Duration::from_secs(60)).await;
         assert_eq!(counters(&done), (USERS, USERS, 0, 0, 0), "one delivery per user");
         assert_no_duplicates(&app).await;
-        let messages = sandbox_get(&app, &format!("/__sandbox/messages?page_id={PAGE}")).await;
+        let messages = app.sandbox_get(&format!("/__sandbox/messages?page_id={PAGE}")).await;
         let mut used: Vec<String> = messages["messages"].as_array().unwrap().iter()
             .filter_map(|m| m["token"].as_str().map(str::to_string)).collect();
         used.sort();
@@ -509,9 +419,9 @@ backend_tests! {
         let mut app = spawn_app(&db).await;
         app.register_page(PAGE).await;
         set_rate(&mut app, PAGE, 300).await;
-        opt_in_many(&mut app, PAGE, "fan-", 200).await;
-        let first = reviewed_story(&mut app, PAGE, CreateStoryRequest::default()).await;
-        let second = reviewed_story(&mut app, PAGE, CreateStoryRequest::default()).await;
+        opt_in_many(&app, PAGE, "fan-", 200).await;
+        let first = reviewed_story(&app, PAGE, CreateStoryRequest::default()).await;
+        let second = reviewed_story(&app, PAGE, CreateStoryRequest::default()).await;
         let (mut a, mut b) = (app.sends.clone(), app.sends.clone());
         let (x, y) = tokio::join!(
             a.start_send(StartSendRequest { story_id: first, request_id: "a".into() }),
@@ -524,16 +434,16 @@ backend_tests! {
         assert_eq!(xs + ys, 200, "every token used by exactly one of the sends: {xs} + {ys}");
         let stats = assert_no_duplicates(&app).await;
         assert_eq!(stats["tokens_presented_more_than_once"], 0, "{stats}");
-        assert_eq!(accepted_token_sends(&app, PAGE).await, 200);
+        assert_eq!(app.sandbox().token_recipients(PAGE).await.len(), 200);
     }
 
     async fn pause_resume_and_cancel_release_what_was_not_sent(db) {
         let mut app = spawn_app(&db).await;
         app.register_page(PAGE).await;
         set_rate(&mut app, PAGE, 10).await;
-        opt_in_many(&mut app, PAGE, "fan-", 60).await;
-        let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest::default()).await;
-        let send = start(&mut app, &story_id, "steer").await;
+        opt_in_many(&app, PAGE, "fan-", 60).await;
+        let story_id = reviewed_story(&app, PAGE, CreateStoryRequest::default()).await;
+        let send = start_send(&app.channel, &story_id, "steer").await;
         let sends = app.sends.clone();
         let id = send.send_id.clone();
         eventually(Duration::from_secs(20), "a few deliveries", || {
@@ -564,7 +474,7 @@ backend_tests! {
         }).await;
         let sent_while_paused = counters(&settled).1;
         assert!(sent_while_paused < 60);
-        assert_eq!(accepted_token_sends(&app, PAGE).await as u64, sent_while_paused);
+        assert_eq!(app.sandbox().token_recipients(PAGE).await.len() as u64, sent_while_paused);
         let status = app.sends.pause_send(PauseSendRequest { send_id: send.send_id.clone() }).await.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
@@ -598,8 +508,8 @@ backend_tests! {
         assert!(sent < 60);
         // Everyone not sent to keeps (or has back) their token, and the sandbox saw exactly
         // the sent ones.
-        assert_eq!(active(&mut app, PAGE).await, 60 - sent);
-        assert_eq!(accepted_token_sends(&app, PAGE).await as u64, sent);
+        assert_eq!(active_opt_ins(&app.channel, PAGE, TOPIC).await, 60 - sent);
+        assert_eq!(app.sandbox().token_recipients(PAGE).await.len() as u64, sent);
         let status = app.sends.cancel_send(CancelSendRequest { send_id: send.send_id }).await.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition);
     }
@@ -608,18 +518,18 @@ backend_tests! {
         let mut app = spawn_app(&db).await;
         app.register_page(PAGE).await;
         set_rate(&mut app, PAGE, 300).await;
-        opt_in_many(&mut app, PAGE, "fan-", 50).await;
+        opt_in_many(&app, PAGE, "fan-", 50).await;
 
         // Facebook no longer accepts the page's token (190).
         app.sandbox_admin("/__sandbox/pages", json!({"page_id": PAGE, "access_token": "EAAB-new",
-            "app_secret": crate::helpers::page_app_secret(PAGE), "webhook_url": app.http_url("/webhook")})).await;
+            "app_secret": crate::support::page_app_secret(PAGE), "webhook_url": app.http_url("/webhook")})).await;
         let story_id = reviewed_story_after_token_change(&mut app).await;
-        let send = start(&mut app, &story_id, "halt-190").await;
+        let send = start_send(&app.channel, &story_id, "halt-190").await;
         let halted = wait_for_state(&mut app, &send.send_id, SendState::Halted, Duration::from_secs(20)).await;
         let progress = halted.progress.clone().unwrap();
         assert!(progress.last_error.contains("190"), "{progress:?}");
         assert_eq!((progress.sent, progress.failed), (0, 0), "nobody failed for the page's fault");
-        assert_eq!(accepted_token_sends(&app, PAGE).await, 0);
+        assert_eq!(app.sandbox().token_recipients(PAGE).await.len(), 0);
         // Fixed page, resumed send: everyone gets it.
         app.pages.update_page(UpdatePageRequest { page_id: PAGE.into(), access_token: Some("EAAB-new".into()),
             ..Default::default() }).await.unwrap();
@@ -628,10 +538,10 @@ backend_tests! {
         assert_eq!(counters(&done), (50, 50, 0, 0, 0));
 
         // A restricted page (10/1893063) halts the same way.
-        opt_in_many(&mut app, PAGE, "more-", 20).await;
-        let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest::default()).await;
+        opt_in_many(&app, PAGE, "more-", 20).await;
+        let story_id = reviewed_story(&app, PAGE, CreateStoryRequest::default()).await;
         app.sandbox_admin("/__sandbox/faults", json!({"restricted_pages": [PAGE]})).await;
-        let send = start(&mut app, &story_id, "halt-restricted").await;
+        let send = start_send(&app.channel, &story_id, "halt-restricted").await;
         let halted = wait_for_state(&mut app, &send.send_id, SendState::Halted, Duration::from_secs(20)).await;
         assert!(halted.progress.unwrap().last_error.contains("1893063"));
         app.sandbox_admin("/__sandbox/faults", json!({})).await;
@@ -645,12 +555,12 @@ backend_tests! {
         let mut app = spawn_app_with(&db, &[("OTN_GRAPH_TIMEOUT_SECONDS", "1")]).await;
         app.register_page(PAGE).await;
         set_rate(&mut app, PAGE, 300).await;
-        opt_in_many(&mut app, PAGE, "fan-", 300).await;
-        let story_id = reviewed_story(&mut app, PAGE, CreateStoryRequest::default()).await;
+        opt_in_many(&app, PAGE, "fan-", 300).await;
+        let story_id = reviewed_story(&app, PAGE, CreateStoryRequest::default()).await;
         app.sandbox_admin("/__sandbox/faults", json!({
             "seed": 7, "error_rate": 0.05, "timeout_rate": 0.03, "timeout_hold_ms": 1500,
             "reset_rate": 0.04, "accept_then_fail_rate": 0.08, "throttle_rate": 0.03})).await;
-        let send = start(&mut app, &story_id, "faults").await;
+        let send = start_send(&app.channel, &story_id, "faults").await;
         let done = wait_for_state(&mut app, &send.send_id, SendState::Completed, Duration::from_secs(90)).await;
         let (total, sent, failed, skipped, unknown) = counters(&done);
         assert_eq!(total, 300);
@@ -659,7 +569,7 @@ backend_tests! {
         let stats = assert_no_duplicates(&app).await;
         // Every operation ends ok, failed or indeterminate: what Facebook accepted is otnd's
         // sent, plus at most the deliveries otnd reports as unknown.
-        let accepted = accepted_token_sends(&app, PAGE).await as u64;
+        let accepted = app.sandbox().token_recipients(PAGE).await.len() as u64;
         assert!(sent <= accepted && accepted <= sent + unknown, "sent {sent}, unknown {unknown}, accepted {accepted}; {stats}");
         // Accepted-then-failed attempts were retried with the same token and confirmed by it.
         let confirmed = deliveries(&mut app, &send.send_id, DeliveryState::Sent).await

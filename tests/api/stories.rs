@@ -14,7 +14,7 @@ use tonic::Code;
 
 use crate::{
     backend_tests,
-    helpers::{TestApp, spawn_app, violated_fields},
+    support::{TestApp, spawn_app, violated_fields},
     webhook::wait_for_active,
 };
 
@@ -135,17 +135,6 @@ async fn estimate(app: &mut TestApp, story_id: &str) -> EstimateAudienceResponse
         .into_inner()
 }
 
-async fn sandbox_json(app: &TestApp, path: &str) -> Value {
-    otnd::graph::http_client()
-        .get(app.sandbox_url(path))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 backend_tests! {
     async fn content_rules_sit_at_facebooks_limits(db) {
         let mut app = spawn_app(&db).await;
@@ -219,14 +208,14 @@ backend_tests! {
         assert!(reviewed.review_time.is_some());
         assert_eq!(reviewed.content, content);
 
-        let ledger = sandbox_json(&app, &format!("/__sandbox/messages?page_id={PAGE}&psid=boss")).await;
+        let ledger = app.sandbox_get(&format!("/__sandbox/messages?page_id={PAGE}&psid=boss")).await;
         let message = &ledger["messages"][0];
         assert_eq!(message["token"], Value::Null, "a standard message, never a token");
         assert_eq!(message["message"], json!({"attachment": {"type": "template", "payload": {
             "template_type": "button", "text": "Tickets are on sale!", "buttons": [
                 {"type": "web_url", "title": "Buy", "url": "https://example.com/t"},
                 {"type": "postback", "title": "Later", "payload": "LATER"}]}}}));
-        let stats = sandbox_json(&app, "/__sandbox/stats").await;
+        let stats = app.sandbox_get("/__sandbox/stats").await;
         assert_eq!(stats["token_presentations"], 0);
         assert_eq!(estimate(&mut app, &story.story_id).await.token_recipients, 1, "the opt-in is untouched");
     }
@@ -383,7 +372,7 @@ backend_tests! {
         app.register_page(PAGE).await;
         let (story, _) = create(&mut app, story_request("Sale", text("x"))).await;
         // The state the send engine gives a story when its first send starts.
-        let settings = crate::helpers::settings_for(&db, &[]).unwrap();
+        let settings = crate::support::settings_for(&db, &[]).unwrap();
         let store = otnd::store::Store::connect(&settings.database_url).await.unwrap();
         use sea_orm::ConnectionTrait;
         store.db.execute_unprepared(&format!("UPDATE stories SET state = 'sent' WHERE id = '{}'", story.story_id))

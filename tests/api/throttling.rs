@@ -7,8 +7,8 @@ use serde_json::json;
 
 use crate::{
     backend_tests,
-    helpers::eventually,
     judge::{Harness, PAGE, judge, judge_page, progress_of, start_send, wait_until},
+    support::eventually,
 };
 
 /// The value of a gauge for the page on `/metrics`, if it is there.

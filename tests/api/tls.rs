@@ -3,7 +3,7 @@
 use otnd::pb::{GetPageRequest, page_service_client::PageServiceClient};
 use tonic::{Code, transport::Channel};
 
-use crate::helpers::{TestDatabase, settings_for, try_spawn_tls};
+use crate::support::{TestDatabase, settings_for, try_spawn_tls};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_serves_tls_when_given_a_certificate_and_refuses_plaintext() {

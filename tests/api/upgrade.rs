@@ -7,7 +7,7 @@ use migration::{Migrator, MigratorTrait};
 use otnd::domain::{DeliveryState, OptInState, SendState};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
 
-use crate::{backend_tests, helpers::TestDatabase, ledger};
+use crate::{backend_tests, ledger, support::TestDatabase};
 
 /// The migrations before the lifecycle one.
 const BEFORE_LIFECYCLE: u32 = 5;

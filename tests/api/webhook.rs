@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::{
     backend_tests,
-    helpers::{TestApp, TestDatabase, page_app_secret, page_verify_token, sign_webhook, spawn_app},
+    support::{TestApp, TestDatabase, page_app_secret, page_verify_token, sign_webhook, spawn_app},
 };
 
 pub async fn topics(app: &mut TestApp, page_id: &str) -> Vec<TopicSummary> {

@@ -37,7 +37,7 @@ use serde_json::{Value, json};
 
 use crate::{
     backend_tests,
-    helpers::{TestApp, page_app_secret, spawn_app},
+    support::{TestApp, page_app_secret, spawn_app},
 };
 
 /// Cases of each property (inputs tried per run).

@@ -12,9 +12,9 @@ use tonic_health::pb::{
 use super::world::World;
 use crate::{
     erasure::every_row,
-    helpers::{page_access_token, page_app_secret, page_verify_token, test_master_key_base64},
     ledger,
     secrets::database_text,
+    support::{page_access_token, page_app_secret, page_verify_token, test_master_key_base64},
 };
 
 pub(crate) async fn violations(world: &World<'_>, pages: &[&str]) -> Vec<String> {

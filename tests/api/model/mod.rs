@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use history::{PAGES, Shape, Step, describe, generate};
 use world::World;
 
-use crate::helpers::TestDatabase;
+use crate::support::TestDatabase;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Backend {

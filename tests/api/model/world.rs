@@ -25,11 +25,11 @@ use tonic::{Code, transport::Channel};
 use super::history::{FaultSet, PAGES, Step, TAGS, TOPICS};
 use crate::{
     faults::Proxy,
-    helpers::{
+    judge::{Harness, Node},
+    support::{
         TestDatabase, eventually, page_access_token, page_app_secret, page_verify_token,
         sign_webhook,
     },
-    judge::{Harness, Node},
 };
 
 /// Who previews every story (inside the window at the sandbox only: otnd never hears of them,

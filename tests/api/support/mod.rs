@@ -1,12 +1,10 @@
 //! The test harness: a fresh database per test (SQLite always, PostgreSQL when `DATABASE_URL` or
 //! `OTN_TEST_DATABASE_URL` names one), the application started on port 0 in its own actix
-//! System, and typed gRPC clients.
+//! System, and typed gRPC clients. The client-side fixtures (a page, a reviewed story, a started
+//! send, the sandbox's admin surface, the judge) are `otnd_testkit`'s, shared with the
+//! benchmarks, and re-exported here.
 
-use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use graph_sandbox::{RunningSandbox, SandboxOptions};
@@ -21,6 +19,10 @@ use otnd::{
 };
 use sea_orm::{ConnectionTrait, Database};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+pub use otnd_testkit::{
+    Sandbox, eventually, page_access_token, page_app_secret, page_verify_token,
+};
 
 /// The master key the harness gives every app unless a test asks for none.
 pub const TEST_MASTER_KEY: [u8; 32] = [42; 32];
@@ -40,13 +42,13 @@ macro_rules! backend_tests {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                let $db = $crate::helpers::TestDatabase::sqlite();
+                let $db = $crate::support::TestDatabase::sqlite();
                 $body
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                let Some($db) = $crate::helpers::TestDatabase::postgres().await else {
+                let Some($db) = $crate::support::TestDatabase::postgres().await else {
                     eprintln!("skipped: DATABASE_URL names no PostgreSQL server");
                     return;
                 };
@@ -185,7 +187,7 @@ pub struct TestApp {
     pub stories: StoryServiceClient<Channel>,
     pub sends: SendServiceClient<Channel>,
     /// The Graph sandbox otnd talks to (apps started by `spawn_app*`).
-    pub sandbox: Option<RunningSandbox>,
+    running_sandbox: Option<RunningSandbox>,
     app: Option<BackgroundApp>,
 }
 
@@ -204,7 +206,7 @@ pub async fn spawn_app_with(db: &TestDatabase, overrides: &[(&str, &str)]) -> Te
     let settings =
         settings_with_graph(db, &sandbox.url(""), overrides).expect("valid test settings");
     let mut app = try_spawn(settings).await.expect("the application starts");
-    app.sandbox = Some(sandbox);
+    app.running_sandbox = Some(sandbox);
     app
 }
 
@@ -251,12 +253,11 @@ pub async fn try_spawn_tls(settings: Settings, ca_pem: Option<&[u8]>) -> Result<
         stories: StoryServiceClient::new(channel.clone()),
         sends: SendServiceClient::new(channel.clone()),
         channel,
-        sandbox: None,
+        running_sandbox: None,
         app: Some(app),
     })
 }
 
-/// The secrets the harness registers pages with, in otnd and in the sandbox alike.
 /// `X-Hub-Signature-256` of a webhook body, as Facebook signs it with the app secret.
 pub fn sign_webhook(secret: &str, body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
@@ -266,62 +267,37 @@ pub fn sign_webhook(secret: &str, body: &[u8]) -> String {
     )
 }
 
-pub fn page_access_token(page_id: &str) -> String {
-    format!("EAAB-test-{page_id}")
-}
-pub fn page_app_secret(page_id: &str) -> String {
-    format!("app-secret-{page_id}")
-}
-pub fn page_verify_token(page_id: &str) -> String {
-    format!("verify-{page_id}")
-}
-
 impl TestApp {
     pub fn http_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.http_port)
     }
 
     pub fn sandbox_url(&self, path: &str) -> String {
-        self.sandbox
+        self.running_sandbox
             .as_ref()
             .expect("an app with a sandbox")
             .url(path)
     }
 
-    /// POSTs JSON to the sandbox's admin surface; fails the test unless it answers 200.
+    /// The sandbox's admin surface.
+    pub fn sandbox(&self) -> Sandbox {
+        Sandbox::new(self.sandbox_url(""))
+    }
+
+    /// POSTs JSON to the sandbox's admin surface; fails the test unless it answers 2xx.
     pub async fn sandbox_admin(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
-        let response = otnd::graph::http_client()
-            .post(self.sandbox_url(path))
-            .json(&body)
-            .send()
-            .await
-            .expect("the sandbox answers");
-        let status = response.status();
-        let body: serde_json::Value = response.json().await.expect("JSON from the sandbox");
-        assert!(status.is_success(), "sandbox {path}: {status} {body}");
-        body
+        self.sandbox().post(path, body).await
+    }
+
+    /// GETs JSON from the sandbox's admin surface.
+    pub async fn sandbox_get(&self, path: &str) -> serde_json::Value {
+        self.sandbox().get(path).await
     }
 
     /// Registers the page in otnd and in the sandbox, whose webhooks then go to otnd.
     pub async fn register_page(&mut self, page_id: &str) {
-        self.pages
-            .create_page(otnd::pb::CreatePageRequest {
-                page_id: page_id.into(),
-                name: format!("Page {page_id}"),
-                access_token: page_access_token(page_id),
-                app_secret: page_app_secret(page_id),
-                verify_token: page_verify_token(page_id),
-                send_rate_per_second: None,
-            })
-            .await
-            .expect("CreatePage");
-        let webhook_url = self.http_url("/webhook");
-        self.sandbox_admin(
-            "/__sandbox/pages",
-            serde_json::json!({"page_id": page_id, "access_token": page_access_token(page_id),
-                               "app_secret": page_app_secret(page_id), "webhook_url": webhook_url}),
-        )
-        .await;
+        let http = format!("127.0.0.1:{}", self.http_port);
+        otnd_testkit::register_page(&self.channel, &self.sandbox(), &http, page_id, None).await;
     }
 
     /// Asks for a graceful shutdown and waits for the application to finish it.
@@ -330,25 +306,6 @@ impl TestApp {
         tokio::task::spawn_blocking(move || app.stop())
             .await
             .expect("the joiner")
-    }
-}
-
-/// Polls `check` until it returns `Some`, or fails the test after `deadline`.
-pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            started.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
