@@ -1289,14 +1289,7 @@ async fn peer_once(dir: &std::path::Path, mode: PeerMode, tokens: u64) -> PeerRu
     );
     let (_, cpu_after) = sandbox.usage();
     let result: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let stats: Value = client
-        .get(format!("{url}/__sandbox/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = Sandbox::new(&url).stats().await;
     let count = |name: &str| stats[name].as_u64().unwrap_or(0);
     PeerRun {
         rate: result["per_second"].as_f64().unwrap(),

@@ -7,12 +7,12 @@
 use std::time::{Duration, Instant};
 
 use otnd::pb::{
-    CreatePageRequest, CreateSegmentRequest, CreateStoryRequest, DeliveryState, GetSendRequest,
-    ListDeliveriesRequest, ListTopicsRequest, PreviewStoryRequest, SegmentRule, SendProgress,
-    SendState, StartSendRequest, StoryContent, audience_service_client::AudienceServiceClient,
-    opt_in_service_client::OptInServiceClient, page_service_client::PageServiceClient,
-    send_service_client::SendServiceClient, story_content::Kind,
-    story_service_client::StoryServiceClient,
+    CreatePageRequest, CreateSegmentRequest, CreateStoryRequest, Delivery, DeliveryState,
+    GetSendRequest, ListDeliveriesRequest, ListTopicsRequest, PreviewStoryRequest, SegmentRule,
+    SendProgress, SendState, StartSendRequest, StoryContent,
+    audience_service_client::AudienceServiceClient, opt_in_service_client::OptInServiceClient,
+    page_service_client::PageServiceClient, send_service_client::SendServiceClient,
+    story_content::Kind, story_service_client::StoryServiceClient,
 };
 use serde_json::{Value, json};
 use tonic::transport::Channel;
@@ -359,9 +359,9 @@ pub async fn wait_for_send(
     .await
 }
 
-/// The psids of the send's deliveries in `state`, sorted, read page by page.
-pub async fn psids_in(channel: &Channel, send_id: &str, state: DeliveryState) -> Vec<String> {
-    let mut psids = Vec::new();
+/// The send's deliveries in `state` (every state: `Unspecified`), read page by page.
+pub async fn deliveries(channel: &Channel, send_id: &str, state: DeliveryState) -> Vec<Delivery> {
+    let mut all = Vec::new();
     let mut token = String::new();
     loop {
         let page = SendServiceClient::new(channel.clone())
@@ -374,12 +374,21 @@ pub async fn psids_in(channel: &Channel, send_id: &str, state: DeliveryState) ->
             .await
             .expect("ListDeliveries")
             .into_inner();
-        psids.extend(page.deliveries.into_iter().map(|d| d.psid));
+        all.extend(page.deliveries);
         if page.next_page_token.is_empty() {
-            break;
+            return all;
         }
         token = page.next_page_token;
     }
+}
+
+/// The psids of the send's deliveries in `state`, sorted.
+pub async fn psids_in(channel: &Channel, send_id: &str, state: DeliveryState) -> Vec<String> {
+    let mut psids: Vec<String> = deliveries(channel, send_id, state)
+        .await
+        .into_iter()
+        .map(|d| d.psid)
+        .collect();
     psids.sort();
     psids
 }

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use otnd::pb::{
     CancelSendRequest, CreateSegmentRequest, CreateStoryRequest, DeliveryState, GetSendRequest,
-    ListDeliveriesRequest, ListSendsRequest, ListTopicsRequest, PauseSendRequest,
-    RecordOptInRequest, ResumeSendRequest, Route, SegmentRule, Send, SendState, StartSendRequest,
-    TagSubscribersRequest, UpdatePageRequest, WatchSendRequest,
+    ListSendsRequest, ListTopicsRequest, PauseSendRequest, RecordOptInRequest, ResumeSendRequest,
+    Route, SegmentRule, Send, SendState, StartSendRequest, TagSubscribersRequest,
+    UpdatePageRequest, WatchSendRequest,
 };
 use serde_json::{Value, json};
 use tonic::Code;
@@ -17,7 +17,9 @@ use crate::{
     backend_tests,
     support::{TestApp, eventually, page_access_token, spawn_app, spawn_app_with},
 };
-use otnd_testkit::{StorySpec, active_opt_ins, get_send, opt_in_users, start_send, wait_for_send};
+use otnd_testkit::{
+    StorySpec, active_opt_ins, deliveries, get_send, opt_in_users, start_send, wait_for_send,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const PAGE: &str = "300";
@@ -78,33 +80,6 @@ pub async fn wait_for_state(
     .await
 }
 
-async fn deliveries(
-    app: &mut TestApp,
-    send_id: &str,
-    state: DeliveryState,
-) -> Vec<otnd::pb::Delivery> {
-    let mut all = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = app
-            .sends
-            .list_deliveries(ListDeliveriesRequest {
-                send_id: send_id.into(),
-                state: state.into(),
-                page_size: 1000,
-                page_token: token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        all.extend(page.deliveries);
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        token = page.next_page_token;
-    }
-}
-
 fn counters(send: &Send) -> (u64, u64, u64, u64, u64) {
     let p = send.progress.as_ref().unwrap();
     (p.total, p.sent, p.failed, p.skipped, p.unknown)
@@ -156,7 +131,7 @@ backend_tests! {
         assert_eq!(stats["rate_limited"], 0, "no 613: {stats}");
         assert_eq!(app.sandbox().token_recipients(PAGE).await.len(), 1000);
 
-        let sent = deliveries(&mut app, &send.send_id, DeliveryState::Sent).await;
+        let sent = deliveries(&app.channel, &send.send_id, DeliveryState::Sent).await;
         assert_eq!(sent.len(), 1000);
         assert!(sent.iter().all(|d| !d.message_id.is_empty() && d.attempts == 1 && d.route() == Route::Token));
         let topics = app.optins.list_topics(ListTopicsRequest { page_id: PAGE.into() })
@@ -293,7 +268,7 @@ backend_tests! {
         let send = start_send(&app.channel, &story_id, "vips").await;
         let done = wait_for_state(&mut app, &send.send_id, SendState::Completed, Duration::from_secs(30)).await;
         assert_eq!(counters(&done), (7, 7, 0, 0, 0));
-        let sent = deliveries(&mut app, &send.send_id, DeliveryState::Sent).await;
+        let sent = deliveries(&app.channel, &send.send_id, DeliveryState::Sent).await;
         let mut by_route: Vec<(String, Route)> = sent.iter().map(|d| (d.psid.clone(), d.route())).collect();
         by_route.sort();
         assert_eq!(by_route, vec![
@@ -337,7 +312,7 @@ backend_tests! {
         assert_eq!(sent + unknown, 40);
         assert!(unknown > 0, "some answers were lost");
         let stats = assert_no_duplicates(&app).await;
-        let unknowns = deliveries(&mut app, &send.send_id, DeliveryState::Unknown).await;
+        let unknowns = deliveries(&app.channel, &send.send_id, DeliveryState::Unknown).await;
         assert!(unknowns.iter().all(|d| d.attempts == 1 && d.route() == Route::Window), "{unknowns:?}");
         // Each standard message was attempted once: the sandbox saw at most one per user.
         let messages = app.sandbox_get(&format!("/__sandbox/messages?page_id={PAGE}")).await;
@@ -359,7 +334,7 @@ backend_tests! {
         let send = start_send(&app.channel, &story_id, "ghost").await;
         let done = wait_for_state(&mut app, &send.send_id, SendState::Completed, Duration::from_secs(30)).await;
         assert_eq!(counters(&done), (6, 5, 1, 0, 0));
-        let failed = deliveries(&mut app, &send.send_id, DeliveryState::Failed).await;
+        let failed = deliveries(&app.channel, &send.send_id, DeliveryState::Failed).await;
         assert_eq!(failed.len(), 1);
         assert_eq!((failed[0].psid.as_str(), failed[0].error_code, failed[0].attempts), ("ghost", 100, 1));
         assert!(failed[0].error_message.contains("token"), "{:?}", failed[0]);
@@ -572,10 +547,10 @@ backend_tests! {
         let accepted = app.sandbox().token_recipients(PAGE).await.len() as u64;
         assert!(sent <= accepted && accepted <= sent + unknown, "sent {sent}, unknown {unknown}, accepted {accepted}; {stats}");
         // Accepted-then-failed attempts were retried with the same token and confirmed by it.
-        let confirmed = deliveries(&mut app, &send.send_id, DeliveryState::Sent).await
+        let confirmed = deliveries(&app.channel, &send.send_id, DeliveryState::Sent).await
             .into_iter().filter(|d| d.confirmed_by_token).count();
         assert!(confirmed > 0, "{stats}");
-        let retried = deliveries(&mut app, &send.send_id, DeliveryState::Sent).await
+        let retried = deliveries(&app.channel, &send.send_id, DeliveryState::Sent).await
             .into_iter().filter(|d| d.attempts > 1).count();
         assert!(retried > 0);
         let metrics = otnd::graph::http_client().get(app.http_url("/metrics")).send().await.unwrap()
