@@ -11,7 +11,7 @@
 //!   (the median of `BENCH_RUNS` runs).
 //! - `peer`: the npm `messaging-api-messenger` client against the same sandbox with as many
 //!   tokens: `sendBatch` (50 per request) in 1 and in 8 plain loops, and single `sendMessage`
-//!   calls 64 in flight (`tests/peer/messaging-api-messenger/*-loop.cjs`; needs Node.js and npm).
+//!   calls 64 in flight (`sandbox/tests/peer/messaging-api-messenger/*-loop.cjs`; needs Node.js and npm).
 //!   S0 and the peer take turns, run by run; the table gives S0's rate divided by each.
 //! - `first`: the time from StartSend to the first message the sandbox accepts, with 200,000
 //!   recipients to materialise on a page paced at 300/s.
@@ -1313,7 +1313,7 @@ const PEER_MODES: [PeerMode; 3] = [
 /// The peer scripts with their npm dependencies installed (`npm ci`), in a directory of their own.
 fn install_peer() -> tempfile::TempDir {
     let source =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peer/messaging-api-messenger");
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sandbox/tests/peer/messaging-api-messenger");
     let dir = tempfile::tempdir().unwrap();
     for file in [
         "package.json",

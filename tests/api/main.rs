@@ -22,7 +22,6 @@ mod model;
 mod optins;
 mod pages;
 mod restart;
-mod sandbox;
 mod secrets;
 mod sends;
 mod stories;

@@ -13,7 +13,24 @@ use axum::{Router, body::Bytes, http::HeaderMap, routing::post};
 use graph_sandbox::{AcceptedMessage, RunningSandbox, SandboxOptions, Stats};
 use serde_json::{Value, json};
 
-use crate::support::eventually;
+/// Polls `check` until it returns `Some`; fails naming `what` after `deadline`.
+async fn eventually<T, Fut: Future<Output = Option<T>>>(
+    deadline: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Fut,
+) -> T {
+    let polling = async {
+        loop {
+            match check().await {
+                Some(value) => break value,
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    };
+    tokio::time::timeout(deadline, polling)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {deadline:?} waiting for {what}"))
+}
 
 const PAGE: &str = "111";
 const PAGE_TOKEN: &str = "EAAB-page-111";
