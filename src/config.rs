@@ -604,6 +604,31 @@ mod tests {
         load(vars).unwrap_err().to_string()
     }
 
+    /// Loads a file holding `toml` under `vars`; also gives the file's path as problems show it.
+    fn load_file(toml: &str, vars: &[(&str, &str)]) -> (Result<Settings, ConfigError>, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("otnd.toml");
+        std::fs::write(&path, toml).unwrap();
+        let env = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let shown = path.display().to_string();
+        (Settings::load_from(Some(&path), &env), shown)
+    }
+
+    fn file_problems(toml: &str, vars: &[(&str, &str)]) -> (String, String) {
+        let (result, path) = load_file(toml, vars);
+        (result.unwrap_err().to_string(), path)
+    }
+
+    fn assert_contains_all<S: AsRef<str>>(text: &str, expected: impl IntoIterator<Item = S>) {
+        for expected in expected {
+            let expected = expected.as_ref();
+            assert!(text.contains(expected), "expected {expected:?} in: {text}");
+        }
+    }
+
     #[test]
     fn defaults_serve_on_one_machine() {
         let settings = load(&[]).unwrap();
@@ -737,5 +762,178 @@ mod tests {
             err.to_string().contains("unknown setting 'grpc_adr'"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn unknown_file_keys_are_named_with_the_file_and_the_known_keys() {
+        let (text, path) = file_problems("grpc_adr = \"127.0.0.1:7000\"\n", &[]);
+        let known = SETTINGS.iter().map(|(key, _)| *key).collect::<Vec<_>>();
+        assert_contains_all(
+            &text,
+            [format!(
+                "config file {path}: unknown setting 'grpc_adr' (known: {})",
+                known.join(", ")
+            )],
+        );
+    }
+
+    #[test]
+    fn environment_values_reach_the_checks_as_written() {
+        // Leading zeros read as decimal (010 is ten seconds), and a problem quotes the value as
+        // written: nothing parses a variable before its own check does.
+        let master_key = BASE64.encode([7u8; 32]);
+        assert!(master_key.ends_with('='));
+        let settings = load(&[
+            ("OTN_LEASE_SECONDS", "010"),
+            ("OTN_INSTANCE_ID", "0123"),
+            ("OTN_ENFORCE_PAGE_RATE", "0"),
+            ("OTN_MASTER_KEY", &master_key),
+            (
+                "OTN_API_KEYS",
+                "admin:0123456789abcdef,viewer:true567890abcdef",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(settings.lease_ttl, Duration::from_secs(10));
+        assert_eq!(settings.instance_id.as_deref(), Some("0123"));
+        assert!(!settings.enforce_page_rate);
+        assert!(settings.master_key.is_some());
+        assert_eq!(
+            settings.api_keys.role_of(b"true567890abcdef"),
+            Some(Role::Viewer)
+        );
+        let text = problems(&[
+            ("OTN_LEASE_SECONDS", "0400"),
+            ("OTN_MAX_ACTIVE_SENDS", "1e5"),
+            ("OTN_GRAPH_VERSION", "[x]"),
+            ("OTN_LOG_FORMAT", "true"),
+        ]);
+        assert_contains_all(
+            &text,
+            [
+                "OTN_LEASE_SECONDS: '0400' is not a whole number from 2 to 300",
+                "OTN_MAX_ACTIVE_SENDS: '1e5' is not a whole number from 1 to 10000000",
+                "OTN_GRAPH_VERSION: '[x]' is not a Graph API version",
+                "OTN_LOG_FORMAT: 'true' is not a log format",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_file_value_of_another_type_is_refused_naming_key_and_file() {
+        // Refused even where the environment overrides it: the file itself is wrong.
+        let (text, path) = file_problems(
+            "grpc_addr = [\"127.0.0.1:7000\"]\nlease_seconds = 1.5\ngraph_url = 1979-05-27\n\
+             [log_format]\nx = 1\n",
+            &[("OTN_GRPC_ADDR", "127.0.0.1:7000")],
+        );
+        assert_contains_all(
+            &text,
+            [
+                ("grpc_addr", "array"),
+                ("lease_seconds", "float"),
+                ("graph_url", "datetime"),
+                ("log_format", "table"),
+            ]
+            .map(|(key, found)| {
+                format!("{key} in {path}: expected a string or an integer, found {found}")
+            }),
+        );
+        let (settings, _) = load_file("lease_seconds = 3\nenforce_page_rate = false\n", &[]);
+        let settings = settings.unwrap();
+        assert_eq!(settings.lease_ttl, Duration::from_secs(3));
+        assert!(!settings.enforce_page_rate);
+    }
+
+    #[test]
+    fn unknown_environment_variables_are_ignored() {
+        let settings = load(&[
+            ("OTN_TEST_CRASH_AT", "x"),
+            ("OTN_MODEL_SEED", "x"),
+            ("OTN_API_KEY", "x"),
+            ("OTN_GRPC_ADR", "x"),
+            ("otn_grpc_addr", "x"),
+            ("GRPC_ADDR", "x"),
+        ])
+        .unwrap();
+        assert_eq!(settings.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert!(settings.api_keys.is_empty());
+    }
+
+    #[test]
+    fn problems_from_file_and_environment_are_reported_together() {
+        let (text, path) = file_problems(
+            "grpc_addr = \"localhost\"\nlease_seconds = 1000\nlog_format = \"xml\"\n",
+            &[("OTN_HTTP_ADDR", "8080"), ("OTN_LOG_FORMAT", "yaml")],
+        );
+        assert_contains_all(
+            &text,
+            [
+                format!("grpc_addr in {path}: 'localhost' is not a socket address (expected"),
+                format!("lease_seconds in {path}: '1000' is not a whole number from 2 to 300"),
+                "OTN_HTTP_ADDR: '8080' is not a socket address".into(),
+                "OTN_LOG_FORMAT: 'yaml' is not a log format".into(),
+            ],
+        );
+        assert!(
+            !text.contains("xml"),
+            "the environment's value is the one checked: {text}"
+        );
+    }
+
+    #[test]
+    fn a_bad_file_is_one_problem_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.toml");
+        let err = Settings::load_from(Some(&missing), &BTreeMap::new()).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_contains_all(
+            &err.to_string(),
+            [format!("config file {}: ", missing.display())],
+        );
+        let (result, path) = load_file("grpc_addr = \n", &[("OTN_LOG_FORMAT", "xml")]);
+        let err = result.unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_contains_all(
+            &err.to_string(),
+            [format!("config file {path}: not valid TOML at line 1")],
+        );
+    }
+
+    #[test]
+    fn no_problem_and_no_debug_output_shows_a_secret() {
+        let secret = "s3cr3tS3cr3tS3cr3t";
+        let mut texts = vec![problems(&[
+            ("OTN_MASTER_KEY", secret),
+            ("OTN_API_KEYS", &format!("admin:{secret},viewer:{secret}")),
+            (
+                "OTN_DATABASE_URL",
+                &format!("postgres://otnd:{secret}@/otnd"),
+            ),
+        ])];
+        for toml in [
+            format!("master_key = [\"{secret}\"]"),
+            format!("master_key = \"{secret}"),
+            format!("master_key = {secret}"),
+            format!("api_keys = \"root:{secret}\""),
+            format!("database_url = \"postgres://otnd:{secret}@db:99999/otnd\""),
+        ] {
+            texts.push(file_problems(&toml, &[]).0);
+        }
+        let master_key = BASE64.encode([42u8; 32]);
+        let url = format!("postgres://otnd:{secret}@db/otnd");
+        let settings = load(&[
+            ("OTN_MASTER_KEY", &master_key),
+            ("OTN_API_KEYS", &format!("admin:{secret}")),
+            ("OTN_DATABASE_URL", &url),
+        ])
+        .unwrap();
+        texts.push(format!("{settings:?}"));
+        for text in texts {
+            assert!(
+                !text.contains("s3cr3t") && !text.contains(&master_key),
+                "{text}"
+            );
+        }
     }
 }
