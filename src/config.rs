@@ -590,6 +590,8 @@ fn parse_in_range(s: &str, min: u64, max: u64) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
@@ -934,6 +936,41 @@ mod tests {
                 !text.contains("s3cr3t") && !text.contains(&master_key),
                 "{text}"
             );
+        }
+    }
+
+    #[test]
+    fn the_readme_table_lists_every_setting_with_its_default() {
+        let readme = include_str!("../README.md");
+        let rows = readme
+            .lines()
+            .skip_while(|line| !line.starts_with("| variable | default |"))
+            .skip(2)
+            .take_while(|line| line.starts_with('|'));
+        let mut documented = BTreeMap::new();
+        for row in rows {
+            let cells: Vec<_> = row.trim_start_matches("| ").split(" | ").collect();
+            // A literal default is a backticked value opening the cell: `30`, `0` (none).
+            let literal = cells[1]
+                .strip_prefix('`')
+                .and_then(|rest| rest.split_once('`'));
+            for var in cells[0].split(" / ") {
+                let var = var.trim_matches('`').to_string();
+                let twice = documented.insert(var.clone(), literal.map(|(value, _)| value));
+                assert!(twice.is_none(), "README has two rows for {var}");
+            }
+        }
+        let listed: BTreeSet<_> = documented.keys().cloned().collect();
+        let settings: BTreeSet<_> = SETTINGS.iter().map(|(key, _)| env_var(key)).collect();
+        assert!(
+            listed == settings,
+            "only in README: {:?}; only in the settings: {:?}",
+            listed.difference(&settings).collect::<Vec<_>>(),
+            settings.difference(&listed).collect::<Vec<_>>()
+        );
+        for (key, default) in SETTINGS {
+            let var = env_var(key);
+            assert_eq!(documented[&var], *default, "README's default for {var}");
         }
     }
 }
