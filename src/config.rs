@@ -1,6 +1,7 @@
 //! Typed settings: defaults that serve on one machine, an optional TOML file, `OTN_*` environment
-//! overrides. Everything is validated at start and every problem is reported at once, naming where
-//! the bad value came from. Secrets are held in `secrecy` types so that they never reach a log.
+//! overrides, layered by figment. Everything is validated at start and every problem is reported
+//! at once, naming where the bad value came from. Secrets are held in `secrecy` types so that they
+//! never reach a log.
 
 use std::{
     collections::BTreeMap,
@@ -11,65 +12,64 @@ use std::{
 };
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
+use figment::{
+    Figment, Metadata, Profile, Provider,
+    providers::{Format, Serialized, Toml},
+    value::{Dict, Map, Value},
+};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use url::Url;
 
 use crate::crypto::MasterKey;
 
-/// Each setting: its key in the config file, its environment variable, and its default.
-const SETTINGS: &[(&str, &str, Option<&str>)] = &[
-    (
-        "database_url",
-        "OTN_DATABASE_URL",
-        Some("sqlite://otnd.db?mode=rwc"),
-    ),
-    ("grpc_addr", "OTN_GRPC_ADDR", Some("127.0.0.1:50051")),
-    ("http_addr", "OTN_HTTP_ADDR", Some("127.0.0.1:8080")),
-    (
-        "graph_url",
-        "OTN_GRAPH_URL",
-        Some("https://graph.facebook.com"),
-    ),
-    ("graph_version", "OTN_GRAPH_VERSION", Some("v24.0")),
-    ("master_key", "OTN_MASTER_KEY", None),
-    ("api_keys", "OTN_API_KEYS", None),
-    ("log_format", "OTN_LOG_FORMAT", Some("pretty")),
-    ("tls_cert", "OTN_TLS_CERT", None),
-    ("tls_key", "OTN_TLS_KEY", None),
-    (
-        "request_timeout_seconds",
-        "OTN_REQUEST_TIMEOUT_SECONDS",
-        Some("30"),
-    ),
-    (
-        "max_concurrent_requests",
-        "OTN_MAX_CONCURRENT_REQUESTS",
-        Some("1024"),
-    ),
-    (
-        "shutdown_grace_seconds",
-        "OTN_SHUTDOWN_GRACE_SECONDS",
-        Some("10"),
-    ),
-    ("app_rate_per_second", "OTN_APP_RATE_PER_SECOND", Some("0")),
-    ("send_batch_max", "OTN_SEND_BATCH_MAX", Some("50")),
-    ("enforce_page_rate", "OTN_ENFORCE_PAGE_RATE", Some("true")),
-    (
-        "graph_timeout_seconds",
-        "OTN_GRAPH_TIMEOUT_SECONDS",
-        Some("20"),
-    ),
-    ("max_active_sends", "OTN_MAX_ACTIVE_SENDS", Some("100000")),
-    ("max_page_actors", "OTN_MAX_PAGE_ACTORS", Some("1000")),
-    ("max_watchers", "OTN_MAX_WATCHERS", Some("1000")),
-    (
-        "max_watchers_per_send",
-        "OTN_MAX_WATCHERS_PER_SEND",
-        Some("100"),
-    ),
-    ("instance_id", "OTN_INSTANCE_ID", None),
-    ("lease_seconds", "OTN_LEASE_SECONDS", Some("10")),
-];
+/// Declares the settings, each once: its key (in the file; `OTN_<KEY>` in the environment), the
+/// type it is read into, its default as a user would write it, and what reads and checks it.
+macro_rules! settings {
+    (@default) => { None };
+    (@default $default:literal) => { Some($default) };
+    ($($key:ident: $T:ty $(= $default:literal)?, $parse:expr;)*) => {
+        /// Each setting's key and default, in the order its problems are reported.
+        const SETTINGS: &[(&str, Option<&str>)] =
+            &[$((stringify!($key), settings!(@default $($default)?))),*];
+
+        /// Every setting as read; `None` where unset, or invalid (and a problem says why).
+        struct Values { $($key: Option<$T>),* }
+
+        impl Values {
+            fn read(figment: &Figment, problems: &mut Vec<String>) -> Self {
+                Values { $($key: read(figment, problems, stringify!($key), $parse)),* }
+            }
+        }
+    };
+}
+
+settings! {
+    database_url: DatabaseUrl = "sqlite://otnd.db?mode=rwc", parse_database_url;
+    grpc_addr: SocketAddr = "127.0.0.1:50051", parse_socket_addr;
+    http_addr: SocketAddr = "127.0.0.1:8080", parse_socket_addr;
+    graph_url: Url = "https://graph.facebook.com", parse_graph_url;
+    graph_version: String = "v24.0", parse_graph_version;
+    master_key: MasterKey, parse_master_key;
+    api_keys: ApiKeys, ApiKeys::parse;
+    log_format: LogFormat = "pretty", parse_log_format;
+    tls_cert: PathBuf, parse_existing_file;
+    tls_key: PathBuf, parse_existing_file;
+    request_timeout_seconds: Duration = "30", seconds(1, 3600);
+    max_concurrent_requests: usize = "1024", count(1, 1_000_000);
+    shutdown_grace_seconds: Duration = "10", seconds(1, 600);
+    app_rate_per_second: Option<u32> = "0", |s| {
+        parse_in_range(s, 0, 1_000_000).map(|n| u32::try_from(n).ok().filter(|&n| n > 0))
+    };
+    send_batch_max: usize = "50", count(1, crate::graph::MAX_BATCH_ITEMS as u64);
+    enforce_page_rate: bool = "true", parse_bool;
+    graph_timeout_seconds: Duration = "20", seconds(1, 600);
+    max_active_sends: u64 = "100000", |s| parse_in_range(s, 1, 10_000_000);
+    max_page_actors: usize = "1000", count(1, 100_000);
+    max_watchers: usize = "1000", count(1, 1_000_000);
+    max_watchers_per_send: usize = "100", count(1, 1_000_000);
+    instance_id: String, parse_instance_id;
+    lease_seconds: Duration = "10", seconds(2, 300);
+}
 
 /// The environment variable that names a config file when `--config` is not given.
 pub const CONFIG_FILE_ENV: &str = "OTN_CONFIG";
@@ -270,24 +270,6 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Where a raw value came from, for error messages.
-#[derive(Clone, Debug)]
-enum Origin {
-    Default,
-    File(PathBuf, &'static str),
-    Env(&'static str),
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Origin::Default => write!(f, "default"),
-            Origin::File(path, key) => write!(f, "{key} in {}", path.display()),
-            Origin::Env(var) => write!(f, "{var}"),
-        }
-    }
-}
-
 impl Settings {
     /// Loads from the process environment and an optional file (`--config`, else `OTN_CONFIG`).
     pub fn load(config_file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -300,31 +282,84 @@ impl Settings {
         config_file: Option<&Path>,
         env: &BTreeMap<String, String>,
     ) -> Result<Self, ConfigError> {
-        let mut raw: BTreeMap<&'static str, (String, Origin)> = BTreeMap::new();
-        for (key, _, default) in SETTINGS {
-            if let Some(default) = default {
-                raw.insert(key, (default.to_string(), Origin::Default));
-            }
-        }
-
+        let defaults: BTreeMap<&str, &str> = SETTINGS
+            .iter()
+            .filter_map(|&(key, default)| Some((key, default?)))
+            .collect();
+        let mut figment = Figment::from(Serialized::defaults(defaults));
         let file = config_file
             .map(Path::to_path_buf)
             .or_else(|| env.get(CONFIG_FILE_ENV).map(PathBuf::from));
         if let Some(path) = file {
-            read_file_layer(&path, &mut raw)?;
+            figment = figment.merge(file_layer(&path)?);
         }
-        for (key, var, _) in SETTINGS {
-            if let Some(value) = env.get(*var) {
-                raw.insert(key, (value.clone(), Origin::Env(var)));
-            }
-        }
+        // Only the known settings' variables: other `OTN_*` ones serve other purposes.
+        let vars = SETTINGS.iter().filter_map(|(key, _)| {
+            let value = env.get(&env_var(key))?;
+            Some((key.to_string(), Value::from(value.clone())))
+        });
+        let metadata = Metadata::named("environment").interpolater(|_, keys| env_var(keys[0]));
+        let figment = figment.merge(Layer(metadata, vars.collect()));
 
         let mut problems = Vec::new();
-        let mut field = |key: &str| raw.get(key).cloned();
-        let settings = Parser {
-            problems: &mut problems,
+        let v = Values::read(&figment, &mut problems);
+        let tls = match (v.tls_cert, v.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => {
+                problems.push(
+                    "OTN_TLS_CERT and OTN_TLS_KEY go together: set both to serve TLS, or neither"
+                        .into(),
+                );
+                None
+            }
+        };
+        if let (Some(DatabaseUrl::Postgres(_)), None) = (&v.database_url, &v.master_key) {
+            problems.push(
+                "OTN_MASTER_KEY is required with PostgreSQL: page secrets are encrypted with it, \
+                 and a key generated on one machine would not be shared with the others \
+                 (32 random bytes, standard base64; e.g. `openssl rand -base64 32`)"
+                    .into(),
+            );
         }
-        .settings(&mut field);
+        let api_keys = v.api_keys.unwrap_or_default();
+        if let Some(addr) = v.grpc_addr
+            && api_keys.is_empty()
+            && !addr.ip().is_loopback()
+        {
+            problems.push(format!(
+                "OTN_GRPC_ADDR {addr} is not a loopback address and OTN_API_KEYS is not set: \
+                 without API keys otnd answers anyone, so it only listens on loopback. \
+                 Set OTN_API_KEYS (role:key,...) to listen on {addr}"
+            ));
+        }
+
+        let settings = (|| {
+            Some(Settings {
+                database_url: v.database_url?,
+                grpc_addr: v.grpc_addr?,
+                http_addr: v.http_addr?,
+                graph_url: v.graph_url?,
+                graph_version: v.graph_version?,
+                master_key: v.master_key,
+                api_keys,
+                log_format: v.log_format?,
+                tls,
+                request_timeout: v.request_timeout_seconds?,
+                max_concurrent_requests: v.max_concurrent_requests?,
+                shutdown_grace: v.shutdown_grace_seconds?,
+                app_rate_per_second: v.app_rate_per_second?,
+                send_batch_max: v.send_batch_max?,
+                enforce_page_rate: v.enforce_page_rate?,
+                graph_timeout: v.graph_timeout_seconds?,
+                max_active_sends: v.max_active_sends?,
+                max_page_actors: v.max_page_actors?,
+                max_watchers: v.max_watchers?,
+                max_watchers_per_send: v.max_watchers_per_send?,
+                instance_id: v.instance_id,
+                lease_ttl: v.lease_seconds?,
+            })
+        })();
         match settings {
             Some(settings) if problems.is_empty() => Ok(settings),
             _ if problems.is_empty() => Err(ConfigError {
@@ -335,203 +370,144 @@ impl Settings {
     }
 }
 
-fn read_file_layer(
-    path: &Path,
-    raw: &mut BTreeMap<&'static str, (String, Origin)>,
-) -> Result<(), ConfigError> {
-    let fail = |problem: String| ConfigError {
-        problems: vec![problem],
+fn env_var(key: &str) -> String {
+    format!("OTN_{}", key.to_ascii_uppercase())
+}
+
+/// Values with where they came from: the file's and the environment's. Not figment's `Toml` and
+/// `Env` providers: `Toml`'s parse error quotes the offending line, perhaps a secret; `Env` reads
+/// only the process environment, takes names in any case and parses values (`0123` would arrive
+/// as 123, `[x]` as an array), where each check must see the text as written.
+struct Layer(Metadata, Dict);
+
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        self.0.clone()
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.1.clone()))
+    }
+}
+
+/// The file's values, refused whole (each problem named) if any key is unknown or not a scalar.
+fn file_layer(path: &Path) -> Result<Layer, ConfigError> {
+    let shown = path.display().to_string();
+    let fail = |why: String| ConfigError {
+        problems: vec![format!("config file {shown}: {why}")],
     };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| fail(format!("config file {}: {e}", path.display())))?;
-    let table: toml::Table = text.parse().map_err(|e| {
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    // Where and what, but not the offending line: it may hold a secret.
+    let dict: Dict = Toml::from_str(&text).map_err(|e| {
+        let before = e
+            .span()
+            .and_then(|span| text.get(..span.start))
+            .unwrap_or("");
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+        let what = e.message().trim().replace('\n', "; ");
         fail(format!(
-            "config file {}: not valid TOML: {e}",
-            path.display()
+            "not valid TOML at line {line}, column {column}: {what}"
         ))
     })?;
+    let metadata = Metadata::from("config file", path)
+        .interpolater(move |_, keys| format!("{} in {shown}", keys[0]));
     let mut problems = Vec::new();
-    for (name, value) in table {
-        let Some((key, _, _)) = SETTINGS.iter().find(|(key, _, _)| *key == name) else {
-            let known: Vec<_> = SETTINGS.iter().map(|(key, _, _)| *key).collect();
+    for (key, value) in &dict {
+        if !SETTINGS.iter().any(|(known, _)| known == key) {
+            let known: Vec<_> = SETTINGS.iter().map(|(key, _)| *key).collect();
             problems.push(format!(
-                "config file {}: unknown setting '{name}' (known: {})",
+                "config file {}: unknown setting '{key}' (known: {})",
                 path.display(),
                 known.join(", ")
             ));
-            continue;
-        };
-        let text = match value {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            other => {
-                problems.push(format!(
-                    "{key} in {}: expected a string or an integer, found {}",
-                    path.display(),
-                    other.type_str()
-                ));
-                continue;
-            }
-        };
-        raw.insert(key, (text, Origin::File(path.to_path_buf(), key)));
+        } else if let Err(found) = text_of(value) {
+            let origin = metadata.interpolate(&Profile::Default, &[key]);
+            problems.push(format!("{origin}: {found}"));
+        }
     }
-    if problems.is_empty() {
-        Ok(())
+    match problems.is_empty() {
+        true => Ok(Layer(metadata, dict)),
+        false => Err(ConfigError { problems }),
+    }
+}
+
+/// A scalar's text as written (TOML integers and booleans as they print).
+fn text_of(value: &Value) -> Result<String, String> {
+    let found = match value {
+        Value::String(_, s) => return Ok(s.clone()),
+        Value::Char(_, c) => return Ok(c.to_string()),
+        Value::Bool(_, b) => return Ok(b.to_string()),
+        Value::Num(_, n) => match n.to_i128() {
+            Some(n) => return Ok(n.to_string()),
+            None => "float",
+        },
+        Value::Array(..) => "array",
+        // How the toml crate hands a date or time to serde.
+        Value::Dict(_, dict) if dict.contains_key("$__toml_private_datetime") => "datetime",
+        Value::Dict(..) => "table",
+        Value::Empty(..) => "nothing",
+    };
+    Err(format!("expected a string or an integer, found {found}"))
+}
+
+/// One setting from the top layer that has it, or `None` with a problem naming that layer.
+fn read<T>(
+    figment: &Figment,
+    problems: &mut Vec<String>,
+    key: &str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Option<T> {
+    let value = figment.find_value(key).ok()?;
+    match text_of(&value).and_then(|text| parse(text.trim())) {
+        Ok(parsed) => Some(parsed),
+        Err(why) => {
+            let origin = figment
+                .find_metadata(key)
+                .map_or(key.to_string(), |metadata| {
+                    metadata.interpolate(&Profile::Default, &[key])
+                });
+            problems.push(format!("{origin}: {why}"));
+            None
+        }
+    }
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "pretty" => Ok(LogFormat::Pretty),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!("'{other}' is not a log format (pretty or json)")),
+    }
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "true" | "1" | "on" => Ok(true),
+        "false" | "0" | "off" => Ok(false),
+        other => Err(format!("'{other}' is not a boolean (true or false)")),
+    }
+}
+
+fn parse_instance_id(s: &str) -> Result<String, String> {
+    let ok = (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(s.to_string())
     } else {
-        Err(ConfigError { problems })
+        Err(format!(
+            "'{s}' is not 1 to 64 letters, digits, '-', '_' or '.'"
+        ))
     }
 }
 
-struct Parser<'a> {
-    problems: &'a mut Vec<String>,
+fn seconds(min: u64, max: u64) -> impl Fn(&str) -> Result<Duration, String> {
+    move |s| parse_in_range(s, min, max).map(Duration::from_secs)
 }
 
-type Raw<'f> = dyn FnMut(&str) -> Option<(String, Origin)> + 'f;
-
-impl Parser<'_> {
-    fn settings(mut self, raw: &mut Raw<'_>) -> Option<Settings> {
-        let database_url = self.parse(raw, "database_url", parse_database_url);
-        let grpc_addr = self.parse(raw, "grpc_addr", parse_socket_addr);
-        let http_addr = self.parse(raw, "http_addr", parse_socket_addr);
-        let graph_url = self.parse(raw, "graph_url", parse_graph_url);
-        let graph_version = self.parse(raw, "graph_version", parse_graph_version);
-        let master_key = self.parse(raw, "master_key", parse_master_key);
-        let api_keys = self
-            .parse(raw, "api_keys", ApiKeys::parse)
-            .unwrap_or_default();
-        let log_format = self.parse(raw, "log_format", |s| match s {
-            "pretty" => Ok(LogFormat::Pretty),
-            "json" => Ok(LogFormat::Json),
-            other => Err(format!("'{other}' is not a log format (pretty or json)")),
-        });
-        let tls_cert = self.parse(raw, "tls_cert", parse_existing_file);
-        let tls_key = self.parse(raw, "tls_key", parse_existing_file);
-        let request_timeout = self.parse(raw, "request_timeout_seconds", |s| {
-            parse_in_range(s, 1, 3600).map(Duration::from_secs)
-        });
-        let max_concurrent_requests = self.parse(raw, "max_concurrent_requests", |s| {
-            parse_in_range(s, 1, 1_000_000).map(|n| n as usize)
-        });
-
-        let shutdown_grace = self.parse(raw, "shutdown_grace_seconds", |s| {
-            parse_in_range(s, 1, 600).map(Duration::from_secs)
-        });
-
-        let app_rate_per_second = self.parse(raw, "app_rate_per_second", |s| {
-            parse_in_range(s, 0, 1_000_000).map(|n| u32::try_from(n).ok().filter(|&n| n > 0))
-        });
-        let send_batch_max = self.parse(raw, "send_batch_max", |s| {
-            parse_in_range(s, 1, crate::graph::MAX_BATCH_ITEMS as u64).map(|n| n as usize)
-        });
-        let enforce_page_rate = self.parse(raw, "enforce_page_rate", |s| match s {
-            "true" | "1" | "on" => Ok(true),
-            "false" | "0" | "off" => Ok(false),
-            other => Err(format!("'{other}' is not a boolean (true or false)")),
-        });
-        let graph_timeout = self.parse(raw, "graph_timeout_seconds", |s| {
-            parse_in_range(s, 1, 600).map(Duration::from_secs)
-        });
-        let max_active_sends = self.parse(raw, "max_active_sends", |s| {
-            parse_in_range(s, 1, 10_000_000)
-        });
-        let max_page_actors = self.parse(raw, "max_page_actors", |s| {
-            parse_in_range(s, 1, 100_000).map(|n| n as usize)
-        });
-        let max_watchers = self.parse(raw, "max_watchers", |s| {
-            parse_in_range(s, 1, 1_000_000).map(|n| n as usize)
-        });
-        let max_watchers_per_send = self.parse(raw, "max_watchers_per_send", |s| {
-            parse_in_range(s, 1, 1_000_000).map(|n| n as usize)
-        });
-        let instance_id = self.parse(raw, "instance_id", |s| {
-            let ok = (1..=64).contains(&s.len())
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-            if ok {
-                Ok(s.to_string())
-            } else {
-                Err(format!(
-                    "'{s}' is not 1 to 64 letters, digits, '-', '_' or '.'"
-                ))
-            }
-        });
-        let lease_ttl = self.parse(raw, "lease_seconds", |s| {
-            parse_in_range(s, 2, 300).map(Duration::from_secs)
-        });
-
-        let tls = match (tls_cert, tls_key) {
-            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
-            (None, None) => None,
-            _ => {
-                self.problems.push(
-                    "OTN_TLS_CERT and OTN_TLS_KEY go together: set both to serve TLS, or neither"
-                        .into(),
-                );
-                None
-            }
-        };
-
-        if let (Some(DatabaseUrl::Postgres(_)), None) = (&database_url, &master_key) {
-            self.problems.push(
-                "OTN_MASTER_KEY is required with PostgreSQL: page secrets are encrypted with it, \
-                 and a key generated on one machine would not be shared with the others \
-                 (32 random bytes, standard base64; e.g. `openssl rand -base64 32`)"
-                    .into(),
-            );
-        }
-        if let Some(addr) = grpc_addr
-            && api_keys.is_empty()
-            && !addr.ip().is_loopback()
-        {
-            self.problems.push(format!(
-                "OTN_GRPC_ADDR {addr} is not a loopback address and OTN_API_KEYS is not set: \
-                 without API keys otnd answers anyone, so it only listens on loopback. \
-                 Set OTN_API_KEYS (role:key,...) to listen on {addr}"
-            ));
-        }
-
-        Some(Settings {
-            database_url: database_url?,
-            grpc_addr: grpc_addr?,
-            http_addr: http_addr?,
-            graph_url: graph_url?,
-            graph_version: graph_version?,
-            master_key,
-            api_keys,
-            log_format: log_format?,
-            tls,
-            request_timeout: request_timeout?,
-            max_concurrent_requests: max_concurrent_requests?,
-            shutdown_grace: shutdown_grace?,
-            app_rate_per_second: app_rate_per_second?,
-            send_batch_max: send_batch_max?,
-            enforce_page_rate: enforce_page_rate?,
-            graph_timeout: graph_timeout?,
-            max_active_sends: max_active_sends?,
-            max_page_actors: max_page_actors?,
-            max_watchers: max_watchers?,
-            max_watchers_per_send: max_watchers_per_send?,
-            instance_id,
-            lease_ttl: lease_ttl?,
-        })
-    }
-
-    fn parse<T>(
-        &mut self,
-        raw: &mut Raw<'_>,
-        key: &str,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<T> {
-        let (value, origin) = raw(key)?;
-        match parse(value.trim()) {
-            Ok(parsed) => Some(parsed),
-            Err(why) => {
-                self.problems.push(format!("{origin}: {why}"));
-                None
-            }
-        }
-    }
+fn count(min: u64, max: u64) -> impl Fn(&str) -> Result<usize, String> {
+    move |s| parse_in_range(s, min, max).map(|n| n as usize)
 }
 
 fn parse_database_url(s: &str) -> Result<DatabaseUrl, String> {
@@ -614,6 +590,8 @@ fn parse_in_range(s: &str, min: u64, max: u64) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
@@ -626,6 +604,31 @@ mod tests {
 
     fn problems(vars: &[(&str, &str)]) -> String {
         load(vars).unwrap_err().to_string()
+    }
+
+    /// Loads a file holding `toml` under `vars`; also gives the file's path as problems show it.
+    fn load_file(toml: &str, vars: &[(&str, &str)]) -> (Result<Settings, ConfigError>, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("otnd.toml");
+        std::fs::write(&path, toml).unwrap();
+        let env = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let shown = path.display().to_string();
+        (Settings::load_from(Some(&path), &env), shown)
+    }
+
+    fn file_problems(toml: &str, vars: &[(&str, &str)]) -> (String, String) {
+        let (result, path) = load_file(toml, vars);
+        (result.unwrap_err().to_string(), path)
+    }
+
+    fn assert_contains_all<S: AsRef<str>>(text: &str, expected: impl IntoIterator<Item = S>) {
+        for expected in expected {
+            let expected = expected.as_ref();
+            assert!(text.contains(expected), "expected {expected:?} in: {text}");
+        }
     }
 
     #[test]
@@ -761,5 +764,213 @@ mod tests {
             err.to_string().contains("unknown setting 'grpc_adr'"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn unknown_file_keys_are_named_with_the_file_and_the_known_keys() {
+        let (text, path) = file_problems("grpc_adr = \"127.0.0.1:7000\"\n", &[]);
+        let known = SETTINGS.iter().map(|(key, _)| *key).collect::<Vec<_>>();
+        assert_contains_all(
+            &text,
+            [format!(
+                "config file {path}: unknown setting 'grpc_adr' (known: {})",
+                known.join(", ")
+            )],
+        );
+    }
+
+    #[test]
+    fn environment_values_reach_the_checks_as_written() {
+        // Leading zeros read as decimal (010 is ten seconds), and a problem quotes the value as
+        // written: nothing parses a variable before its own check does.
+        let master_key = BASE64.encode([7u8; 32]);
+        assert!(master_key.ends_with('='));
+        let settings = load(&[
+            ("OTN_LEASE_SECONDS", "010"),
+            ("OTN_INSTANCE_ID", "0123"),
+            ("OTN_ENFORCE_PAGE_RATE", "0"),
+            ("OTN_MASTER_KEY", &master_key),
+            (
+                "OTN_API_KEYS",
+                "admin:0123456789abcdef,viewer:true567890abcdef",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(settings.lease_ttl, Duration::from_secs(10));
+        assert_eq!(settings.instance_id.as_deref(), Some("0123"));
+        assert!(!settings.enforce_page_rate);
+        assert!(settings.master_key.is_some());
+        assert_eq!(
+            settings.api_keys.role_of(b"true567890abcdef"),
+            Some(Role::Viewer)
+        );
+        let text = problems(&[
+            ("OTN_LEASE_SECONDS", "0400"),
+            ("OTN_MAX_ACTIVE_SENDS", "1e5"),
+            ("OTN_GRAPH_VERSION", "[x]"),
+            ("OTN_LOG_FORMAT", "true"),
+        ]);
+        assert_contains_all(
+            &text,
+            [
+                "OTN_LEASE_SECONDS: '0400' is not a whole number from 2 to 300",
+                "OTN_MAX_ACTIVE_SENDS: '1e5' is not a whole number from 1 to 10000000",
+                "OTN_GRAPH_VERSION: '[x]' is not a Graph API version",
+                "OTN_LOG_FORMAT: 'true' is not a log format",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_file_value_of_another_type_is_refused_naming_key_and_file() {
+        // Refused even where the environment overrides it: the file itself is wrong.
+        let (text, path) = file_problems(
+            "grpc_addr = [\"127.0.0.1:7000\"]\nlease_seconds = 1.5\ngraph_url = 1979-05-27\n\
+             [log_format]\nx = 1\n",
+            &[("OTN_GRPC_ADDR", "127.0.0.1:7000")],
+        );
+        assert_contains_all(
+            &text,
+            [
+                ("grpc_addr", "array"),
+                ("lease_seconds", "float"),
+                ("graph_url", "datetime"),
+                ("log_format", "table"),
+            ]
+            .map(|(key, found)| {
+                format!("{key} in {path}: expected a string or an integer, found {found}")
+            }),
+        );
+        let (settings, _) = load_file("lease_seconds = 3\nenforce_page_rate = false\n", &[]);
+        let settings = settings.unwrap();
+        assert_eq!(settings.lease_ttl, Duration::from_secs(3));
+        assert!(!settings.enforce_page_rate);
+    }
+
+    #[test]
+    fn unknown_environment_variables_are_ignored() {
+        let settings = load(&[
+            ("OTN_TEST_CRASH_AT", "x"),
+            ("OTN_MODEL_SEED", "x"),
+            ("OTN_API_KEY", "x"),
+            ("OTN_GRPC_ADR", "x"),
+            ("otn_grpc_addr", "x"),
+            ("GRPC_ADDR", "x"),
+        ])
+        .unwrap();
+        assert_eq!(settings.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert!(settings.api_keys.is_empty());
+    }
+
+    #[test]
+    fn problems_from_file_and_environment_are_reported_together() {
+        let (text, path) = file_problems(
+            "grpc_addr = \"localhost\"\nlease_seconds = 1000\nlog_format = \"xml\"\n",
+            &[("OTN_HTTP_ADDR", "8080"), ("OTN_LOG_FORMAT", "yaml")],
+        );
+        assert_contains_all(
+            &text,
+            [
+                format!("grpc_addr in {path}: 'localhost' is not a socket address (expected"),
+                format!("lease_seconds in {path}: '1000' is not a whole number from 2 to 300"),
+                "OTN_HTTP_ADDR: '8080' is not a socket address".into(),
+                "OTN_LOG_FORMAT: 'yaml' is not a log format".into(),
+            ],
+        );
+        assert!(
+            !text.contains("xml"),
+            "the environment's value is the one checked: {text}"
+        );
+    }
+
+    #[test]
+    fn a_bad_file_is_one_problem_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.toml");
+        let err = Settings::load_from(Some(&missing), &BTreeMap::new()).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_contains_all(
+            &err.to_string(),
+            [format!("config file {}: ", missing.display())],
+        );
+        let (result, path) = load_file("grpc_addr = \n", &[("OTN_LOG_FORMAT", "xml")]);
+        let err = result.unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_contains_all(
+            &err.to_string(),
+            [format!("config file {path}: not valid TOML at line 1")],
+        );
+    }
+
+    #[test]
+    fn no_problem_and_no_debug_output_shows_a_secret() {
+        let secret = "s3cr3tS3cr3tS3cr3t";
+        let mut texts = vec![problems(&[
+            ("OTN_MASTER_KEY", secret),
+            ("OTN_API_KEYS", &format!("admin:{secret},viewer:{secret}")),
+            (
+                "OTN_DATABASE_URL",
+                &format!("postgres://otnd:{secret}@/otnd"),
+            ),
+        ])];
+        for toml in [
+            format!("master_key = [\"{secret}\"]"),
+            format!("master_key = \"{secret}"),
+            format!("master_key = {secret}"),
+            format!("api_keys = \"root:{secret}\""),
+            format!("database_url = \"postgres://otnd:{secret}@db:99999/otnd\""),
+        ] {
+            texts.push(file_problems(&toml, &[]).0);
+        }
+        let master_key = BASE64.encode([42u8; 32]);
+        let url = format!("postgres://otnd:{secret}@db/otnd");
+        let settings = load(&[
+            ("OTN_MASTER_KEY", &master_key),
+            ("OTN_API_KEYS", &format!("admin:{secret}")),
+            ("OTN_DATABASE_URL", &url),
+        ])
+        .unwrap();
+        texts.push(format!("{settings:?}"));
+        for text in texts {
+            assert!(
+                !text.contains("s3cr3t") && !text.contains(&master_key),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_readme_table_lists_every_setting_with_its_default() {
+        let readme = include_str!("../README.md");
+        let rows = readme
+            .lines()
+            .skip_while(|line| !line.starts_with("| variable | default |"))
+            .skip(2)
+            .take_while(|line| line.starts_with('|'));
+        let mut documented = BTreeMap::new();
+        for row in rows {
+            let cells: Vec<_> = row.trim_start_matches("| ").split(" | ").collect();
+            // A literal default is a backticked value opening the cell: `30`, `0` (none).
+            let literal = cells[1]
+                .strip_prefix('`')
+                .and_then(|rest| rest.split_once('`'));
+            for var in cells[0].split(" / ") {
+                let var = var.trim_matches('`').to_string();
+                let twice = documented.insert(var.clone(), literal.map(|(value, _)| value));
+                assert!(twice.is_none(), "README has two rows for {var}");
+            }
+        }
+        let listed: BTreeSet<_> = documented.keys().cloned().collect();
+        let settings: BTreeSet<_> = SETTINGS.iter().map(|(key, _)| env_var(key)).collect();
+        assert!(
+            listed == settings,
+            "only in README: {:?}; only in the settings: {:?}",
+            listed.difference(&settings).collect::<Vec<_>>(),
+            settings.difference(&listed).collect::<Vec<_>>()
+        );
+        for (key, default) in SETTINGS {
+            let var = env_var(key);
+            assert_eq!(documented[&var], *default, "README's default for {var}");
+        }
     }
 }
