@@ -1312,8 +1312,8 @@ const PEER_MODES: [PeerMode; 3] = [
 
 /// The peer scripts with their npm dependencies installed (`npm ci`), in a directory of their own.
 fn install_peer() -> tempfile::TempDir {
-    let source =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sandbox/tests/peer/messaging-api-messenger");
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("sandbox/tests/peer/messaging-api-messenger");
     let dir = tempfile::tempdir().unwrap();
     for file in [
         "package.json",
