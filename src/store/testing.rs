@@ -372,12 +372,29 @@ impl TestStore {
             .expect("the deliveries are read")
     }
 
+    pub async fn delivery(&self, id: i64) -> delivery::Model {
+        delivery::Entity::find_by_id(id)
+            .one(self.db())
+            .await
+            .expect("the delivery is read")
+            .expect("the delivery exists")
+    }
+
     pub async fn opt_in_row(&self, id: i64) -> optins::Model {
         optins::Entity::find_by_id(id)
             .one(self.db())
             .await
             .expect("the opt-in is read")
             .expect("the opt-in exists")
+    }
+}
+
+/// A send's row without its `updated_at`: a statement that moves nothing else (answers recorded
+/// again, a recovery that found nothing) still stamps the row it touched.
+pub fn unstamped(send: Send) -> Send {
+    Send {
+        updated_at: 0,
+        ..send
     }
 }
 
