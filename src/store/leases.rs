@@ -260,7 +260,8 @@ pub async fn renew(
 }
 
 /// Gives the page up (its actor has stopped and recorded what it had in flight), so that
-/// another instance may take it at once.
+/// another instance may take it at once; `false` when it was no longer held under the fence
+/// (given up already, expired, or taken since).
 pub async fn release(db: &impl ConnectionTrait, fence: &Fence) -> Result<bool, StoreError> {
     Ok(release_many(db, std::slice::from_ref(fence)).await? == 1)
 }
@@ -280,6 +281,8 @@ pub async fn release_many(db: &impl ConnectionTrait, fences: &[Fence]) -> Result
                 .bind(fence.owner.as_str())
                 .push(" AND generation = ")
                 .bind(fence.generation)
+                .push(" AND expires_at > ")
+                .push(db_now(db.get_database_backend()))
                 .push(")");
         }
         released += db.execute_raw(sql.statement()).await?.rows_affected();
