@@ -307,9 +307,17 @@ impl Store {
 pub fn sqlite_file(url: &str) -> anyhow::Result<Option<PathBuf>> {
     let options = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url)
         .with_context(|| "OTN_DATABASE_URL is not a SQLite URL sqlx understands".to_string())?;
+    // sqlx opens `sqlite::memory:` as a database it names `file:sqlx-in-memory-<n>`: the name
+    // asked for is read from the URL, as sqlx reads it.
+    let asked = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:")
+        .split('?')
+        .next()
+        .unwrap_or_default();
     let path = options.get_filename();
     let text = path.to_string_lossy();
-    if text.is_empty() || text == ":memory:" || url.contains("mode=memory") {
+    if text.is_empty() || asked == ":memory:" || url.contains("mode=memory") {
         return Ok(None);
     }
     Ok(Some(path.to_path_buf()))
