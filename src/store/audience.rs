@@ -506,3 +506,349 @@ pub async fn delete_segment(db: &DatabaseConnection, id: &str) -> Result<(), Sto
     txn.commit().await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        domain::{DeliveryState, OPT_IN_LIFETIME_MS, SendState},
+        store::{
+            erasures, now_ms,
+            stories::{self, StoryChanges},
+            testing::{TestStore, answer, cipher, retry, sent, store_tests},
+        },
+    };
+
+    fn psids(names: &[&str]) -> BTreeSet<Psid> {
+        names.iter().map(|p| Psid::parse(p).unwrap()).collect()
+    }
+
+    fn tags(names: &[&str]) -> BTreeSet<Tag> {
+        names.iter().map(|t| Tag::parse(t).unwrap()).collect()
+    }
+
+    async fn tag(t: &TestStore, page: &PageId, who: &[&str], add: &[&str], remove: &[&str]) -> u64 {
+        tag_subscribers(
+            t.db(),
+            page,
+            &psids(who),
+            &tags(add),
+            &tags(remove),
+            now_ms(),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn tags_of(t: &TestStore, page: &PageId, psid: &str) -> Vec<String> {
+        get_subscriber(t.db(), page, &Psid::parse(psid).unwrap(), now_ms())
+            .await
+            .unwrap()
+            .tags
+    }
+
+    async fn touch(
+        t: &TestStore,
+        page: &PageId,
+        seen: i64,
+        interaction: Option<i64>,
+    ) -> (i64, Option<i64>) {
+        let touch = SubscriberTouch {
+            first_seen_at: seen,
+            last_interaction_at: interaction,
+        };
+        upsert_subscribers(t.db(), &HashMap::from([((page.as_str(), "u"), touch)]))
+            .await
+            .unwrap();
+        let row = subscribers::Entity::find_by_id((page.to_string(), "u".to_string()))
+            .one(t.db())
+            .await
+            .unwrap()
+            .unwrap();
+        (row.first_seen_at, row.last_interaction_at)
+    }
+
+    async fn erase(
+        t: &TestStore,
+        page: &PageId,
+        psid: &str,
+        wait: Duration,
+    ) -> Result<Erasure, StoreError> {
+        let digest = erasures::digest(&cipher(), page.as_str(), psid);
+        delete_subscriber(t.db(), page, &Psid::parse(psid).unwrap(), &digest, wait).await
+    }
+
+    async fn tombstone(t: &TestStore, page: &PageId, psid: &str) -> Option<i64> {
+        let digest = erasures::digest(&cipher(), page.as_str(), psid);
+        erasures::erased_at(t.db(), page.as_str(), &[digest.as_str()])
+            .await
+            .unwrap()
+            .into_values()
+            .next()
+    }
+
+    fn any_of(tag: &str) -> SegmentRule {
+        SegmentRule {
+            any_tags: [tag.to_string()].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn merging_keeps_the_earliest_sighting_and_the_latest_interaction() {
+        let mut touch = SubscriberTouch {
+            first_seen_at: 100,
+            last_interaction_at: None,
+        };
+        touch.merge(150, Some(150));
+        touch.merge(50, None);
+        assert_eq!(
+            touch,
+            SubscriberTouch {
+                first_seen_at: 50,
+                last_interaction_at: Some(150)
+            }
+        );
+        touch.merge(120, Some(120));
+        assert_eq!(touch.last_interaction_at, Some(150));
+    }
+
+    store_tests! {
+        /// Events arrive in any order: first seen only moves earlier, the last interaction
+        /// only later, and a sighting without one keeps it.
+        async fn an_upsert_never_moves_first_seen_later_nor_the_last_interaction_earlier(t) {
+            let page = t.page("1").await;
+            assert_eq!(touch(&t, &page, 100, Some(200)).await, (100, Some(200)));
+            assert_eq!(touch(&t, &page, 50, Some(150)).await, (50, Some(200)));
+            assert_eq!(touch(&t, &page, 300, None).await, (50, Some(200)));
+            assert_eq!(touch(&t, &page, 300, Some(500)).await, (50, Some(500)));
+            assert_eq!(touch(&t, &page, 300, Some(500)).await, (50, Some(500)));
+        }
+
+        async fn a_subscriber_shows_their_opt_ins_by_state_at_now(t) {
+            let page = t.page("1").await;
+            let now = now_ms();
+            t.opt_in(&page, "u", "news", "t1", now).await;
+            t.opt_in(&page, "u", "news", "t2", now - OPT_IN_LIFETIME_MS)
+                .await;
+            let view = get_subscriber(t.db(), &page, &Psid::parse("u").unwrap(), now)
+                .await
+                .unwrap();
+            let news = &view.topics[0];
+            assert_eq!(
+                news.counts,
+                [(OptInState::Active, 1), (OptInState::Expired, 1)].into()
+            );
+            assert_eq!(news.next_expiry, Some(now + OPT_IN_LIFETIME_MS));
+            let nobody = get_subscriber(t.db(), &page, &Psid::parse("v").unwrap(), now).await;
+            assert!(matches!(nobody, Err(StoreError::NotFound)));
+        }
+
+        async fn tagging_twice_changes_a_subscriber_once(t) {
+            let page = t.page("1").await;
+            assert_eq!(tag(&t, &page, &["u", "v"], &["x"], &[]).await, 2);
+            assert_eq!(tag(&t, &page, &["u", "v"], &["x"], &[]).await, 0);
+            assert_eq!(
+                tag(&t, &page, &["u"], &["x", "y"], &[]).await,
+                1,
+                "u gained y"
+            );
+            assert_eq!(tags_of(&t, &page, "u").await, ["x", "y"]);
+        }
+
+        async fn removing_a_tag_twice_changes_a_subscriber_once(t) {
+            let page = t.page("1").await;
+            tag(&t, &page, &["u"], &["x"], &[]).await;
+            assert_eq!(tag(&t, &page, &["u"], &[], &["y"]).await, 0, "u had no y");
+            assert_eq!(tag(&t, &page, &["u"], &[], &["x"]).await, 1);
+            assert_eq!(tag(&t, &page, &["u"], &[], &["x"]).await, 0);
+            assert!(tags_of(&t, &page, "u").await.is_empty());
+        }
+
+        /// A CRM may tag users before they write: they become subscribers, outside the window.
+        async fn tagging_an_unknown_user_makes_a_subscriber_who_never_interacted(t) {
+            let page = t.page("1").await;
+            tag(&t, &page, &["u"], &["x"], &[]).await;
+            let view = get_subscriber(t.db(), &page, &Psid::parse("u").unwrap(), now_ms())
+                .await
+                .unwrap();
+            assert_eq!(
+                (view.last_interaction_at, view.tags),
+                (None, vec!["x".to_string()])
+            );
+        }
+
+        /// Every row about the user goes (their delivery too, the send's counters following),
+        /// the review stands without its reviewer's name, and the erasure is remembered.
+        async fn erasing_a_subscriber_removes_every_row_about_them_and_remembers_it(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["u", "v"]).await;
+            let answers: Vec<_> = claimed
+                .iter()
+                .map(|c| answer(&send.id, c, sent()))
+                .collect();
+            t.record(&fence, &answers).await;
+            tag(&t, &page, &["u"], &["x"], &[]).await;
+            let draft = t.draft(&page, "sport", false).await;
+            stories::record_review(t.db(), &draft.id, &draft.content_hash, "u", now_ms())
+                .await
+                .unwrap();
+            let erased = erase(&t, &page, "u", Duration::ZERO).await.unwrap();
+            assert_eq!(
+                erased,
+                Erasure {
+                    opt_ins: 1,
+                    deliveries: 1
+                }
+            );
+            let row = t.send_row(&send.id).await;
+            assert_eq!(
+                (row.total, row.sent, row.state),
+                (1, 1, SendState::Completed)
+            );
+            let left: Vec<String> = t
+                .deliveries(&send.id)
+                .await
+                .into_iter()
+                .map(|d| d.psid)
+                .collect();
+            assert_eq!(left, ["v"]);
+            let review = stories::get(t.db(), &draft.id).await.unwrap();
+            assert_eq!(
+                (review.reviewer_psid.as_deref(), review.reviewed()),
+                (None, true)
+            );
+            let gone = get_subscriber(t.db(), &page, &Psid::parse("u").unwrap(), now_ms()).await;
+            assert!(matches!(gone, Err(StoreError::NotFound)));
+            assert!(tombstone(&t, &page, "u").await.is_some());
+        }
+
+        /// A second erasure finds nothing left; the tombstone stays (and stays the latest).
+        async fn erasing_a_subscriber_twice_finds_nothing_the_second_time(t) {
+            let page = t.page("1").await;
+            t.opt_in(&page, "u", "news", "t1", now_ms()).await;
+            erase(&t, &page, "u", Duration::ZERO).await.unwrap();
+            let first = tombstone(&t, &page, "u").await.unwrap();
+            let again = erase(&t, &page, "u", Duration::ZERO).await;
+            assert!(matches!(again, Err(StoreError::NotFound)), "{again:?}");
+            assert!(tombstone(&t, &page, "u").await.unwrap() >= first);
+        }
+
+        /// Their opt-in may still be on its way from Facebook: the erasure is remembered even
+        /// when the page knew nothing of them yet.
+        async fn erasing_a_user_the_page_never_knew_is_not_found_but_remembered(t) {
+            let page = t.page("1").await;
+            let unknown = erase(&t, &page, "u", Duration::ZERO).await;
+            assert!(matches!(unknown, Err(StoreError::NotFound)), "{unknown:?}");
+            assert!(tombstone(&t, &page, "u").await.is_some());
+            let no_page = erase(&t, &PageId::from_trusted("9".into()), "u", Duration::ZERO).await;
+            assert!(matches!(no_page, Err(StoreError::NotFound)), "{no_page:?}");
+        }
+
+        /// A message on its way to the user holds the erasure off; given up, the erasure
+        /// changed nothing but their pending deliveries, which are held back for good.
+        async fn an_erasure_with_a_message_in_flight_holds_back_the_rest_and_erases_nothing(t) {
+            let page = t.page("1").await;
+            let (waiting, claimed, fence) = t.claimed_send(&page, "sport", &["u"]).await;
+            t.record(
+                &fence,
+                &[answer(&waiting.id, &claimed[0], retry(now_ms(), false))],
+            )
+            .await;
+            let (flying, _, _) = t.claimed_send(&page, "news", &["u"]).await;
+            let refused = erase(&t, &page, "u", Duration::ZERO).await;
+            assert!(matches!(refused, Err(StoreError::InFlight)), "{refused:?}");
+            assert_eq!(
+                t.deliveries(&waiting.id).await[0].state,
+                DeliveryState::Skipped
+            );
+            assert_eq!(
+                t.deliveries(&flying.id).await[0].state,
+                DeliveryState::InFlight
+            );
+            assert!(
+                get_subscriber(t.db(), &page, &Psid::parse("u").unwrap(), now_ms())
+                    .await
+                    .is_ok()
+            );
+            assert!(tombstone(&t, &page, "u").await.is_none());
+        }
+
+        /// Given time, the erasure waits for the answer in flight, then erases.
+        async fn an_erasure_waits_for_the_answer_in_flight_then_erases(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["u"]).await;
+            let store = t.store.clone();
+            let erasing = tokio::spawn(async move {
+                let page = PageId::from_trusted("1".into());
+                let digest = erasures::digest(&cipher(), "1", "u");
+                let psid = Psid::parse("u").unwrap();
+                delete_subscriber(&store.db, &page, &psid, &digest, Duration::from_secs(30)).await
+            });
+            t.record(&fence, &[answer(&send.id, &claimed[0], sent())])
+                .await;
+            let erased = erasing.await.unwrap().unwrap();
+            assert_eq!(
+                erased,
+                Erasure {
+                    opt_ins: 1,
+                    deliveries: 1
+                }
+            );
+            assert!(t.deliveries(&send.id).await.is_empty());
+        }
+
+        async fn a_segment_a_story_is_aimed_at_is_not_deleted(t) {
+            let page = t.page("1").await;
+            let segment = create_segment(t.db(), &page, "fans", &any_of("x"), 1)
+                .await
+                .unwrap();
+            let draft = t.draft(&page, "news", false).await;
+            let aim = StoryChanges {
+                segment_id: Some(Some(segment.id.as_str())),
+                ..Default::default()
+            };
+            stories::update(t.db(), &draft, &aim, now_ms())
+                .await
+                .unwrap();
+            let refused = delete_segment(t.db(), &segment.id).await;
+            assert!(matches!(refused, Err(StoreError::InUse)), "{refused:?}");
+            assert_eq!(get_segment(t.db(), &segment.id).await.unwrap(), segment);
+        }
+
+        async fn deleting_a_segment_twice_deletes_it_once(t) {
+            let page = t.page("1").await;
+            let segment = create_segment(t.db(), &page, "fans", &any_of("x"), 1)
+                .await
+                .unwrap();
+            delete_segment(t.db(), &segment.id).await.unwrap();
+            let again = delete_segment(t.db(), &segment.id).await;
+            assert!(matches!(again, Err(StoreError::NotFound)), "{again:?}");
+            assert!(matches!(
+                get_segment(t.db(), &segment.id).await,
+                Err(StoreError::NotFound)
+            ));
+        }
+
+        async fn segments_are_listed_by_name_after_the_one_given(t) {
+            let page = t.page("1").await;
+            for name in ["c", "a", "b"] {
+                create_segment(t.db(), &page, name, &any_of("x"), 1)
+                    .await
+                    .unwrap();
+            }
+            let names =
+                |list: Vec<SegmentRecord>| list.into_iter().map(|s| s.name).collect::<Vec<_>>();
+            assert_eq!(
+                names(list_segments(t.db(), &page, None, 2).await.unwrap()),
+                ["a", "b"]
+            );
+            assert_eq!(
+                names(list_segments(t.db(), &page, Some("b"), 2).await.unwrap()),
+                ["c"]
+            );
+        }
+    }
+}

@@ -81,3 +81,146 @@ pub fn in_segment(sql: &mut Sql, column: &str, page_id: &str, rule: &SegmentRule
     }
     sql.push(")");
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use sea_orm::FromQueryResult;
+
+    use super::*;
+    use crate::{
+        domain::{OPT_IN_LIFETIME_MS, OptInEvent, PageId, Psid, Tag},
+        store::{
+            audience, now_ms, optins,
+            testing::{TestStore, store_tests},
+        },
+    };
+
+    /// The psids a `SELECT … AS psid` finds, in order.
+    async fn psids(t: &TestStore, sql: Sql) -> Vec<String> {
+        #[derive(FromQueryResult)]
+        struct Row {
+            psid: String,
+        }
+        Row::find_by_statement(sql.statement())
+            .all(t.db())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.psid)
+            .collect()
+    }
+
+    async fn usable(t: &TestStore, page: &PageId, topic: &str, now: i64) -> Vec<String> {
+        let mut sql = Sql::new(t.backend());
+        sql.push("SELECT o.psid AS psid FROM optins o WHERE ");
+        usable_optin(&mut sql, "o", page.as_str(), topic, now);
+        sql.push(" ORDER BY o.psid");
+        psids(t, sql).await
+    }
+
+    async fn in_window(t: &TestStore, page: &PageId, topic: &str, now: i64) -> Vec<String> {
+        let mut sql = Sql::new(t.backend());
+        sql.push("SELECT s.psid AS psid FROM subscribers s WHERE ");
+        window_user(&mut sql, "s", page.as_str(), topic, now);
+        sql.push(" ORDER BY s.psid");
+        psids(t, sql).await
+    }
+
+    async fn segment(t: &TestStore, page: &PageId, rule: &SegmentRule) -> Vec<String> {
+        let mut sql = Sql::new(t.backend());
+        sql.push("SELECT s.psid AS psid FROM subscribers s WHERE s.page_id = ")
+            .bind(page.as_str())
+            .push(" AND ");
+        in_segment(&mut sql, "s.psid", page.as_str(), rule);
+        sql.push(" ORDER BY s.psid");
+        psids(t, sql).await
+    }
+
+    async fn tag(t: &TestStore, page: &PageId, psid: &str, tags: &[&str]) {
+        let psids = BTreeSet::from([Psid::parse(psid).unwrap()]);
+        let add = tags.iter().map(|tag| Tag::parse(tag).unwrap()).collect();
+        audience::tag_subscribers(t.db(), page, &psids, &add, &BTreeSet::new(), now_ms())
+            .await
+            .unwrap();
+    }
+
+    fn rule(all: &[&str], any: &[&str], none: &[&str]) -> SegmentRule {
+        let set = |tags: &[&str]| tags.iter().map(|t| t.to_string()).collect();
+        SegmentRule {
+            all_tags: set(all),
+            any_tags: set(any),
+            none_tags: set(none),
+        }
+    }
+
+    #[test]
+    fn a_token_must_outlive_the_step_by_the_minimum_life() {
+        assert_eq!(token_cutoff(1_000), 1_000 + MIN_TOKEN_LIFE_MS);
+    }
+
+    store_tests! {
+        /// Active, on the page's topic, and valid past the cut-off: nothing else is presented.
+        async fn a_usable_opt_in_is_active_on_the_topic_and_outlives_the_cutoff(t) {
+            let now = now_ms();
+            let (page, other) = (t.page("1").await, t.page("2").await);
+            t.opt_in(&page, "a", "news", "t-a", now).await;
+            t.opt_in(&page, "b", "sport", "t-b", now).await;
+            // Expires 30 s from now: inside the minimum life.
+            t.opt_in(&page, "c", "news", "t-c", now - OPT_IN_LIFETIME_MS + 30_000)
+                .await;
+            let reserved = t.opt_in(&page, "d", "news", "t-d", now).await;
+            optins::apply(t.db(), OptInEvent::Reserve, &[reserved.id], now)
+                .await
+                .unwrap();
+            t.opt_in(&other, "e", "news", "t-e", now).await;
+            assert_eq!(usable(&t, &page, "news", now).await, ["a"]);
+        }
+
+        /// Inside the window (a day since they wrote), and not reachable by token on the topic.
+        async fn a_window_user_wrote_within_a_day_and_has_no_usable_opt_in_on_the_topic(t) {
+            let now = now_ms();
+            let page = t.page("1").await;
+            t.interaction(&page, "a", now - 3_600_000).await;
+            t.interaction(&page, "b", now - WINDOW_MS - 1).await;
+            t.opt_in(&page, "c", "news", "t-c", now).await;
+            t.opt_in(&page, "d", "sport", "t-d", now).await;
+            t.opt_in(&page, "e", "news", "t-e", now - OPT_IN_LIFETIME_MS)
+                .await;
+            t.interaction(&page, "e", now).await;
+            // Tagged by a CRM, never wrote: no interaction at all.
+            tag(&t, &page, "f", &["x"]).await;
+            assert_eq!(in_window(&t, &page, "news", now).await, ["a", "d", "e"]);
+        }
+
+        /// All, any and none each narrow the page's users; tags of another page count for
+        /// nothing.
+        async fn a_segment_holds_the_users_every_condition_of_its_rule_holds_for(t) {
+            let (page, other) = (t.page("1").await, t.page("2").await);
+            tag(&t, &page, "a", &["x", "y"]).await;
+            tag(&t, &page, "b", &["x"]).await;
+            tag(&t, &page, "c", &["y"]).await;
+            tag(&t, &page, "d", &[]).await;
+            tag(&t, &other, "b", &["y"]).await;
+            assert_eq!(
+                segment(&t, &page, &rule(&[], &[], &[])).await,
+                ["a", "b", "c", "d"]
+            );
+            assert_eq!(
+                segment(&t, &page, &rule(&["x", "y"], &[], &[])).await,
+                ["a"]
+            );
+            assert_eq!(
+                segment(&t, &page, &rule(&[], &["x", "z"], &[])).await,
+                ["a", "b"]
+            );
+            assert_eq!(
+                segment(&t, &page, &rule(&[], &[], &["y"])).await,
+                ["b", "d"]
+            );
+            assert_eq!(segment(&t, &page, &rule(&["x"], &["y"], &[])).await, ["a"]);
+            assert_eq!(segment(&t, &page, &rule(&["x"], &[], &["y"])).await, ["b"]);
+        }
+    }
+}

@@ -74,7 +74,8 @@ pub fn is_late(event_at: i64, acts: bool, erased_at: i64) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_late;
+    use super::*;
+    use crate::store::testing::{cipher, store_tests};
 
     #[test]
     fn only_a_new_act_after_the_erasure_brings_a_user_back() {
@@ -85,5 +86,68 @@ mod tests {
             !is_late(51, true, 50),
             "the user wrote again after the erasure"
         );
+    }
+
+    /// A digest names a user of one page: the same psid on another page is another tombstone.
+    #[test]
+    fn a_digest_is_stable_and_bound_to_its_page() {
+        let cipher = cipher();
+        assert_eq!(digest(&cipher, "1", "u"), digest(&cipher, "1", "u"));
+        assert_ne!(digest(&cipher, "1", "u"), digest(&cipher, "2", "u"));
+        assert_ne!(digest(&cipher, "1", "u"), digest(&cipher, "1", "v"));
+    }
+
+    store_tests! {
+        async fn remembering_an_erasure_twice_keeps_one_tombstone(t) {
+            let page = t.page("1").await;
+            remember(t.db(), page.as_str(), "d1", 100).await.unwrap();
+            remember(t.db(), page.as_str(), "d1", 100).await.unwrap();
+            let found = erased_at(t.db(), page.as_str(), &["d1"]).await.unwrap();
+            assert_eq!(found, HashMap::from([("d1".to_string(), 100)]));
+        }
+
+        /// The user came back and asked again: events between the two erasures are late too.
+        async fn a_later_erasure_moves_the_tombstone_to_it(t) {
+            let page = t.page("1").await;
+            remember(t.db(), page.as_str(), "d1", 100).await.unwrap();
+            remember(t.db(), page.as_str(), "d1", 200).await.unwrap();
+            let found = erased_at(t.db(), page.as_str(), &["d1"]).await.unwrap();
+            assert_eq!(found["d1"], 200);
+        }
+
+        async fn a_tombstone_is_found_only_on_its_page_and_only_for_its_digest(t) {
+            let (one, two) = (t.page("1").await, t.page("2").await);
+            remember(t.db(), one.as_str(), "d1", 100).await.unwrap();
+            assert!(
+                erased_at(t.db(), two.as_str(), &["d1"])
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+            assert!(
+                erased_at(t.db(), one.as_str(), &["d2"])
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+            assert!(
+                erased_at(t.db(), one.as_str(), &[])
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+
+        /// Looked up 500 digests a statement: one on each side of the cut is found.
+        async fn digests_past_one_statement_are_all_looked_up(t) {
+            let page = t.page("1").await;
+            let digests: Vec<String> = (0..501).map(|i| format!("d{i:03}")).collect();
+            remember(t.db(), page.as_str(), "d000", 1).await.unwrap();
+            remember(t.db(), page.as_str(), "d500", 2).await.unwrap();
+            let keys: Vec<&str> = digests.iter().map(String::as_str).collect();
+            let found = erased_at(t.db(), page.as_str(), &keys).await.unwrap();
+            assert_eq!(found.len(), 2);
+            assert_eq!((found["d000"], found["d500"]), (1, 2));
+        }
     }
 }

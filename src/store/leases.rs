@@ -260,7 +260,8 @@ pub async fn renew(
 }
 
 /// Gives the page up (its actor has stopped and recorded what it had in flight), so that
-/// another instance may take it at once.
+/// another instance may take it at once; `false` when it was no longer held under the fence
+/// (given up already, expired, or taken since).
 pub async fn release(db: &impl ConnectionTrait, fence: &Fence) -> Result<bool, StoreError> {
     Ok(release_many(db, std::slice::from_ref(fence)).await? == 1)
 }
@@ -280,6 +281,8 @@ pub async fn release_many(db: &impl ConnectionTrait, fences: &[Fence]) -> Result
                 .bind(fence.owner.as_str())
                 .push(" AND generation = ")
                 .bind(fence.generation)
+                .push(" AND expires_at > ")
+                .push(db_now(db.get_database_backend()))
                 .push(")");
         }
         released += db.execute_raw(sql.statement()).await?.rows_affected();
@@ -345,4 +348,266 @@ pub async fn leave(db: &impl ConnectionTrait, instance: &str) -> Result<(), Stor
     sql.push("DELETE FROM instances WHERE id = ").bind(instance);
     db.execute_raw(sql.statement()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::testing::{TestStore, postgres_tests, store_tests};
+
+    const TTL: i64 = 60_000;
+    /// A lease written with this TTL expired before it was written.
+    const EXPIRED: i64 = -60_000;
+
+    /// The page's lease as stored: owner and generation, and whether it is live now.
+    async fn lease(t: &TestStore, page_id: &str) -> Option<(String, i64, bool)> {
+        #[derive(FromQueryResult)]
+        struct Row {
+            owner: String,
+            generation: i64,
+            live: bool,
+        }
+        let mut sql = Sql::new(t.backend());
+        sql.push("SELECT owner, generation, expires_at > ")
+            .push(db_now(t.backend()))
+            .push(" AS live FROM page_leases WHERE page_id = ")
+            .bind(page_id);
+        Row::find_by_statement(sql.statement())
+            .one(t.db())
+            .await
+            .unwrap()
+            .map(|r| (r.owner, r.generation, r.live))
+    }
+
+    fn held(owner: &str, generation: i64) -> Option<(String, i64, bool)> {
+        Some((owner.to_string(), generation, true))
+    }
+
+    async fn take(t: &TestStore, page_id: &str, owner: &str, ttl: i64) -> Option<Fence> {
+        acquire(t.db(), page_id, owner, ttl).await.unwrap()
+    }
+
+    store_tests! {
+        async fn a_free_page_is_taken_at_generation_one(t) {
+            let fence = take(&t, "p1", "a", TTL).await.unwrap();
+            assert_eq!((fence.owner.as_str(), fence.generation), ("a", 1));
+            assert_eq!(lease(&t, "p1").await, held("a", 1));
+        }
+
+        /// An instance restarted under its id takes its pages back at once, under a new
+        /// generation: whatever its earlier life still had running is fenced off.
+        async fn taking_a_page_again_as_its_owner_raises_the_generation(t) {
+            take(&t, "p1", "a", TTL).await.unwrap();
+            let again = take(&t, "p1", "a", TTL).await.unwrap();
+            assert_eq!(again.generation, 2);
+            assert_eq!(lease(&t, "p1").await, held("a", 2));
+        }
+
+        async fn a_page_another_owner_holds_is_not_taken_and_its_lease_is_unchanged(t) {
+            take(&t, "p1", "a", TTL).await.unwrap();
+            assert_eq!(take(&t, "p1", "b", TTL).await, None);
+            assert_eq!(lease(&t, "p1").await, held("a", 1));
+        }
+
+        async fn an_expired_lease_passes_to_the_next_owner_under_a_new_generation(t) {
+            take(&t, "p1", "a", EXPIRED).await.unwrap();
+            let fence = take(&t, "p1", "b", TTL).await.unwrap();
+            assert_eq!((fence.owner.as_str(), fence.generation), ("b", 2));
+            assert_eq!(lease(&t, "p1").await, held("b", 2));
+        }
+
+        /// Many pages in one statement: each taken once (repeats and order do not matter), the
+        /// ones another instance holds left to it.
+        async fn taking_many_pages_takes_each_free_one_once_and_leaves_the_held_ones(t) {
+            take(&t, "p2", "b", TTL).await.unwrap();
+            let fences = acquire_many(t.db(), &["p3", "p1", "p2", "p1"], "a", TTL)
+                .await
+                .unwrap();
+            let mut taken: Vec<(&str, i64)> = fences
+                .iter()
+                .map(|f| (f.page_id.as_str(), f.generation))
+                .collect();
+            taken.sort();
+            assert_eq!(taken, [("p1", 1), ("p3", 1)]);
+            assert_eq!(lease(&t, "p2").await, held("b", 1));
+            assert!(
+                acquire_many(t.db(), &[], "a", TTL)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+
+        /// A lease that expired may already be another's: renewing it would hand the page to
+        /// two owners, so only live leases are extended.
+        async fn renewing_extends_live_leases_and_never_revives_an_expired_one(t) {
+            take(&t, "p1", "a", TTL).await.unwrap();
+            take(&t, "p2", "a", EXPIRED).await.unwrap();
+            take(&t, "p3", "b", TTL).await.unwrap();
+            let renewed = renew(t.db(), "a", TTL).await.unwrap();
+            assert_eq!(
+                renewed,
+                [Fence {
+                    page_id: "p1".into(),
+                    owner: "a".into(),
+                    generation: 1
+                }]
+            );
+            assert_eq!(lease(&t, "p2").await, Some(("a".into(), 1, false)));
+            assert_eq!(lease(&t, "p3").await, held("b", 1));
+        }
+
+        async fn releasing_a_lease_twice_releases_it_once(t) {
+            let fence = take(&t, "p1", "a", TTL).await.unwrap();
+            assert!(release(t.db(), &fence).await.unwrap());
+            assert!(!release(t.db(), &fence).await.unwrap());
+            assert_eq!(lease(&t, "p1").await, Some(("a".into(), 1, false)));
+            // Given up: another instance takes it at once.
+            assert_eq!(take(&t, "p1", "b", TTL).await.unwrap().generation, 2);
+        }
+
+        /// A fence from an earlier generation (or another owner) releases nothing: the page's
+        /// current owner keeps it.
+        async fn a_stale_fence_releases_nothing(t) {
+            let old = take(&t, "p1", "a", TTL).await.unwrap();
+            take(&t, "p1", "a", TTL).await.unwrap();
+            assert!(!release(t.db(), &old).await.unwrap());
+            let other = Fence {
+                owner: "b".into(),
+                ..old.clone()
+            };
+            assert_eq!(release_many(t.db(), &[old, other]).await.unwrap(), 0);
+            assert_eq!(lease(&t, "p1").await, held("a", 2));
+        }
+
+        async fn releasing_many_counts_the_leases_still_held_under_their_fences(t) {
+            let fences = acquire_many(t.db(), &["p1", "p2"], "a", TTL).await.unwrap();
+            release(t.db(), &fences[0]).await.unwrap();
+            assert_eq!(release_many(t.db(), &fences).await.unwrap(), 1);
+            assert_eq!(lease(&t, "p2").await, Some(("a".into(), 1, false)));
+        }
+
+        async fn held_by_others_lists_only_live_leases_of_other_owners(t) {
+            take(&t, "p1", "a", TTL).await.unwrap();
+            take(&t, "p2", "b", TTL).await.unwrap();
+            take(&t, "p3", "b", EXPIRED).await.unwrap();
+            let held = held_by_others(t.db(), "a").await.unwrap();
+            let expected = [("p2".to_string(), "b".to_string())];
+            assert_eq!(held, std::collections::HashMap::from(expected));
+        }
+
+        async fn a_heartbeat_twice_counts_one_instance_and_leaving_twice_removes_it_once(t) {
+            heartbeat(t.db(), "a").await.unwrap();
+            heartbeat(t.db(), "a").await.unwrap();
+            assert_eq!(live_instances(t.db(), TTL).await.unwrap(), 1);
+            heartbeat(t.db(), "b").await.unwrap();
+            assert_eq!(live_instances(t.db(), TTL).await.unwrap(), 2);
+            leave(t.db(), "a").await.unwrap();
+            leave(t.db(), "a").await.unwrap();
+            assert_eq!(live_instances(t.db(), TTL).await.unwrap(), 1);
+        }
+
+        /// On PostgreSQL a fence holds only while the lease is at its owner and generation. On
+        /// SQLite (one instance per file, leases never change hands) the check is skipped.
+        async fn a_fence_holds_only_while_the_lease_is_at_its_generation(t) {
+            let old = take(&t, "p1", "a", TTL).await.unwrap();
+            let current = take(&t, "p1", "a", TTL).await.unwrap();
+            assert!(current.check(t.db()).await.is_ok());
+            let stale = old.check(t.db()).await;
+            let foreign = Fence {
+                owner: "b".into(),
+                ..current.clone()
+            }
+            .check(t.db())
+            .await;
+            if t.is_postgres() {
+                assert!(matches!(stale, Err(StoreError::Fenced)), "{stale:?}");
+                assert!(matches!(foreign, Err(StoreError::Fenced)), "{foreign:?}");
+            } else {
+                assert!(stale.is_ok() && foreign.is_ok());
+            }
+            assert_eq!(
+                lease(&t, "p1").await,
+                held("a", 2),
+                "a check writes nothing"
+            );
+        }
+    }
+
+    /// Tries to take the page until it is granted (the ended sessions release their locks
+    /// as their backends exit), or fails at the deadline.
+    async fn take_within_deadline(t: &TestStore, page_id: &str, owner: &str) -> Fence {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(fence) = take(t, page_id, owner, TTL).await {
+                return fence;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the page was never taken"
+            );
+        }
+    }
+
+    postgres_tests! {
+        /// An expired owner frozen inside a transaction that checked its fence holds the lease
+        /// row locked: the takeover ends its sessions (its transaction rolls back) and takes
+        /// the page at a later round.
+        async fn a_takeover_ends_an_expired_owner_stuck_in_a_transaction(t) {
+            let old = t.instance("old").await;
+            let fence = acquire(&old.db, "p1", "old", EXPIRED)
+                .await
+                .unwrap()
+                .unwrap();
+            let stuck = old.db.begin().await.unwrap();
+            fence.check(&stuck).await.unwrap();
+            assert_eq!(take(&t, "p1", "new", TTL).await, None, "the row is locked");
+            let taken = take_within_deadline(&t, "p1", "new").await;
+            assert_eq!(taken.generation, 2);
+            assert!(
+                stuck.commit().await.is_err(),
+                "the stuck transaction was ended"
+            );
+        }
+
+        /// An expired owner that still beats is finishing a transaction it began while it held
+        /// the page: it is left to finish, and the page is taken once it has.
+        async fn a_takeover_leaves_a_live_owner_to_finish_its_transaction(t) {
+            let old = t.instance("old").await;
+            heartbeat(&old.db, "old").await.unwrap();
+            let fence = acquire(&old.db, "p1", "old", EXPIRED)
+                .await
+                .unwrap()
+                .unwrap();
+            let finishing = old.db.begin().await.unwrap();
+            fence.check(&finishing).await.unwrap();
+            assert_eq!(take(&t, "p1", "new", TTL).await, None);
+            assert_eq!(take(&t, "p1", "new", TTL).await, None);
+            finishing
+                .commit()
+                .await
+                .expect("its transaction was left alone");
+            assert_eq!(take(&t, "p1", "new", TTL).await.unwrap().generation, 2);
+        }
+
+        /// Taking many pages in one statement waits a moment at most for a locked row: past
+        /// that, they are taken one by one, the stuck one as `acquire` deals with it.
+        async fn taking_many_pages_goes_one_by_one_past_a_stuck_owner(t) {
+            let old = t.instance("old").await;
+            let fence = acquire(&old.db, "p1", "old", EXPIRED)
+                .await
+                .unwrap()
+                .unwrap();
+            let stuck = old.db.begin().await.unwrap();
+            fence.check(&stuck).await.unwrap();
+            let taken = acquire_many(t.db(), &["p1", "p2"], "new", TTL)
+                .await
+                .unwrap();
+            let pages: Vec<&str> = taken.iter().map(|f| f.page_id.as_str()).collect();
+            assert_eq!(pages, ["p2"]);
+            assert_eq!(take_within_deadline(&t, "p1", "new").await.generation, 2);
+        }
+    }
 }

@@ -57,3 +57,55 @@ pub async fn check_master_key(
         Err(_) => KeyCheck::Mismatch,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        crypto::MasterKey,
+        store::testing::{cipher, store_tests},
+    };
+
+    async fn stored(db: &DatabaseConnection) -> Vec<Model> {
+        Entity::find().all(db).await.unwrap()
+    }
+
+    store_tests! {
+        /// The check value is inserted only where none is: a second start with the same key
+        /// writes nothing and finds it opens.
+        async fn the_first_start_records_the_check_and_the_next_finds_it_matches(t) {
+            assert_eq!(
+                check_master_key(t.db(), &cipher()).await.unwrap(),
+                KeyCheck::Recorded
+            );
+            let recorded = stored(t.db()).await;
+            assert_eq!(recorded.len(), 1);
+            assert_eq!(
+                check_master_key(t.db(), &cipher()).await.unwrap(),
+                KeyCheck::Matches
+            );
+            assert_eq!(
+                stored(t.db()).await,
+                recorded,
+                "the second start wrote nothing"
+            );
+        }
+
+        /// Another key must not replace the check value (the secrets stay sealed under the
+        /// first): it is told apart, and the value stays the one the first key opens.
+        async fn another_key_is_a_mismatch_and_leaves_the_check_as_it_was(t) {
+            check_master_key(t.db(), &cipher()).await.unwrap();
+            let recorded = stored(t.db()).await;
+            let other = SecretCipher::new(&MasterKey::from_bytes(&[7; 32]).unwrap());
+            assert_eq!(
+                check_master_key(t.db(), &other).await.unwrap(),
+                KeyCheck::Mismatch
+            );
+            assert_eq!(stored(t.db()).await, recorded);
+            assert_eq!(
+                check_master_key(t.db(), &cipher()).await.unwrap(),
+                KeyCheck::Matches
+            );
+        }
+    }
+}

@@ -12,6 +12,8 @@ pub mod sends;
 mod sql;
 mod stored;
 pub mod stories;
+#[cfg(test)]
+pub(crate) mod testing;
 mod writer;
 
 use std::{
@@ -305,9 +307,17 @@ impl Store {
 pub fn sqlite_file(url: &str) -> anyhow::Result<Option<PathBuf>> {
     let options = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url)
         .with_context(|| "OTN_DATABASE_URL is not a SQLite URL sqlx understands".to_string())?;
+    // sqlx opens `sqlite::memory:` as a database it names `file:sqlx-in-memory-<n>`: the name
+    // asked for is read from the URL, as sqlx reads it.
+    let asked = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:")
+        .split('?')
+        .next()
+        .unwrap_or_default();
     let path = options.get_filename();
     let text = path.to_string_lossy();
-    if text.is_empty() || text == ":memory:" || url.contains("mode=memory") {
+    if text.is_empty() || asked == ":memory:" || url.contains("mode=memory") {
         return Ok(None);
     }
     Ok(Some(path.to_path_buf()))
@@ -403,5 +413,127 @@ pub(crate) fn has_sqlstate(err: &DbErr, sqlstate: &str) -> bool {
                 .is_some_and(|code| code == sqlstate)
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{PageId, StoryContent};
+    use testing::store_tests;
+
+    #[test]
+    fn a_sqlite_url_names_its_file_and_an_in_memory_one_none() {
+        let file = sqlite_file("sqlite:///var/lib/otnd/otnd.db?mode=rwc").unwrap();
+        assert_eq!(file, Some(PathBuf::from("/var/lib/otnd/otnd.db")));
+        assert_eq!(sqlite_file("sqlite::memory:").unwrap(), None);
+        assert_eq!(sqlite_file("sqlite://:memory:").unwrap(), None);
+        assert_eq!(sqlite_file("sqlite://shared.db?mode=memory").unwrap(), None);
+    }
+
+    /// One page actor per page is what keeps each token used once: a second instance on the
+    /// file is refused, told who holds it, and may take it once the first lets go.
+    #[test]
+    fn a_second_instance_on_one_sqlite_file_is_refused_until_the_first_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join("otnd.db");
+        let first = lock_sqlite_instance(&database).unwrap();
+        let refused = lock_sqlite_instance(&database).unwrap_err().to_string();
+        assert!(
+            refused.contains(&format!("pid {}", std::process::id())),
+            "{refused}"
+        );
+        drop(first);
+        assert!(lock_sqlite_instance(&database).is_ok());
+    }
+
+    /// A story on `topic` of page 1, then `Conflict` if the work `fails`.
+    async fn draft_then(
+        db: &impl sea_orm::ConnectionTrait,
+        topic: &str,
+        fails: bool,
+    ) -> Result<(), StoreError> {
+        let page = PageId::from_trusted("1".into());
+        let content = StoryContent::Text("Hi".into());
+        let new = stories::NewStory {
+            page_id: &page,
+            topic,
+            content: &content,
+            include_window_users: false,
+            segment_id: None,
+        };
+        stories::create(db, new, now_ms()).await?;
+        if fails {
+            Err(StoreError::Conflict)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn topics(t: &testing::TestStore) -> Vec<String> {
+        let page = PageId::from_trusted("1".into());
+        stories::list(t.db(), &page, None, None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.topic)
+            .collect()
+    }
+
+    store_tests! {
+        /// A transaction's work stands only if all of it succeeds.
+        async fn work_in_a_transaction_stands_only_if_it_succeeds(t) {
+            t.page("1").await;
+            in_transaction(t.db(), async |txn| draft_then(txn, "kept", false).await)
+                .await
+                .unwrap();
+            let failed =
+                in_transaction(t.db(), async |txn| draft_then(txn, "dropped", true).await).await;
+            assert!(matches!(failed, Err(StoreError::Conflict)));
+            assert_eq!(topics(&t).await, ["kept"]);
+        }
+
+        /// The same through `transact`: on SQLite the writer's group commit, on PostgreSQL a
+        /// transaction of the work's own.
+        async fn transacted_work_stands_only_if_it_succeeds(t) {
+            t.page("1").await;
+            for (topic, fails) in [("kept", false), ("dropped", true)] {
+                let outcome = t
+                    .store
+                    .transact((topic, fails), |txn, (topic, fails)| async move {
+                        draft_then(&*txn, topic, fails).await
+                    })
+                    .await;
+                assert_eq!(outcome.is_ok(), !fails);
+            }
+            assert_eq!(topics(&t).await, ["kept"]);
+        }
+
+        /// Refusals the API must tell apart: a missing parent, and an id that can name
+        /// nothing (PostgreSQL refuses NUL in text; SQLite finds no such row).
+        async fn database_refusals_are_sorted_into_what_the_api_tells_apart(t) {
+            let page = t.page("1").await;
+            let content = StoryContent::Text("Hi".into());
+            let orphan = PageId::from_trusted("9".into());
+            let new = stories::NewStory {
+                page_id: &orphan,
+                topic: "news",
+                content: &content,
+                include_window_users: false,
+                segment_id: None,
+            };
+            let refused = stories::create(t.db(), new, now_ms()).await;
+            assert!(
+                matches!(refused, Err(StoreError::InUse)),
+                "{:?}",
+                refused.err()
+            );
+            let nul = PageId::from_trusted("1\0".into());
+            assert!(matches!(
+                pages::get(t.db(), &nul).await,
+                Err(StoreError::NotFound)
+            ));
+            assert!(pages::get(t.db(), &page).await.is_ok());
+        }
     }
 }

@@ -63,3 +63,49 @@ pub async fn listen(
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::{TestStore, postgres_tests};
+
+    /// Waits (up to a deadline) for what the listener hands on.
+    async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("within the deadline")
+            .expect("the listener is still there")
+    }
+
+    /// One SQLite file serves one instance: there is nobody to tell, and nothing to hear.
+    #[tokio::test]
+    async fn on_sqlite_nobody_is_told_and_listening_ends_at_once() {
+        let t = TestStore::sqlite().await;
+        page_has_work(t.db(), "1").await;
+        let heard = std::cell::Cell::new(0);
+        let hear = || heard.set(heard.get() + 1);
+        let listening = listen(t.db().clone(), |_| hear(), hear, || true);
+        tokio::time::timeout(Duration::from_secs(10), listening)
+            .await
+            .expect("listen returns at once");
+        assert_eq!(heard.get(), 0);
+    }
+
+    postgres_tests! {
+        /// Another instance hears of the page once it listens, with the page's id.
+        async fn a_listener_hears_which_page_has_work(t) {
+            let (pages, mut heard) = tokio::sync::mpsc::unbounded_channel();
+            let (started, mut listening) = tokio::sync::mpsc::unbounded_channel();
+            let listener = tokio::spawn(listen(
+                t.db().clone(),
+                move |page| pages.send(page).unwrap(),
+                move || started.send(()).unwrap(),
+                || true,
+            ));
+            next(&mut listening).await;
+            page_has_work(t.db(), "1234").await;
+            assert_eq!(next(&mut heard).await, "1234");
+            listener.abort();
+        }
+    }
+}

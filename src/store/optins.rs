@@ -397,3 +397,254 @@ pub async fn list(
     };
     Ok(query.all(db).await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        domain::OptInEvent::{Lapse, Release, Reserve, Spend},
+        store::{
+            now_ms,
+            testing::{TestStore, cipher, store_tests},
+        },
+    };
+
+    async fn state(t: &TestStore, id: i64) -> (OptInState, Option<i64>) {
+        let row = t.opt_in_row(id).await;
+        (row.state, row.used_at)
+    }
+
+    fn opt_in_event(psid: &str, at: i64, token: &str) -> IncomingEvent {
+        IncomingEvent {
+            psid: Psid::parse(psid).unwrap(),
+            at_ms: at,
+            kind: EventKind::OptIn {
+                topic: Topic::parse("news").unwrap(),
+                token: OptInToken::parse(token).unwrap(),
+            },
+        }
+    }
+
+    async fn ingested(t: &TestStore, page: &PageId, events: Vec<IncomingEvent>) -> IngestReport {
+        ingest(t.db(), &cipher(), &[(page.clone(), events)])
+            .await
+            .unwrap()
+    }
+
+    #[test]
+    fn an_event_is_guarded_by_the_states_it_leaves() {
+        let mut sql = Sql::new(sea_orm::DatabaseBackend::Sqlite);
+        guard(&mut sql, Lapse, "o.state");
+        assert_eq!(
+            sql.statement().sql,
+            " AND o.state IN ('active', 'reserved')"
+        );
+    }
+
+    store_tests! {
+        async fn reserving_an_opt_in_twice_reserves_it_once(t) {
+            let page = t.page("1").await;
+            let id = t.opt_in(&page, "u", "news", "t1", now_ms()).await.id;
+            assert_eq!(apply(t.db(), Reserve, &[id], 1).await.unwrap(), 1);
+            assert_eq!(apply(t.db(), Reserve, &[id], 2).await.unwrap(), 0);
+            assert_eq!(state(&t, id).await, (OptInState::Reserved, None));
+        }
+
+        /// Of the opt-ins named, only those in a state the event leaves move.
+        async fn an_event_moves_only_the_opt_ins_in_a_state_it_leaves(t) {
+            let page = t.page("1").await;
+            let active = t.opt_in(&page, "a", "news", "t1", now_ms()).await.id;
+            let reserved = t.opt_in(&page, "b", "news", "t2", now_ms()).await.id;
+            apply(t.db(), Reserve, &[reserved], 1).await.unwrap();
+            assert_eq!(
+                apply(t.db(), Release, &[active, reserved], 2)
+                    .await
+                    .unwrap(),
+                1
+            );
+            assert_eq!(state(&t, active).await.0, OptInState::Active);
+            assert_eq!(state(&t, reserved).await.0, OptInState::Active);
+            assert_eq!(apply(t.db(), Spend, &[active], 3).await.unwrap(), 0);
+            assert_eq!(state(&t, active).await, (OptInState::Active, None));
+        }
+
+        /// A token is spent once, and when it was spent is the first time's.
+        async fn spending_a_token_twice_records_the_first_use_only(t) {
+            let page = t.page("1").await;
+            let id = t.opt_in(&page, "u", "news", "t1", now_ms()).await.id;
+            apply(t.db(), Reserve, &[id], 1).await.unwrap();
+            assert_eq!(apply(t.db(), Spend, &[id], 100).await.unwrap(), 1);
+            assert_eq!(apply(t.db(), Spend, &[id], 200).await.unwrap(), 0);
+            assert_eq!(state(&t, id).await, (OptInState::Used, Some(100)));
+            assert_eq!(
+                apply(t.db(), Lapse, &[id], 300).await.unwrap(),
+                0,
+                "a used token stays used"
+            );
+        }
+
+        async fn a_lapse_expires_active_and_reserved_opt_ins_alike(t) {
+            let page = t.page("1").await;
+            let active = t.opt_in(&page, "a", "news", "t1", now_ms()).await.id;
+            let reserved = t.opt_in(&page, "b", "news", "t2", now_ms()).await.id;
+            apply(t.db(), Reserve, &[reserved], 1).await.unwrap();
+            assert_eq!(
+                apply(t.db(), Lapse, &[active, reserved], 2).await.unwrap(),
+                2
+            );
+            assert_eq!(state(&t, active).await.0, OptInState::Expired);
+            assert_eq!(state(&t, reserved).await.0, OptInState::Expired);
+        }
+
+        /// Facebook redelivers webhooks: a token seen before (in this batch or an earlier one,
+        /// for whichever user) changes nothing.
+        async fn ingesting_a_token_twice_stores_it_once_as_first_seen(t) {
+            let page = t.page("1").await;
+            let now = now_ms();
+            let first = ingested(
+                &t,
+                &page,
+                vec![opt_in_event("u", now, "t1"), opt_in_event("u", now, "t1")],
+            )
+            .await;
+            assert_eq!((first.events, first.opt_ins_created), (2, 1));
+            let again = ingested(&t, &page, vec![opt_in_event("v", now + 5, "t1")]).await;
+            assert_eq!((again.events, again.opt_ins_created), (1, 0));
+            let stored = list(t.db(), &page, &OptInFilter::default(), None, 10, now)
+                .await
+                .unwrap();
+            assert_eq!(stored.len(), 1);
+            assert_eq!((stored[0].psid.as_str(), stored[0].opted_in_at), ("u", now));
+        }
+
+        /// After an erasure, what only says the user is there, or happened before it, is
+        /// dropped; a new opt-in after it brings the user back.
+        async fn events_about_an_erased_user_are_dropped_unless_they_act_after_the_erasure(t) {
+            let page = t.page("1").await;
+            let erased_at = now_ms();
+            let digest = erasures::digest(&cipher(), page.as_str(), "u");
+            erasures::remember(t.db(), page.as_str(), &digest, erased_at)
+                .await
+                .unwrap();
+            let seen = IncomingEvent {
+                psid: Psid::parse("u").unwrap(),
+                at_ms: erased_at + 10,
+                kind: EventKind::Seen,
+            };
+            let events = vec![
+                opt_in_event("u", erased_at - 1, "before"),
+                seen,
+                opt_in_event("u", erased_at + 10, "after"),
+                opt_in_event("v", erased_at - 1, "someone-else"),
+            ];
+            let report = ingested(&t, &page, events).await;
+            assert_eq!(
+                (report.events, report.dropped_erased, report.opt_ins_created),
+                (4, 2, 2)
+            );
+            let tokens: Vec<String> =
+                list(t.db(), &page, &OptInFilter::default(), None, 10, erased_at)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|o| o.token)
+                    .collect();
+            assert_eq!(tokens, ["after", "someone-else"]);
+        }
+
+        async fn an_unknown_token_is_not_found(t) {
+            let page = t.page("1").await;
+            let token = OptInToken::parse("nope").unwrap();
+            assert!(matches!(
+                find_by_token(t.db(), &page, &token).await,
+                Err(StoreError::NotFound)
+            ));
+        }
+
+        /// Each opt-in counts once, by its state as read now: an active one past its expiry is
+        /// expired; requests count for their topic even where no opt-in is.
+        async fn the_ledger_counts_each_opt_in_by_its_state_at_now(t) {
+            let page = t.page("1").await;
+            let now = now_ms();
+            let day = 24 * 60 * 60 * 1000;
+            t.opt_in(&page, "a", "news", "active", now).await;
+            t.opt_in(
+                &page,
+                "a",
+                "news",
+                "soon",
+                now - OPT_IN_LIFETIME_MS + 10 * day,
+            )
+            .await;
+            t.opt_in(&page, "b", "news", "lapsed", now - OPT_IN_LIFETIME_MS - 1)
+                .await;
+            let used = t.opt_in(&page, "c", "news", "used", now).await.id;
+            let reserved = t.opt_in(&page, "d", "news", "reserved", now).await.id;
+            apply(t.db(), Reserve, &[used, reserved], now)
+                .await
+                .unwrap();
+            apply(t.db(), Spend, &[used], now).await.unwrap();
+            let psid = Psid::parse("e").unwrap();
+            for topic in ["news", "sport"] {
+                let topic = Topic::parse(topic).unwrap();
+                record_request(t.db(), &page, &psid, &topic, "Title", "m1", now)
+                    .await
+                    .unwrap();
+            }
+            let ledger = ledger(t.db(), &page, now).await.unwrap();
+            let news = TopicLedger {
+                topic: "news".into(),
+                active: 2,
+                reserved: 1,
+                used: 1,
+                expired: 1,
+                rejected: 0,
+                expiring_soon: 1,
+                requests_sent: 1,
+                subscribers: 4,
+            };
+            let sport = TopicLedger {
+                topic: "sport".into(),
+                requests_sent: 1,
+                ..Default::default()
+            };
+            assert_eq!(ledger, [news, sport]);
+        }
+
+        async fn listing_by_state_reads_each_opt_in_as_it_is_at_now(t) {
+            let page = t.page("1").await;
+            let now = now_ms();
+            let live = t.opt_in(&page, "a", "news", "live", now).await.id;
+            let lapsed = t
+                .opt_in(&page, "b", "news", "lapsed", now - OPT_IN_LIFETIME_MS)
+                .await
+                .id;
+            let other = t.opt_in(&page, "a", "sport", "other", now).await.id;
+            let (db, page) = (t.db(), &page);
+            let ids = |filter: OptInFilter, after: Option<i64>| async move {
+                list(db, page, &filter, after, 10, now)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|o| o.id)
+                    .collect::<Vec<_>>()
+            };
+            let by_state = |state| OptInFilter {
+                state: Some(state),
+                ..Default::default()
+            };
+            assert_eq!(ids(by_state(OptInState::Active), None).await, [live, other]);
+            assert_eq!(ids(by_state(OptInState::Expired), None).await, [lapsed]);
+            let news = OptInFilter {
+                topic: Some(Topic::parse("news").unwrap()),
+                ..Default::default()
+            };
+            assert_eq!(ids(news, Some(live)).await, [lapsed]);
+            let of_a = OptInFilter {
+                psid: Some(Psid::parse("a").unwrap()),
+                ..Default::default()
+            };
+            assert_eq!(ids(of_a, None).await, [live, other]);
+        }
+    }
+}

@@ -314,3 +314,177 @@ pub async fn exists(db: &impl ConnectionTrait, id: &PageId) -> Result<bool, Stor
         .await?
         .is_some())
 }
+
+#[cfg(test)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use super::*;
+    use crate::{
+        domain::NewPage,
+        store::{
+            erasures, sends,
+            sql::Sql,
+            testing::{TestStore, cipher, store_tests},
+        },
+    };
+
+    fn changes(name: Option<&str>, verify_token: Option<&str>) -> PageChanges {
+        PageChanges::parse(name, None, None, verify_token, None).unwrap()
+    }
+
+    async fn rows_of(t: &TestStore, table: &str, column: &str, page: &PageId) -> i64 {
+        let mut sql = Sql::new(t.backend());
+        sql.push(&format!(
+            "SELECT COUNT(*) AS n FROM {table} WHERE {column} = "
+        ))
+        .bind(page.as_str());
+        let row = t
+            .db()
+            .query_one_raw(sql.statement())
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get::<i64>("", "n").unwrap()
+    }
+
+    store_tests! {
+        /// A page is created once: a second create is refused and leaves the first as it was.
+        async fn creating_a_page_twice_is_refused_and_keeps_the_first(t) {
+            let page = t.page("1").await;
+            let again = NewPage::parse("1", "Another", "at", "as", "", None).unwrap();
+            let refused = create(t.db(), &cipher(), &again).await;
+            assert!(
+                matches!(refused, Err(StoreError::AlreadyExists)),
+                "{refused:?}"
+            );
+            let stored = get(t.db(), &page).await.unwrap();
+            assert_eq!(
+                (stored.name.as_str(), stored.has_verify_token),
+                ("A page", true)
+            );
+        }
+
+        async fn an_update_changes_only_the_fields_it_names(t) {
+            let page = t.page("1").await;
+            let updated = update(t.db(), &cipher(), &page, &changes(Some("Renamed"), None))
+                .await
+                .unwrap();
+            assert_eq!(
+                (updated.name.as_str(), updated.has_verify_token),
+                ("Renamed", true)
+            );
+            let credentials = credentials(t.db(), &cipher(), &page).await.unwrap();
+            assert_eq!(credentials.access_token.expose_secret(), "access-token");
+            // An empty verify token removes it (and only it).
+            let updated = update(t.db(), &cipher(), &page, &changes(None, Some("")))
+                .await
+                .unwrap();
+            assert_eq!(
+                (updated.name.as_str(), updated.has_verify_token),
+                ("Renamed", false)
+            );
+            assert_eq!(get(t.db(), &page).await.unwrap(), updated);
+        }
+
+        async fn updating_a_page_that_does_not_exist_creates_nothing(t) {
+            let page = PageId::from_trusted("9".into());
+            let missing = update(t.db(), &cipher(), &page, &changes(Some("X"), None)).await;
+            assert!(matches!(missing, Err(StoreError::NotFound)), "{missing:?}");
+            assert!(!exists(t.db(), &page).await.unwrap());
+        }
+
+        /// A queued send may still call Facebook: the page stays, with everything of it.
+        async fn a_page_with_an_unfinished_send_is_not_deleted(t) {
+            let page = t.page("1").await;
+            let send = t.send(&page, "news").await;
+            let refused = delete(t.db(), &page).await.unwrap();
+            assert_eq!(
+                refused,
+                Deletion::SendsUnfinished(vec![(send.id.clone(), SendState::Queued)])
+            );
+            assert!(exists(t.db(), &page).await.unwrap());
+            assert_eq!(t.send_row(&send.id).await, send);
+        }
+
+        /// A cancelled send is finished, but its deliveries in flight are still to be answered.
+        async fn a_cancelled_send_with_deliveries_in_flight_still_holds_its_page(t) {
+            let page = t.page("1").await;
+            let (send, _, _) = t.claimed_send(&page, "news", &["u1"]).await;
+            sends::cancel(t.db(), &send.id, now_ms()).await.unwrap();
+            let refused = delete(t.db(), &page).await.unwrap();
+            assert_eq!(
+                refused,
+                Deletion::SendsUnfinished(vec![(send.id.clone(), SendState::Cancelled)])
+            );
+            assert_eq!(t.deliveries(&send.id).await.len(), 1);
+        }
+
+        async fn deleting_a_page_removes_everything_of_it_once_and_nothing_of_another(t) {
+            let (page, other) = (t.page("1").await, t.page("2").await);
+            let send = t.send_in(&page, "news", SendState::Completed).await;
+            t.opt_in(&page, "u1", "sport", "t1", now_ms()).await;
+            t.opt_in(&other, "u1", "sport", "t2", now_ms()).await;
+            erasures::remember(t.db(), page.as_str(), "d", 1)
+                .await
+                .unwrap();
+            t.fence(&page).await;
+            assert_eq!(delete(t.db(), &page).await.unwrap(), Deletion::Deleted);
+            assert!(!exists(t.db(), &page).await.unwrap());
+            assert!(matches!(
+                sends::get(t.db(), &send.id).await,
+                Err(StoreError::NotFound)
+            ));
+            for (table, column) in [
+                ("stories", "page_id"),
+                ("optins", "page_id"),
+                ("subscribers", "page_id"),
+                ("erasures", "page_id"),
+                ("page_leases", "page_id"),
+            ] {
+                assert_eq!(rows_of(&t, table, column, &page).await, 0, "{table}");
+            }
+            let again = delete(t.db(), &page).await;
+            assert!(matches!(again, Err(StoreError::NotFound)), "{again:?}");
+            assert_eq!(rows_of(&t, "optins", "page_id", &other).await, 1);
+        }
+
+        /// Secrets open only for the page they were sealed for; pages without a verify token
+        /// give none, and an unknown page no app secret.
+        async fn secrets_open_for_their_own_page_only(t) {
+            let page = t.page("1").await;
+            let bare = NewPage::parse("2", "Bare", "at", "as", "", None).unwrap();
+            create(t.db(), &cipher(), &bare).await.unwrap();
+            let unknown = PageId::from_trusted("3".into());
+            let secrets = app_secrets(t.db(), &cipher(), [&page, &unknown])
+                .await
+                .unwrap();
+            assert_eq!(secrets.len(), 1);
+            assert_eq!(
+                (&secrets[0].0, secrets[0].1.expose_secret()),
+                (&page, "app-secret")
+            );
+            let tokens = verify_tokens(t.db(), &cipher()).await.unwrap();
+            let tokens: Vec<&str> = tokens.iter().map(|s| s.expose_secret()).collect();
+            assert_eq!(tokens, ["verify"]);
+            assert!(matches!(
+                credentials(t.db(), &cipher(), &unknown).await,
+                Err(StoreError::NotFound)
+            ));
+        }
+
+        async fn pages_are_listed_by_id_after_the_one_given(t) {
+            for id in ["3", "1", "2"] {
+                t.page(id).await;
+            }
+            let ids = |pages: Vec<PageRecord>| {
+                pages
+                    .into_iter()
+                    .map(|p| p.id.to_string())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(ids(list(t.db(), None, 2).await.unwrap()), ["1", "2"]);
+            assert_eq!(ids(list(t.db(), Some("2"), 2).await.unwrap()), ["3"]);
+        }
+    }
+}

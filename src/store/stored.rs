@@ -72,3 +72,64 @@ pub fn quoted<T: Copy>(states: &[T], name: impl Fn(T) -> &'static str) -> String
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{FromQueryResult, Statement};
+
+    use super::*;
+    use crate::store::testing::store_tests;
+
+    #[test]
+    fn quoted_names_are_listed_in_the_order_given() {
+        let states = [SendState::Queued, SendState::Running];
+        assert_eq!(quoted(&states, SendState::as_str), "'queued', 'running'");
+        assert_eq!(quoted::<SendState>(&[], SendState::as_str), "");
+    }
+
+    #[test]
+    fn a_state_is_stored_as_its_name_and_read_back_by_it() {
+        assert_eq!(
+            Value::from(DeliveryState::InFlight),
+            Value::from("in_flight")
+        );
+        assert_eq!(
+            <OptInState as ValueType>::try_from(Value::from("reserved")).ok(),
+            Some(OptInState::Reserved)
+        );
+        assert_eq!(
+            <Route as ValueType>::try_from(Value::from("window")).ok(),
+            Some(Route::Window)
+        );
+    }
+
+    /// A name the domain does not know is an error, never a silent default.
+    #[test]
+    fn a_name_the_domain_does_not_know_is_refused() {
+        assert!(<SendState as ValueType>::try_from(Value::from("finished")).is_err());
+        assert!(<DeliveryState as ValueType>::try_from(Value::from(3_i64)).is_err());
+    }
+
+    #[derive(Debug, FromQueryResult)]
+    struct Row {
+        state: SendState,
+    }
+
+    store_tests! {
+        async fn a_row_read_back_with_an_unknown_state_fails_with_the_name(t) {
+            let read = |text: &str| {
+                let sql = format!("SELECT '{text}' AS state");
+                Row::find_by_statement(Statement::from_string(t.backend(), sql)).one(t.db())
+            };
+            assert_eq!(
+                read("paused").await.unwrap().unwrap().state,
+                SendState::Paused
+            );
+            let err = read("finished").await.unwrap_err();
+            assert!(
+                err.to_string().contains("'finished' is not a SendState"),
+                "{err}"
+            );
+        }
+    }
+}

@@ -317,3 +317,202 @@ pub async fn estimate(
         excluded_by_segment: usable.saturating_sub(token_recipients),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::{
+        domain::{OPT_IN_LIFETIME_MS, Psid, Tag},
+        store::{
+            audience, now_ms,
+            testing::{TestStore, store_tests},
+        },
+    };
+
+    fn retopic(topic: &str) -> StoryChanges<'_> {
+        StoryChanges {
+            topic: Some(topic),
+            ..Default::default()
+        }
+    }
+
+    async fn tag(t: &TestStore, page: &PageId, psid: &str) {
+        let psids = BTreeSet::from([Psid::parse(psid).unwrap()]);
+        let add = BTreeSet::from([Tag::parse("x").unwrap()]);
+        audience::tag_subscribers(t.db(), page, &psids, &add, &BTreeSet::new(), now_ms())
+            .await
+            .unwrap();
+    }
+
+    store_tests! {
+        /// An edit applies to the version it was made on: a second edit from the same read
+        /// (another writer's, or a retry) conflicts and leaves the first one's.
+        async fn an_update_from_a_version_already_updated_conflicts(t) {
+            let page = t.page("1").await;
+            let read = t.draft(&page, "news", false).await;
+            let updated = update(t.db(), &read, &retopic("sport"), now_ms())
+                .await
+                .unwrap();
+            assert_eq!((updated.version, updated.topic.as_str()), (2, "sport"));
+            let again = update(t.db(), &read, &retopic("weather"), now_ms()).await;
+            assert!(matches!(again, Err(StoreError::Conflict)), "{again:?}");
+            assert_eq!(get(t.db(), &read.id).await.unwrap(), updated);
+        }
+
+        /// A story a send was started from is what was sent: it neither changes nor goes.
+        async fn a_sent_story_is_neither_updated_nor_deleted(t) {
+            let page = t.page("1").await;
+            let story = t.story(&page, "news", false).await;
+            t.start(&story, "r1").await.unwrap();
+            let sent = get(t.db(), &story.id).await.unwrap();
+            assert_eq!(sent.state, STATE_SENT);
+            let edit = update(t.db(), &sent, &retopic("sport"), now_ms()).await;
+            assert!(matches!(edit, Err(StoreError::Conflict)), "{edit:?}");
+            assert!(matches!(
+                delete(t.db(), &sent).await,
+                Err(StoreError::Conflict)
+            ));
+            assert_eq!(get(t.db(), &story.id).await.unwrap(), sent);
+        }
+
+        async fn deleting_a_draft_twice_deletes_it_once(t) {
+            let page = t.page("1").await;
+            let draft = t.draft(&page, "news", false).await;
+            delete(t.db(), &draft).await.unwrap();
+            assert!(matches!(
+                delete(t.db(), &draft).await,
+                Err(StoreError::Conflict)
+            ));
+            assert!(matches!(
+                get(t.db(), &draft.id).await,
+                Err(StoreError::NotFound)
+            ));
+        }
+
+        /// The reviewer saw the content whose hash came back: if it changed meanwhile, the
+        /// review vouches for nothing stored.
+        async fn a_review_of_content_that_changed_since_is_refused(t) {
+            let page = t.page("1").await;
+            let draft = t.draft(&page, "news", false).await;
+            let content = StoryContent::Text("Changed".into());
+            let edit = StoryChanges {
+                content: Some(&content),
+                ..Default::default()
+            };
+            let edited = update(t.db(), &draft, &edit, now_ms()).await.unwrap();
+            let late = record_review(t.db(), &draft.id, &draft.content_hash, "r", now_ms()).await;
+            assert!(matches!(late, Err(StoreError::Conflict)), "{late:?}");
+            let stored = get(t.db(), &draft.id).await.unwrap();
+            assert_eq!((stored.reviewed_at, stored.reviewed()), (None, false));
+            assert_eq!(stored, edited);
+        }
+
+        /// A review recorded twice (a retried webhook) still vouches for the same content.
+        async fn a_review_recorded_twice_stands(t) {
+            let page = t.page("1").await;
+            let draft = t.draft(&page, "news", false).await;
+            record_review(t.db(), &draft.id, &draft.content_hash, "r", 10)
+                .await
+                .unwrap();
+            let again = record_review(t.db(), &draft.id, &draft.content_hash, "r", 20)
+                .await
+                .unwrap();
+            assert!(again.reviewed());
+            assert_eq!(
+                (again.version, again.reviewer_psid.as_deref()),
+                (1, Some("r"))
+            );
+        }
+
+        /// Reviewed holds while the content is the one reviewed: an edit of the content
+        /// (not of the topic) takes it away.
+        async fn an_edit_of_the_content_takes_the_review_away(t) {
+            let page = t.page("1").await;
+            let story = t.story(&page, "news", false).await;
+            assert!(story.reviewed());
+            let story = update(t.db(), &story, &retopic("sport"), now_ms())
+                .await
+                .unwrap();
+            assert!(story.reviewed());
+            let content = StoryContent::Text("Changed".into());
+            let edit = StoryChanges {
+                content: Some(&content),
+                ..Default::default()
+            };
+            assert!(
+                !update(t.db(), &story, &edit, now_ms())
+                    .await
+                    .unwrap()
+                    .reviewed()
+            );
+        }
+
+        async fn a_story_aimed_at_no_segment_has_no_rule(t) {
+            let page = t.page("1").await;
+            let draft = t.draft(&page, "news", false).await;
+            assert_eq!(segment_rule(t.db(), &draft).await.unwrap(), None);
+            let rule = SegmentRule {
+                any_tags: ["x".to_string()].into(),
+                ..Default::default()
+            };
+            let segment = audience::create_segment(t.db(), &page, "s", &rule, 1)
+                .await
+                .unwrap();
+            let aim = StoryChanges {
+                segment_id: Some(Some(segment.id.as_str())),
+                ..Default::default()
+            };
+            let aimed = update(t.db(), &draft, &aim, now_ms()).await.unwrap();
+            assert_eq!(segment_rule(t.db(), &aimed).await.unwrap(), Some(rule));
+        }
+
+        /// By token: a (usable) and c, of whom the segment keeps a; b's only opt-in lapsed; w
+        /// wrote today without one.
+        async fn the_estimate_counts_whom_a_send_would_reach_and_why_others_are_left_out(t) {
+            let page = t.page("1").await;
+            let now = now_ms();
+            t.opt_in(&page, "a", "news", "t-a", now).await;
+            t.opt_in(&page, "a", "news", "t-a2", now).await;
+            t.opt_in(&page, "b", "news", "t-b", now - OPT_IN_LIFETIME_MS - 1)
+                .await;
+            t.opt_in(&page, "c", "news", "t-c", now).await;
+            t.interaction(&page, "w", now).await;
+            for psid in ["a", "w"] {
+                tag(&t, &page, psid).await;
+            }
+            let story = t.draft(&page, "news", true).await;
+            let everyone = estimate(t.db(), &story, None, now).await.unwrap();
+            // a and c are in the window too, but reached by token.
+            let expected = AudienceEstimate {
+                token_recipients: 2,
+                window_recipients: 1,
+                excluded_expired: 1,
+                excluded_by_segment: 0,
+            };
+            assert_eq!(everyone, expected);
+            let rule = SegmentRule {
+                any_tags: ["x".to_string()].into(),
+                ..Default::default()
+            };
+            let tagged = estimate(t.db(), &story, Some(&rule), now).await.unwrap();
+            assert_eq!(
+                tagged,
+                AudienceEstimate {
+                    token_recipients: 1,
+                    excluded_by_segment: 1,
+                    ..expected
+                }
+            );
+            let token_only = t.draft(&page, "news", false).await;
+            assert_eq!(
+                estimate(t.db(), &token_only, None, now)
+                    .await
+                    .unwrap()
+                    .window_recipients,
+                0
+            );
+        }
+    }
+}

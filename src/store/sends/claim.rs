@@ -225,3 +225,241 @@ pub async fn reconcile(
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        domain::OptInState,
+        store::{
+            now_ms,
+            sends::{apply, get},
+            testing::{TestStore, answer, postgres_tests, retry, store_tests},
+        },
+    };
+
+    /// One step at `now`, as the page's actor takes it (`start`: a queued send runs).
+    async fn step_at(
+        t: &TestStore,
+        fence: &Fence,
+        send_id: &str,
+        now: i64,
+        limit: u64,
+        start: bool,
+    ) -> Step {
+        t.txn(async |txn| step(txn, fence, send_id, now, limit, start).await)
+            .await
+            .unwrap()
+    }
+
+    fn states(rows: &[crate::store::sends::delivery::Model]) -> Vec<DeliveryState> {
+        rows.iter().map(|d| d.state).collect()
+    }
+
+    store_tests! {
+        /// A queued send's first step runs it and claims its audience as it materialises it,
+        /// all committed in flight, the tokens reserved.
+        async fn the_first_step_of_a_queued_send_runs_it_and_claims_its_audience(t) {
+            let page = t.page("1").await;
+            let now = now_ms();
+            let a = t.opt_in(&page, "a", "news", "t-a", now).await;
+            t.opt_in(&page, "b", "news", "t-b", now).await;
+            let send = t.send(&page, "news").await;
+            let fence = t.fence(&page).await;
+            let step = step_at(&t, &fence, &send.id, now, 10, true).await;
+            let claimed: Vec<(&str, i32, i32)> = step
+                .claimed
+                .iter()
+                .map(|c| (c.psid.as_str(), c.attempts, c.claim))
+                .collect();
+            assert_eq!(claimed, [("a", 1, 1), ("b", 1, 1)]);
+            assert_eq!(step.claimed[0].token.as_deref(), Some("t-a"));
+            let row = t.send_row(&send.id).await;
+            assert_eq!(
+                (row.state, row.started_at, row.total, row.in_flight),
+                (SendState::Running, Some(now), 2, 2)
+            );
+            assert!(row.audience_done());
+            assert_eq!(
+                states(&t.deliveries(&send.id).await),
+                [DeliveryState::InFlight; 2]
+            );
+            assert_eq!(t.opt_in_row(a.id).await.state, OptInState::Reserved);
+        }
+
+        /// What a step claimed is in flight: the next step finds nothing to claim and writes
+        /// nothing.
+        async fn a_second_step_claims_nothing_already_claimed(t) {
+            let page = t.page("1").await;
+            let (send, _, fence) = t.claimed_send(&page, "news", &["a", "b"]).await;
+            let before = (t.send_row(&send.id).await, t.deliveries(&send.id).await);
+            let again = step_at(&t, &fence, &send.id, now_ms(), 10, true).await;
+            assert!(again.claimed.is_empty());
+            assert_eq!(
+                (t.send_row(&send.id).await, t.deliveries(&send.id).await),
+                before
+            );
+        }
+
+        /// Only the engine's own first step may run a queued send; a paused one is not
+        /// stepped at all, its pending deliveries left pending.
+        async fn a_send_that_is_not_running_is_not_stepped(t) {
+            let page = t.page("1").await;
+            t.opt_in(&page, "a", "news", "t-a", now_ms()).await;
+            let queued = t.send(&page, "news").await;
+            let fence = t.fence(&page).await;
+            let step = step_at(&t, &fence, &queued.id, now_ms(), 10, false).await;
+            assert!(step.claimed.is_empty());
+            assert_eq!(t.send_row(&queued.id).await, queued);
+            let (send, claimed, fence) = t.claimed_send(&page, "sport", &["b"]).await;
+            t.record(&fence, &[answer(&send.id, &claimed[0], retry(0, false))])
+                .await;
+            let paused = apply(t.db(), &send.id, SendEvent::Pause, None, now_ms())
+                .await
+                .unwrap();
+            let step = step_at(&t, &fence, &send.id, now_ms(), 10, true).await;
+            assert!(step.claimed.is_empty());
+            assert_eq!(step.send, paused);
+            assert_eq!(
+                states(&t.deliveries(&send.id).await),
+                [DeliveryState::Pending]
+            );
+        }
+
+        /// A retry is claimed once it is due, under a new claim and attempt; one due later
+        /// waits.
+        async fn a_step_claims_the_retries_that_are_due_and_leaves_the_later_ones(t) {
+            let page = t.page("1").await;
+            let now = now_ms();
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["a", "b"]).await;
+            let answers = [
+                answer(&send.id, &claimed[0], retry(now - 1, false)),
+                answer(&send.id, &claimed[1], retry(now + 3_600_000, false)),
+            ];
+            t.record(&fence, &answers).await;
+            let step = step_at(&t, &fence, &send.id, now, 10, true).await;
+            let again: Vec<(i64, i32, i32)> = step
+                .claimed
+                .iter()
+                .map(|c| (c.id, c.attempts, c.claim))
+                .collect();
+            assert_eq!(again, [(claimed[0].id, 2, 2)]);
+            assert_eq!(
+                states(&t.deliveries(&send.id).await),
+                [DeliveryState::InFlight, DeliveryState::Pending]
+            );
+            assert_eq!((step.send.in_flight, step.send.pending()), (1, 1));
+        }
+
+        /// A step claims at most its limit, and the audience's cursor picks up where it
+        /// stopped.
+        async fn a_step_claims_no_more_than_its_limit_and_the_next_goes_on_from_there(t) {
+            let page = t.page("1").await;
+            for psid in ["a", "b", "c"] {
+                t.opt_in(&page, psid, "news", &format!("t-{psid}"), now_ms())
+                    .await;
+            }
+            let send = t.send(&page, "news").await;
+            let fence = t.fence(&page).await;
+            let first = step_at(&t, &fence, &send.id, now_ms(), 2, true).await;
+            assert_eq!(first.claimed.len(), 2);
+            assert_eq!(
+                (
+                    first.send.audience_phase.as_str(),
+                    first.send.audience_cursor.as_str()
+                ),
+                ("token", "b")
+            );
+            let second = step_at(&t, &fence, &send.id, now_ms(), 2, true).await;
+            let psids: Vec<&str> = second.claimed.iter().map(|c| c.psid.as_str()).collect();
+            assert_eq!(psids, ["c"]);
+            assert!(second.send.audience_done());
+        }
+
+        /// A token that would lapse before its call reaches Facebook is never presented: its
+        /// delivery is skipped and the opt-in expired, or, where an earlier attempt may have
+        /// landed, lost and the token spent.
+        async fn a_lapsing_token_is_never_presented(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["a", "b"]).await;
+            let answers = [
+                answer(&send.id, &claimed[0], retry(0, false)),
+                answer(&send.id, &claimed[1], retry(0, true)),
+            ];
+            t.record(&fence, &answers).await;
+            // Half a minute before they lapse: too late for a call to reach Facebook in time.
+            let expires_at = t.opt_in_row(claimed[0].optin_id.unwrap()).await.expires_at;
+            let step = step_at(&t, &fence, &send.id, expires_at - 30_000, 10, true).await;
+            assert!(step.claimed.is_empty());
+            assert_eq!(
+                states(&t.deliveries(&send.id).await),
+                [DeliveryState::Skipped, DeliveryState::Unknown]
+            );
+            assert_eq!(
+                t.opt_in_row(claimed[0].optin_id.unwrap()).await.state,
+                OptInState::Expired
+            );
+            assert_eq!(
+                t.opt_in_row(claimed[1].optin_id.unwrap()).await.state,
+                OptInState::Used
+            );
+            assert_eq!(
+                (step.send.skipped, step.send.unknown, step.send.pending()),
+                (1, 1, 0)
+            );
+        }
+
+        /// A delivery committed in flight that the actor never handed on goes back to pending,
+        /// its attempt not counted; once, and never one the actor knows of.
+        async fn reconciling_puts_back_what_nobody_sent_once(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["a", "b"]).await;
+            let known = HashSet::from([claimed[0].id]);
+            assert_eq!(
+                reconcile(t.db(), &fence, &send.id, &known, now_ms())
+                    .await
+                    .unwrap(),
+                1
+            );
+            let rows = t.deliveries(&send.id).await;
+            assert_eq!(
+                states(&rows),
+                [DeliveryState::InFlight, DeliveryState::Pending]
+            );
+            assert_eq!(
+                (rows[1].attempts, rows[1].claim, rows[1].ambiguous),
+                (0, 1, false)
+            );
+            assert_eq!(
+                reconcile(t.db(), &fence, &send.id, &known, now_ms())
+                    .await
+                    .unwrap(),
+                0
+            );
+            assert_eq!(t.deliveries(&send.id).await, rows);
+            assert_eq!(get(t.db(), &send.id).await.unwrap().in_flight, 1);
+        }
+    }
+
+    postgres_tests! {
+        /// Only the page's current lease writes its deliveries: a step under a fence that
+        /// lost it fails before writing anything.
+        async fn a_step_under_a_stale_fence_writes_nothing(t) {
+            let page = t.page("1").await;
+            t.opt_in(&page, "a", "news", "t-a", now_ms()).await;
+            let send = t.send(&page, "news").await;
+            let stale = t.fence(&page).await;
+            t.fence(&page).await;
+            let fenced = t
+                .txn(async |txn| step(txn, &stale, &send.id, now_ms(), 10, true).await)
+                .await;
+            assert!(
+                matches!(fenced, Err(StoreError::Fenced)),
+                "{:?}",
+                fenced.err()
+            );
+            assert_eq!(t.send_row(&send.id).await, send);
+            assert!(t.deliveries(&send.id).await.is_empty());
+        }
+    }
+}

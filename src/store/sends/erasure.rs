@@ -145,3 +145,125 @@ pub async fn erase_recipient(
 fn delta_rows(delta: &CounterDelta) -> u64 {
     u64::try_from(-delta.total).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        domain::{OptInState, SendState},
+        store::{
+            now_ms,
+            testing::{TestStore, answer, retry, sent, store_tests},
+        },
+    };
+
+    async fn hold(t: &TestStore, psid: &str) -> u64 {
+        t.txn(async |txn| hold_recipient(txn, "1", psid, now_ms()).await)
+            .await
+            .unwrap()
+    }
+
+    async fn erase(t: &TestStore, psid: &str) -> u64 {
+        t.txn(async |txn| erase_recipient(txn, "1", psid, now_ms()).await)
+            .await
+            .unwrap()
+    }
+
+    #[test]
+    fn a_removal_stands_for_as_many_deliveries_as_the_total_lost() {
+        let mut delta = CounterDelta::default();
+        delta.removed(DeliveryState::Sent, 1);
+        delta.removed(DeliveryState::Pending, 2);
+        assert_eq!((delta_rows(&delta), delta.sent), (3, -1));
+        assert_eq!(delta_rows(&CounterDelta::default()), 0);
+    }
+
+    store_tests! {
+        /// Held back, a user's waiting deliveries end as a cancel ends them (their opt-ins
+        /// back, or spent where an earlier attempt may have landed); a second hold finds
+        /// nothing more to end.
+        async fn holding_a_recipient_back_twice_ends_their_pending_deliveries_once(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["u", "v"]).await;
+            t.record(&fence, &[answer(&send.id, &claimed[0], retry(0, false))])
+                .await;
+            assert_eq!(hold(&t, "u").await, 0);
+            let rows = t.deliveries(&send.id).await;
+            assert_eq!(
+                (rows[0].state, rows[1].state),
+                (DeliveryState::Skipped, DeliveryState::InFlight)
+            );
+            assert_eq!(
+                t.opt_in_row(claimed[0].optin_id.unwrap()).await.state,
+                OptInState::Active
+            );
+            let row = t.send_row(&send.id).await;
+            assert_eq!(
+                (row.skipped, row.in_flight, row.state),
+                (1, 1, SendState::Running)
+            );
+            assert_eq!(hold(&t, "u").await, 0);
+            assert_eq!(
+                (t.send_row(&send.id).await, t.deliveries(&send.id).await),
+                (row, rows)
+            );
+        }
+
+        async fn holding_back_a_delivery_that_may_have_landed_spends_its_token(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["u"]).await;
+            t.record(&fence, &[answer(&send.id, &claimed[0], retry(0, true))])
+                .await;
+            hold(&t, "u").await;
+            assert_eq!(
+                t.delivery(claimed[0].id).await.state,
+                DeliveryState::Unknown
+            );
+            assert_eq!(
+                t.opt_in_row(claimed[0].optin_id.unwrap()).await.state,
+                OptInState::Used
+            );
+        }
+
+        /// What is on its way cannot be held back: it is counted (the erasure waits for it)
+        /// and left to its answer.
+        async fn holding_back_counts_what_is_in_flight_and_leaves_it(t) {
+            let page = t.page("1").await;
+            let (send, _, _) = t.claimed_send(&page, "news", &["u"]).await;
+            let (other, _, _) = t.claimed_send(&page, "sport", &["u"]).await;
+            assert_eq!(hold(&t, "u").await, 2);
+            assert_eq!(
+                t.deliveries(&send.id).await[0].state,
+                DeliveryState::InFlight
+            );
+            assert_eq!(t.send_row(&other.id).await.in_flight, 1);
+        }
+
+        /// The user's deliveries go from every send of the page, and each send's counters
+        /// with them; erased twice, nothing more goes.
+        async fn erasing_a_recipient_twice_deletes_their_deliveries_once(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["u", "v"]).await;
+            let answers: Vec<_> = claimed
+                .iter()
+                .map(|c| answer(&send.id, c, sent()))
+                .collect();
+            t.record(&fence, &answers).await;
+            assert_eq!(erase(&t, "u").await, 1);
+            let row = t.send_row(&send.id).await;
+            assert_eq!(
+                (row.total, row.sent, row.state),
+                (1, 1, SendState::Completed)
+            );
+            assert_eq!(erase(&t, "u").await, 0);
+            assert_eq!(t.send_row(&send.id).await, row);
+            let left: Vec<String> = t
+                .deliveries(&send.id)
+                .await
+                .into_iter()
+                .map(|d| d.psid)
+                .collect();
+            assert_eq!(left, ["v"]);
+        }
+    }
+}

@@ -230,3 +230,160 @@ pub(super) async fn materialize(
     };
     Ok((claimed, next_phase, cursor))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::{
+        domain::{OptInState, Psid, SegmentRule, Tag},
+        store::{
+            audience, now_ms,
+            sends::{NewSend, Started, start},
+            testing::{TestStore, store_tests},
+        },
+    };
+
+    /// Materialises up to `limit` recipients of `send` as its row stands in `send`, committed.
+    async fn next(t: &TestStore, send: &Send, limit: u64) -> (Vec<Claimed>, &'static str, String) {
+        t.txn(async |txn| materialize(txn, send, now_ms(), limit).await)
+            .await
+            .unwrap()
+    }
+
+    fn psids(claimed: &[Claimed]) -> Vec<&str> {
+        claimed.iter().map(|c| c.psid.as_str()).collect()
+    }
+
+    fn in_phase(send: &Send, phase: &str, cursor: &str) -> Send {
+        Send {
+            audience_phase: phase.into(),
+            audience_cursor: cursor.into(),
+            ..send.clone()
+        }
+    }
+
+    /// A queued send of a new story of the page, to its window users too, aimed at `segment`.
+    async fn window_send(
+        t: &TestStore,
+        page: &crate::domain::PageId,
+        segment: Option<&SegmentRule>,
+    ) -> Send {
+        let story = t.story(page, "news", true).await;
+        let started = t
+            .txn(async |txn| {
+                let new = NewSend {
+                    story: &story,
+                    request_id: "r1",
+                    segment,
+                    max_active: 10,
+                };
+                start(txn, new, now_ms()).await
+            })
+            .await;
+        let Ok(Started::Created(send)) = started else {
+            panic!("created")
+        };
+        send
+    }
+
+    store_tests! {
+        /// A user with several usable opt-ins on the topic is reached once, by the one that
+        /// expires first; the others stay for later sends.
+        async fn each_user_is_reached_once_by_their_first_expiring_opt_in(t) {
+            let page = t.page("1").await;
+            let day = 24 * 60 * 60 * 1000;
+            let later = t.opt_in(&page, "a", "news", "later", now_ms()).await;
+            let sooner = t
+                .opt_in(&page, "a", "news", "sooner", now_ms() - 100 * day)
+                .await;
+            let send = t.send(&page, "news").await;
+            let (claimed, _, _) = next(&t, &send, 10).await;
+            assert_eq!(claimed.len(), 1);
+            assert_eq!(
+                (claimed[0].optin_id, claimed[0].token.as_deref()),
+                (Some(sooner.id), Some("sooner"))
+            );
+            assert_eq!(t.opt_in_row(sooner.id).await.state, OptInState::Reserved);
+            assert_eq!(t.opt_in_row(later.id).await.state, OptInState::Active);
+        }
+
+        /// A phase not exhausted goes on after its last user; an exhausted token phase gives
+        /// way to the window when the send asks for it, else the audience is done.
+        async fn the_audience_moves_from_phase_to_phase_as_each_is_exhausted(t) {
+            let page = t.page("1").await;
+            for psid in ["a", "b"] {
+                t.opt_in(&page, psid, "news", &format!("t-{psid}"), now_ms())
+                    .await;
+            }
+            t.interaction(&page, "w", now_ms()).await;
+            let send = window_send(&t, &page, None).await;
+            let (claimed, phase, cursor) = next(&t, &send, 1).await;
+            assert_eq!(
+                (psids(&claimed), phase, cursor.as_str()),
+                (vec!["a"], PHASE_TOKEN, "a")
+            );
+            let (claimed, phase, cursor) = next(&t, &in_phase(&send, PHASE_TOKEN, "a"), 2).await;
+            assert_eq!(
+                (psids(&claimed), phase, cursor.as_str()),
+                (vec!["b"], PHASE_WINDOW, "")
+            );
+            // a and b, their opt-ins now reserved, read as window users too: the send's key
+            // skips them.
+            let (claimed, phase, _) = next(&t, &in_phase(&send, PHASE_WINDOW, ""), 10).await;
+            assert_eq!((psids(&claimed), phase), (vec!["w"], PHASE_DONE));
+            assert_eq!(
+                (claimed[0].route, claimed[0].token.as_deref()),
+                (Route::Window, None)
+            );
+            let (claimed, phase, _) = next(&t, &in_phase(&send, PHASE_DONE, ""), 2).await;
+            assert_eq!((claimed.len(), phase), (0, PHASE_DONE));
+            let token_only = t.send(&page, "sport").await;
+            assert_eq!(next(&t, &token_only, 2).await.1, PHASE_DONE);
+        }
+
+        /// A step that materialises a slice again (its row read before an earlier commit)
+        /// adds nobody twice: a reserved opt-in is no longer usable, and a user the send
+        /// already has is skipped by its key.
+        async fn materialising_the_same_slice_twice_adds_each_user_once(t) {
+            let page = t.page("1").await;
+            t.opt_in(&page, "a", "news", "t-a", now_ms()).await;
+            t.interaction(&page, "w", now_ms()).await;
+            let send = window_send(&t, &page, None).await;
+            assert_eq!(psids(&next(&t, &send, 10).await.0), ["a"]);
+            assert!(next(&t, &send, 10).await.0.is_empty());
+            let window = in_phase(&send, PHASE_WINDOW, "");
+            assert_eq!(psids(&next(&t, &window, 10).await.0), ["w"]);
+            assert!(next(&t, &window, 10).await.0.is_empty());
+            assert_eq!(t.deliveries(&send.id).await.len(), 2);
+        }
+
+        /// The segment the send froze narrows both phases.
+        async fn the_segment_applies_to_both_phases(t) {
+            let page = t.page("1").await;
+            for psid in ["a", "b"] {
+                t.opt_in(&page, psid, "news", &format!("t-{psid}"), now_ms())
+                    .await;
+            }
+            for psid in ["v", "w"] {
+                t.interaction(&page, psid, now_ms()).await;
+            }
+            let tagged = BTreeSet::from([Psid::parse("a").unwrap(), Psid::parse("w").unwrap()]);
+            let x = BTreeSet::from([Tag::parse("x").unwrap()]);
+            audience::tag_subscribers(t.db(), &page, &tagged, &x, &BTreeSet::new(), now_ms())
+                .await
+                .unwrap();
+            let rule = SegmentRule {
+                any_tags: ["x".to_string()].into(),
+                ..Default::default()
+            };
+            let send = window_send(&t, &page, Some(&rule)).await;
+            assert_eq!(psids(&next(&t, &send, 10).await.0), ["a"]);
+            assert_eq!(
+                psids(&next(&t, &in_phase(&send, PHASE_WINDOW, ""), 10).await.0),
+                ["w"]
+            );
+        }
+    }
+}

@@ -495,3 +495,209 @@ fn unfinished() -> Vec<SendState> {
         .filter(|s| !s.is_finished())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{
+        now_ms,
+        testing::{TestStore, store_tests},
+    };
+
+    fn sent_one() -> CounterDelta {
+        let mut delta = CounterDelta::default();
+        delta.moved(DeliveryState::InFlight, DeliveryState::Sent, 1);
+        delta
+    }
+
+    async fn change(t: &TestStore, send_id: &str, change: SendChange<'static>) -> Send {
+        t.txn(async |txn| update_send(txn, send_id, change, now_ms()).await)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn moving_deliveries_moves_their_counters_and_pending_has_none() {
+        let mut delta = CounterDelta::default();
+        delta.moved(DeliveryState::Pending, DeliveryState::InFlight, 3);
+        delta.moved(DeliveryState::InFlight, DeliveryState::Pending, 1);
+        assert_eq!(
+            delta,
+            CounterDelta {
+                in_flight: 2,
+                ..Default::default()
+            }
+        );
+        delta.removed(DeliveryState::InFlight, 2);
+        assert_eq!(
+            delta,
+            CounterDelta {
+                total: -2,
+                ..Default::default()
+            }
+        );
+        assert!(!delta.is_zero());
+        assert!(CounterDelta::default().is_zero());
+    }
+
+    /// What is pending is what the other counters leave of the total, never below nothing.
+    #[test]
+    fn a_send_reads_its_pending_deliveries_phase_and_segment_from_its_row() {
+        let row = send::Model {
+            id: "s".into(),
+            story_id: "st".into(),
+            page_id: "1".into(),
+            request_id: "r".into(),
+            state: SendState::Running,
+            topic: "news".into(),
+            message: "{}".into(),
+            include_window_users: false,
+            segment_rule: Some("not json".into()),
+            audience_phase: PHASE_DONE.into(),
+            audience_cursor: String::new(),
+            total: 10,
+            in_flight: 2,
+            sent: 3,
+            failed: 1,
+            skipped: 1,
+            unknown: 1,
+            last_error: String::new(),
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+            updated_at: 0,
+        };
+        assert_eq!(row.pending(), 2);
+        assert_eq!(
+            Send {
+                sent: 9,
+                ..row.clone()
+            }
+            .pending(),
+            0
+        );
+        assert!(
+            row.audience_done()
+                && !Send {
+                    audience_phase: PHASE_TOKEN.into(),
+                    ..row.clone()
+                }
+                .audience_done()
+        );
+        assert_eq!(
+            row.segment(),
+            None,
+            "a rule that does not parse applies no segment"
+        );
+        let rule = SegmentRule {
+            none_tags: ["x".to_string()].into(),
+            ..Default::default()
+        };
+        let aimed = Send {
+            segment_rule: Some(serde_json::to_string(&rule).unwrap()),
+            ..row
+        };
+        assert_eq!(aimed.segment(), Some(rule));
+    }
+
+    /// A statement the lifecycle table does not allow is refused before it runs.
+    #[test]
+    fn a_move_the_table_does_not_allow_is_refused_before_it_is_written() {
+        let mut sql = Sql::new(DatabaseBackend::Sqlite);
+        assert!(
+            leaving(
+                &mut sql,
+                DeliveryEvent::Claim,
+                DeliveryState::InFlight,
+                "state"
+            )
+            .is_err()
+        );
+        assert_eq!(sql.statement().sql, "");
+        leaving(
+            &mut sql,
+            DeliveryEvent::Claim,
+            DeliveryState::Pending,
+            "d.state",
+        )
+        .unwrap();
+        assert_eq!(sql.statement().sql, " AND d.state = 'pending'");
+        set_state(&mut sql, DeliveryEvent::Lose);
+        assert!(sql.statement().sql.ends_with("state = 'unknown'"));
+    }
+
+    #[test]
+    fn lists_of_values_and_ids_are_one_group_per_row() {
+        let mut sql = Sql::new(DatabaseBackend::Postgres);
+        push_values(&mut sql, &[(1, 2), (3, 4)], |sql, (a, b)| {
+            sql.bind(*a as i64).push(", ").bind(*b as i64);
+        });
+        sql.push(" ");
+        push_id_list(&mut sql, &[7, 8]);
+        assert_eq!(sql.statement().sql, "($1, $2), ($3, $4) ($5, $6)");
+    }
+
+    store_tests! {
+        /// A completion rides on a change of counters only when the counters after it say
+        /// every delivery ended; a completed send is not completed again.
+        async fn a_change_completes_the_send_only_once_its_counters_say_done(t) {
+            let page = t.page("1").await;
+            let (send, _, _) = t.claimed_send(&page, "news", &["a", "b"]).await;
+            let complete = SendChange {
+                event: Some(SendEvent::Complete),
+                ..SendChange::counters(sent_one())
+            };
+            let first = change(&t, &send.id, complete).await;
+            assert_eq!(
+                (first.state, first.sent, first.finished_at),
+                (SendState::Running, 1, None)
+            );
+            let done = change(&t, &send.id, complete).await;
+            assert_eq!(
+                (done.state, done.sent, done.in_flight),
+                (SendState::Completed, 2, 0)
+            );
+            let finish = SendChange {
+                event: Some(SendEvent::Complete),
+                ..SendChange::default()
+            };
+            let again = change(&t, &send.id, finish).await;
+            assert_eq!(
+                (again.state, again.finished_at),
+                (SendState::Completed, done.finished_at)
+            );
+        }
+
+        /// Before its audience is materialised a send is not done, whatever its counters.
+        async fn a_send_whose_audience_is_not_materialised_is_not_completed(t) {
+            let page = t.page("1").await;
+            let send = t.send_in(&page, "news", SendState::Running).await;
+            let complete = SendChange {
+                event: Some(SendEvent::Complete),
+                ..SendChange::default()
+            };
+            assert_eq!(
+                change(&t, &send.id, complete).await.state,
+                SendState::Running
+            );
+            let audience = SendChange {
+                audience: Some((PHASE_DONE, "")),
+                ..complete
+            };
+            assert_eq!(
+                change(&t, &send.id, audience).await.state,
+                SendState::Completed
+            );
+        }
+
+        async fn a_send_that_does_not_exist_is_not_found_when_locked(t) {
+            let missing = t.txn(async |txn| lock_send(txn, "nope").await).await;
+            assert!(
+                matches!(missing, Err(StoreError::NotFound)),
+                "{:?}",
+                missing.err()
+            );
+        }
+    }
+}

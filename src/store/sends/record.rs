@@ -301,3 +301,321 @@ fn bind_error(sql: &mut Sql, error: &DeliveryError) {
         .push(", ")
         .bind(error.message.clone());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        domain::OptInState,
+        store::{
+            now_ms,
+            sends::cancel,
+            testing::{TestStore, answer, postgres_tests, retry, sent, store_tests, unstamped},
+        },
+    };
+
+    fn failed(token_refused: bool) -> Outcome {
+        Outcome::Failed {
+            error: DeliveryError {
+                code: Some(10),
+                subcode: None,
+                message: "refused".into(),
+            },
+            token_refused,
+        }
+    }
+
+    fn unknown() -> Outcome {
+        Outcome::Unknown {
+            error: DeliveryError {
+                message: "timed out".into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The delivery's state and its opt-in's.
+    async fn settled(
+        t: &TestStore,
+        claimed: &crate::store::sends::Claimed,
+    ) -> (DeliveryState, OptInState) {
+        let row = t.delivery(claimed.id).await;
+        (
+            row.state,
+            t.opt_in_row(claimed.optin_id.unwrap()).await.state,
+        )
+    }
+
+    async fn record_with_halt(
+        t: &TestStore,
+        fence: &Fence,
+        answers: &[Answer],
+        halt: (&str, &str),
+    ) -> Vec<Send> {
+        t.txn(async |txn| record(txn, fence, answers, Some(halt), now_ms()).await)
+            .await
+            .unwrap()
+    }
+
+    #[test]
+    fn a_cancelled_send_withdraws_its_retries_and_loses_those_that_may_have_landed() {
+        let retry = |ambiguous| retry(0, ambiguous);
+        for (outcome, running, cancelled) in [
+            (sent(), Kind::Accept, Kind::Accept),
+            (failed(true), Kind::RefuseToken, Kind::RefuseToken),
+            (failed(false), Kind::Refuse, Kind::Refuse),
+            (retry(false), Kind::Retry, Kind::Withdraw),
+            (retry(true), Kind::Retry, Kind::Lose),
+            (unknown(), Kind::Lose, Kind::Lose),
+        ] {
+            assert_eq!(
+                Kind::of(&outcome, SendState::Running),
+                running,
+                "{outcome:?}"
+            );
+            assert_eq!(
+                Kind::of(&outcome, SendState::Paused),
+                running,
+                "{outcome:?}"
+            );
+            assert_eq!(
+                Kind::of(&outcome, SendState::Cancelled),
+                cancelled,
+                "{outcome:?}"
+            );
+        }
+    }
+
+    store_tests! {
+        /// A flush retried after its commit came back as an error records its answers again:
+        /// nothing moves the second time, counters included.
+        async fn an_answer_recorded_twice_counts_once(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["a", "b"]).await;
+            let answers = [answer(&send.id, &claimed[0], sent())];
+            let first = t.record(&fence, &answers).await;
+            assert_eq!((first[0].sent, first[0].in_flight), (1, 1));
+            let before = t.deliveries(&send.id).await;
+            let again = t.record(&fence, &answers).await;
+            assert_eq!(unstamped(again[0].clone()), unstamped(first[0].clone()));
+            assert_eq!(t.deliveries(&send.id).await, before);
+            assert_eq!(
+                settled(&t, &claimed[0]).await,
+                (DeliveryState::Sent, OptInState::Used)
+            );
+        }
+
+        /// The answer to an earlier claim of a delivery since claimed again (its retry) is
+        /// not this claim's: it changes nothing.
+        async fn a_late_answer_to_an_earlier_claim_changes_nothing(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["a"]).await;
+            t.record(&fence, &[answer(&send.id, &claimed[0], retry(0, false))])
+                .await;
+            let reclaimed = t.step(&fence, &send.id, 10).await.claimed;
+            assert_eq!(reclaimed[0].claim, 2);
+            let before = (
+                unstamped(t.send_row(&send.id).await),
+                t.deliveries(&send.id).await,
+            );
+            t.record(&fence, &[answer(&send.id, &claimed[0], sent())])
+                .await;
+            assert_eq!(
+                (
+                    unstamped(t.send_row(&send.id).await),
+                    t.deliveries(&send.id).await
+                ),
+                before
+            );
+        }
+
+        /// A refusal gives the opt-in back for a later send (unbound from the delivery); a token
+        /// Facebook refused for good is rejected, and stays bound.
+        async fn a_refusal_releases_the_opt_in_and_a_refused_token_is_rejected(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["a", "b"]).await;
+            let answers = [
+                answer(&send.id, &claimed[0], failed(false)),
+                answer(&send.id, &claimed[1], failed(true)),
+            ];
+            let row = &t.record(&fence, &answers).await[0];
+            assert_eq!((row.failed, row.state), (2, SendState::Completed));
+            assert_eq!(
+                settled(&t, &claimed[0]).await,
+                (DeliveryState::Failed, OptInState::Active)
+            );
+            assert_eq!(
+                settled(&t, &claimed[1]).await,
+                (DeliveryState::Failed, OptInState::Rejected)
+            );
+            let unbound: Vec<Option<i64>> = t
+                .deliveries(&send.id)
+                .await
+                .iter()
+                .map(|d| d.optin_id)
+                .collect();
+            assert_eq!(unbound, [None, claimed[1].optin_id]);
+        }
+
+        /// A retry waits until it is due; a retry that may have landed stays ambiguous through
+        /// later attempts, and a refunded attempt is not counted.
+        async fn a_retry_is_pending_until_due_and_keeps_what_may_have_landed(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["a", "b"]).await;
+            let refunded = Outcome::not_attempted(0, "never called");
+            let answers = [
+                answer(&send.id, &claimed[0], retry(0, true)),
+                answer(&send.id, &claimed[1], refunded),
+            ];
+            t.record(&fence, &answers).await;
+            let rows = t.deliveries(&send.id).await;
+            let kept: Vec<_> = rows
+                .iter()
+                .map(|d| (d.state, d.attempts, d.ambiguous, d.next_attempt_at))
+                .collect();
+            assert_eq!(
+                kept,
+                [
+                    (DeliveryState::Pending, 1, true, 0),
+                    (DeliveryState::Pending, 0, false, 0)
+                ]
+            );
+            let reclaimed = t.step(&fence, &send.id, 10).await.claimed;
+            assert!(reclaimed[0].ambiguous);
+            t.record(&fence, &[answer(&send.id, &reclaimed[0], retry(99, false))])
+                .await;
+            let row = t.delivery(claimed[0].id).await;
+            assert_eq!(
+                (row.attempts, row.ambiguous, row.next_attempt_at),
+                (2, true, 99)
+            );
+            assert_eq!(settled(&t, &claimed[0]).await.1, OptInState::Reserved);
+        }
+
+        async fn an_unknown_answer_spends_the_token(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["a"]).await;
+            let row = &t
+                .record(&fence, &[answer(&send.id, &claimed[0], unknown())])
+                .await[0];
+            assert_eq!((row.unknown, row.state), (1, SendState::Completed));
+            assert_eq!(
+                settled(&t, &claimed[0]).await,
+                (DeliveryState::Unknown, OptInState::Used)
+            );
+        }
+
+        /// The last answers complete the send in the statement that counts them, once.
+        async fn the_last_answer_completes_the_send(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["a", "b"]).await;
+            let first = t
+                .record(&fence, &[answer(&send.id, &claimed[0], sent())])
+                .await;
+            assert_eq!(first[0].state, SendState::Running);
+            let last = t
+                .record(&fence, &[answer(&send.id, &claimed[1], sent())])
+                .await;
+            assert_eq!((last[0].state, last[0].sent), (SendState::Completed, 2));
+            assert_eq!(t.send_row(&send.id).await, last[0]);
+        }
+
+        /// An answer that says the page cannot send halts its sends, in the same transaction,
+        /// rather than completing them.
+        async fn answers_with_a_halt_halt_the_page_instead_of_completing(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["a"]).await;
+            let rows = record_with_halt(
+                &t,
+                &fence,
+                &[answer(&send.id, &claimed[0], sent())],
+                (page.as_str(), "token expired"),
+            )
+            .await;
+            assert_eq!(
+                (rows[0].state, rows[0].last_error.as_str(), rows[0].sent),
+                (SendState::Halted, "token expired", 1)
+            );
+            assert_eq!(t.send_row(&send.id).await, rows[0]);
+        }
+
+        /// A cancelled send no longer wants retries: those nothing can have reached are
+        /// skipped (their opt-ins back), those that may have landed lost (their tokens spent).
+        async fn answers_to_a_cancelled_send_end_its_retries(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["a", "b"]).await;
+            cancel(t.db(), &send.id, now_ms()).await.unwrap();
+            let answers = [
+                answer(&send.id, &claimed[0], retry(0, false)),
+                answer(&send.id, &claimed[1], retry(0, true)),
+            ];
+            let row = &t.record(&fence, &answers).await[0];
+            assert_eq!(
+                (row.state, row.skipped, row.unknown, row.in_flight),
+                (SendState::Cancelled, 1, 1, 0)
+            );
+            assert_eq!(
+                settled(&t, &claimed[0]).await,
+                (DeliveryState::Skipped, OptInState::Active)
+            );
+            assert_eq!(
+                settled(&t, &claimed[1]).await,
+                (DeliveryState::Unknown, OptInState::Used)
+            );
+        }
+
+        /// A withdrawn retry of a delivery an earlier attempt may have reached is lost, not
+        /// skipped, whatever this answer said: its token is never given back.
+        async fn a_withdrawn_retry_that_may_have_landed_before_is_lost(t) {
+            let page = t.page("1").await;
+            let (send, claimed, fence) = t.claimed_send(&page, "news", &["a"]).await;
+            t.record(&fence, &[answer(&send.id, &claimed[0], retry(0, true))])
+                .await;
+            let reclaimed = t.step(&fence, &send.id, 10).await.claimed;
+            cancel(t.db(), &send.id, now_ms()).await.unwrap();
+            t.record(&fence, &[answer(&send.id, &reclaimed[0], retry(0, false))])
+                .await;
+            assert_eq!(
+                settled(&t, &claimed[0]).await,
+                (DeliveryState::Unknown, OptInState::Used)
+            );
+        }
+
+        /// A send gone with its page has nothing left to record to.
+        async fn an_answer_for_a_send_that_is_gone_is_dropped(t) {
+            let page = t.page("1").await;
+            let (_, claimed, fence) = t.claimed_send(&page, "news", &["a"]).await;
+            assert!(
+                t.record(&fence, &[answer("gone", &claimed[0], sent())])
+                    .await
+                    .is_empty()
+            );
+            assert_eq!(
+                t.delivery(claimed[0].id).await.state,
+                DeliveryState::InFlight
+            );
+        }
+    }
+
+    postgres_tests! {
+        /// Answers are recorded only under the page's current lease.
+        async fn answers_under_a_stale_fence_record_nothing(t) {
+            let page = t.page("1").await;
+            let (send, claimed, stale) = t.claimed_send(&page, "news", &["a"]).await;
+            t.fence(&page).await;
+            let answers = [answer(&send.id, &claimed[0], sent())];
+            let fenced = t
+                .txn(async |txn| record(txn, &stale, &answers, None, now_ms()).await)
+                .await;
+            assert!(
+                matches!(fenced, Err(StoreError::Fenced)),
+                "{:?}",
+                fenced.err()
+            );
+            assert_eq!(
+                t.delivery(claimed[0].id).await.state,
+                DeliveryState::InFlight
+            );
+        }
+    }
+}
