@@ -211,20 +211,17 @@ impl Application {
             self.graph_timeout,
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let optins = pb::opt_in_service_server::OptInServiceServer::new(OptIns::new(
-            self.store.clone(),
-            self.cipher.clone(),
-            self.graph.clone(),
-        ))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let stories = pb::story_service_server::StoryServiceServer::new(Stories::new(
-            crate::service::stories::Context {
-                store: self.store.clone(),
-                cipher: self.cipher.clone(),
-                graph: self.graph.clone(),
-            },
-        ))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let graph_context = crate::service::GraphContext {
+            store: self.store.clone(),
+            cipher: self.cipher.clone(),
+            graph: self.graph.clone(),
+        };
+        let optins =
+            pb::opt_in_service_server::OptInServiceServer::new(OptIns::new(graph_context.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let stories =
+            pb::story_service_server::StoryServiceServer::new(Stories::new(graph_context))
+                .max_decoding_message_size(MAX_REQUEST_BYTES);
         let sends = pb::send_service_server::SendServiceServer::new(Sends::new(
             crate::service::sends::Context {
                 store: self.store.clone(),

@@ -9,37 +9,39 @@ use super::{
     time::timestamp_from_ms,
 };
 use crate::{
-    crypto::SecretCipher,
-    domain::{
-        EventKind, IncomingEvent, OptInState, OptInToken, Topic, Violations, char_len, fingerprint,
+    domain::{EventKind, IncomingEvent, OptInState, OptInToken, Topic, Violations, fingerprint},
+    service::{
+        GraphContext,
+        optins::{self as cases, OptInRequest},
     },
-    graph::GraphClient,
     store::{
-        Store, now_ms,
+        now_ms,
         optins::{self, OptInFilter},
-        pages,
     },
 };
 
-/// Topics of opt-in requests (the payload Facebook echoes back).
-const REQUEST_TOPIC_MAX_CHARS: usize = 200;
-/// Facebook's limit on the template's title.
-const TITLE_MAX_CHARS: usize = 65;
 const PAGE_TOKEN_KIND: &str = "optins";
 
 pub struct OptIns {
-    store: Store,
-    cipher: SecretCipher,
-    graph: GraphClient,
+    cx: GraphContext,
 }
 
 impl OptIns {
-    pub fn new(store: Store, cipher: SecretCipher, graph: GraphClient) -> Self {
-        OptIns {
-            store,
-            cipher,
-            graph,
-        }
+    pub fn new(cx: GraphContext) -> Self {
+        OptIns { cx }
+    }
+}
+
+impl TryFrom<pb::SendOptInRequestRequest> for OptInRequest {
+    type Error = ServiceError;
+
+    fn try_from(req: pb::SendOptInRequestRequest) -> Result<Self, ServiceError> {
+        Ok(OptInRequest::parse(
+            parse_page_id(&req.page_id),
+            parse_psid(&req.psid),
+            &req.topic,
+            &req.title,
+        )?)
     }
 }
 
@@ -76,67 +78,8 @@ impl OptInService for OptIns {
         &self,
         request: Request<pb::SendOptInRequestRequest>,
     ) -> Result<Response<pb::SendOptInRequestResponse>, Status> {
-        let req = request.into_inner();
-        let mut v = Violations::new();
-        let page_id = v.check("page_id", parse_page_id(&req.page_id));
-        let psid = v.check("psid", parse_psid(&req.psid));
-        let topic = v.check(
-            "topic",
-            Topic::parse_within(&req.topic, REQUEST_TOPIC_MAX_CHARS),
-        );
-        let title = if req.title.is_empty() {
-            match &topic {
-                Some(topic) if char_len(topic.as_str()) <= TITLE_MAX_CHARS => {
-                    Some(topic.as_str().to_string())
-                }
-                Some(_) => v.check::<String>(
-                    "title",
-                    Err(format!(
-                        "is required when the topic is longer than {TITLE_MAX_CHARS} characters"
-                    )),
-                ),
-                None => None,
-            }
-        } else if char_len(&req.title) > TITLE_MAX_CHARS {
-            v.check::<String>(
-                "title",
-                Err(format!(
-                    "must be at most {TITLE_MAX_CHARS} characters, got {}",
-                    char_len(&req.title)
-                )),
-            )
-        } else {
-            Some(req.title.clone())
-        };
-        let (page_id, psid, topic, title) = v
-            .finish(|| Some((page_id?, psid?, topic?, title?)))
-            .map_err(ServiceError::from)?;
-        let credentials = pages::credentials(&self.store.db, &self.cipher, &page_id)
-            .await
-            .map_err(|e| ServiceError::from_store(e, || format!("page {page_id}")))?;
-        let delivered = self
-            .graph
-            .send_optin_request(&credentials, psid.as_str(), &title, topic.as_str())
-            .await
-            .map_err(|failure| {
-                tracing::info!(%failure, "opt-in request refused");
-                ServiceError::Graph(failure)
-            })?;
-        optins::record_request(
-            &self.store.db,
-            &page_id,
-            &psid,
-            &topic,
-            &title,
-            &delivered.message_id,
-            now_ms(),
-        )
-        .await
-        .map_err(ServiceError::internal)?;
-        tracing::info!(message_id = %delivered.message_id, "opt-in request sent");
-        Ok(Response::new(pb::SendOptInRequestResponse {
-            message_id: delivered.message_id,
-        }))
+        let message_id = cases::request_opt_in(&self.cx, &request.into_inner().try_into()?).await?;
+        Ok(Response::new(pb::SendOptInRequestResponse { message_id }))
     }
 
     async fn record_opt_in(
@@ -156,7 +99,7 @@ impl OptInService for OptIns {
         let (page_id, psid, topic, token, at) = v
             .finish(|| Some((page_id?, psid?, topic?, token?, at?)))
             .map_err(ServiceError::from)?;
-        ensure_page(&self.store, &page_id).await?;
+        ensure_page(&self.cx.store, &page_id).await?;
         let event = IncomingEvent {
             psid,
             at_ms: at,
@@ -166,8 +109,8 @@ impl OptInService for OptIns {
             },
         };
         let report = optins::ingest(
-            &self.store.db,
-            &self.cipher,
+            &self.cx.store.db,
+            &self.cx.cipher,
             &[(page_id.clone(), vec![event])],
         )
         .await
@@ -180,7 +123,7 @@ impl OptInService for OptIns {
             ))
             .into());
         }
-        let row = optins::find_by_token(&self.store.read, &page_id, &token)
+        let row = optins::find_by_token(&self.cx.store.read, &page_id, &token)
             .await
             .map_err(ServiceError::internal)?;
         Ok(Response::new(pb::RecordOptInResponse {
@@ -195,8 +138,8 @@ impl OptInService for OptIns {
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
         let page_id = parse_page_id(&request.get_ref().page_id)
             .map_err(|rule| ServiceError::from(Violations::single("page_id", rule)))?;
-        ensure_page(&self.store, &page_id).await?;
-        let ledger = optins::ledger(&self.store.read, &page_id, now_ms())
+        ensure_page(&self.cx.store, &page_id).await?;
+        let ledger = optins::ledger(&self.cx.store.read, &page_id, now_ms())
             .await
             .map_err(ServiceError::internal)?;
         Ok(Response::new(pb::ListTopicsResponse {
@@ -272,9 +215,9 @@ impl OptInService for OptIns {
                 ))
             })
             .map_err(ServiceError::from)?;
-        ensure_page(&self.store, &page_id).await?;
+        ensure_page(&self.cx.store, &page_id).await?;
         let now = now_ms();
-        let rows = optins::list(&self.store.read, &page_id, &filter, after, size + 1, now)
+        let rows = optins::list(&self.cx.store.read, &page_id, &filter, after, size + 1, now)
             .await
             .map_err(ServiceError::internal)?;
         let (rows, next_page_token) =

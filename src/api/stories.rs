@@ -10,7 +10,10 @@ use super::{
 };
 use crate::{
     domain::{Button, ButtonInput, ButtonKind, ContentInput, StoryContent, Topic, Violations},
-    service::stories::{self as cases, Context, NewStoryRequest, StoryUpdate, Written},
+    service::{
+        GraphContext as Context,
+        stories::{self as cases, NewStoryRequest, StoryUpdate, Written},
+    },
     store::stories,
 };
 

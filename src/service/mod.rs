@@ -3,15 +3,27 @@
 //! maps their outputs; the engine and the store do the work.
 
 mod error;
+pub mod optins;
 pub mod sends;
 pub mod stories;
 
 pub use error::ServiceError;
 
 use crate::{
+    crypto::SecretCipher,
     domain::PageId,
+    graph::GraphClient,
     store::{Store, pages},
 };
+
+/// What the use cases that call Facebook for a page (a review, an opt-in request) work with.
+#[derive(Clone)]
+pub struct GraphContext {
+    pub store: Store,
+    /// Opens the page's sealed credentials.
+    pub cipher: SecretCipher,
+    pub graph: GraphClient,
+}
 
 /// NOT_FOUND unless the page is registered.
 pub async fn ensure_page(store: &Store, page_id: &PageId) -> Result<(), ServiceError> {

@@ -3,24 +3,15 @@
 //! reaches. Plain async functions over domain and store types: the gRPC handlers only translate
 //! (see `api::stories`).
 
-use super::{ServiceError, ensure_page};
+use super::{GraphContext as Context, ServiceError, ensure_page};
 use crate::{
-    crypto::SecretCipher,
     domain::{PageId, Psid, StoryContent, Topic, Violations},
-    graph::{GraphClient, Recipient},
+    graph::Recipient,
     store::{
-        Store, StoreError, audience, now_ms, optins, pages,
+        StoreError, audience, now_ms, optins, pages,
         stories::{self, AudienceEstimate, NewStory, StoryChanges},
     },
 };
-
-/// What the story use cases work with.
-#[derive(Clone)]
-pub struct Context {
-    pub store: Store,
-    pub cipher: SecretCipher,
-    pub graph: GraphClient,
-}
 
 /// A new story, its fields checked.
 pub struct NewStoryRequest {
