@@ -8,6 +8,8 @@ pub mod meta;
 pub mod notify;
 pub mod optins;
 pub mod pages;
+#[cfg(any(test, feature = "testing"))]
+pub mod scratch;
 pub mod sends;
 mod sql;
 mod stored;

@@ -5,12 +5,13 @@
 //! starts from rows the service itself could have written.
 
 use sea_orm::{
-    ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, DatabaseTransaction,
-    EntityTrait, QueryFilter, QueryOrder, entity::prelude::ColumnTrait,
+    DatabaseBackend, DatabaseConnection, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
+    entity::prelude::ColumnTrait,
 };
 
 use super::{
     Store, StoreError, in_transaction, leases, now_ms, optins, pages,
+    scratch::ScratchDatabase,
     sends::{self, Answer, Claimed, NewSend, Outcome, Send, Started, Step, delivery},
     stories,
 };
@@ -82,58 +83,25 @@ pub struct TestStore {
     pub store: Store,
     url: DatabaseUrl,
     /// After the store: its database outlives its connections.
-    _database: Scratch,
-}
-
-enum Scratch {
-    Sqlite { _dir: tempfile::TempDir },
-    Postgres { admin_url: String, name: String },
-}
-
-fn postgres_admin_url() -> Option<String> {
-    ["OTN_TEST_DATABASE_URL", "DATABASE_URL"]
-        .iter()
-        .filter_map(|var| std::env::var(var).ok())
-        .find(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    _database: ScratchDatabase,
 }
 
 impl TestStore {
     pub async fn sqlite() -> Self {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("otnd.db").display());
-        let url = DatabaseUrl::Sqlite(url);
-        let store = migrated(&url).await;
-        TestStore {
-            store,
-            url,
-            _database: Scratch::Sqlite { _dir: dir },
-        }
+        Self::on(ScratchDatabase::sqlite()).await
     }
 
-    /// A new database on the configured server, or `None` when none is configured. A server
-    /// that is configured but cannot be reached fails the test: skipping would hide it.
+    /// A new database on the configured server, or `None` when none is configured.
     pub async fn postgres() -> Option<Self> {
-        let admin_url = postgres_admin_url()?;
-        let name = format!("otnd_unit_{}", uuid::Uuid::new_v4().simple());
-        let admin = Database::connect(&admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("the configured PostgreSQL is not reachable: {e}"));
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("CREATE DATABASE");
-        let _ = admin.close().await;
-        let mut url = url::Url::parse(&admin_url).expect("a PostgreSQL URL");
-        url.set_path(&format!("/{name}"));
-        // From here the database is dropped with the fixture, even if migrating fails.
-        let database = Scratch::Postgres { admin_url, name };
-        let url = DatabaseUrl::Postgres(url.to_string().into());
-        let store = migrated(&url).await;
-        Some(TestStore {
-            store,
-            url,
+        Some(Self::on(ScratchDatabase::postgres("otnd_unit").await?).await)
+    }
+
+    async fn on(database: ScratchDatabase) -> Self {
+        TestStore {
+            store: database.store().await,
+            url: database.database_url(),
             _database: database,
-        })
+        }
     }
 
     /// Another store on the same database, as the serving instance `instance` opens it (on
@@ -427,37 +395,5 @@ pub fn retry(at: i64, ambiguous: bool) -> Outcome {
             subcode: None,
             message: "temporary".into(),
         },
-    }
-}
-
-async fn migrated(url: &DatabaseUrl) -> Store {
-    let store = Store::connect(url).await.expect("the store connects");
-    store.migrate().await.expect("the migrations run");
-    store
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let Scratch::Postgres { admin_url, name } = self else {
-            return;
-        };
-        let (admin_url, name) = (admin_url.clone(), name.clone());
-        // Drop runs inside the test's runtime, which cannot be blocked on: a thread with a
-        // runtime of its own removes the database (and ends the store's sessions on it).
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            runtime.block_on(async move {
-                if let Ok(admin) = Database::connect(&admin_url).await {
-                    let _ = admin
-                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                    let _ = admin.close().await;
-                }
-            });
-        })
-        .join();
     }
 }

@@ -86,7 +86,7 @@ async fn all_complete_and_judged(h: &Harness, node: &Node, sends: &[(String, Str
 }
 
 async fn postgres() -> Option<TestDatabase> {
-    let db = TestDatabase::postgres().await;
+    let db = TestDatabase::postgres("otnd_test").await;
     if db.is_none() {
         eprintln!("skipped: DATABASE_URL names no PostgreSQL server");
     }

@@ -80,7 +80,7 @@ async fn run_and_tell(
 ) -> (Vec<String>, String) {
     let db = match backend {
         Backend::Sqlite => TestDatabase::sqlite(),
-        Backend::Postgres => TestDatabase::postgres()
+        Backend::Postgres => TestDatabase::postgres("otnd_test")
             .await
             .expect("a PostgreSQL database"),
     };
@@ -187,7 +187,7 @@ impl Tally {
 }
 
 async fn model(backend: Backend) {
-    if backend == Backend::Postgres && TestDatabase::postgres().await.is_none() {
+    if backend == Backend::Postgres && TestDatabase::postgres("otnd_test").await.is_none() {
         eprintln!("skipped: DATABASE_URL names no PostgreSQL server");
         return;
     }

@@ -10,7 +10,11 @@ use super::{
 
 /// Runs `steps` on `backend` and fails with every broken rule.
 async fn replay(backend: Backend, steps: &[Step]) {
-    if backend == Backend::Postgres && crate::support::TestDatabase::postgres().await.is_none() {
+    if backend == Backend::Postgres
+        && crate::support::TestDatabase::postgres("otnd_test")
+            .await
+            .is_none()
+    {
         eprintln!("skipped: DATABASE_URL names no PostgreSQL server");
         return;
     }

@@ -4,7 +4,7 @@
 //! send, the sandbox's admin surface, the judge) are `otnd_testkit`'s, shared with the
 //! benchmarks, and re-exported here.
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use graph_sandbox::{RunningSandbox, SandboxOptions};
@@ -17,7 +17,6 @@ use otnd::{
     },
     startup::BackgroundApp,
 };
-use sea_orm::{ConnectionTrait, Database};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 pub use otnd_testkit::{
@@ -48,7 +47,7 @@ macro_rules! backend_tests {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                let Some($db) = $crate::support::TestDatabase::postgres().await else {
+                let Some($db) = $crate::support::TestDatabase::postgres("otnd_test").await else {
                     eprintln!("skipped: DATABASE_URL names no PostgreSQL server");
                     return;
                 };
@@ -59,91 +58,7 @@ macro_rules! backend_tests {
 }
 
 /// A database of this test's own, removed when dropped.
-pub struct TestDatabase {
-    pub url: String,
-    /// The SQLite file (its directory is removed with it).
-    pub sqlite_file: Option<PathBuf>,
-    _dir: Option<tempfile::TempDir>,
-    postgres_drop: Option<(String, String)>,
-}
-
-fn postgres_admin_url() -> Option<String> {
-    ["OTN_TEST_DATABASE_URL", "DATABASE_URL"]
-        .iter()
-        .filter_map(|var| std::env::var(var).ok())
-        .find(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"))
-}
-
-impl TestDatabase {
-    /// The store on this database, as a tool would open it (no instance lock), migrated.
-    pub async fn store(&self) -> otnd::store::Store {
-        let settings = settings_for(self, &[]).unwrap();
-        let store = otnd::store::Store::connect(&settings.database_url)
-            .await
-            .unwrap();
-        store.migrate().await.unwrap();
-        store
-    }
-
-    pub fn sqlite() -> Self {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let file = dir.path().join("otnd.db");
-        TestDatabase {
-            url: format!("sqlite://{}?mode=rwc", file.display()),
-            sqlite_file: Some(file),
-            _dir: Some(dir),
-            postgres_drop: None,
-        }
-    }
-
-    /// A new database on the configured server, or `None` when no PostgreSQL is configured. A
-    /// configured server that cannot be reached fails the test: skipping would hide it.
-    pub async fn postgres() -> Option<Self> {
-        let admin_url = postgres_admin_url()?;
-        let name = format!("otnd_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = Database::connect(&admin_url).await.unwrap_or_else(|e| {
-            panic!("DATABASE_URL names a PostgreSQL that is not reachable: {e}")
-        });
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("CREATE DATABASE");
-        let _ = admin.close().await;
-        let mut url = url::Url::parse(&admin_url).expect("DATABASE_URL is a URL");
-        url.set_path(&format!("/{name}"));
-        Some(TestDatabase {
-            url: url.to_string(),
-            sqlite_file: None,
-            _dir: None,
-            postgres_drop: Some((admin_url, name)),
-        })
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let Some((admin_url, name)) = self.postgres_drop.take() else {
-            return;
-        };
-        // Drop runs inside the test's runtime, which cannot be blocked on; a thread with its own
-        // runtime removes the database.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            runtime.block_on(async move {
-                if let Ok(admin) = Database::connect(&admin_url).await {
-                    let _ = admin
-                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                    let _ = admin.close().await;
-                }
-            });
-        })
-        .join();
-    }
-}
+pub use otnd::store::scratch::ScratchDatabase as TestDatabase;
 
 /// Settings for an app on `db`, on port 0, with the test master key; `overrides` are `OTN_*`
 /// variables as a user would set them.
