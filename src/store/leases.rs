@@ -551,18 +551,26 @@ mod tests {
         }
     }
 
+    /// Instance `old` holds page `p1` under an expired lease and is frozen inside a transaction
+    /// that checked its fence, so it holds the lease row locked. The store is returned with the
+    /// transaction: its sessions must outlive the test's steps.
+    async fn stuck_owner(t: &TestStore) -> (crate::store::Store, sea_orm::DatabaseTransaction) {
+        let old = t.instance("old").await;
+        let fence = acquire(&old.db, "p1", "old", EXPIRED)
+            .await
+            .unwrap()
+            .unwrap();
+        let stuck = old.db.begin().await.unwrap();
+        fence.check(&stuck).await.unwrap();
+        (old, stuck)
+    }
+
     postgres_tests! {
         /// An expired owner frozen inside a transaction that checked its fence holds the lease
         /// row locked: the takeover ends its sessions (its transaction rolls back) and takes
         /// the page at a later round.
         async fn a_takeover_ends_an_expired_owner_stuck_in_a_transaction(t) {
-            let old = t.instance("old").await;
-            let fence = acquire(&old.db, "p1", "old", EXPIRED)
-                .await
-                .unwrap()
-                .unwrap();
-            let stuck = old.db.begin().await.unwrap();
-            fence.check(&stuck).await.unwrap();
+            let (_old, stuck) = stuck_owner(&t).await;
             assert_eq!(take(&t, "p1", "new", TTL).await, None, "the row is locked");
             let taken = take_within_deadline(&t, "p1", "new").await;
             assert_eq!(taken.generation, 2);
@@ -595,13 +603,7 @@ mod tests {
         /// Taking many pages in one statement waits a moment at most for a locked row: past
         /// that, they are taken one by one, the stuck one as `acquire` deals with it.
         async fn taking_many_pages_goes_one_by_one_past_a_stuck_owner(t) {
-            let old = t.instance("old").await;
-            let fence = acquire(&old.db, "p1", "old", EXPIRED)
-                .await
-                .unwrap()
-                .unwrap();
-            let stuck = old.db.begin().await.unwrap();
-            fence.check(&stuck).await.unwrap();
+            let (_old, _stuck) = stuck_owner(&t).await;
             let taken = acquire_many(t.db(), &["p1", "p2"], "new", TTL)
                 .await
                 .unwrap();

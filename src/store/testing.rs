@@ -319,6 +319,17 @@ impl TestStore {
         (step.send, step.claimed, fence)
     }
 
+    /// A send on `topic` that reached every one of `users` (Facebook took each message): its row.
+    pub async fn delivered_send(&self, page: &PageId, topic: &str, users: &[&str]) -> Send {
+        let (send, claimed, fence) = self.claimed_send(page, topic, users).await;
+        let answers: Vec<_> = claimed
+            .iter()
+            .map(|c| answer(&send.id, c, sent()))
+            .collect();
+        self.record(&fence, &answers).await;
+        self.send_row(&send.id).await
+    }
+
     /// Records `answers` under `fence`, committed; the sends' rows after.
     pub async fn record(&self, fence: &leases::Fence, answers: &[Answer]) -> Vec<Send> {
         self.txn(async |txn| sends::record(txn, fence, answers, None, now_ms()).await)
