@@ -703,12 +703,7 @@ mod tests {
                 (row.total, row.sent, row.state),
                 (1, 1, SendState::Completed)
             );
-            let left: Vec<String> = t
-                .deliveries(&send.id)
-                .await
-                .into_iter()
-                .map(|d| d.psid)
-                .collect();
+            let left = t.recipients(&send.id).await;
             assert_eq!(left, ["v"]);
             let review = stories::get(t.db(), &draft.id).await.unwrap();
             assert_eq!(

@@ -351,6 +351,12 @@ impl TestStore {
             .expect("the deliveries are read")
     }
 
+    /// The psids of the send's deliveries, by delivery id.
+    pub async fn recipients(&self, send_id: &str) -> Vec<String> {
+        let deliveries = self.deliveries(send_id).await;
+        deliveries.into_iter().map(|d| d.psid).collect()
+    }
+
     pub async fn delivery(&self, id: i64) -> delivery::Model {
         delivery::Entity::find_by_id(id)
             .one(self.db())

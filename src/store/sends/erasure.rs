@@ -252,12 +252,7 @@ mod tests {
             );
             assert_eq!(erase(&t, "u").await, 0);
             assert_eq!(t.send_row(&send.id).await, row);
-            let left: Vec<String> = t
-                .deliveries(&send.id)
-                .await
-                .into_iter()
-                .map(|d| d.psid)
-                .collect();
+            let left = t.recipients(&send.id).await;
             assert_eq!(left, ["v"]);
         }
     }
