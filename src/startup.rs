@@ -44,6 +44,7 @@ pub struct Application {
     http_addr: SocketAddr,
     tls: Option<ServerTlsConfig>,
     guard: GuardLayer,
+    cors: tower_http::cors::CorsLayer,
     shutdown_grace: Duration,
     max_active_sends: u64,
     /// How long a Graph call may stay unanswered.
@@ -145,6 +146,7 @@ impl Application {
             %instance,
             tls = tls.is_some(),
             api_keys = !settings.api_keys.is_empty(),
+            cors_origins = settings.cors_origins.len(),
             "otnd ready"
         );
         Ok(Application {
@@ -159,6 +161,7 @@ impl Application {
                 settings.request_timeout,
                 stream_slots,
             ),
+            cors: cors_layer(&settings.cors_origins),
             shutdown_grace: settings.shutdown_grace,
             max_active_sends: settings.max_active_sends,
             graph_timeout: settings.graph_timeout,
@@ -238,7 +241,12 @@ impl Application {
                 .tls_config(tls)
                 .context("Failed to configure TLS for gRPC")?;
         }
+        // Browsers speak grpc-web over HTTP/1.1 (or HTTP/2 with TLS): translated to gRPC before
+        // the guard, so API keys, roles, shedding and deadlines apply to them as to any client.
         let grpc_server = builder
+            .accept_http1(true)
+            .layer(self.cors)
+            .layer(tonic_web::GrpcWebLayer::new())
             .layer(self.guard)
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -574,4 +582,32 @@ mod tests {
             "the calling thread is unchanged"
         );
     }
+}
+
+/// CORS for grpc-web callers from the configured origins only: no origin configured, no
+/// cross-origin page may call (the layer then answers preflights without allowing anything).
+fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use ::http::{HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    let header = HeaderName::from_static;
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header("authorization"),
+            header("content-type"),
+            header("grpc-timeout"),
+            header("x-grpc-web"),
+            header("x-user-agent"),
+        ])
+        .expose_headers([
+            header("grpc-status"),
+            header("grpc-message"),
+            header("grpc-status-details-bin"),
+        ])
+        .max_age(std::time::Duration::from_secs(600))
 }

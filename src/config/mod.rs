@@ -26,9 +26,9 @@ mod values;
 
 pub use values::{ApiKeys, DatabaseUrl, LogFormat, Role, TlsFiles};
 use values::{
-    count, parse_bool, parse_database_url, parse_existing_file, parse_graph_url,
-    parse_graph_version, parse_in_range, parse_instance_id, parse_log_format, parse_master_key,
-    parse_socket_addr, seconds,
+    count, parse_bool, parse_cors_origins, parse_database_url, parse_existing_file,
+    parse_graph_url, parse_graph_version, parse_in_range, parse_instance_id, parse_log_format,
+    parse_master_key, parse_socket_addr, seconds,
 };
 
 /// Declares the settings, each once: its key (in the file; `OTN_<KEY>` in the environment), the
@@ -78,6 +78,7 @@ settings! {
     max_watchers_per_send: usize = "100", count(1, 1_000_000);
     instance_id: String, parse_instance_id;
     lease_seconds: Duration = "10", seconds(2, 300);
+    cors_origins: Vec<String>, parse_cors_origins;
 }
 
 /// The environment variable that names a config file when `--config` is not given.
@@ -126,6 +127,9 @@ pub struct Settings {
     /// How long a page's lease lasts without renewal: a dead instance's pages move to another
     /// within about this long. Renewed every third of it.
     pub lease_ttl: Duration,
+    /// Browser origins (`scheme://host[:port]`) allowed to call the gRPC port over grpc-web;
+    /// empty: none, so no browser page of another origin can.
+    pub cors_origins: Vec<String>,
 }
 
 /// What is wrong with the configuration: every problem found, each naming its source.
@@ -234,6 +238,7 @@ impl Settings {
                 max_watchers_per_send: v.max_watchers_per_send?,
                 instance_id: v.instance_id,
                 lease_ttl: v.lease_seconds?,
+                cors_origins: v.cors_origins.unwrap_or_default(),
             })
         })();
         match settings {

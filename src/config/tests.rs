@@ -385,3 +385,31 @@ fn the_readme_table_lists_every_setting_with_its_default() {
         assert_eq!(documented[&var], *default, "README's default for {var}");
     }
 }
+
+#[test]
+fn cors_origins_are_named_origins_only() {
+    let settings = load(&[(
+        "OTN_CORS_ORIGINS",
+        "https://console.example.com, http://127.0.0.1:3000",
+    )])
+    .unwrap();
+    assert_eq!(
+        settings.cors_origins,
+        ["https://console.example.com", "http://127.0.0.1:3000"]
+    );
+    assert!(
+        load(&[]).unwrap().cors_origins.is_empty(),
+        "none by default"
+    );
+    for (raw, expected) in [
+        ("*", "entry 1 '*' is not an origin"),
+        ("https://a.example/", "scheme://host[:port] only"),
+        ("https://a.example,https://b.example/path", "entry 2"),
+        ("ftp://a.example", "scheme://host[:port] only"),
+        ("", "entry 1 '' is not an origin"),
+    ] {
+        let text = problems(&[("OTN_CORS_ORIGINS", raw)]);
+        assert!(text.contains("OTN_CORS_ORIGINS"), "{text}");
+        assert!(text.contains(expected), "{raw:?}: {text}");
+    }
+}

@@ -257,3 +257,28 @@ pub(super) fn parse_in_range(s: &str, min: u64, max: u64) -> Result<u64, String>
         _ => Err(format!("'{s}' is not a whole number from {min} to {max}")),
     }
 }
+
+/// A comma-separated list of browser origins, each `http(s)://host[:port]` as a browser sends it
+/// in `Origin` (no path, no trailing slash). `*` is refused: an origin allowed to call with an
+/// operator's key should be named.
+pub(super) fn parse_cors_origins(s: &str) -> Result<Vec<String>, String> {
+    let mut origins = Vec::new();
+    for (index, entry) in s.split(',').enumerate() {
+        let entry = entry.trim();
+        let position = index + 1;
+        let url = Url::parse(entry).map_err(|_| {
+            format!(
+                "entry {position} '{entry}' is not an origin (e.g. https://console.example.com)"
+            )
+        })?;
+        let origin = url.origin().ascii_serialization();
+        if !matches!(url.scheme(), "http" | "https") || origin != entry {
+            return Err(format!(
+                "entry {position} '{entry}' is not an origin: scheme://host[:port] only, \
+                 as a browser sends it (e.g. https://console.example.com)"
+            ));
+        }
+        origins.push(origin);
+    }
+    Ok(origins)
+}

@@ -12,6 +12,7 @@ mod faults;
 mod fleet;
 mod fuzz;
 mod graph;
+mod grpc_web;
 mod hardening;
 mod health;
 mod judge;
