@@ -10,7 +10,7 @@ use std::{
 };
 
 use otnd::pb::UpdatePageRequest;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::{
     backend_tests,
@@ -518,6 +518,33 @@ backend_tests! {
         let sends = otnctl(&app, None, &["send", "list", PAGE, "--state", "completed", "-o",
             "json"]).await.ok().json();
         assert_eq!(sends[0]["send_id"], send_id.as_str(), "{sends}");
+    }
+
+    async fn a_watched_send_that_halts_exits_3_with_the_reason_and_resumes_to_0(db) {
+        let mut app = spawn_app(&db).await;
+        app.register_page(PAGE).await;
+        let sandbox = app.sandbox();
+        opt_in_users(&app.channel, &sandbox, PAGE, TOPIC, "fan-", 10, None).await;
+        let story_id = reviewed_story(&app.channel, &sandbox, StorySpec::default()).await;
+        // Facebook restricts the page (10/1893063): the send halts, waiting for an operator.
+        sandbox.faults(json!({"restricted_pages": [PAGE]})).await;
+
+        let watched = otnctl(&app, None, &["send", "start", &story_id, "--watch"]).await;
+        assert_eq!(watched.code, 3, "HALTED exits 3: {watched:?}");
+        let summary = watched.stderr.lines().last().unwrap_or_default();
+        assert!(summary.contains("HALTED") && summary.contains("reason: ")
+            && summary.contains("1893063"), "{watched:?}");
+        let send_id = watched.stderr.lines()
+            .find_map(|l| l.strip_prefix("started send "))
+            .expect("the send's id is printed first")
+            .to_string();
+
+        sandbox.faults(json!({})).await;
+        let resumed = otnctl(&app, None, &["send", "resume", &send_id]).await.ok();
+        assert!(resumed.stdout.contains("RUNNING"), "{resumed:?}");
+        let watched = otnctl(&app, None, &["send", "watch", &send_id]).await;
+        assert_eq!(watched.code, 0, "{watched:?}");
+        assert!(watched.stderr.contains("10/10 finished"), "{watched:?}");
     }
 
     async fn a_send_is_paused_resumed_and_a_cancelled_watch_exits_with_its_reason(db) {

@@ -35,7 +35,7 @@ pub fn one<T: Tabled + Serialize>(output: Output, row: &T) {
     match output {
         Output::Table => {
             let mut table = Table::kv([row]);
-            table.with(Style::rounded());
+            table.with(Style::rounded().remove_horizontals());
             emit(&format!("{table}\n"));
         }
         Output::Json => emit(&json(row)),
@@ -361,7 +361,8 @@ pub struct SendRow {
     pub last_error: Option<String>,
     #[tabled(rename = "REQUEST")]
     pub request_id: String,
-    #[tabled(rename = "CREATED", display("dash"))]
+    /// The start (below) says more to an operator; scripts have both.
+    #[tabled(skip)]
     pub create_time: Option<String>,
     #[tabled(rename = "STARTED", display("dash"))]
     pub start_time: Option<String>,
