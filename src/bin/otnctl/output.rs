@@ -82,6 +82,15 @@ fn dash(value: &Option<String>) -> String {
     display::option(value, "-")
 }
 
+/// A timestamp in a table: to the second, still in UTC (JSON keeps RFC 3339 to the millisecond).
+fn when(value: &Option<String>) -> String {
+    match value {
+        Some(t) if t.len() >= 19 => format!("{}Z", t[..19].replacen('T', " ", 1)),
+        Some(t) => t.clone(),
+        None => "-".to_string(),
+    }
+}
+
 fn set(value: &bool) -> String {
     display::bool(value, "set", "-")
 }
@@ -108,9 +117,9 @@ pub struct PageRow {
     pub has_app_secret: bool,
     #[tabled(rename = "VERIFY TOKEN", display("set"))]
     pub has_verify_token: bool,
-    #[tabled(rename = "CREATED", display("dash"))]
+    #[tabled(rename = "CREATED", display("when"))]
     pub create_time: Option<String>,
-    #[tabled(rename = "UPDATED", display("dash"))]
+    #[tabled(rename = "UPDATED", display("when"))]
     pub update_time: Option<String>,
 }
 
@@ -181,11 +190,11 @@ pub struct OptInRow {
     pub state: String,
     #[tabled(rename = "TOKEN")]
     pub token_fingerprint: String,
-    #[tabled(rename = "OPTED IN", display("dash"))]
+    #[tabled(rename = "OPTED IN", display("when"))]
     pub opt_in_time: Option<String>,
-    #[tabled(rename = "EXPIRES", display("dash"))]
+    #[tabled(rename = "EXPIRES", display("when"))]
     pub expire_time: Option<String>,
-    #[tabled(rename = "USED", display("dash"))]
+    #[tabled(rename = "USED", display("when"))]
     pub use_time: Option<String>,
     #[tabled(rename = "DELIVERY", display("dash"))]
     pub delivery_id: Option<String>,
@@ -290,11 +299,11 @@ pub struct StoryRow {
     pub reviewed: bool,
     #[tabled(rename = "REVIEWER", display("dash"))]
     pub reviewer_psid: Option<String>,
-    #[tabled(rename = "REVIEWED AT", display("dash"))]
+    #[tabled(rename = "REVIEWED AT", display("when"))]
     pub review_time: Option<String>,
-    #[tabled(rename = "CREATED", display("dash"))]
+    #[tabled(rename = "CREATED", display("when"))]
     pub create_time: Option<String>,
-    #[tabled(rename = "UPDATED", display("dash"))]
+    #[tabled(rename = "UPDATED", display("when"))]
     pub update_time: Option<String>,
 }
 
@@ -364,9 +373,9 @@ pub struct SendRow {
     /// The start (below) says more to an operator; scripts have both.
     #[tabled(skip)]
     pub create_time: Option<String>,
-    #[tabled(rename = "STARTED", display("dash"))]
+    #[tabled(rename = "STARTED", display("when"))]
     pub start_time: Option<String>,
-    #[tabled(rename = "FINISHED", display("dash"))]
+    #[tabled(rename = "FINISHED", display("when"))]
     pub finish_time: Option<String>,
 }
 
@@ -418,7 +427,7 @@ pub struct DeliveryRow {
     pub error_message: Option<String>,
     #[tabled(rename = "CONFIRMED BY TOKEN", display("yes"))]
     pub confirmed_by_token: bool,
-    #[tabled(rename = "UPDATED", display("dash"))]
+    #[tabled(rename = "UPDATED", display("when"))]
     pub update_time: Option<String>,
 }
 
