@@ -64,10 +64,16 @@ impl SendBar {
             let mut last = plain
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let due = match *last {
-                None => true,
-                Some((at, state)) => state != progress.state || at.elapsed() >= PLAIN_EVERY,
-            };
+            // The end is `finish`'s summary line; a plain line before it would say it twice.
+            let ended = matches!(
+                SendState::try_from(progress.state),
+                Ok(SendState::Completed | SendState::Cancelled | SendState::Halted)
+            );
+            let due = !ended
+                && match *last {
+                    None => true,
+                    Some((at, state)) => state != progress.state || at.elapsed() >= PLAIN_EVERY,
+                };
             if due {
                 *last = Some((Instant::now(), progress.state));
                 eprintln!("send {}: {}", self.send_id, plain_line(progress));

@@ -14,7 +14,9 @@ use serde_json::{Value, json};
 
 use crate::{
     backend_tests,
-    support::{TestApp, TestDatabase, eventually, spawn_app, spawn_app_with},
+    support::{
+        TestApp, TestDatabase, eventually, settings_for, spawn_app, spawn_app_with, try_spawn_tls,
+    },
 };
 use otnd_testkit::{PAGE, StorySpec, TOPIC, opt_in_users, reviewed_story, start_send};
 
@@ -745,4 +747,59 @@ async fn an_unreachable_otnd_is_one_line() {
     let run = otnctl_at(&addr, &[], None, &["pages", "list"]).await;
     assert_call_failed(&run, "UNAVAILABLE");
     assert!(run.stderr.contains("cannot connect to otnd at"), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otnctl_speaks_tls_trusting_only_the_ca_it_is_given() {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let stranger = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, other) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("other.pem"),
+    );
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    std::fs::write(&other, stranger.cert.pem()).unwrap();
+    let db = TestDatabase::sqlite();
+    let settings = settings_for(
+        &db,
+        &[
+            ("OTN_TLS_CERT", cert.to_str().unwrap()),
+            ("OTN_TLS_KEY", key.to_str().unwrap()),
+        ],
+    )
+    .unwrap();
+    let app = try_spawn_tls(settings, Some(certified.cert.pem().as_bytes()))
+        .await
+        .unwrap();
+    let addr = format!("https://localhost:{}", app.grpc_port);
+
+    let trusted = otnctl_at(
+        &addr,
+        &[("OTN_TLS_CA", cert.to_str().unwrap())],
+        None,
+        &["pages", "list"],
+    )
+    .await
+    .ok();
+    assert!(trusted.stderr.contains("no pages"), "{trusted:?}");
+    let untrusted = otnctl_at(
+        &addr,
+        &[("OTN_TLS_CA", other.to_str().unwrap())],
+        None,
+        &["pages", "list"],
+    )
+    .await;
+    assert_call_failed(&untrusted, "UNAVAILABLE");
+    let plaintext = otnctl_at(
+        &format!("http://127.0.0.1:{}", app.grpc_port),
+        &[],
+        None,
+        &["pages", "list"],
+    )
+    .await;
+    assert_eq!(plaintext.code, 1, "{plaintext:?}");
+    assert_eq!(plaintext.stderr.lines().count(), 1, "{plaintext:?}");
 }
