@@ -180,9 +180,21 @@ pub fn summary_line(send_id: &str, p: &SendProgress, elapsed: Duration) -> Strin
     line
 }
 
-/// A Facebook reason may span lines; the bar and the summary are one line each.
+/// A Facebook reason may span lines or hold escape sequences; the bar and the summary are one
+/// line each, and nothing in them steers the terminal.
 fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `4.2s`, `2m05s`, `1h02m`.
@@ -222,12 +234,12 @@ mod tests {
 
     #[test]
     fn a_halted_or_cancelled_summary_names_the_reason_on_one_line() {
-        let halted = progress(SendState::Halted, "(#190) Invalid\naccess token");
+        let halted = progress(SendState::Halted, "(#190) Invalid\naccess\u{1b}[2J token");
         let line = summary_line("s1", &halted, Duration::from_millis(4200));
         assert_eq!(
             line,
             "send s1: HALTED · 10/10 finished · sent 7 · failed 1 · skipped 1 · unknown 1 · \
-             in 4.2s · reason: (#190) Invalid access token"
+             in 4.2s · reason: (#190) Invalid access\\u{1b}[2J token"
         );
         let cancelled = progress(SendState::Cancelled, "");
         assert!(summary_line("s1", &cancelled, Duration::ZERO).ends_with("reason: none recorded"));

@@ -456,6 +456,25 @@ async fn a_story_is_written_previewed_and_estimated() {
         .ok()
         .json();
     assert_eq!(listed.as_array().unwrap().len(), 3, "{listed}");
+    // Text from elsewhere (a topic, Facebook's reasons) never steers the terminal of a table.
+    otnctl(
+        &app,
+        None,
+        &[
+            "story",
+            "create",
+            PAGE,
+            "--topic",
+            "red\u{1b}[31m alert",
+            "--text",
+            "x",
+        ],
+    )
+    .await
+    .ok();
+    let table = otnctl(&app, None, &["story", "list", PAGE]).await.ok();
+    assert!(!table.stdout.contains('\u{1b}'), "{table:?}");
+    assert!(table.stdout.contains("red\\u{1b}[31m alert"), "{table:?}");
     let got = otnctl(&app, None, &["story", "get", &story_id]).await.ok();
     assert!(got.stdout.contains("Doors open at 9"), "{got:?}");
     let missing = otnctl(&app, None, &["story", "get", "no-such-story"]).await;

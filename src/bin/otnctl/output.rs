@@ -7,7 +7,11 @@ use std::io::{self, Write};
 use chrono::{DateTime, SecondsFormat};
 use otnd::pb;
 use serde::Serialize;
-use tabled::{Table, Tabled, derive::display, settings::Style};
+use tabled::{
+    Table, Tabled,
+    derive::display,
+    settings::{Format, Style, object::Segment},
+};
 
 use crate::cli::Output;
 
@@ -35,7 +39,9 @@ pub fn one<T: Tabled + Serialize>(output: Output, row: &T) {
     match output {
         Output::Table => {
             let mut table = Table::kv([row]);
-            table.with(Style::rounded().remove_horizontals());
+            table
+                .with(Style::rounded().remove_horizontals())
+                .modify(Segment::all(), Format::content(inert));
             emit(&format!("{table}\n"));
         }
         Output::Json => emit(&json(row)),
@@ -48,11 +54,25 @@ pub fn many<T: Tabled + Serialize>(output: Output, rows: &[T], what: &str) {
         Output::Table if rows.is_empty() => eprintln!("no {what}"),
         Output::Table => {
             let mut table = Table::new(rows);
-            table.with(Style::rounded());
+            table
+                .with(Style::rounded())
+                .modify(Segment::all(), Format::content(inert));
             emit(&format!("{table}\n"));
         }
         Output::Json => emit(&json(&rows)),
     }
+}
+
+/// A cell as text that cannot steer the terminal: a topic or a Facebook reason may hold escape
+/// sequences or line breaks, shown here as `\u{1b}` and spaces (JSON escapes them by itself).
+fn inert(cell: &str) -> String {
+    cell.chars()
+        .map(|c| match c {
+            '\n' | '\r' | '\t' => " ".to_string(),
+            c if c.is_control() => c.escape_unicode().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 fn json<T: Serialize + ?Sized>(value: &T) -> String {
@@ -80,6 +100,22 @@ fn nonempty(s: &str) -> Option<String> {
 
 fn dash(value: &Option<String>) -> String {
     display::option(value, "-")
+}
+
+/// The most characters of free text (a story, Facebook's reason) a table cell shows; JSON and
+/// exports carry all of it.
+const CELL_MAX_CHARS: usize = 80;
+
+fn clip(text: &str) -> String {
+    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match one_line.char_indices().nth(CELL_MAX_CHARS) {
+        Some((end, _)) => format!("{}…", &one_line[..end]),
+        None => one_line,
+    }
+}
+
+fn clipped(value: &Option<String>) -> String {
+    value.as_deref().map_or_else(|| "-".to_string(), clip)
 }
 
 /// A timestamp in a table: to the second, still in UTC (JSON keeps RFC 3339 to the millisecond).
@@ -264,7 +300,7 @@ impl From<Option<pb::StoryContent>> for ContentOut {
 /// The text, and each button as `[title → what it does]`.
 fn content(content: &ContentOut) -> String {
     match content {
-        ContentOut::Text(text) => text.clone(),
+        ContentOut::Text(text) => clip(text),
         ContentOut::ButtonTemplate { text, buttons } => {
             let buttons: Vec<String> = buttons
                 .iter()
@@ -273,7 +309,7 @@ fn content(content: &ContentOut) -> String {
                     format!("[{} → {}]", b.title, target)
                 })
                 .collect();
-            format!("{text} {}", buttons.join(" "))
+            clip(&format!("{text} {}", buttons.join(" ")))
         }
         ContentOut::None => "-".to_string(),
     }
@@ -366,7 +402,7 @@ pub struct SendRow {
     pub unknown: u64,
     #[tabled(rename = "RATE/S", format("{:.1}", self.rate_per_second))]
     pub rate_per_second: f64,
-    #[tabled(rename = "LAST ERROR", display("dash"))]
+    #[tabled(rename = "LAST ERROR", display("clipped"))]
     pub last_error: Option<String>,
     #[tabled(rename = "REQUEST")]
     pub request_id: String,
@@ -423,7 +459,7 @@ pub struct DeliveryRow {
     pub error_code: Option<i32>,
     #[tabled(rename = "FB SUBCODE", display("code"))]
     pub error_subcode: Option<i32>,
-    #[tabled(rename = "FB REASON", display("dash"))]
+    #[tabled(rename = "FB REASON", display("clipped"))]
     pub error_message: Option<String>,
     #[tabled(rename = "CONFIRMED BY TOKEN", display("yes"))]
     pub confirmed_by_token: bool,
