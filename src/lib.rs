@@ -8,6 +8,7 @@ pub mod domain;
 pub mod engine;
 pub mod graph;
 pub mod http;
+pub mod progress;
 pub mod service;
 pub mod startup;
 pub mod store;

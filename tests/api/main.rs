@@ -21,6 +21,7 @@ mod lifecycle;
 mod limits;
 mod model;
 mod optins;
+mod otnctl;
 mod pages;
 mod restart;
 mod secrets;
