@@ -111,6 +111,7 @@ async fn run(recipients: usize) -> anyhow::Result<(f64, f64)> {
         request_id: "bench",
         segment: None,
         max_active: 10,
+        expected: 0,
     };
     let Started::Created(send) =
         in_transaction(db, async |txn| sends::start(txn, new, now).await).await?

@@ -13,6 +13,7 @@ mod m20261124_000004_sends;
 mod m20261124_000005_leases;
 mod m20261206_000006_lifecycle;
 mod m20261206_000007_erasures;
+mod m20261207_000008_send_expected_total;
 
 pub struct Migrator;
 
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000005_leases::Migration),
             Box::new(m20261206_000006_lifecycle::Migration),
             Box::new(m20261206_000007_erasures::Migration),
+            Box::new(m20261207_000008_send_expected_total::Migration),
         ]
     }
 }

@@ -84,14 +84,23 @@ impl Progress {
         )
     }
 
-    /// The stored counters; rate and ETA are the page actor's to add.
+    /// The stored counters; rate and ETA are the page actor's to add. Until the audience is
+    /// all materialised, the total is the audience counted at the start when that is larger,
+    /// and what is not yet materialised counts as pending: the deliveries made so far are only
+    /// the first batches, and a bar or an ETA over them would read nearly done from the start.
     pub fn from_send(send: &Send) -> Self {
         let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        // A finished send (a cancel may come before the audience is all in) is what it did.
+        let not_materialised = if send.audience_done() || send.state.is_finished() {
+            0
+        } else {
+            (send.expected_total - send.total).max(0)
+        };
         Progress {
             send_id: send.id.clone(),
             state: send.state,
-            total: n(send.total),
-            pending: n(send.pending()),
+            total: n(send.total + not_materialised),
+            pending: n(send.pending() + not_materialised),
             in_flight: n(send.in_flight),
             sent: n(send.sent),
             failed: n(send.failed),
@@ -522,6 +531,48 @@ mod tests {
     }
 
     #[test]
+    fn until_the_audience_is_all_in_the_total_is_the_audience_counted_at_the_start() {
+        let materialising = Send {
+            audience_phase: "token".into(),
+            expected_total: 100,
+            total: 10,
+            in_flight: 2,
+            sent: 3,
+            ..row("a", "p", SendState::Running, 3)
+        };
+        let p = Progress::from_send(&materialising);
+        assert_eq!((p.total, p.pending, p.in_flight, p.sent), (100, 95, 2, 3));
+
+        // More opt-ins came in than were counted: the deliveries made are the total.
+        let grown = Send {
+            total: 120,
+            ..materialising.clone()
+        };
+        assert_eq!(Progress::from_send(&grown).total, 120);
+
+        // Materialised, or finished (cancelled before it was all in): the rows are the truth.
+        let done = Send {
+            audience_phase: "done".into(),
+            total: 90,
+            ..materialising.clone()
+        };
+        assert_eq!(Progress::from_send(&done).total, 90);
+        let cancelled = Send {
+            state: SendState::Cancelled,
+            ..materialising.clone()
+        };
+        let p = Progress::from_send(&cancelled);
+        assert_eq!((p.total, p.pending), (10, 5));
+
+        // Sends from before the count have none.
+        let older = Send {
+            expected_total: 0,
+            ..materialising
+        };
+        assert_eq!(Progress::from_send(&older).total, 10);
+    }
+
+    #[test]
     fn watchers_are_bounded_per_send_and_per_instance_and_give_their_place_back() {
         let hub = ProgressHub::new(None, StreamSlots::new(3), 2);
         let a = hub.subscribe(progress("a", SendState::Running, 0)).unwrap();
@@ -554,6 +605,7 @@ mod tests {
             audience_phase: "done".into(),
             audience_cursor: String::new(),
             total: 10,
+            expected_total: 0,
             in_flight: 0,
             sent,
             failed: 0,

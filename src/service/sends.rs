@@ -114,6 +114,12 @@ pub async fn start(cx: &Context, request: StartSend) -> Result<Send, ServiceErro
     let segment = stories::segment_rule(&cx.store.read, &story)
         .await
         .map_err(ServiceError::internal)?;
+    // Counted now, by the conditions the send will materialise with, so that its progress
+    // has a total (and an ETA) from the start; the deliveries themselves come in batches.
+    let audience = stories::estimate(&cx.store.read, &story, segment.as_ref(), now_ms())
+        .await
+        .map_err(ServiceError::internal)?;
+    let expected = audience.token_recipients + audience.window_recipients;
     let max_active = cx.max_active_sends;
     let context = (
         Arc::new(story.clone()),
@@ -128,6 +134,7 @@ pub async fn start(cx: &Context, request: StartSend) -> Result<Send, ServiceErro
                 request_id: &request_id,
                 segment: segment.as_ref().as_ref(),
                 max_active,
+                expected,
             };
             sends::start(&txn, new, now_ms()).await
         });

@@ -238,6 +238,7 @@ impl TestStore {
                 request_id,
                 segment: None,
                 max_active: 100,
+                expected: 0,
             };
             sends::start(txn, new, now_ms()).await
         })

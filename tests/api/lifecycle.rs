@@ -531,6 +531,7 @@ async fn answers_recorded_twice(db: TestDatabase) {
         request_id: "by-hand",
         segment: None,
         max_active: 100,
+        expected: 0,
     };
     let Started::Created(send) =
         in_transaction(&conn, async |txn| sends::start(txn, new, now).await)

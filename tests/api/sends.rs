@@ -109,6 +109,10 @@ backend_tests! {
 
         let send = start_send(&app.channel, &story_id, "launch-1").await;
         assert_eq!(send.request_id, "launch-1");
+        // The audience is counted when the send starts: progress has its total from the first
+        // answer, though deliveries are made in batches as the send goes.
+        let progress = send.progress.clone().unwrap();
+        assert_eq!((progress.total, progress.pending), (1000, 1000), "{progress:?}");
         // The same request id is the same send; for another story it is refused.
         assert_eq!(start_send(&app.channel, &story_id, "launch-1").await.send_id, send.send_id);
 
@@ -125,6 +129,10 @@ backend_tests! {
         assert_eq!((last.total, last.sent, last.failed, last.pending, last.in_flight), (1000, 1000, 0, 0, 0));
         assert!(snapshots.len() >= 2, "progress moved while sending: {}", snapshots.len());
         assert!(snapshots.windows(2).all(|w| w[0].sent <= w[1].sent), "sent never goes back");
+        assert!(snapshots.iter().all(|p| p.total == 1000), "the total never moves: {snapshots:?}");
+        // Half the audience still to go at about 250/s: the ETA says seconds, not nothing.
+        let early = snapshots.iter().filter(|p| p.sent < 500 && p.rate_per_second > 0.0);
+        assert!(early.clone().count() > 0 && early.clone().all(|p| p.eta_seconds > 1.0), "{snapshots:?}");
 
         let stats = assert_no_duplicates(&app).await;
         assert_eq!(stats["tokens_presented_more_than_once"], 0, "{stats}");

@@ -22,6 +22,8 @@ pub struct NewSend<'a> {
     pub segment: Option<&'a SegmentRule>,
     /// Sends allowed queued or running at once, this one included.
     pub max_active: u64,
+    /// The audience as estimated when the send starts (see `Send::expected_total`).
+    pub expected: u64,
 }
 
 pub enum Started {
@@ -57,6 +59,7 @@ pub async fn start(
         audience_phase: PHASE_TOKEN.into(),
         audience_cursor: String::new(),
         total: 0,
+        expected_total: i64::try_from(new.expected).unwrap_or(i64::MAX),
         in_flight: 0,
         sent: 0,
         failed: 0,
@@ -379,6 +382,7 @@ mod tests {
                 request_id,
                 segment: None,
                 max_active,
+                expected: 0,
             };
             start(txn, new, now_ms()).await
         })

@@ -278,6 +278,7 @@ mod tests {
                     request_id: "r1",
                     segment,
                     max_active: 10,
+                    expected: 0,
                 };
                 start(txn, new, now_ms()).await
             })

@@ -72,7 +72,11 @@ pub mod send {
         pub segment_rule: Option<String>,
         pub audience_phase: String,
         pub audience_cursor: String,
+        /// Deliveries materialised so far: it grows in batches as the send goes.
         pub total: i64,
+        /// The audience counted when the send started (0 for sends older than the count):
+        /// what progress reports as the total until the audience is all materialised.
+        pub expected_total: i64,
         pub in_flight: i64,
         pub sent: i64,
         pub failed: i64,
@@ -557,6 +561,7 @@ mod tests {
             audience_phase: PHASE_DONE.into(),
             audience_cursor: String::new(),
             total: 10,
+            expected_total: 0,
             in_flight: 2,
             sent: 3,
             failed: 1,
