@@ -225,6 +225,21 @@ async fn the_api_takes_the_same_keys_and_roles_as_grpc() {
     assert_eq!(pages["pages"][0]["page_id"], PAGE, "{pages}");
     let deliveries = format!("/console/api/sends/{send_id}/deliveries");
     get(&app, &deliveries, Some(VIEWER)).await;
+    // A viewer watches: the stream of a completed send is its last snapshot, then its end.
+    let events = format!("/console/api/sends/{send_id}/events");
+    let (status, headers, body) = call(&app, Method::GET, &events, Some(VIEWER)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["content-type"], "text/event-stream");
+    let body = body.as_str().expect("the stream's text");
+    assert!(
+        body.starts_with("event: progress\n") && body.contains(r#""state":"completed""#),
+        "{body}"
+    );
+    let (status, _, code) = refused(&app, Method::GET, &events, None).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "unauthenticated")
+    );
 
     for command in ["pause", "resume", "cancel"] {
         let path = format!("/console/api/sends/{send_id}/{command}");
