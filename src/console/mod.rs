@@ -92,7 +92,7 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/sends/{send_id}/resume", post(resume_send))
         .route("/sends/{send_id}/cancel", post(cancel_send))
         .fallback(unknown_call)
-        .layer(middleware::map_response(no_store))
+        .layer(middleware::map_response(api_response))
         .with_state(Arc::new(state));
     Router::new()
         .route("/", get(index))
@@ -121,7 +121,49 @@ async fn security_headers(request: Request, next: Next) -> Response {
     response
 }
 
-async fn no_store(mut response: Response) -> Response {
+/// Every API answer is uncached, and every refusal JSON: axum's own (a path that does not
+/// decode, a method the call does not take) are rewritten in the API's error shape.
+async fn api_response(response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let is_json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+    let refused = parts.status.is_client_error() || parts.status.is_server_error();
+    let mut response = if refused && !is_json {
+        let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&text).trim().to_string();
+        let code = match parts.status {
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => "invalid_argument",
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::METHOD_NOT_ALLOWED => "unimplemented",
+            _ => "internal",
+        };
+        let message = if text.is_empty() {
+            parts
+                .status
+                .canonical_reason()
+                .unwrap_or("refused")
+                .to_string()
+        } else {
+            text
+        };
+        let status = parts.status;
+        parts.headers.remove(header::CONTENT_TYPE);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let mut rewritten = ApiError {
+            status,
+            code,
+            message,
+        }
+        .into_response();
+        for (name, value) in &parts.headers {
+            rewritten.headers_mut().insert(name, value.clone());
+        }
+        rewritten
+    } else {
+        Response::from_parts(parts, body)
+    };
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -171,6 +171,18 @@ async fn the_page_and_its_assets_are_served_with_the_security_headers() {
         (status, code.as_str()),
         (StatusCode::NOT_FOUND, "not_found")
     );
+    // axum's own refusals come in the API's shape too.
+    let (status, _, code) = refused(&app, Method::DELETE, "/console/api/pages", None).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, "unimplemented")
+    );
+    let path = "/console/api/sends/%FF/deliveries";
+    let (status, _, code) = refused(&app, Method::GET, path, None).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_argument")
+    );
     // The rest of the listener is as it was.
     let (status, _, _) = call(&app, Method::GET, "/healthz", None).await;
     assert_eq!(status, StatusCode::OK);
