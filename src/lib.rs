@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod config;
+pub mod console;
 pub mod crashpoint;
 pub mod crypto;
 pub mod domain;

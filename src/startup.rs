@@ -1,7 +1,7 @@
 //! Building and running the application: settings in, bound listeners, migrated database and a
 //! started engine out. Tests build it on port 0 and read the real ports back.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use tokio::{net::TcpListener, sync::watch};
@@ -10,7 +10,7 @@ use tonic_health::ServingStatus;
 
 use crate::{
     api::{Audience, GuardLayer, MAX_REQUEST_BYTES, OptIns, Pages, Sends, Stories, pb},
-    config::{DatabaseUrl, Settings, TlsFiles},
+    config::{ApiKeys, DatabaseUrl, Settings, TlsFiles},
     crypto::{self, KeyFileOutcome, MasterKey, SecretCipher},
     engine::{EngineHandle, LeaseSettings, PacingSettings, StreamSlots},
     graph::GraphClient,
@@ -44,6 +44,10 @@ pub struct Application {
     http_addr: SocketAddr,
     tls: Option<ServerTlsConfig>,
     guard: GuardLayer,
+    /// The keys the guard checks, which the console checks too.
+    api_keys: Arc<ApiKeys>,
+    /// Serve the console on the HTTP listener.
+    console: bool,
     cors: tower_http::cors::CorsLayer,
     shutdown_grace: Duration,
     max_active_sends: u64,
@@ -149,6 +153,17 @@ impl Application {
             cors_origins = settings.cors_origins.len(),
             "otnd ready"
         );
+        let api_keys = Arc::new(settings.api_keys);
+        // Without keys the console answers anyone: only where only this machine can reach it.
+        let console = settings.console && (!api_keys.is_empty() || http_addr.ip().is_loopback());
+        if settings.console && !console {
+            tracing::warn!(
+                %http_addr,
+                "the console is not served: OTN_HTTP_ADDR is not a loopback address and \
+                 OTN_API_KEYS is not set; set OTN_API_KEYS to serve it, or OTN_CONSOLE=false \
+                 to say it is meant to be off"
+            );
+        }
         Ok(Application {
             grpc_listener,
             http_listener,
@@ -156,11 +171,13 @@ impl Application {
             http_addr,
             tls,
             guard: GuardLayer::new(
-                settings.api_keys,
+                api_keys.clone(),
                 settings.max_concurrent_requests,
                 settings.request_timeout,
                 stream_slots,
             ),
+            api_keys,
+            console,
             cors: cors_layer(&settings.cors_origins),
             shutdown_grace: settings.shutdown_grace,
             max_active_sends: settings.max_active_sends,
@@ -225,15 +242,18 @@ impl Application {
         let stories =
             pb::story_service_server::StoryServiceServer::new(Stories::new(graph_context))
                 .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let sends = pb::send_service_server::SendServiceServer::new(Sends::new(
-            crate::service::sends::Context {
-                store: self.store.clone(),
-                engine: self.engine.clone(),
-                stopping: stop_rx.clone(),
-                max_active_sends: self.max_active_sends,
-            },
-        ))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let sends_context = crate::service::sends::Context {
+            store: self.store.clone(),
+            engine: self.engine.clone(),
+            stopping: stop_rx.clone(),
+            max_active_sends: self.max_active_sends,
+        };
+        let console = self.console.then(|| crate::console::ConsoleState {
+            sends: sends_context.clone(),
+            api_keys: self.api_keys.clone(),
+        });
+        let sends = pb::send_service_server::SendServiceServer::new(Sends::new(sends_context))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
 
         let mut builder = Server::builder();
         if let Some(tls) = self.tls {
@@ -267,6 +287,7 @@ impl Application {
             cipher: self.cipher.clone(),
             serving: serving_rx,
             metrics: crate::engine::metrics::prometheus(),
+            console,
         });
         let http_server = axum::serve(self.http_listener, http_app)
             .with_graceful_shutdown(stopped(stop_rx.clone()))

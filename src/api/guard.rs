@@ -29,7 +29,7 @@ pub struct GuardLayer {
 }
 
 struct Shared {
-    api_keys: ApiKeys,
+    api_keys: Arc<ApiKeys>,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
     timeout: Duration,
@@ -39,7 +39,7 @@ struct Shared {
 
 impl GuardLayer {
     pub fn new(
-        api_keys: ApiKeys,
+        api_keys: Arc<ApiKeys>,
         max_in_flight: usize,
         timeout: Duration,
         streams: StreamSlots,
@@ -102,8 +102,9 @@ pub struct Guard<S> {
     shared: Arc<Shared>,
 }
 
-/// What a method needs: `None` for the open infrastructure services.
-fn required_role(path: &str) -> Option<Role> {
+/// What a method needs: `None` for the open infrastructure services. The console's API asks the
+/// same question for the method each of its calls stands for, so the two never disagree.
+pub(crate) fn required_role(path: &str) -> Option<Role> {
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     if service.starts_with("grpc.health.") || service.starts_with("grpc.reflection.") {
         return None;
@@ -121,7 +122,12 @@ fn required_role(path: &str) -> Option<Role> {
 }
 
 fn bearer_token<B>(req: &Request<B>) -> Option<&[u8]> {
-    let value = req.headers().get(http::header::AUTHORIZATION)?.as_bytes();
+    bearer_token_of(req.headers())
+}
+
+/// The key of an `Authorization: Bearer <key>` header.
+pub(crate) fn bearer_token_of(headers: &http::HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(http::header::AUTHORIZATION)?.as_bytes();
     let scheme = value.get(..7)?;
     if scheme.eq_ignore_ascii_case(b"bearer ") {
         Some(value[7..].trim_ascii())

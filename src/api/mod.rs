@@ -4,11 +4,11 @@
 
 mod audience;
 mod error;
-mod guard;
+pub(crate) mod guard;
 mod optins;
 mod pages;
 mod sends;
-mod shared;
+pub(crate) mod shared;
 mod stories;
 mod time;
 

@@ -79,6 +79,7 @@ settings! {
     instance_id: String, parse_instance_id;
     lease_seconds: Duration = "10", seconds(2, 300);
     cors_origins: Vec<String>, parse_cors_origins;
+    console: bool = "true", parse_bool;
 }
 
 /// The environment variable that names a config file when `--config` is not given.
@@ -130,6 +131,9 @@ pub struct Settings {
     /// Browser origins (`scheme://host[:port]`) allowed to call the gRPC port over grpc-web;
     /// empty: none, so no browser page of another origin can.
     pub cors_origins: Vec<String>,
+    /// Serve the web console and its API on the HTTP listener. Without API keys it is served
+    /// only when that listener is on loopback (see `startup`).
+    pub console: bool,
 }
 
 /// What is wrong with the configuration: every problem found, each naming its source.
@@ -239,6 +243,7 @@ impl Settings {
                 instance_id: v.instance_id,
                 lease_ttl: v.lease_seconds?,
                 cors_origins: v.cors_origins.unwrap_or_default(),
+                console: v.console?,
             })
         })();
         match settings {

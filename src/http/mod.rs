@@ -1,11 +1,11 @@
-//! The HTTP listener (axum): liveness for load balancers and Facebook's webhook.
+//! The HTTP listener (axum): liveness for load balancers, Facebook's webhook, and the console.
 
 use std::sync::Arc;
 
 use axum::{Router, extract::DefaultBodyLimit, extract::State, http::StatusCode, routing::get};
 use tokio::sync::watch;
 
-use crate::{crypto::SecretCipher, store::Store, webhook};
+use crate::{console, crypto::SecretCipher, store::Store, webhook};
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -14,10 +14,13 @@ pub struct HttpState {
     /// True from the end of start-up until shutdown begins.
     pub serving: watch::Receiver<bool>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The console and its API; `None` when it is not served (see `startup`).
+    pub console: Option<console::ConsoleState>,
 }
 
-pub fn router(state: HttpState) -> Router {
-    Router::new()
+pub fn router(mut state: HttpState) -> Router {
+    let console = state.console.take().map(console::router);
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route(
@@ -26,7 +29,11 @@ pub fn router(state: HttpState) -> Router {
                 .post(webhook::receive)
                 .layer(DefaultBodyLimit::max(webhook::MAX_BODY_BYTES)),
         )
-        .with_state(Arc::new(state))
+        .with_state(Arc::new(state));
+    match console {
+        Some(console) => router.merge(console),
+        None => router,
+    }
 }
 
 /// Prometheus text exposition of the engine's counters and histograms.

@@ -6,6 +6,8 @@ mod support;
 mod audience;
 mod auth;
 mod binary;
+mod console;
+mod console_browser;
 mod contract;
 mod erasure;
 mod faults;
