@@ -4,6 +4,7 @@ pub mod api;
 pub mod config;
 pub mod crashpoint;
 pub mod crypto;
+pub mod demo;
 pub mod domain;
 pub mod engine;
 pub mod graph;
