@@ -7,6 +7,7 @@ mod audience;
 mod auth;
 mod binary;
 mod contract;
+mod demo;
 mod erasure;
 mod faults;
 mod fleet;
