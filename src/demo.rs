@@ -23,8 +23,8 @@ use crate::{
     crypto::MasterKey,
     domain::SendRate,
     pb::{
-        self, CreatePageRequest, CreateStoryRequest, ListTopicsRequest, PreviewStoryRequest,
-        SendState, StartSendRequest, StoryContent, WatchSendRequest,
+        self, CreatePageRequest, CreateStoryRequest, EstimateAudienceRequest, ListTopicsRequest,
+        PreviewStoryRequest, SendState, StartSendRequest, StoryContent, WatchSendRequest,
         opt_in_service_client::OptInServiceClient, page_service_client::PageServiceClient,
         send_service_client::SendServiceClient, story_content::Kind,
         story_service_client::StoryServiceClient,
@@ -385,8 +385,9 @@ impl Job {
         self.register_page().await?;
         self.opt_in().await?;
         let story_id = self.reviewed_story().await?;
+        let audience = self.audience(&story_id).await?;
         let send_id = self.start_send(&story_id).await?;
-        self.watch(&send_id).await
+        self.watch(&send_id, audience).await
     }
 
     /// The page in otnd (its secrets sealed with this run's key) and at "Facebook", whose
@@ -509,6 +510,18 @@ impl Job {
         Ok(story.story_id)
     }
 
+    /// Who the send will reach: its progress counts only the recipients taken on so far.
+    async fn audience(&self, story_id: &str) -> anyhow::Result<u64> {
+        let estimate = StoryServiceClient::new(self.channel.clone())
+            .estimate_audience(EstimateAudienceRequest {
+                story_id: story_id.into(),
+            })
+            .await
+            .context("EstimateAudience")?
+            .into_inner();
+        Ok(estimate.token_recipients + estimate.window_recipients)
+    }
+
     async fn start_send(&self, story_id: &str) -> anyhow::Result<String> {
         let send = SendServiceClient::new(self.channel.clone())
             .start_send(StartSendRequest {
@@ -535,7 +548,7 @@ impl Job {
     }
 
     /// Follows the send on WatchSend, under a progress bar, to its end.
-    async fn watch(&self, send_id: &str) -> anyhow::Result<()> {
+    async fn watch(&self, send_id: &str, audience: u64) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut stream = SendServiceClient::new(self.channel.clone())
             .watch_send(WatchSendRequest {
@@ -548,7 +561,7 @@ impl Job {
         let mut last = None;
         while let Some(message) = stream.next().await {
             if let Some(progress) = message.context("WatchSend")?.progress {
-                bar.update(&progress);
+                bar.update(&against_audience(&progress, audience));
                 last = Some(progress);
             }
         }
@@ -575,6 +588,22 @@ impl Job {
         );
         Ok(())
     }
+}
+
+/// The progress as a share of the whole audience: while a send runs, its `total` (and its
+/// pending count and ETA) cover only the recipients taken on so far, a few batches ahead of
+/// those sent.
+fn against_audience(progress: &pb::SendProgress, audience: u64) -> pb::SendProgress {
+    let mut shown = progress.clone();
+    let ended = matches!(shown.state(), SendState::Completed | SendState::Cancelled);
+    if shown.total < audience && !ended {
+        shown.pending += audience - shown.total;
+        shown.total = audience;
+        if shown.rate_per_second > 0.0 {
+            shown.eta_seconds = (shown.pending + shown.in_flight) as f64 / shown.rate_per_second;
+        }
+    }
+    shown
 }
 
 /// The send's progress bar on the terminal (hidden when stderr is not one).
