@@ -97,8 +97,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
         .build()
         .context("Failed to start the runtime")
         .and_then(|runtime| {
-            actix::System::with_tokio_rt(move || runtime)
-                .block_on(demo(&args, database_url.clone()))
+            actix::System::with_tokio_rt(move || runtime).block_on(demo(&args, database_url))
         });
     // The instance lock is the one file otnd keeps beside the database while it serves; the
     // demo's master key never touched the disk.
@@ -282,22 +281,14 @@ async fn demo(args: &DemoArgs, database_url: String) -> anyhow::Result<()> {
     let finished = tokio::select! {
         result = script => Some(result),
         () = &mut stop => None,
-        ended = &mut app_task => Some(Err(match ended {
-            Ok(Ok(())) => anyhow!("otnd stopped on its own"),
-            Ok(Err(err)) => err,
-            Err(err) => anyhow!(err).context("otnd's task failed"),
-        })),
+        ended = &mut app_task => Some(Err(stopped_on_its_own(ended))),
     };
     let result = match finished {
         Some(Ok(())) => {
             println!("otnd keeps serving: browse the console at http://{http}/. Ctrl-C to stop.");
             tokio::select! {
                 () = &mut stop => Ok(()),
-                ended = &mut app_task => Err(match ended {
-                    Ok(Ok(())) => anyhow!("otnd stopped on its own"),
-                    Ok(Err(err)) => err,
-                    Err(err) => anyhow!(err).context("otnd's task failed"),
-                }),
+                ended = &mut app_task => Err(stopped_on_its_own(ended)),
             }
         }
         Some(Err(err)) => Err(err),
@@ -314,6 +305,15 @@ async fn demo(args: &DemoArgs, database_url: String) -> anyhow::Result<()> {
     }
     drop(sandbox);
     result
+}
+
+/// Why otnd's servers ended before they were asked to.
+fn stopped_on_its_own(ended: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Error {
+    match ended {
+        Ok(Ok(())) => anyhow!("otnd stopped on its own"),
+        Ok(Err(err)) => err,
+        Err(err) => anyhow!(err).context("otnd's task failed"),
+    }
 }
 
 fn settings(args: &DemoArgs, database_url: &str, graph_url: &str) -> anyhow::Result<Settings> {

@@ -269,6 +269,31 @@ fn an_existing_database_file_is_refused_and_kept() {
 }
 
 #[test]
+fn a_demo_that_cannot_listen_says_where_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = otnd(
+        dir.path(),
+        &["demo", "--grpc-addr", &addr, "--http-addr", "127.0.0.1:0"],
+        &[],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("Failed to listen for gRPC on {addr}")),
+        "{stderr}"
+    );
+    assert!(
+        files_in(dir.path()).is_empty(),
+        "{:?}",
+        files_in(dir.path())
+    );
+}
+
+#[test]
 fn bad_flags_are_refused_with_one_line_naming_the_flag() {
     let cases: &[(&[&str], &[&str])] = &[
         (&["--users", "0"], &["--users", "1..=100000"]),
