@@ -5,6 +5,7 @@ pub mod config;
 pub mod console;
 pub mod crashpoint;
 pub mod crypto;
+pub mod demo;
 pub mod domain;
 pub mod engine;
 pub mod graph;

@@ -3,6 +3,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use otnd::{
     config::{CONFIG_FILE_ENV, Settings},
+    demo::{self, DemoArgs},
     startup::{self, Application},
     telemetry,
 };
@@ -30,14 +31,36 @@ enum Command {
     Migrate,
     /// Print the version.
     Version,
+    /// See the whole job on this machine, without a Facebook account.
+    ///
+    /// graph-sandbox plays Facebook in this process; a demo page's users opt in through signed
+    /// webhooks, a reviewed story is sent at the page's pace under a progress bar, and otnd
+    /// keeps serving for the console. Ctrl-C stops it all and leaves only the SQLite file.
+    /// Takes its settings from its flags only (no OTN_* variables, no --config).
+    Demo(DemoArgs),
 }
 
 fn main() -> ExitCode {
     startup::disable_transparent_huge_pages();
-    let cli = Cli::parse();
-    if let Some(Command::Version) = cli.command {
-        println!("otnd {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print and exit 0.
+        Err(err) if !err.use_stderr() => err.exit(),
+        Err(err) => {
+            // One line naming the flag and the rule; --help tells the rest.
+            let rendered = err.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("otnd: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Some(Command::Version) => {
+            println!("otnd {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Demo(args)) => return demo::run(args),
+        _ => {}
     }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
@@ -50,7 +73,9 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings),
         Command::Migrate => migrate(settings),
-        Command::Version => unreachable!("handled before configuration is read"),
+        Command::Version | Command::Demo(_) => {
+            unreachable!("handled before configuration is read")
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

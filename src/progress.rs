@@ -81,6 +81,11 @@ impl SendBar {
         }
     }
 
+    /// Clears the bar, for a caller that says the outcome its own way (`otnd demo`).
+    pub fn clear(&self) {
+        self.bar.finish_and_clear();
+    }
+
     /// Clears the bar and prints the final line with the outcome.
     pub fn finish(&self, progress: &SendProgress) {
         self.bar.set_length(progress.total);
@@ -182,7 +187,7 @@ pub fn summary_line(send_id: &str, p: &SendProgress, elapsed: Duration) -> Strin
 
 /// A Facebook reason may span lines or hold escape sequences; the bar and the summary are one
 /// line each, and nothing in them steers the terminal.
-fn one_line(text: &str) -> String {
+pub fn one_line(text: &str) -> String {
     text.split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")

@@ -9,6 +9,7 @@ mod binary;
 mod console;
 mod console_browser;
 mod contract;
+mod demo;
 mod erasure;
 mod faults;
 mod fleet;
