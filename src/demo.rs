@@ -194,13 +194,10 @@ fn leftovers(database: &Path) -> Vec<PathBuf> {
 }
 
 /// otnd's warnings and errors only (`RUST_LOG` refines it): the demo's own lines tell the story.
-/// A page actor warns when its page's lease goes, which on one instance happens after every
-/// send, when the idle page is given up: news to an operator of several, not to a newcomer.
 fn init_logging() {
     use std::io::IsTerminal;
     use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("warn,otnd::engine::page=error"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     let _ = fmt()
         .with_env_filter(filter)
         .with_target(false)

@@ -201,7 +201,7 @@ impl Supervisor {
             }) = self.pages.remove(&page_id)
             {
                 tracing::warn!(%page_id, "lost the page's lease");
-                addr.do_send(Lost);
+                addr.do_send(Lost { given_up: false });
             }
         }
         for fence in round.acquired {
@@ -249,7 +249,7 @@ impl Supervisor {
             async move {
                 if let Some(addr) = &owned.addr {
                     let _ = addr.send(Drain).await;
-                    addr.do_send(Lost);
+                    addr.do_send(Lost { given_up: true });
                 }
                 owned.fence
             }

@@ -200,12 +200,19 @@ impl PageActor {
 
     /// Another instance holds the page now (or is about to): stop without writing anything.
     /// Deliveries in flight stay in flight for the new owner's recovery, as after a crash.
-    fn lose_the_page(&mut self, ctx: &mut Context<Self>) {
+    /// `given_up`: the supervisor drained the page and gives its lease up (idle, or handed
+    /// over), the ordinary end of a page's work, not a lease taken away.
+    fn lose_the_page(&mut self, ctx: &mut Context<Self>, given_up: bool) {
         if self.lost {
             return;
         }
-        tracing::warn!(page_id = %self.page_id, generation = self.fence.generation,
-            "this instance no longer holds the page's lease; its actor stops here");
+        if given_up {
+            tracing::debug!(page_id = %self.page_id, generation = self.fence.generation,
+                "the page was drained and its lease is given up; its actor stops here");
+        } else {
+            tracing::warn!(page_id = %self.page_id, generation = self.fence.generation,
+                "this instance no longer holds the page's lease; its actor stops here");
+        }
         self.lost = true;
         self.gate.fetch_add(1, Ordering::SeqCst);
         self.dispatched.clear();
@@ -834,7 +841,7 @@ impl Handler<Pump> for PageActor {
         let began = Instant::now();
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| match result {
-                Err(StoreError::Fenced) => act.lose_the_page(ctx),
+                Err(StoreError::Fenced) => act.lose_the_page(ctx, false),
                 Err(err) => {
                     tracing::error!(page_id = %act.page_id, error = %err, "page step failed; retrying");
                     // Reading the page or its sends again, or recovering, failed before any
@@ -943,7 +950,7 @@ impl Handler<Flush> for PageActor {
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| {
                 match result {
-                    Err(StoreError::Fenced) => act.lose_the_page(ctx),
+                    Err(StoreError::Fenced) => act.lose_the_page(ctx, false),
                     Err(err) => {
                         tracing::error!(page_id = %act.page_id, error = %err,
                             "recording outcomes failed; retrying");
@@ -1057,16 +1064,18 @@ pub async fn apply_command(
     }
 }
 
-/// The page's lease is gone (lost, or handed over after a drain): stop for good.
+/// The page's lease is gone (lost, or given up after a drain: `given_up`): stop for good.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Lost;
+pub struct Lost {
+    pub given_up: bool,
+}
 
 impl Handler<Lost> for PageActor {
     type Result = ();
 
-    fn handle(&mut self, _: Lost, ctx: &mut Context<Self>) {
-        self.lose_the_page(ctx);
+    fn handle(&mut self, lost: Lost, ctx: &mut Context<Self>) {
+        self.lose_the_page(ctx, lost.given_up);
     }
 }
 
