@@ -3,7 +3,7 @@
 //! without a reload, pause and cancel take effect (gRPC agrees), a viewer gets no steering
 //! button, and a topic or a Facebook reason carrying markup is shown as text.
 //!
-//! Needs Debian's `chromium` and `chromium-driver` (`apt-get install chromium chromium-driver`).
+//! Needs Debian's `chromium` and `chromium-driver`, which it installs when they are missing.
 
 use std::{
     net::TcpListener,
@@ -39,6 +39,7 @@ struct Chromedriver {
 
 impl Chromedriver {
     async fn start() -> Self {
+        crate::support::debian::ensure_packages(&["chromium", "chromium-driver"]);
         for program in [CHROMIUM, CHROMEDRIVER] {
             assert!(
                 Path::new(program).exists(),

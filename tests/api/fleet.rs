@@ -381,8 +381,10 @@ async fn free_lease(
         .expect("a free page is granted")
 }
 
-/// libfaketime, which moves a process's wall clock (Debian's `faketime` package; CI installs it).
+/// libfaketime, which moves a process's wall clock (Debian's `faketime` package, installed when
+/// missing).
 fn libfaketime() -> String {
+    crate::support::debian::ensure_packages(&["faketime"]);
     const PATHS: [&str; 2] = [
         "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
         "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",

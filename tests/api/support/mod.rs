@@ -4,6 +4,8 @@
 //! send, the sandbox's admin surface, the judge) are `otnd_testkit`'s, shared with the
 //! benchmarks, and re-exported here.
 
+pub mod debian;
+
 use std::{collections::BTreeMap, time::Duration};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
