@@ -219,6 +219,13 @@ async fn erasure(db: TestDatabase) {
     // A second send is throttled: the user's delivery waits for a retry at the erasure.
     h.faults(json!({"throttle_rate": 1.0})).await;
     let throttled = start_send(&node.channel, &reviewed, "retry-at-erasure").await;
+    // Throttled at least once (its audience is counted pending from the start, before any
+    // call), and waiting for the retry.
+    eventually(Duration::from_secs(30), "a throttled answer", || async {
+        let stats = h.sandbox_get("/__sandbox/stats").await;
+        (stats["faults_injected"]["throttle"].as_u64().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
     wait_until(&node.channel, &throttled, "retries waiting", |s| {
         let p = s.progress.as_ref().unwrap();
         p.pending > 0 && p.in_flight == 0

@@ -220,7 +220,13 @@ async fn one_failing_send_beside_a_healthy_one(db: TestDatabase) {
     );
     let stuck = progress_of(&node.channel, &broken).await;
     assert_eq!(stuck.state(), SendState::Running, "{stuck:?}");
-    assert_eq!(stuck.progress.unwrap().total, 0);
+    // Its audience was counted when it started; not one delivery was made or sent.
+    let p = stuck.progress.unwrap();
+    assert_eq!(
+        (p.total, p.pending, p.in_flight, p.sent),
+        (200, 200, 0, 0),
+        "{p:?}"
+    );
     heal_steps(&h.database_url).await;
     wait_until(&node.channel, &broken, "the healed send to complete", |s| {
         s.state() == SendState::Completed
