@@ -158,7 +158,7 @@ fn version_and_migrate_work() {
     );
 }
 
-/// A running `otnd serve` whose stderr is collected line by line.
+/// A running otnd (`otnd serve`, `otnd demo`) whose stdout and stderr are collected line by line.
 pub(crate) struct Served {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
@@ -167,23 +167,35 @@ pub(crate) struct Served {
 
 impl Served {
     pub(crate) fn start(dir: &Path, env: &[(&str, &str)]) -> Self {
-        let mut child = otnd(dir, &[], env).stderr(Stdio::piped()).spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
+        Self::spawn(otnd(dir, &[], env))
+    }
+
+    /// Runs `command`, collecting what it prints on both streams.
+    pub(crate) fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (tx, new_line) = mpsc::channel();
-        let sink = lines.clone();
         // OTN_TEST_ECHO=1 shows every child's log as it runs (for a failing test's story).
         let echo = std::env::var_os("OTN_TEST_ECHO").is_some();
         let pid = child.id();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if echo {
-                    eprintln!("[otnd {pid}] {line}");
+        let stdout = Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>;
+        let stderr = Box::new(child.stderr.take().unwrap());
+        for pipe in [stdout, stderr] {
+            let (sink, tx) = (lines.clone(), tx.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if echo {
+                        eprintln!("[otnd {pid}] {line}");
+                    }
+                    sink.lock().unwrap().push(line);
+                    let _ = tx.send(());
                 }
-                sink.lock().unwrap().push(line);
-                let _ = tx.send(());
-            }
-        });
+            });
+        }
         Served {
             child,
             lines,

@@ -2,137 +2,34 @@
 //! gRPC port answering meanwhile; Ctrl-C or SIGTERM at any moment exits 0 and leaves only the
 //! SQLite file; an existing database file and bad flags are refused with one line, exit code 2.
 
-use std::{
-    io::{BufRead, BufReader},
-    path::Path,
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, mpsc},
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
 use otnd::pb::{GetSendRequest, SendState, send_service_client::SendServiceClient};
 use tonic::transport::Channel;
 
-use crate::binary::otnd;
+use crate::binary::{Served, otnd};
 
 /// Generous: a debug build on a busy machine, two servers starting, a migration.
 const COMPLETES_WITHIN: Duration = Duration::from_secs(120);
 const EXITS_WITHIN: Duration = Duration::from_secs(30);
 
-/// A running `otnd demo` whose stdout is collected line by line.
-struct Demo {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    new_line: mpsc::Receiver<()>,
-}
-
-impl Demo {
-    fn start(dir: &Path, users: &str, rate: &str) -> Self {
-        let database = dir.join("demo.db");
-        let database = database.to_str().unwrap();
-        let args = [
-            "demo",
-            "--database",
-            database,
-            "--users",
-            users,
-            "--rate",
-            rate,
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ];
-        let mut child = otnd(dir, &args, &[])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, new_line) = mpsc::channel();
-        let echo = std::env::var_os("OTN_TEST_ECHO").is_some();
-        for (stream, pipe) in [
-            (
-                "out",
-                Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            ),
-            ("err", Box::new(child.stderr.take().unwrap())),
-        ] {
-            let (sink, tx) = (lines.clone(), tx.clone());
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if echo {
-                        eprintln!("[demo {stream}] {line}");
-                    }
-                    sink.lock().unwrap().push(format!("{stream}: {line}"));
-                    let _ = tx.send(());
-                }
-            });
-        }
-        Demo {
-            child,
-            lines,
-            new_line,
-        }
-    }
-
-    /// Waits for a line of stdout containing `needle`; the line, without the stream's tag.
-    fn wait_for_line(&self, needle: &str, deadline: Duration) -> String {
-        let started = Instant::now();
-        loop {
-            if let Some(line) = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.starts_with("out: ") && l.contains(needle))
-            {
-                return line["out: ".len()..].to_string();
-            }
-            let left = deadline
-                .checked_sub(started.elapsed())
-                .unwrap_or_else(|| panic!("no line with {needle:?}:\n{}", self.output()));
-            let _ = self.new_line.recv_timeout(left);
-        }
-    }
-
-    fn output(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    /// Sends a signal (`INT`, `TERM`) and returns at once.
-    fn signal(&self, name: &str) {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args([&format!("-{name}"), &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
-
-    fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                started.elapsed() < deadline,
-                "otnd demo did not exit within {deadline:?}:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `otnd demo` in `dir`, on a database there and ports of its own.
+fn start_demo(dir: &Path, users: &str, rate: &str) -> Served {
+    let database = dir.join("demo.db");
+    let args = [
+        "demo",
+        "--database",
+        database.to_str().unwrap(),
+        "--users",
+        users,
+        "--rate",
+        rate,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ];
+    Served::spawn(otnd(dir, &args, &[]))
 }
 
 /// The last word of a printed line (an address, a URL).
@@ -152,7 +49,7 @@ fn files_in(dir: &Path) -> Vec<String> {
 #[test]
 fn the_demo_completes_its_send_serves_on_and_leaves_only_its_database_after_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
-    let mut demo = Demo::start(dir.path(), "300", "300");
+    let mut demo = start_demo(dir.path(), "300", "300");
     let console = last_word(&demo.wait_for_line("console:", COMPLETES_WITHIN));
     let grpc = last_word(&demo.wait_for_line("gRPC:", COMPLETES_WITHIN));
     let completed = demo.wait_for_line(" completed: ", COMPLETES_WITHIN);
@@ -162,7 +59,7 @@ fn the_demo_completes_its_send_serves_on_and_leaves_only_its_database_after_ctrl
     );
     let send_id = completed.split_whitespace().nth(1).unwrap().to_string();
     demo.wait_for_line("Ctrl-C to stop", COMPLETES_WITHIN);
-    let output = demo.output();
+    let output = demo.log();
     assert!(
         output.contains("--bin otnctl -- --addr") && output.contains("buf curl"),
         "{output}"
@@ -207,20 +104,20 @@ fn the_demo_completes_its_send_serves_on_and_leaves_only_its_database_after_ctrl
 
     demo.signal("INT");
     let status = demo.wait_exit(EXITS_WITHIN);
-    assert_eq!(status.code(), Some(0), "{}", demo.output());
-    assert_eq!(files_in(dir.path()), ["demo.db"], "{}", demo.output());
+    assert_eq!(status.code(), Some(0), "{}", demo.log());
+    assert_eq!(files_in(dir.path()), ["demo.db"], "{}", demo.log());
 }
 
 #[test]
 fn ctrl_c_while_users_opt_in_exits_0_and_leaves_only_the_database() {
     let dir = tempfile::tempdir().unwrap();
     // Many users: their opt-ins are still arriving when the signal comes.
-    let mut demo = Demo::start(dir.path(), "100000", "300");
+    let mut demo = start_demo(dir.path(), "100000", "300");
     demo.wait_for_line("users opt in", COMPLETES_WITHIN);
     demo.signal("INT");
     let status = demo.wait_exit(EXITS_WITHIN);
-    assert_eq!(status.code(), Some(0), "{}", demo.output());
-    let output = demo.output();
+    assert_eq!(status.code(), Some(0), "{}", demo.log());
+    let output = demo.log();
     assert!(
         !output.contains("started"),
         "the send never began: {output}"
@@ -233,12 +130,12 @@ fn ctrl_c_while_users_opt_in_exits_0_and_leaves_only_the_database() {
 fn sigterm_while_the_send_runs_exits_0_and_leaves_only_the_database() {
     let dir = tempfile::tempdir().unwrap();
     // 2,000 users at 50 a second: the send runs for 40 seconds.
-    let mut demo = Demo::start(dir.path(), "2000", "50");
+    let mut demo = start_demo(dir.path(), "2000", "50");
     demo.wait_for_line(" started, ", COMPLETES_WITHIN);
     demo.signal("TERM");
     let status = demo.wait_exit(EXITS_WITHIN);
-    assert_eq!(status.code(), Some(0), "{}", demo.output());
-    let output = demo.output();
+    assert_eq!(status.code(), Some(0), "{}", demo.log());
+    let output = demo.log();
     assert!(
         !output.contains(" completed: "),
         "stopped mid-send: {output}"
