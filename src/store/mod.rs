@@ -77,9 +77,9 @@ pub struct Store {
     writer: Option<WriterThread>,
     /// On SQLite, where works are queued to be committed together (see [`Store::transact`]).
     committer: Option<Committer>,
-    /// On SQLite, the lock that keeps a second otnd off the same file (released with the last
-    /// clone of the store, or by the OS when the process dies).
-    _instance_lock: Option<Arc<File>>,
+    /// On SQLite, the lock that keeps a second otnd off the same file: released by `close`, or
+    /// with the last clone of the store, or by the OS when the process dies.
+    instance_lock: Option<Arc<std::sync::Mutex<Option<File>>>>,
 }
 
 /// Takes the SQLite database's instance lock (`<file>.lock`), or says who holds it. One page
@@ -125,13 +125,15 @@ impl Store {
     pub async fn connect_serving(url: &DatabaseUrl, instance: &str) -> anyhow::Result<Self> {
         let instance_lock = match url {
             DatabaseUrl::Sqlite(raw) => match sqlite_file(raw)? {
-                Some(file) => Some(Arc::new(lock_sqlite_instance(&file)?)),
+                Some(file) => Some(Arc::new(std::sync::Mutex::new(Some(lock_sqlite_instance(
+                    &file,
+                )?)))),
                 None => None,
             },
             DatabaseUrl::Postgres(_) => None,
         };
         let mut store = Store::open(url, Some(instance)).await?;
-        store._instance_lock = instance_lock;
+        store.instance_lock = instance_lock;
         Ok(store)
     }
 
@@ -244,7 +246,7 @@ impl Store {
             engine_read,
             writer,
             committer,
-            _instance_lock: None,
+            instance_lock: None,
         })
     }
 
@@ -302,6 +304,14 @@ impl Store {
         let _ = self.read.close().await;
         let _ = self.engine_read.close().await;
         let _ = self.db.close().await;
+        // With every pool closed no clone can write any more: the file is free for the next
+        // instance now, though a clone may outlive this one (a task or an actor not yet
+        // dropped, in a process that goes on, such as one that embeds otnd).
+        if let Some(lock) = &self.instance_lock {
+            lock.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
+        }
     }
 }
 

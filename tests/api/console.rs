@@ -95,27 +95,15 @@ pub async fn completed_send(app: &mut TestApp, users: u64) -> String {
     send.send_id
 }
 
-/// A send run to COMPLETED while otnd has no keys, then otnd started with keys on a copy of
-/// that database: the copy, that otnd and the send's id. A copy, because an in-process otnd
-/// that has run a send keeps its SQLite instance lock until the test process ends.
+/// A send run to COMPLETED while otnd has no keys, then otnd started again with keys on the
+/// same database: the database, that otnd and the send's id.
 pub async fn keyed_app_with_a_send() -> (TestDatabase, TestApp, String) {
     let db = TestDatabase::sqlite();
     let mut open = spawn_app(&db).await;
     let send_id = completed_send(&mut open, 5).await;
     open.stop().await.expect("a clean stop");
-    let copy = TestDatabase::sqlite();
-    let (from, to) = (
-        db.sqlite_file.as_ref().expect("a SQLite file"),
-        copy.sqlite_file.as_ref().expect("a SQLite file"),
-    );
-    for suffix in ["", "-wal", "-shm"] {
-        let source = format!("{}{suffix}", from.display());
-        if std::path::Path::new(&source).exists() {
-            std::fs::copy(&source, format!("{}{suffix}", to.display())).expect("a copy");
-        }
-    }
-    let app = spawn_app_with(&copy, &[("OTN_API_KEYS", &keys())]).await;
-    (copy, app, send_id)
+    let app = spawn_app_with(&db, &[("OTN_API_KEYS", &keys())]).await;
+    (db, app, send_id)
 }
 
 fn no_page_secret(body: &Value) {

@@ -7,10 +7,12 @@ use otnd::{
     pb::GetPageRequest,
     store::{Store, pages},
 };
+use otnd_testkit::get_send;
 use secrecy::ExposeSecret;
 
 use crate::{
     backend_tests,
+    console::completed_send,
     pages::create_page,
     support::{TestDatabase, settings_for, spawn_app, spawn_app_with, try_spawn},
 };
@@ -25,6 +27,19 @@ backend_tests! {
         let fetched = app.pages.get_page(GetPageRequest { page_id: "9001".into() })
             .await.unwrap().into_inner().page.unwrap();
         assert_eq!(fetched, created);
+    }
+
+    // Defect: an otnd in a process that goes on (embedded, or a test) kept its SQLite
+    // instance lock after it stopped once it had run a send, so it could not be started again
+    // on the same file until the process ended.
+    async fn an_instance_that_ran_a_send_stops_and_starts_again_in_the_same_process(db) {
+        let mut app = spawn_app(&db).await;
+        let send_id = completed_send(&mut app, 5).await;
+        app.stop().await.unwrap();
+
+        let app = spawn_app(&db).await;
+        let done = get_send(&app.channel, &send_id).await;
+        assert_eq!(done.progress.unwrap().sent, 5);
     }
 
     async fn another_master_key_is_refused_at_start(db) {
