@@ -59,23 +59,18 @@ pub async fn run(command: PagesCommand, output: Output, conn: &Conn) -> Outcome 
             if let Some(rate) = rate {
                 check("--rate", SendRate::parse(rate));
             }
-            let [access_token, app_secret, verify_token] = secrets::read([
-                secrets::Source {
-                    flag: "--access-token",
-                    value: secrets.access_token.as_deref(),
-                    file: secrets.access_token_file.as_deref(),
-                },
-                secrets::Source {
-                    flag: "--app-secret",
-                    value: secrets.app_secret.as_deref(),
-                    file: secrets.app_secret_file.as_deref(),
-                },
-                secrets::Source {
-                    flag: "--verify-token",
-                    value: secrets.verify_token.as_deref(),
-                    file: secrets.verify_token_file.as_deref(),
-                },
-            ]);
+            let [access_token, app_secret, verify_token] = page_secrets(
+                [
+                    secrets.access_token.as_deref(),
+                    secrets.app_secret.as_deref(),
+                    secrets.verify_token.as_deref(),
+                ],
+                [
+                    secrets.access_token_file.as_deref(),
+                    secrets.app_secret_file.as_deref(),
+                    secrets.verify_token_file.as_deref(),
+                ],
+            );
             let Some(access_token) = access_token else {
                 usage_error(
                     "the page access token is required: --access-token, OTN_PAGE_ACCESS_TOKEN or \
@@ -119,23 +114,18 @@ pub async fn run(command: PagesCommand, output: Output, conn: &Conn) -> Outcome 
             if let Some(rate) = rate {
                 check("--rate", SendRate::parse(rate));
             }
-            let [access_token, app_secret, verify_token] = secrets::read([
-                secrets::Source {
-                    flag: "--access-token",
-                    value: secrets.access_token.as_deref(),
-                    file: secrets.access_token_file.as_deref(),
-                },
-                secrets::Source {
-                    flag: "--app-secret",
-                    value: secrets.app_secret.as_deref(),
-                    file: secrets.app_secret_file.as_deref(),
-                },
-                secrets::Source {
-                    flag: "--verify-token",
-                    value: secrets.verify_token.as_deref(),
-                    file: secrets.verify_token_file.as_deref(),
-                },
-            ]);
+            let [access_token, app_secret, verify_token] = page_secrets(
+                [
+                    secrets.access_token.as_deref(),
+                    secrets.app_secret.as_deref(),
+                    secrets.verify_token.as_deref(),
+                ],
+                [
+                    secrets.access_token_file.as_deref(),
+                    secrets.app_secret_file.as_deref(),
+                    secrets.verify_token_file.as_deref(),
+                ],
+            );
             let verify_token = if clear_verify_token {
                 Some(String::new())
             } else {
@@ -232,4 +222,18 @@ pub async fn optins(command: OptInsCommand, output: Output, conn: &Conn) -> Outc
     let rows: Vec<OptInRow> = opt_ins.into_iter().map(OptInRow::from).collect();
     output::many(output, &rows, "opt-ins");
     Ok(ExitCode::Success)
+}
+
+/// The page's three secrets (access token, app secret, verify token), each from its flag (or
+/// variable) or its file; create and update take them the same way.
+fn page_secrets(
+    values: [Option<&str>; 3],
+    files: [Option<&std::path::Path>; 3],
+) -> [Option<String>; 3] {
+    const FLAGS: [&str; 3] = ["--access-token", "--app-secret", "--verify-token"];
+    secrets::read(std::array::from_fn(|i| secrets::Source {
+        flag: FLAGS[i],
+        value: values[i],
+        file: files[i],
+    }))
 }
