@@ -69,6 +69,7 @@ async fn run(
                     topic: topic.clone(),
                     token: OptInToken::parse(&format!("token-{n:09}-abcdefghijklmnopqrstuvwxyz"))
                         .unwrap(),
+                    recurring: None,
                 },
             })
             .collect();
@@ -130,6 +131,7 @@ async fn run(
             content,
             include_window_users: true,
             segment_id: segment.segment_id,
+            ..Default::default()
         })
         .await?
         .into_inner()

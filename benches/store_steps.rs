@@ -87,6 +87,7 @@ async fn run(recipients: usize) -> anyhow::Result<(f64, f64)> {
                 kind: otnd::domain::EventKind::OptIn {
                     topic: topic.clone(),
                     token: OptInToken::parse(&format!("token-{n:09}")).unwrap(),
+                    recurring: None,
                 },
             })
             .collect();
@@ -101,6 +102,7 @@ async fn run(recipients: usize) -> anyhow::Result<(f64, f64)> {
             topic: topic.as_str(),
             content: &content,
             include_window_users: false,
+            token_kinds: &[],
             segment_id: None,
         },
         now,
@@ -112,6 +114,7 @@ async fn run(recipients: usize) -> anyhow::Result<(f64, f64)> {
         segment: None,
         max_active: 10,
         expected: 0,
+        recurring_cooldown_ms: 48 * 3_600_000,
     };
     let Started::Created(send) =
         in_transaction(db, async |txn| sends::start(txn, new, now).await).await?

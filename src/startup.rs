@@ -51,6 +51,7 @@ pub struct Application {
     cors: tower_http::cors::CorsLayer,
     shutdown_grace: Duration,
     max_active_sends: u64,
+    recurring_cooldown_ms: i64,
     /// How long a Graph call may stay unanswered.
     graph_timeout: Duration,
     store: Store,
@@ -181,6 +182,8 @@ impl Application {
             cors: cors_layer(&settings.cors_origins),
             shutdown_grace: settings.shutdown_grace,
             max_active_sends: settings.max_active_sends,
+            recurring_cooldown_ms: i64::try_from(settings.recurring_cooldown.as_millis())
+                .unwrap_or(i64::MAX),
             graph_timeout: settings.graph_timeout,
             store,
             cipher,
@@ -235,6 +238,7 @@ impl Application {
             store: self.store.clone(),
             cipher: self.cipher.clone(),
             graph: self.graph.clone(),
+            recurring_cooldown_ms: self.recurring_cooldown_ms,
         };
         let optins =
             pb::opt_in_service_server::OptInServiceServer::new(OptIns::new(graph_context.clone()))
@@ -247,6 +251,7 @@ impl Application {
             engine: self.engine.clone(),
             stopping: stop_rx.clone(),
             max_active_sends: self.max_active_sends,
+            recurring_cooldown_ms: self.recurring_cooldown_ms,
         };
         let console = self.console.then(|| crate::console::ConsoleState {
             sends: sends_context.clone(),

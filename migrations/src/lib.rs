@@ -14,6 +14,7 @@ mod m20261124_000005_leases;
 mod m20261206_000006_lifecycle;
 mod m20261206_000007_erasures;
 mod m20261207_000008_send_expected_total;
+mod m20261207_000009_recurring;
 
 pub struct Migrator;
 
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000006_lifecycle::Migration),
             Box::new(m20261206_000007_erasures::Migration),
             Box::new(m20261207_000008_send_expected_total::Migration),
+            Box::new(m20261207_000009_recurring::Migration),
         ]
     }
 }

@@ -106,6 +106,10 @@ fn graph_status(failure: &Failure) -> Status {
         (Class::RecipientPermanent, 613, Some(1893016)) => Status::already_exists(format!(
             "an opt-in request for this topic was already sent to this user ({facebook})"
         )),
+        (Class::RecipientPermanent, 9, Some(2018352)) => Status::failed_precondition(format!(
+            "Facebook takes one recurring opt-in request per title per user per week: send it \
+             later or with another title ({facebook})"
+        )),
         (Class::RecipientPermanent, 100, Some(2018001)) => {
             Status::not_found(format!("the page has no such user ({facebook})"))
         }

@@ -138,6 +138,7 @@ impl From<Route> for pb::Route {
         match route {
             Route::Token => pb::Route::Token,
             Route::Window => pb::Route::Window,
+            Route::Recurring => pb::Route::Recurring,
         }
     }
 }

@@ -2,12 +2,62 @@
 
 use prost_types::Timestamp;
 
-use super::ServiceError;
+use super::{ServiceError, pb};
 pub use crate::service::ensure_page;
 use crate::{
-    domain::{PageId, Psid, Violations},
+    domain::{PageId, Psid, TokenKind, Violations},
     store::Store,
 };
+
+/// A token kind as the domain's; `None` for TOKEN_KIND_UNSPECIFIED.
+pub fn token_kind(raw: i32) -> Result<Option<TokenKind>, String> {
+    match pb::TokenKind::try_from(raw) {
+        Ok(pb::TokenKind::Unspecified) => Ok(None),
+        Ok(pb::TokenKind::OneTime) => Ok(Some(TokenKind::OneTime)),
+        Ok(pb::TokenKind::Recurring) => Ok(Some(TokenKind::Recurring)),
+        Err(_) => Err(format!(
+            "{raw} is not a TokenKind (TOKEN_KIND_ONE_TIME or TOKEN_KIND_RECURRING)"
+        )),
+    }
+}
+
+impl From<TokenKind> for pb::TokenKind {
+    fn from(kind: TokenKind) -> Self {
+        match kind {
+            TokenKind::OneTime => pb::TokenKind::OneTime,
+            TokenKind::Recurring => pb::TokenKind::Recurring,
+        }
+    }
+}
+
+/// A story's token kinds: each a kind, at most once; none is every kind.
+pub fn token_kinds(raw: &[i32]) -> Result<Vec<TokenKind>, String> {
+    let mut kinds = Vec::new();
+    for value in raw {
+        match token_kind(*value)? {
+            None => return Err("lists TOKEN_KIND_UNSPECIFIED, which is no kind".into()),
+            Some(kind) if kinds.contains(&kind) => {
+                return Err(format!(
+                    "lists {} twice",
+                    pb::TokenKind::from(kind).as_str_name()
+                ));
+            }
+            Some(kind) => kinds.push(kind),
+        }
+    }
+    Ok(kinds)
+}
+
+/// The kinds a story stores, as the API lists them: empty for every kind.
+pub fn token_kinds_to_proto(stored: &str) -> Vec<i32> {
+    if stored.is_empty() {
+        return Vec::new();
+    }
+    TokenKind::split(stored)
+        .into_iter()
+        .map(|kind| pb::TokenKind::from(kind) as i32)
+        .collect()
+}
 
 /// Parses a page id and tags the RPC's span with it.
 pub fn parse_page_id(raw: &str) -> Result<PageId, String> {

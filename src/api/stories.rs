@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 use super::{
     ServiceError, paginate,
     pb::{self, story_service_server::StoryService},
-    shared::{page_listing, parse_page_id, parse_psid},
+    shared::{page_listing, parse_page_id, parse_psid, token_kinds, token_kinds_to_proto},
     time::timestamp_from_ms,
 };
 use crate::{
@@ -39,12 +39,15 @@ impl TryFrom<pb::CreateStoryRequest> for NewStoryRequest {
         let content = StoryContent::parse("content", content_input(req.content))
             .map_err(|more| v.0.extend(more.0))
             .ok();
-        let (page_id, topic, content) = v.finish(|| Some((page_id?, topic?, content?)))?;
+        let token_kinds = v.check("token_kinds", token_kinds(&req.token_kinds));
+        let (page_id, topic, content, token_kinds) =
+            v.finish(|| Some((page_id?, topic?, content?, token_kinds?)))?;
         Ok(NewStoryRequest {
             page_id,
             topic,
             content,
             include_window_users: req.include_window_users,
+            token_kinds,
             segment_id: (!req.segment_id.is_empty()).then_some(req.segment_id),
         })
     }
@@ -59,6 +62,7 @@ impl From<&pb::UpdateStoryRequest> for Result<StoryUpdate, Violations> {
                 .map(|c| StoryContent::parse("content", content_input(Some(c)))),
             req.include_window_users,
             req.segment_id.clone(),
+            req.token_kinds.as_ref().map(|k| token_kinds(&k.kinds)),
         )
     }
 }
@@ -132,6 +136,7 @@ pub fn story_to_proto(story: stories::Model) -> pb::Story {
         topic: story.topic,
         content,
         include_window_users: story.include_window_users,
+        token_kinds: token_kinds_to_proto(&story.token_kinds),
         segment_id: story.segment_id.unwrap_or_default(),
         state: if story.state == stories::STATE_SENT {
             pb::StoryState::Sent
@@ -246,6 +251,11 @@ impl StoryService for Stories {
             window_recipients: estimate.window_recipients,
             excluded_expired: estimate.excluded_expired,
             excluded_by_segment: estimate.excluded_by_segment,
+            one_time_recipients: estimate.one_time_recipients,
+            recurring_recipients: estimate
+                .token_recipients
+                .saturating_sub(estimate.one_time_recipients),
+            recurring_in_cooldown: estimate.recurring_in_cooldown,
         }))
     }
 }

@@ -27,8 +27,8 @@ mod values;
 pub use values::{ApiKeys, DatabaseUrl, LogFormat, Role, TlsFiles};
 use values::{
     count, parse_bool, parse_cors_origins, parse_database_url, parse_existing_file,
-    parse_graph_url, parse_graph_version, parse_in_range, parse_instance_id, parse_log_format,
-    parse_master_key, parse_socket_addr, seconds,
+    parse_graph_url, parse_graph_version, parse_hours, parse_in_range, parse_instance_id,
+    parse_log_format, parse_master_key, parse_socket_addr, seconds,
 };
 
 /// Declares the settings, each once: its key (in the file; `OTN_<KEY>` in the environment), the
@@ -80,6 +80,7 @@ settings! {
     lease_seconds: Duration = "10", seconds(2, 300);
     cors_origins: Vec<String>, parse_cors_origins;
     console: bool = "true", parse_bool;
+    recurring_cooldown_hours: Duration = "48", parse_hours;
 }
 
 /// The environment variable that names a config file when `--config` is not given.
@@ -128,6 +129,10 @@ pub struct Settings {
     /// How long a page's lease lasts without renewal: a dead instance's pages move to another
     /// within about this long. Renewed every third of it.
     pub lease_ttl: Duration,
+    /// How long after a recurring notification to a subscriber otnd sends them no other
+    /// (Facebook's rule, one per rolling 48 hours since September 2025; a setting because Meta
+    /// has changed it before). A send started takes the value of its start.
+    pub recurring_cooldown: Duration,
     /// Browser origins (`scheme://host[:port]`) allowed to call the gRPC port over grpc-web;
     /// empty: none, so no browser page of another origin can.
     pub cors_origins: Vec<String>,
@@ -244,6 +249,7 @@ impl Settings {
                 lease_ttl: v.lease_seconds?,
                 cors_origins: v.cors_origins.unwrap_or_default(),
                 console: v.console?,
+                recurring_cooldown: v.recurring_cooldown_hours?,
             })
         })();
         match settings {

@@ -176,6 +176,18 @@ pub(super) fn seconds(min: u64, max: u64) -> impl Fn(&str) -> Result<Duration, S
     move |s| parse_in_range(s, min, max).map(Duration::from_secs)
 }
 
+/// Hours, whole or decimal (`0.5`), from 0 up to a year: a cooldown of 0 holds nothing back.
+pub(super) fn parse_hours(s: &str) -> Result<Duration, String> {
+    let hours: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of hours"))?;
+    if !(0.0..=8760.0).contains(&hours) {
+        return Err(format!("must be between 0 and 8760 hours, got {s}"));
+    }
+    Ok(Duration::from_secs_f64(hours * 3600.0))
+}
+
 pub(super) fn count(min: u64, max: u64) -> impl Fn(&str) -> Result<usize, String> {
     move |s| parse_in_range(s, min, max).map(|n| n as usize)
 }

@@ -69,20 +69,31 @@ pub struct TopicView {
     pub expiring_soon: u64,
     pub requests_sent: u64,
     pub subscribers: u64,
+    pub stopped: u64,
+    /// Of `active`, the recurring tokens (the rest are one-time tokens).
+    pub recurring_active: u64,
 }
 
 impl From<TopicLedger> for TopicView {
     fn from(t: TopicLedger) -> Self {
+        let recurring_active = t
+            .by_kind
+            .iter()
+            .filter(|(kind, _)| *kind == crate::domain::TokenKind::Recurring)
+            .map(|(_, counts)| counts.active)
+            .sum();
         TopicView {
             topic: t.topic,
-            active: t.active,
-            reserved: t.reserved,
-            used: t.used,
-            expired: t.expired,
-            rejected: t.rejected,
-            expiring_soon: t.expiring_soon,
+            active: t.total.active,
+            reserved: t.total.reserved,
+            used: t.total.used,
+            expired: t.total.expired,
+            rejected: t.total.rejected,
+            expiring_soon: t.total.expiring_soon,
             requests_sent: t.requests_sent,
-            subscribers: t.subscribers,
+            subscribers: t.total.subscribers,
+            stopped: t.total.stopped,
+            recurring_active,
         }
     }
 }

@@ -223,17 +223,118 @@ pub struct IncomingEvent {
 
 #[derive(Clone, Debug)]
 pub enum EventKind {
-    /// A one-time notification opt-in.
-    OptIn { topic: Topic, token: OptInToken },
+    /// An opt-in: a one-time notification token, or (with `recurring`) a recurring one. A
+    /// recurring token that comes with a STOP or RESUME is the user's choice about a
+    /// subscription they have, not a new opt-in (though a token otnd has not seen is kept, in
+    /// the state the choice leaves it).
+    OptIn {
+        topic: Topic,
+        token: OptInToken,
+        recurring: Option<RecurringTerms>,
+    },
+    /// A STOP or RESUME without a token: every recurring token of the user on the topic (on
+    /// every topic when none is named).
+    SubscriptionChange {
+        topic: Option<Topic>,
+        change: SubscriptionChange,
+    },
     /// A message, postback or opt-in: the user is inside the window from `at_ms`.
     Interaction,
     /// Anything else about the user (reads, deliveries): known, window unchanged.
     Seen,
 }
 
+/// What a recurring opt-in (`notification_messages`) carries besides its topic and token.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecurringTerms {
+    /// The title the user agreed to (Facebook's, at most 65 characters; longer is cut).
+    pub title: Option<String>,
+    /// The subscriber's IANA timezone (for scheduling by local time).
+    pub timezone: Option<String>,
+    /// `token_expiry_timestamp` in epoch ms; none: the token does not expire.
+    pub expires_at: Option<i64>,
+    /// Facebook's `user_token_status` (`REFRESHED`, `NOT_REFRESHED`), as given.
+    pub token_status: Option<String>,
+    /// `notification_messages_status`: the user stopped or resumed the subscription.
+    pub change: Option<SubscriptionChange>,
+}
+
+/// The user's choice about a recurring subscription.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubscriptionChange {
+    Stop,
+    Resume,
+}
+
+impl SubscriptionChange {
+    /// `STOP_NOTIFICATIONS` or `RESUME_NOTIFICATIONS`, also spelled with a space (Facebook has
+    /// sent both) and in any case; anything else is no change.
+    pub fn parse(raw: &str) -> Option<Self> {
+        let normal: String = raw
+            .trim()
+            .chars()
+            .map(|c| {
+                if c == ' ' {
+                    '_'
+                } else {
+                    c.to_ascii_uppercase()
+                }
+            })
+            .collect();
+        match normal.as_str() {
+            "STOP_NOTIFICATIONS" | "STOP" => Some(SubscriptionChange::Stop),
+            "RESUME_NOTIFICATIONS" | "RESUME" => Some(SubscriptionChange::Resume),
+            _ => None,
+        }
+    }
+}
+
+/// The most characters kept of a recurring opt-in's title and timezone: Facebook's title is at
+/// most 65, an IANA name at most about 30; a relay's longer text is cut, not refused.
+pub const RECURRING_TITLE_MAX_CHARS: usize = 65;
+const TIMEZONE_MAX_CHARS: usize = 64;
+
+/// A title or timezone as kept: printable, trimmed, cut to `max` characters; none when empty.
+pub fn recurring_text(raw: &str, max: usize) -> Option<String> {
+    let printable: String = raw.chars().filter(|c| !c.is_control()).collect();
+    let text: String = printable.trim().chars().take(max).collect();
+    (!text.is_empty()).then_some(text)
+}
+
+/// A timezone as kept (see [`recurring_text`]).
+pub fn recurring_timezone(raw: &str) -> Option<String> {
+    recurring_text(raw, TIMEZONE_MAX_CHARS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stop_and_resume_are_read_in_either_spelling() {
+        use SubscriptionChange::*;
+        for (raw, change) in [
+            ("STOP_NOTIFICATIONS", Some(Stop)),
+            ("STOP NOTIFICATIONS", Some(Stop)),
+            ("stop notifications", Some(Stop)),
+            ("RESUME_NOTIFICATIONS", Some(Resume)),
+            ("RESUME NOTIFICATIONS", Some(Resume)),
+            ("", None),
+            ("PAUSE", None),
+        ] {
+            assert_eq!(SubscriptionChange::parse(raw), change, "{raw}");
+        }
+    }
+
+    #[test]
+    fn a_recurring_title_is_trimmed_cut_and_printable() {
+        assert_eq!(
+            recurring_text("  Deals \u{7} ", 65).as_deref(),
+            Some("Deals")
+        );
+        assert_eq!(recurring_text(&"x".repeat(80), 65).unwrap().len(), 65);
+        assert_eq!(recurring_text(" ", 65), None);
+    }
 
     #[test]
     fn topics_are_kept_exactly() {

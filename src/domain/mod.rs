@@ -9,11 +9,12 @@ mod send;
 mod story;
 
 pub use audience::{
-    EventKind, IncomingEvent, OPT_IN_LIFETIME_MS, OptInToken, Psid, SegmentRule, Tag, Topic,
-    WINDOW_MS, fingerprint, parse_tags,
+    EventKind, IncomingEvent, OPT_IN_LIFETIME_MS, OptInToken, Psid, RECURRING_TITLE_MAX_CHARS,
+    RecurringTerms, SegmentRule, SubscriptionChange, Tag, Topic, WINDOW_MS, fingerprint,
+    parse_tags, recurring_text, recurring_timezone,
 };
 pub use lifecycle::IllegalTransition;
-pub use optin::{OptInEvent, OptInState};
+pub use optin::{NEVER_EXPIRES_MS, OptInEvent, OptInState, TokenKind};
 pub use page::{NewPage, PageChanges, PageCredentials, PageId, PageName, PageSecret, SendRate};
 pub use send::{DeliveryEvent, DeliveryState, MIN_TOKEN_LIFE_MS, Route, SendEvent, SendState};
 pub use story::{Button, ButtonInput, ButtonKind, ContentInput, StoryContent, content_hash};

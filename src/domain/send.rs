@@ -130,15 +130,18 @@ pub enum Route {
     Token,
     /// A standard message to a user inside the 24-hour window.
     Window,
+    /// A recurring notification: the opt-in's reusable token, at most once per cooldown.
+    Recurring,
 }
 
 impl Route {
-    pub const ALL: &'static [Route] = &[Route::Token, Route::Window];
+    pub const ALL: &'static [Route] = &[Route::Token, Route::Window, Route::Recurring];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Route::Token => "token",
             Route::Window => "window",
+            Route::Recurring => "recurring",
         }
     }
 
@@ -146,6 +149,7 @@ impl Route {
         match text {
             "token" => Some(Route::Token),
             "window" => Some(Route::Window),
+            "recurring" => Some(Route::Recurring),
             _ => None,
         }
     }

@@ -71,11 +71,13 @@ pub fn not_attempted(now_ms: i64) -> Outcome {
 }
 
 pub fn decide(delivery: &Attempt, result: Result<Delivered, Failure>, now_ms: i64) -> Decision {
+    // Only a one-time token makes a retry safe: Facebook refuses it once used. A standard
+    // message and a recurring token (reusable) have no idempotency at Facebook.
     let token = delivery.route == Route::Token;
-    let kind = if token {
-        SendKind::Token
-    } else {
-        SendKind::Standard
+    let kind = match delivery.route {
+        Route::Token => SendKind::Token,
+        Route::Window => SendKind::Standard,
+        Route::Recurring => SendKind::Recurring,
     };
     let plain = |outcome| Decision {
         outcome,
@@ -99,10 +101,20 @@ pub fn decide(delivery: &Attempt, result: Result<Delivered, Failure>, now_ms: i6
         });
     }
     let error = error_of(&failure);
+    if kind == SendKind::Recurring && failure.class == Class::RecipientPermanent {
+        match (failure.error.code, failure.error.subcode) {
+            // Facebook's minimum gap between two recurring messages to one subscriber: this
+            // one is not sent, as if otnd's own cooldown had held it back.
+            (4, Some(2018354)) => return plain(Outcome::Declined { error }),
+            // The user stopped notifications on the topic: the token is dead until a RESUME.
+            (10, Some(1893015)) => return plain(Outcome::TokenStopped { error }),
+            _ => {}
+        }
+    }
     match failure.class {
         Class::Transient { ambiguous } => {
             if ambiguous && !token {
-                // No idempotency key for standard messages: at most once.
+                // No idempotency key for standard messages or recurring tokens: at most once.
                 return plain(Outcome::Unknown { error });
             }
             // This attempt, or an earlier one, may have landed.
@@ -147,7 +159,8 @@ pub fn decide(delivery: &Attempt, result: Result<Delivered, Failure>, now_ms: i6
         },
         Class::RecipientPermanent => plain(Outcome::Failed {
             error,
-            token_refused: token,
+            // Code 100 on a recurring token: invalid or expired, never to be presented again.
+            token_refused: token || (kind == SendKind::Recurring && failure.error.code == 100),
         }),
         Class::PagePermanent => {
             let reason = format!("the page cannot send: {failure}");
@@ -318,6 +331,85 @@ mod tests {
             ));
             assert!(matches!(d.signal, PageSignal::Halt { .. }));
         }
+    }
+
+    /// A recurring token is reusable: an answer that may have landed is never retried, and
+    /// Facebook's refusals say what became of the recipient and the token.
+    #[test]
+    fn a_recurring_send_is_at_most_once_and_its_refusals_are_read_by_subcode() {
+        let timeout = Failure::transport("timed out".into(), true);
+        let d = decide(&claimed("recurring", 1, false), Err(timeout), 0);
+        assert!(
+            matches!(d.outcome, Outcome::Unknown { .. }),
+            "{:?}",
+            d.outcome
+        );
+        let refused = Failure::transport("connection refused".into(), false);
+        let d = decide(&claimed("recurring", 1, false), Err(refused), 0);
+        assert!(matches!(
+            d.outcome,
+            Outcome::Retry {
+                ambiguous: false,
+                ..
+            }
+        ));
+        let d = decide(
+            &claimed("recurring", 1, false),
+            Err(graph_error(400, 4, Some(2018354))),
+            0,
+        );
+        assert!(
+            matches!(d.outcome, Outcome::Declined { .. }),
+            "{:?}",
+            d.outcome
+        );
+        assert_eq!(d.signal, PageSignal::None, "the gap is no throttle");
+        let d = decide(
+            &claimed("recurring", 1, false),
+            Err(graph_error(400, 10, Some(1893015))),
+            0,
+        );
+        assert!(
+            matches!(d.outcome, Outcome::TokenStopped { .. }),
+            "{:?}",
+            d.outcome
+        );
+        assert_eq!(
+            d.signal,
+            PageSignal::None,
+            "one user's choice halts nothing"
+        );
+        let d = decide(
+            &claimed("recurring", 1, false),
+            Err(graph_error(400, 100, None)),
+            0,
+        );
+        assert!(matches!(
+            d.outcome,
+            Outcome::Failed {
+                token_refused: true,
+                ..
+            }
+        ));
+        // Another recipient refusal leaves the token as it is.
+        let d = decide(
+            &claimed("recurring", 1, false),
+            Err(graph_error(400, 551, None)),
+            0,
+        );
+        assert!(matches!(
+            d.outcome,
+            Outcome::Failed {
+                token_refused: false,
+                ..
+            }
+        ));
+        let d = decide(
+            &claimed("recurring", 1, false),
+            Err(graph_error(400, 190, None)),
+            0,
+        );
+        assert!(matches!(d.signal, PageSignal::Halt { .. }));
     }
 
     #[test]

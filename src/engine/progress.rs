@@ -616,6 +616,8 @@ mod tests {
             started_at: Some(2),
             finished_at: None,
             updated_at: 3,
+            token_kinds: String::new(),
+            recurring_cooldown_ms: 48 * 3_600_000,
         }
     }
 

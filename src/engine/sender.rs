@@ -23,6 +23,7 @@ use crate::{
 #[derive(Clone, Debug)]
 pub enum To {
     Token(String),
+    Recurring(String),
     Psid(String),
 }
 
@@ -125,6 +126,7 @@ async fn call(
     fn recipient(to: &To) -> Recipient<'_> {
         match to {
             To::Token(token) => Recipient::Token(token.as_str()),
+            To::Recurring(token) => Recipient::Recurring(token.as_str()),
             To::Psid(psid) => Recipient::Psid(psid.as_str()),
         }
     }

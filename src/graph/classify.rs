@@ -76,6 +76,8 @@ impl std::fmt::Display for Failure {
 pub enum SendKind {
     /// `recipient.one_time_notif_token`
     Token,
+    /// `recipient.notification_messages_token`
+    Recurring,
     /// `recipient.id`, a standard message inside the window
     Standard,
     /// the `one_time_notif_req` template
@@ -118,11 +120,13 @@ pub fn classify(http_status: u16, body: ErrorBody, usage: &Usage) -> Failure {
         (1 | 2 | 1200, _) => Class::Transient { ambiguous: true },
         // Policy answers about one recipient that look like throttling and are not: the same
         // opt-in request repeated, a recurring message before the subscriber's minimum gap.
-        (613, Some(1893016)) | (4, Some(2018354)) => Class::RecipientPermanent,
+        // Too many recurring opt-in requests (per title, per user, per week) is the same kind.
+        (613, Some(1893016)) | (4, Some(2018354)) | (9, Some(2018352)) => Class::RecipientPermanent,
         (4 | 17 | 32 | 613 | 80006, _) => Class::Throttled {
             regain: usage.regain,
         },
-        (10, Some(2018278 | 2018108)) | (551, _) | (200, Some(1545041)) => {
+        // 1893015: the user stopped recurring notifications on this topic; about them only.
+        (10, Some(2018278 | 2018108 | 1893015)) | (551, _) | (200, Some(1545041)) => {
             Class::RecipientPermanent
         }
         (100, _) => Class::RecipientPermanent,
@@ -215,6 +219,8 @@ mod tests {
             (10, Some(2018108)),
             (100, None),
             (100, Some(2018001)),
+            (10, Some(1893015)),
+            (9, Some(2018352)),
         ] {
             assert_eq!(
                 class_of(400, code, subcode),
@@ -229,6 +235,8 @@ mod tests {
         let failure = classify(400, body(100, None), &Usage::default());
         assert!(failure.is_token_spent(SendKind::Token));
         assert!(!failure.is_token_spent(SendKind::Standard));
+        // A recurring token is reusable: 100 says it is invalid, never that it was used.
+        assert!(!failure.is_token_spent(SendKind::Recurring));
         let no_user = classify(400, body(100, Some(2018001)), &Usage::default());
         assert!(!no_user.is_token_spent(SendKind::Token));
     }

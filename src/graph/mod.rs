@@ -40,6 +40,8 @@ pub enum Recipient<'a> {
     Psid(&'a str),
     /// A one-time notification, spending the token.
     Token(&'a str),
+    /// A recurring notification: the token is a subscription and stays valid.
+    Recurring(&'a str),
 }
 
 impl Recipient<'_> {
@@ -47,6 +49,7 @@ impl Recipient<'_> {
         match self {
             Recipient::Psid(_) => SendKind::Standard,
             Recipient::Token(_) => SendKind::Token,
+            Recipient::Recurring(_) => SendKind::Recurring,
         }
     }
 
@@ -54,6 +57,58 @@ impl Recipient<'_> {
         match self {
             Recipient::Psid(psid) => json!({ "id": psid }),
             Recipient::Token(token) => json!({ "one_time_notif_token": token }),
+            Recipient::Recurring(token) => json!({ "notification_messages_token": token }),
+        }
+    }
+}
+
+/// An opt-in request's template.
+#[derive(Clone, Debug)]
+pub enum OptInTemplate<'a> {
+    /// `one_time_notif_req`: a "Notify Me" button for one message.
+    OneTime { title: &'a str, topic: &'a str },
+    /// `notification_messages`: a recurring subscription.
+    Recurring {
+        title: &'a str,
+        topic: &'a str,
+        image_url: Option<&'a str>,
+        /// IANA name, e.g. `Europe/London`.
+        timezone: Option<&'a str>,
+        /// `ALLOW`, `FREQUENCY`, `GET`, `GET_UPDATES`, `OPT_IN` or `SIGN_UP`.
+        call_to_action: Option<&'static str>,
+        reoptin: bool,
+    },
+}
+
+impl OptInTemplate<'_> {
+    fn payload(&self) -> Value {
+        match *self {
+            OptInTemplate::OneTime { title, topic } => json!({
+                "template_type": "one_time_notif_req", "title": title, "payload": topic}),
+            OptInTemplate::Recurring {
+                title,
+                topic,
+                image_url,
+                timezone,
+                call_to_action,
+                reoptin,
+            } => {
+                let mut payload = json!({
+                    "template_type": "notification_messages", "title": title, "payload": topic});
+                if let Some(url) = image_url {
+                    payload["image_url"] = json!(url);
+                }
+                if let Some(timezone) = timezone {
+                    payload["notification_messages_timezone"] = json!(timezone);
+                }
+                if let Some(text) = call_to_action {
+                    payload["notification_messages_cta_text"] = json!(text);
+                }
+                if reoptin {
+                    payload["notification_messages_reoptin"] = json!("ENABLED");
+                }
+                payload
+            }
         }
     }
 }
@@ -181,19 +236,18 @@ impl GraphClient {
             .expect("a relative Graph path joins")
     }
 
-    /// The `one_time_notif_req` template: asks the user to opt in on `topic` (the payload).
+    /// An opt-in request template: asks the user to opt in on `topic` (the payload Facebook
+    /// hands back with the token).
     pub async fn send_optin_request(
         &self,
         credentials: &PageCredentials,
         psid: &str,
-        title: &str,
-        topic: &str,
+        template: &OptInTemplate<'_>,
     ) -> Result<Delivered, Failure> {
         let body = json!({
             "recipient": {"id": psid},
             "messaging_type": "RESPONSE",
-            "message": {"attachment": {"type": "template", "payload": {
-                "template_type": "one_time_notif_req", "title": title, "payload": topic}}},
+            "message": {"attachment": {"type": "template", "payload": template.payload()}},
         });
         self.post_message(credentials, body).await.0
     }

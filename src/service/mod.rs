@@ -23,6 +23,8 @@ pub struct GraphContext {
     /// Opens the page's sealed credentials.
     pub cipher: SecretCipher,
     pub graph: GraphClient,
+    /// `OTN_RECURRING_COOLDOWN_HOURS`, for estimates.
+    pub recurring_cooldown_ms: i64,
 }
 
 /// NOT_FOUND unless the page is registered.

@@ -33,6 +33,8 @@ pub struct Context {
     pub stopping: signal::Receiver<bool>,
     /// Most sends queued or running at once (`OTN_MAX_ACTIVE_SENDS`).
     pub max_active_sends: u64,
+    /// `OTN_RECURRING_COOLDOWN_HOURS`: a send keeps the value of its start.
+    pub recurring_cooldown_ms: i64,
 }
 
 /// A request to start a story's send, its fields checked.
@@ -116,9 +118,16 @@ pub async fn start(cx: &Context, request: StartSend) -> Result<Send, ServiceErro
         .map_err(ServiceError::internal)?;
     // Counted now, by the conditions the send will materialise with, so that its progress
     // has a total (and an ETA) from the start; the deliveries themselves come in batches.
-    let audience = stories::estimate(&cx.store.read, &story, segment.as_ref(), now_ms())
-        .await
-        .map_err(ServiceError::internal)?;
+    let recurring_cooldown_ms = cx.recurring_cooldown_ms;
+    let audience = stories::estimate(
+        &cx.store.read,
+        &story,
+        segment.as_ref(),
+        recurring_cooldown_ms,
+        now_ms(),
+    )
+    .await
+    .map_err(ServiceError::internal)?;
     let expected = audience.token_recipients + audience.window_recipients;
     let max_active = cx.max_active_sends;
     let context = (
@@ -135,6 +144,7 @@ pub async fn start(cx: &Context, request: StartSend) -> Result<Send, ServiceErro
                 segment: segment.as_ref().as_ref(),
                 max_active,
                 expected,
+                recurring_cooldown_ms,
             };
             sends::start(&txn, new, now_ms()).await
         });

@@ -5,7 +5,7 @@
 
 use super::{GraphContext as Context, ServiceError, ensure_page};
 use crate::{
-    domain::{PageId, Psid, StoryContent, Topic, Violations},
+    domain::{PageId, Psid, StoryContent, TokenKind, Topic, Violations},
     graph::Recipient,
     store::{
         StoreError, audience, now_ms, optins, pages,
@@ -19,6 +19,8 @@ pub struct NewStoryRequest {
     pub topic: Topic,
     pub content: StoryContent,
     pub include_window_users: bool,
+    /// Every kind when empty.
+    pub token_kinds: Vec<TokenKind>,
     pub segment_id: Option<String>,
 }
 
@@ -28,6 +30,7 @@ pub struct StoryUpdate {
     pub topic: Option<Topic>,
     pub content: Option<StoryContent>,
     pub include_window_users: Option<bool>,
+    pub token_kinds: Option<Vec<TokenKind>>,
     pub segment_id: Option<Option<String>>,
 }
 
@@ -37,26 +40,36 @@ impl StoryUpdate {
         content: Option<Result<StoryContent, Violations>>,
         include_window_users: Option<bool>,
         segment_id: Option<String>,
+        token_kinds: Option<Result<Vec<TokenKind>, String>>,
     ) -> Result<Self, Violations> {
         let mut v = Violations::new();
         let nothing = topic.is_none()
             && content.is_none()
             && include_window_users.is_none()
-            && segment_id.is_none();
+            && segment_id.is_none()
+            && token_kinds.is_none();
         let topic = topic.map(|t| v.check("topic", t));
+        let token_kinds = token_kinds.map(|k| v.check("token_kinds.kinds", k));
         let content = content.map(|c| c.map_err(|more| v.0.extend(more.0)).ok());
         if nothing {
             v.add(
                 "update",
-                "sets no field to change (topic, content, include_window_users, segment_id)",
+                "sets no field to change (topic, content, include_window_users, segment_id, \
+                 token_kinds)",
             );
         }
-        let (topic, content) =
-            v.finish(|| Some((topic.map(Option::unwrap), content.map(Option::unwrap))))?;
+        let (topic, content, token_kinds) = v.finish(|| {
+            Some((
+                topic.map(Option::unwrap),
+                content.map(Option::unwrap),
+                token_kinds.map(Option::unwrap),
+            ))
+        })?;
         Ok(StoryUpdate {
             topic,
             content,
             include_window_users,
+            token_kinds,
             segment_id: segment_id.map(|s| (!s.is_empty()).then_some(s)),
         })
     }
@@ -82,6 +95,7 @@ pub async fn create(cx: &Context, request: NewStoryRequest) -> Result<Written, S
             topic: request.topic.as_str(),
             content: &request.content,
             include_window_users: request.include_window_users,
+            token_kinds: &request.token_kinds,
             segment_id,
         },
         now_ms(),
@@ -122,6 +136,7 @@ pub async fn update(
         topic: update.topic.as_ref().map(Topic::as_str),
         content: update.content.as_ref(),
         include_window_users: update.include_window_users,
+        token_kinds: update.token_kinds.as_deref(),
         segment_id: update.segment_id.as_ref().map(Option::as_deref),
     };
     let story = stories::update(&cx.store.db, &current, &changes, now_ms())
@@ -187,9 +202,15 @@ pub async fn estimate(cx: &Context, story_id: &str) -> Result<AudienceEstimate, 
     let segment = stories::segment_rule(&cx.store.read, &story)
         .await
         .map_err(ServiceError::internal)?;
-    stories::estimate(&cx.store.read, &story, segment.as_ref(), now_ms())
-        .await
-        .map_err(ServiceError::internal)
+    stories::estimate(
+        &cx.store.read,
+        &story,
+        segment.as_ref(),
+        cx.recurring_cooldown_ms,
+        now_ms(),
+    )
+    .await
+    .map_err(ServiceError::internal)
 }
 
 /// A segment a story may use: one of the same page.
@@ -227,14 +248,17 @@ async fn topic_warnings(
     let ledger = optins::ledger(&cx.store.read, page_id, now_ms())
         .await
         .map_err(ServiceError::internal)?;
-    if ledger.iter().any(|t| t.topic == topic && t.active > 0) {
+    if ledger
+        .iter()
+        .any(|t| t.topic == topic && t.total.active > 0)
+    {
         return Ok(Vec::new());
     }
     let wanted = fold(topic);
     let near: Vec<String> = ledger
         .iter()
-        .filter(|t| t.topic != topic && t.active > 0 && fold(&t.topic) == wanted)
-        .map(|t| format!("'{}' ({} active)", t.topic, thousands(t.active)))
+        .filter(|t| t.topic != topic && t.total.active > 0 && fold(&t.topic) == wanted)
+        .map(|t| format!("'{}' ({} active)", t.topic, thousands(t.total.active)))
         .collect();
     Ok(vec![if near.is_empty() {
         format!("no opt-ins for '{topic}' yet: a send would reach only window users, if included")

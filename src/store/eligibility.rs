@@ -2,8 +2,12 @@
 //! EstimateAudience counts exactly these users: a user the estimate promises is a user the send
 //! reaches, by the same route.
 //!
-//! - By token: a user with a usable opt-in on the topic: `active`, and valid for at least
-//!   [`MIN_TOKEN_LIFE_MS`] more (a token about to lapse is never presented).
+//! - By token: a user with a usable opt-in on the topic, of a kind the send takes: `active`
+//!   (not reserved, spent, refused or stopped), and valid for at least [`MIN_TOKEN_LIFE_MS`] more
+//!   (a token about to lapse is never presented).
+//! - Held back by the recurring cooldown: a user otnd sent a recurring notification (or has one
+//!   under way) less than the cooldown ago. A send still makes them a delivery, skipped with the
+//!   reason, when its token for them is recurring.
 //! - In the window (when the story asks for it): a user of the page whose last interaction is
 //!   less than 24 hours old and who has no usable opt-in on the topic.
 //! - The segment, when there is one, applies to both.
@@ -13,36 +17,66 @@
 //! deeper than 1,000 and a compound select of more than 500 terms).
 
 use super::sql::Sql;
-use crate::domain::{MIN_TOKEN_LIFE_MS, SegmentRule, WINDOW_MS};
+use crate::domain::{MIN_TOKEN_LIFE_MS, SegmentRule, TokenKind, WINDOW_MS};
 
 /// The cut-off a usable opt-in's expiry must be after, judged at `now`.
 pub fn token_cutoff(now: i64) -> i64 {
     now + MIN_TOKEN_LIFE_MS
 }
 
-/// True for a usable opt-in row `alias` on the page's topic.
-pub fn usable_optin(sql: &mut Sql, alias: &str, page_id: &str, topic: &str, now: i64) {
+/// Who a send (or an estimate) is for: the page, the topic, and the kinds of token it takes.
+#[derive(Clone, Copy, Debug)]
+pub struct Aim<'a> {
+    pub page_id: &'a str,
+    pub topic: &'a str,
+    pub kinds: &'a [TokenKind],
+}
+
+/// True for a usable opt-in row `alias` on the page's topic, of a kind the aim takes.
+pub fn usable_optin(sql: &mut Sql, alias: &str, aim: Aim<'_>, now: i64) {
     sql.push(&format!("{alias}.page_id = "))
-        .bind(page_id)
+        .bind(aim.page_id)
         .push(&format!(" AND {alias}.topic = "))
-        .bind(topic)
+        .bind(aim.topic)
         .push(&format!(
             " AND {alias}.state = 'active' AND {alias}.expires_at > "
         ))
         .bind(token_cutoff(now));
+    // Written into the text (a kind is a fixed name), as the state is: one kind narrows the
+    // rows, both need no clause.
+    if let [kind] = aim.kinds {
+        sql.push(&format!(" AND {alias}.kind = '{}'", kind.as_str()));
+    }
 }
 
 /// True for a subscriber row `alias` whom a send reaches in the window (when it asks for it).
-pub fn window_user(sql: &mut Sql, alias: &str, page_id: &str, topic: &str, now: i64) {
+pub fn window_user(sql: &mut Sql, alias: &str, aim: Aim<'_>, now: i64) {
     sql.push(&format!("{alias}.page_id = "))
-        .bind(page_id)
+        .bind(aim.page_id)
         .push(&format!(" AND {alias}.last_interaction_at > "))
         .bind(now - WINDOW_MS)
         .push(&format!(
             " AND NOT EXISTS (SELECT 1 FROM optins u WHERE u.psid = {alias}.psid AND "
         ));
-    usable_optin(sql, "u", page_id, topic, now);
+    usable_optin(sql, "u", aim, now);
     sql.push(")");
+}
+
+/// True for a user (`psid_column`) of the page whom otnd sent a recurring notification less
+/// than `cooldown_ms` ago, or has one pending or in flight: Facebook takes one per subscriber
+/// per cooldown, and a second would be refused (4/2018354) or, worse, delivered. The time is
+/// the delivery's last change: its claim while it is out, its answer once it ended.
+pub fn in_cooldown(sql: &mut Sql, psid_column: &str, page_id: &str, cooldown_ms: i64, now: i64) {
+    // `route = 'recurring'` as a literal: SQLite then uses the partial index of recurring
+    // deliveries.
+    sql.push(&format!(
+        "EXISTS (SELECT 1 FROM deliveries c WHERE c.route = 'recurring' AND c.psid = {psid_column} \
+         AND c.page_id = "
+    ))
+    .bind(page_id)
+    .push(" AND c.updated_at > ")
+    .bind(now.saturating_sub(cooldown_ms))
+    .push(" AND c.state IN ('pending', 'in_flight', 'sent', 'unknown'))");
 }
 
 /// True for users (`column`, a psid) in the segment: at most three uncorrelated sets, each
@@ -112,10 +146,18 @@ mod tests {
             .collect()
     }
 
+    fn aim<'a>(page: &'a PageId, topic: &'a str) -> Aim<'a> {
+        Aim {
+            page_id: page.as_str(),
+            topic,
+            kinds: TokenKind::ALL,
+        }
+    }
+
     async fn usable(t: &TestStore, page: &PageId, topic: &str, now: i64) -> Vec<String> {
         let mut sql = Sql::new(t.backend());
         sql.push("SELECT o.psid AS psid FROM optins o WHERE ");
-        usable_optin(&mut sql, "o", page.as_str(), topic, now);
+        usable_optin(&mut sql, "o", aim(page, topic), now);
         sql.push(" ORDER BY o.psid");
         psids(t, sql).await
     }
@@ -123,7 +165,7 @@ mod tests {
     async fn in_window(t: &TestStore, page: &PageId, topic: &str, now: i64) -> Vec<String> {
         let mut sql = Sql::new(t.backend());
         sql.push("SELECT s.psid AS psid FROM subscribers s WHERE ");
-        window_user(&mut sql, "s", page.as_str(), topic, now);
+        window_user(&mut sql, "s", aim(page, topic), now);
         sql.push(" ORDER BY s.psid");
         psids(t, sql).await
     }

@@ -473,6 +473,7 @@ mod tests {
             content: &content,
             include_window_users: false,
             segment_id: None,
+            token_kinds: &[],
         };
         stories::create(db, new, now_ms()).await?;
         if fails {
@@ -533,6 +534,7 @@ mod tests {
                 content: &content,
                 include_window_users: false,
                 segment_id: None,
+                token_kinds: &[],
             };
             let refused = stories::create(t.db(), new, now_ms()).await;
             assert!(

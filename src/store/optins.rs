@@ -12,8 +12,8 @@ use sea_orm::{
 use super::{StoreError, audience, erasures, sql::Sql};
 use crate::crypto::SecretCipher;
 use crate::domain::{
-    EventKind, IncomingEvent, OPT_IN_LIFETIME_MS, OptInEvent, OptInState, OptInToken, PageId, Psid,
-    Topic,
+    EventKind, IncomingEvent, NEVER_EXPIRES_MS, OPT_IN_LIFETIME_MS, OptInEvent, OptInState,
+    OptInToken, PageId, Psid, RecurringTerms, SubscriptionChange, TokenKind, Topic,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -30,12 +30,27 @@ pub struct Model {
     pub state: OptInState,
     pub used_at: Option<i64>,
     pub delivery_id: Option<String>,
+    pub kind: TokenKind,
+    /// A recurring opt-in's title, the subscriber's timezone and Facebook's
+    /// `user_token_status`, as the opt-in gave them.
+    pub title: Option<String>,
+    pub timezone: Option<String>,
+    pub token_status: Option<String>,
+    /// When the last STOP or RESUME applied happened (the user's time, from the event).
+    pub status_at: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
 pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
+
+impl Model {
+    /// When the token expires; none for a recurring token that does not.
+    pub fn expiry(&self) -> Option<i64> {
+        (self.expires_at != NEVER_EXPIRES_MS).then_some(self.expires_at)
+    }
+}
 
 pub mod requests {
     use sea_orm::entity::prelude::*;
@@ -51,6 +66,7 @@ pub mod requests {
         pub title: String,
         pub sent_at: i64,
         pub message_id: String,
+        pub kind: crate::domain::TokenKind,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -136,6 +152,7 @@ pub async fn ingest(
     let mut report = IngestReport::default();
     let mut subscribers: HashMap<(&str, &str), audience::SubscriberTouch> = HashMap::new();
     let mut optin_rows = Vec::new();
+    let mut changes = Vec::new();
     let mut seen_tokens = std::collections::HashSet::new();
     for (page_id, events) in pages {
         for event in events {
@@ -161,10 +178,38 @@ pub async fn ingest(
                     first_seen_at: event.at_ms,
                     last_interaction_at: interaction,
                 });
-            if let EventKind::OptIn { topic, token } = &event.kind
-                && seen_tokens.insert((page_id.as_str(), token.as_str()))
-            {
-                optin_rows.push((page_id, &event.psid, topic, token, event.at_ms));
+            match &event.kind {
+                EventKind::OptIn {
+                    topic,
+                    token,
+                    recurring,
+                } => {
+                    if seen_tokens.insert((page_id.as_str(), token.as_str())) {
+                        optin_rows.push(NewOptIn {
+                            page_id,
+                            psid: &event.psid,
+                            topic,
+                            token,
+                            at: event.at_ms,
+                            recurring: recurring.as_ref(),
+                        });
+                    }
+                    if let Some(change) = recurring.as_ref().and_then(|terms| terms.change) {
+                        changes.push(Change {
+                            page_id,
+                            which: Which::Token(token),
+                            change,
+                            at: event.at_ms,
+                        });
+                    }
+                }
+                EventKind::SubscriptionChange { topic, change } => changes.push(Change {
+                    page_id,
+                    which: Which::Subscriber(&event.psid, topic.as_ref()),
+                    change: *change,
+                    at: event.at_ms,
+                }),
+                EventKind::Interaction | EventKind::Seen => {}
             }
         }
     }
@@ -181,16 +226,42 @@ pub async fn ingest(
             Column::OptedInAt,
             Column::ExpiresAt,
             Column::State,
+            Column::Kind,
+            Column::Title,
+            Column::Timezone,
+            Column::TokenStatus,
+            Column::StatusAt,
         ]);
-        for (page_id, psid, topic, token, at) in chunk {
+        for row in chunk {
+            let terms = row.recurring.cloned().unwrap_or_default();
+            let (kind, expires_at) = match row.recurring {
+                None => (
+                    TokenKind::OneTime,
+                    row.at.saturating_add(OPT_IN_LIFETIME_MS),
+                ),
+                Some(terms) => (
+                    TokenKind::Recurring,
+                    terms.expires_at.unwrap_or(NEVER_EXPIRES_MS),
+                ),
+            };
+            // A token first seen with a STOP is kept, stopped: a RESUME may follow.
+            let state = match terms.change {
+                Some(SubscriptionChange::Stop) => OptInState::Stopped,
+                _ => OptInState::Active,
+            };
             insert.values_panic([
-                page_id.as_str().into(),
-                psid.as_str().into(),
-                topic.as_str().into(),
-                token.as_str().into(),
-                (*at).into(),
-                (at + OPT_IN_LIFETIME_MS).into(),
-                OptInState::Active.into(),
+                row.page_id.as_str().into(),
+                row.psid.as_str().into(),
+                row.topic.as_str().into(),
+                row.token.as_str().into(),
+                row.at.into(),
+                expires_at.into(),
+                state.into(),
+                kind.into(),
+                terms.title.into(),
+                terms.timezone.into(),
+                terms.token_status.into(),
+                terms.change.map(|_| row.at).into(),
             ]);
         }
         insert.on_conflict(
@@ -200,8 +271,74 @@ pub async fn ingest(
         );
         report.opt_ins_created += txn.execute(&insert).await?.rows_affected();
     }
+    for change in &changes {
+        change_subscription(&txn, change).await?;
+    }
     txn.commit().await?;
     Ok(report)
+}
+
+struct NewOptIn<'a> {
+    page_id: &'a PageId,
+    psid: &'a Psid,
+    topic: &'a Topic,
+    token: &'a OptInToken,
+    at: i64,
+    recurring: Option<&'a RecurringTerms>,
+}
+
+/// Whose recurring tokens a STOP or RESUME is about.
+enum Which<'a> {
+    Token(&'a OptInToken),
+    /// The user's on the topic, or on every topic.
+    Subscriber(&'a Psid, Option<&'a Topic>),
+}
+
+struct Change<'a> {
+    page_id: &'a PageId,
+    which: Which<'a>,
+    change: SubscriptionChange,
+    at: i64,
+}
+
+/// Applies a STOP or RESUME to the recurring tokens it names, unless a newer one (by the
+/// user's time) was applied already: webhooks arrive late and out of order, and a STOP sent
+/// before a RESUME must not win because it came after it. A token moves only from the state the
+/// change leaves (a rejected or expired token stays so); the change's time is kept either way.
+async fn change_subscription(
+    db: &impl ConnectionTrait,
+    change: &Change<'_>,
+) -> Result<u64, StoreError> {
+    let event = match change.change {
+        SubscriptionChange::Stop => OptInEvent::Stop,
+        SubscriptionChange::Resume => OptInEvent::Resume,
+    };
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("UPDATE optins SET state = CASE WHEN 1 = 1");
+    guard(&mut sql, event, "state");
+    sql.push(" THEN ")
+        .bind(event.target())
+        .push(" ELSE state END, status_at = ")
+        .bind(change.at)
+        .push(" WHERE page_id = ")
+        .bind(change.page_id.as_str())
+        .push(" AND kind = ")
+        .bind(TokenKind::Recurring);
+    match change.which {
+        Which::Token(token) => {
+            sql.push(" AND token = ").bind(token.as_str());
+        }
+        Which::Subscriber(psid, topic) => {
+            sql.push(" AND psid = ").bind(psid.as_str());
+            if let Some(topic) = topic {
+                sql.push(" AND topic = ").bind(topic.as_str());
+            }
+        }
+    }
+    sql.push(" AND (status_at IS NULL OR status_at < ")
+        .bind(change.at)
+        .push(")");
+    Ok(db.execute_raw(sql.statement()).await?.rows_affected())
 }
 
 /// Whether anyone of the page was ever erased (most pages: no, and nothing more is looked up).
@@ -226,15 +363,30 @@ pub async fn find_by_token(
         .ok_or(StoreError::NotFound)
 }
 
+/// An opt-in request otnd sent.
+pub struct SentRequest<'a> {
+    pub page_id: &'a PageId,
+    pub psid: &'a Psid,
+    pub topic: &'a Topic,
+    pub title: &'a str,
+    pub kind: TokenKind,
+    pub message_id: &'a str,
+    pub sent_at: i64,
+}
+
 pub async fn record_request(
     db: &impl ConnectionTrait,
-    page_id: &PageId,
-    psid: &Psid,
-    topic: &Topic,
-    title: &str,
-    message_id: &str,
-    sent_at: i64,
+    request: SentRequest<'_>,
 ) -> Result<(), StoreError> {
+    let SentRequest {
+        page_id,
+        psid,
+        topic,
+        title,
+        kind,
+        message_id,
+        sent_at,
+    } = request;
     requests::Entity::insert(requests::ActiveModel {
         id: sea_orm::ActiveValue::NotSet,
         page_id: sea_orm::ActiveValue::Set(page_id.as_str().into()),
@@ -243,35 +395,86 @@ pub async fn record_request(
         title: sea_orm::ActiveValue::Set(title.into()),
         sent_at: sea_orm::ActiveValue::Set(sent_at),
         message_id: sea_orm::ActiveValue::Set(message_id.into()),
+        kind: sea_orm::ActiveValue::Set(kind),
     })
     .exec_without_returning(db)
     .await?;
     Ok(())
 }
 
-/// The ledger of one topic.
+/// When otnd last sent the user a recurring opt-in request with this title, if it did after
+/// `since`: Facebook takes one per title per user per week.
+pub async fn last_recurring_request(
+    db: &impl ConnectionTrait,
+    page_id: &PageId,
+    psid: &Psid,
+    title: &str,
+    since: i64,
+) -> Result<Option<i64>, StoreError> {
+    let last = requests::Entity::find()
+        .filter(requests::Column::PageId.eq(page_id.as_str()))
+        .filter(requests::Column::Psid.eq(psid.as_str()))
+        .filter(requests::Column::Kind.eq(TokenKind::Recurring))
+        .filter(requests::Column::Title.eq(title))
+        .filter(requests::Column::SentAt.gt(since))
+        .order_by_desc(requests::Column::SentAt)
+        .one(db)
+        .await?;
+    Ok(last.map(|r| r.sent_at))
+}
+
+/// The counts of one topic's opt-ins (of one kind of token, or of all).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TopicLedger {
-    pub topic: String,
+pub struct Counts {
     pub active: u64,
     pub reserved: u64,
     pub used: u64,
     pub expired: u64,
     pub rejected: u64,
+    pub stopped: u64,
     pub expiring_soon: u64,
-    pub requests_sent: u64,
     pub subscribers: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: &Counts) {
+        self.active += other.active;
+        self.reserved += other.reserved;
+        self.used += other.used;
+        self.expired += other.expired;
+        self.rejected += other.rejected;
+        self.stopped += other.stopped;
+        self.expiring_soon += other.expiring_soon;
+    }
+}
+
+/// The ledger of one topic: every opt-in counted once by its state, in total and per kind of
+/// token (`subscribers` of the total counts each user once, whatever tokens they hold).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TopicLedger {
+    pub topic: String,
+    pub total: Counts,
+    pub by_kind: Vec<(TokenKind, Counts)>,
+    pub requests_sent: u64,
 }
 
 #[derive(FromQueryResult)]
 struct LedgerRow {
     topic: String,
+    kind: TokenKind,
     active: i64,
     reserved: i64,
     used: i64,
     expired: i64,
     rejected: i64,
+    stopped: i64,
     expiring_soon: i64,
+    subscribers: i64,
+}
+
+#[derive(FromQueryResult)]
+struct SubscribersRow {
+    topic: String,
     subscribers: i64,
 }
 
@@ -295,19 +498,28 @@ pub async fn ledger(
     // `now` and `soon` are integers this code computed, so they are written into the SQL.
     let mut ledger = Sql::new(backend);
     ledger.push(&format!(
-        "SELECT topic, \
+        "SELECT topic, kind, \
            SUM(CASE WHEN state = 'active' AND expires_at > {now} THEN 1 ELSE 0 END) AS active, \
            SUM(CASE WHEN state = 'reserved' THEN 1 ELSE 0 END) AS reserved, \
            SUM(CASE WHEN state = 'used' THEN 1 ELSE 0 END) AS used, \
            SUM(CASE WHEN state = 'expired' OR (state = 'active' AND expires_at <= {now}) THEN 1 ELSE 0 END) AS expired, \
            SUM(CASE WHEN state = 'rejected' THEN 1 ELSE 0 END) AS rejected, \
+           SUM(CASE WHEN state = 'stopped' THEN 1 ELSE 0 END) AS stopped, \
            SUM(CASE WHEN state = 'active' AND expires_at > {now} AND expires_at <= {soon} THEN 1 ELSE 0 END) AS expiring_soon, \
            COUNT(DISTINCT psid) AS subscribers \
          FROM optins WHERE page_id = "
     ))
     .bind(page_id.as_str())
-    .push(" GROUP BY topic");
+    .push(" GROUP BY topic, kind");
     let rows = LedgerRow::find_by_statement(ledger.statement())
+        .all(db)
+        .await?;
+    let mut distinct = Sql::new(backend);
+    distinct
+        .push("SELECT topic, COUNT(DISTINCT psid) AS subscribers FROM optins WHERE page_id = ")
+        .bind(page_id.as_str())
+        .push(" GROUP BY topic");
+    let distinct = SubscribersRow::find_by_statement(distinct.statement())
         .all(db)
         .await?;
     let mut requests = Sql::new(backend);
@@ -322,20 +534,30 @@ pub async fn ledger(
     let count = |n: i64| u64::try_from(n).unwrap_or(0);
     let mut topics: BTreeMap<String, TopicLedger> = BTreeMap::new();
     for row in rows {
-        topics.insert(
-            row.topic.clone(),
-            TopicLedger {
+        let counts = Counts {
+            active: count(row.active),
+            reserved: count(row.reserved),
+            used: count(row.used),
+            expired: count(row.expired),
+            rejected: count(row.rejected),
+            stopped: count(row.stopped),
+            expiring_soon: count(row.expiring_soon),
+            subscribers: count(row.subscribers),
+        };
+        let topic = topics
+            .entry(row.topic.clone())
+            .or_insert_with(|| TopicLedger {
                 topic: row.topic,
-                active: count(row.active),
-                reserved: count(row.reserved),
-                used: count(row.used),
-                expired: count(row.expired),
-                rejected: count(row.rejected),
-                expiring_soon: count(row.expiring_soon),
-                requests_sent: 0,
-                subscribers: count(row.subscribers),
-            },
-        );
+                ..TopicLedger::default()
+            });
+        topic.total.add(&counts);
+        topic.by_kind.push((row.kind, counts));
+    }
+    for row in distinct {
+        if let Some(topic) = topics.get_mut(&row.topic) {
+            topic.total.subscribers = count(row.subscribers);
+            topic.by_kind.sort_by_key(|(kind, _)| *kind);
+        }
     }
     for row in requests {
         topics
@@ -355,6 +577,7 @@ pub struct OptInFilter {
     pub topic: Option<Topic>,
     pub psid: Option<Psid>,
     pub state: Option<OptInState>,
+    pub kind: Option<TokenKind>,
 }
 
 /// Up to `limit` opt-ins of the page by id, after `after_id`.
@@ -378,6 +601,9 @@ pub async fn list(
     }
     if let Some(psid) = &filter.psid {
         query = query.filter(Column::Psid.eq(psid.as_str()));
+    }
+    if let Some(kind) = filter.kind {
+        query = query.filter(Column::Kind.eq(kind));
     }
     query = match filter.state {
         None => query,
@@ -421,6 +647,7 @@ mod tests {
             kind: EventKind::OptIn {
                 topic: Topic::parse("news").unwrap(),
                 token: OptInToken::parse(token).unwrap(),
+                recurring: None,
             },
         }
     }
@@ -437,7 +664,7 @@ mod tests {
         guard(&mut sql, Lapse, "o.state");
         assert_eq!(
             sql.statement().sql,
-            " AND o.state IN ('active', 'reserved')"
+            " AND o.state IN ('active', 'reserved', 'stopped')"
         );
     }
 
@@ -587,21 +814,33 @@ mod tests {
             let psid = Psid::parse("e").unwrap();
             for topic in ["news", "sport"] {
                 let topic = Topic::parse(topic).unwrap();
-                record_request(t.db(), &page, &psid, &topic, "Title", "m1", now)
-                    .await
-                    .unwrap();
+                let request = SentRequest {
+                    page_id: &page,
+                    psid: &psid,
+                    topic: &topic,
+                    title: "Title",
+                    kind: TokenKind::OneTime,
+                    message_id: "m1",
+                    sent_at: now,
+                };
+                record_request(t.db(), request).await.unwrap();
             }
             let ledger = ledger(t.db(), &page, now).await.unwrap();
-            let news = TopicLedger {
-                topic: "news".into(),
+            let counts = Counts {
                 active: 2,
                 reserved: 1,
                 used: 1,
                 expired: 1,
                 rejected: 0,
+                stopped: 0,
                 expiring_soon: 1,
-                requests_sent: 1,
                 subscribers: 4,
+            };
+            let news = TopicLedger {
+                topic: "news".into(),
+                total: counts.clone(),
+                by_kind: vec![(TokenKind::OneTime, counts)],
+                requests_sent: 1,
             };
             let sport = TopicLedger {
                 topic: "sport".into(),

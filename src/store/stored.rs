@@ -7,7 +7,7 @@ use sea_orm::{
     sea_query::{ArrayType, ColumnType, Nullable, ValueType, ValueTypeErr},
 };
 
-use crate::domain::{DeliveryState, OptInState, Route, SendState};
+use crate::domain::{DeliveryState, OptInState, Route, SendState, TokenKind};
 
 macro_rules! stored_as_text {
     ($($ty:ident),+ $(,)?) => {$(
@@ -61,7 +61,7 @@ macro_rules! stored_as_text {
     )+};
 }
 
-stored_as_text!(SendState, DeliveryState, Route, OptInState);
+stored_as_text!(SendState, DeliveryState, Route, OptInState, TokenKind);
 
 /// `'a', 'b', …`: the quoted names of `states`, for a CHECK constraint or an `IN` list that is
 /// part of a statement's fixed text.

@@ -7,7 +7,7 @@ use sea_orm::{
 };
 
 use super::{StoreError, eligibility, sql::Sql};
-use crate::domain::{PageId, SegmentRule, StoryContent, content_hash};
+use crate::domain::{PageId, SegmentRule, StoryContent, TokenKind, content_hash};
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "stories")]
@@ -19,6 +19,8 @@ pub struct Model {
     pub content: String,
     pub content_hash: String,
     pub include_window_users: bool,
+    /// The kinds of token the audience takes, stored as a list ('' is every kind).
+    pub token_kinds: String,
     pub segment_id: Option<String>,
     pub reviewed_hash: Option<String>,
     pub reviewed_at: Option<i64>,
@@ -38,6 +40,11 @@ pub const STATE_DRAFT: &str = "draft";
 pub const STATE_SENT: &str = "sent";
 
 impl Model {
+    /// The kinds of token the audience takes.
+    pub fn token_kinds(&self) -> Vec<TokenKind> {
+        TokenKind::split(&self.token_kinds)
+    }
+
     /// Reviewed only while the content is exactly what the reviewer saw.
     pub fn reviewed(&self) -> bool {
         self.reviewed_hash.as_deref() == Some(self.content_hash.as_str())
@@ -66,6 +73,7 @@ pub struct NewStory<'a> {
     pub topic: &'a str,
     pub content: &'a StoryContent,
     pub include_window_users: bool,
+    pub token_kinds: &'a [TokenKind],
     pub segment_id: Option<&'a str>,
 }
 
@@ -82,6 +90,7 @@ pub async fn create(
         content,
         content_hash: hash,
         include_window_users: story.include_window_users,
+        token_kinds: TokenKind::join(story.token_kinds),
         segment_id: story.segment_id.map(str::to_string),
         reviewed_hash: None,
         reviewed_at: None,
@@ -142,6 +151,7 @@ pub struct StoryChanges<'a> {
     pub topic: Option<&'a str>,
     pub content: Option<&'a StoryContent>,
     pub include_window_users: Option<bool>,
+    pub token_kinds: Option<&'a [TokenKind]>,
     /// `Some(None)` removes the segment.
     pub segment_id: Option<Option<&'a str>>,
 }
@@ -170,6 +180,9 @@ pub async fn update(
     }
     if let Some(include) = changes.include_window_users {
         model.include_window_users = Set(include);
+    }
+    if let Some(kinds) = changes.token_kinds {
+        model.token_kinds = Set(TokenKind::join(kinds));
     }
     if let Some(segment) = changes.segment_id {
         model.segment_id = Set(segment.map(str::to_string));
@@ -234,6 +247,10 @@ pub struct AudienceEstimate {
     pub window_recipients: u64,
     pub excluded_expired: u64,
     pub excluded_by_segment: u64,
+    /// Of `token_recipients`, those reached by a one-time token (the rest by a recurring one).
+    pub one_time_recipients: u64,
+    /// Of those reached by a recurring token, the ones the cooldown holds back now.
+    pub recurring_in_cooldown: u64,
 }
 
 #[derive(FromQueryResult)]
@@ -255,11 +272,17 @@ pub async fn estimate(
     db: &impl ConnectionTrait,
     story: &Model,
     segment: Option<&SegmentRule>,
+    recurring_cooldown_ms: i64,
     now: i64,
 ) -> Result<AudienceEstimate, StoreError> {
     let backend = db.get_database_backend();
     let page = story.page_id.as_str();
-    let topic = story.topic.as_str();
+    let kinds = story.token_kinds();
+    let aim = eligibility::Aim {
+        page_id: page,
+        topic: story.topic.as_str(),
+        kinds: &kinds,
+    };
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
     let count = |sql: Sql| async move {
         Count::find_by_statement(sql.statement())
@@ -267,17 +290,23 @@ pub async fn estimate(
             .await
             .map(|row| row.map_or(0, |r| n(r.n)))
     };
+    let segmented = |sql: &mut Sql, column: &str| {
+        if let Some(rule) = segment {
+            sql.push(" AND ");
+            eligibility::in_segment(sql, column, page, rule);
+        }
+    };
 
     // A user with an active or expired opt-in on the topic has a usable one or only lapsed
     // ones: those with any, less the usable, are those whose opt-ins all lapsed.
     let mut totals = Sql::new(backend);
     totals.push("SELECT (SELECT COUNT(DISTINCT o.psid) FROM optins o WHERE ");
-    eligibility::usable_optin(&mut totals, "o", page, topic, now);
+    eligibility::usable_optin(&mut totals, "o", aim, now);
     totals
         .push(") AS usable, (SELECT COUNT(DISTINCT o.psid) FROM optins o WHERE o.page_id = ")
         .bind(page)
         .push(" AND o.topic = ")
-        .bind(topic)
+        .bind(aim.topic)
         .push(" AND o.state IN ('active', 'expired')) AS with_any");
     let counts = TopicCounts::find_by_statement(totals.statement())
         .one(db)
@@ -287,24 +316,55 @@ pub async fn estimate(
 
     let token_recipients = match segment {
         None => usable,
-        Some(rule) => {
+        Some(_) => {
             let mut sql = Sql::new(backend);
             sql.push("SELECT COUNT(DISTINCT o.psid) AS n FROM optins o WHERE ");
-            eligibility::usable_optin(&mut sql, "o", page, topic, now);
-            sql.push(" AND ");
-            eligibility::in_segment(&mut sql, "o.psid", page, rule);
+            eligibility::usable_optin(&mut sql, "o", aim, now);
+            segmented(&mut sql, "o.psid");
             count(sql).await?
         }
+    };
+
+    // A user holding both kinds is reached by the one-time token (see `materialize`).
+    let one_time = eligibility::Aim {
+        kinds: &[TokenKind::OneTime],
+        ..aim
+    };
+    let one_time_recipients = if kinds.contains(&TokenKind::OneTime) {
+        let mut sql = Sql::new(backend);
+        sql.push("SELECT COUNT(DISTINCT o.psid) AS n FROM optins o WHERE ");
+        eligibility::usable_optin(&mut sql, "o", one_time, now);
+        segmented(&mut sql, "o.psid");
+        count(sql).await?
+    } else {
+        0
+    };
+    let recurring_in_cooldown = if kinds.contains(&TokenKind::Recurring) {
+        let mut sql = Sql::new(backend);
+        sql.push("SELECT COUNT(DISTINCT o.psid) AS n FROM optins o WHERE ");
+        let recurring = eligibility::Aim {
+            kinds: &[TokenKind::Recurring],
+            ..aim
+        };
+        eligibility::usable_optin(&mut sql, "o", recurring, now);
+        if kinds.contains(&TokenKind::OneTime) {
+            sql.push(" AND NOT EXISTS (SELECT 1 FROM optins u WHERE u.psid = o.psid AND ");
+            eligibility::usable_optin(&mut sql, "u", one_time, now);
+            sql.push(")");
+        }
+        sql.push(" AND ");
+        eligibility::in_cooldown(&mut sql, "o.psid", page, recurring_cooldown_ms, now);
+        segmented(&mut sql, "o.psid");
+        count(sql).await?
+    } else {
+        0
     };
 
     let window_recipients = if story.include_window_users {
         let mut sql = Sql::new(backend);
         sql.push("SELECT COUNT(*) AS n FROM subscribers s WHERE ");
-        eligibility::window_user(&mut sql, "s", page, topic, now);
-        if let Some(rule) = segment {
-            sql.push(" AND ");
-            eligibility::in_segment(&mut sql, "s.psid", page, rule);
-        }
+        eligibility::window_user(&mut sql, "s", aim, now);
+        segmented(&mut sql, "s.psid");
         count(sql).await?
     } else {
         0
@@ -315,6 +375,8 @@ pub async fn estimate(
         window_recipients,
         excluded_expired: n(counts.with_any).saturating_sub(usable),
         excluded_by_segment: usable.saturating_sub(token_recipients),
+        one_time_recipients,
+        recurring_in_cooldown,
     })
 }
 
@@ -330,6 +392,8 @@ mod tests {
             testing::{TestStore, store_tests},
         },
     };
+
+    const COOLDOWN: i64 = 48 * 3_600_000;
 
     fn retopic(topic: &str) -> StoryChanges<'_> {
         StoryChanges {
@@ -483,31 +547,34 @@ mod tests {
                 tag(&t, &page, psid).await;
             }
             let story = t.draft(&page, "news", true).await;
-            let everyone = estimate(t.db(), &story, None, now).await.unwrap();
+            let everyone = estimate(t.db(), &story, None, COOLDOWN, now).await.unwrap();
             // a and c are in the window too, but reached by token.
             let expected = AudienceEstimate {
                 token_recipients: 2,
                 window_recipients: 1,
                 excluded_expired: 1,
                 excluded_by_segment: 0,
+                one_time_recipients: 2,
+                recurring_in_cooldown: 0,
             };
             assert_eq!(everyone, expected);
             let rule = SegmentRule {
                 any_tags: ["x".to_string()].into(),
                 ..Default::default()
             };
-            let tagged = estimate(t.db(), &story, Some(&rule), now).await.unwrap();
+            let tagged = estimate(t.db(), &story, Some(&rule), COOLDOWN, now).await.unwrap();
             assert_eq!(
                 tagged,
                 AudienceEstimate {
                     token_recipients: 1,
                     excluded_by_segment: 1,
+                    one_time_recipients: 1,
                     ..expected
                 }
             );
             let token_only = t.draft(&page, "news", false).await;
             assert_eq!(
-                estimate(t.db(), &token_only, None, now)
+                estimate(t.db(), &token_only, None, COOLDOWN, now)
                     .await
                     .unwrap()
                     .window_recipients,

@@ -160,6 +160,7 @@ impl TestStore {
             kind: EventKind::OptIn {
                 topic: Topic::parse(topic).expect("a topic"),
                 token: OptInToken::parse(token).expect("a token"),
+                recurring: None,
             },
         };
         optins::ingest(self.db(), &cipher(), &[(page.clone(), vec![event])])
@@ -201,6 +202,7 @@ impl TestStore {
             content: &content,
             include_window_users,
             segment_id: None,
+            token_kinds: &[],
         };
         stories::create(self.db(), story, now_ms())
             .await
@@ -239,6 +241,7 @@ impl TestStore {
                 segment: None,
                 max_active: 100,
                 expected: 0,
+                recurring_cooldown_ms: 48 * 3_600_000,
             };
             sends::start(txn, new, now_ms()).await
         })

@@ -10,7 +10,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use serde_json::Value;
 
-use crate::domain::{EventKind, IncomingEvent, OptInToken, PageId, Psid, Topic};
+use crate::domain::{
+    EventKind, IncomingEvent, OptInToken, PageId, Psid, RECURRING_TITLE_MAX_CHARS, RecurringTerms,
+    SubscriptionChange, Topic, recurring_text, recurring_timezone,
+};
 
 #[derive(Debug, Default)]
 pub struct ParsedWebhook {
@@ -163,6 +166,46 @@ struct OptIn {
     payload: Option<String>,
     #[serde(default, deserialize_with = "lenient")]
     one_time_notif_token: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    notification_messages_token: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    title: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    notification_messages_timezone: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    token_expiry_timestamp: Option<Expiry>,
+    #[serde(default, deserialize_with = "lenient")]
+    user_token_status: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    notification_messages_status: Option<String>,
+}
+
+/// `token_expiry_timestamp`: epoch milliseconds as a number or a string of digits (Meta's
+/// reference shows it quoted). Past the range otnd takes, it reads as "does not expire".
+#[derive(Clone, Copy, Debug)]
+struct Expiry(Option<i64>);
+
+impl<'de> Deserialize<'de> for Expiry {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = match Value::deserialize(deserializer)? {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.trim().parse::<i64>().ok(),
+            _ => None,
+        };
+        let Some(raw) = raw else {
+            return Err(serde::de::Error::custom(
+                "an expiry is a number of milliseconds",
+            ));
+        };
+        let ms = if (0..SECONDS_BELOW).contains(&raw) {
+            raw * 1000
+        } else {
+            raw
+        };
+        Ok(Expiry(
+            (MIN_TIME_MS..=MAX_TIME_MS).contains(&ms).then_some(ms),
+        ))
+    }
 }
 
 #[derive(Deserialize)]
@@ -231,16 +274,19 @@ fn parse_event(event: Value, page_id: &PageId, entry_time: i64) -> Option<Incomi
         // An `optin` that is no object says nothing of its type: seen, like other types.
         let optin: Option<OptIn> = from_object(optin);
         match optin {
-            Some(OptIn {
-                kind: Some(kind),
-                payload,
-                one_time_notif_token,
-            }) if kind == "one_time_notif_req" => {
-                let topic = Topic::parse(&payload?).ok()?;
-                let token = OptInToken::parse(&one_time_notif_token?).ok()?;
-                EventKind::OptIn { topic, token }
+            Some(optin) if optin.kind.as_deref() == Some("one_time_notif_req") => {
+                let topic = Topic::parse(&optin.payload?).ok()?;
+                let token = OptInToken::parse(&optin.one_time_notif_token?).ok()?;
+                EventKind::OptIn {
+                    topic,
+                    token,
+                    recurring: None,
+                }
             }
-            // Recurring notifications, plugin opt-ins: the user is known, nothing more.
+            Some(optin) if optin.kind.as_deref() == Some("notification_messages") => {
+                recurring_event(optin)?
+            }
+            // Plugin opt-ins and the like: the user is known, nothing more.
             _ => EventKind::Seen,
         }
     } else if let Some(message) = event.message {
@@ -258,6 +304,50 @@ fn parse_event(event: Value, page_id: &PageId, entry_time: i64) -> Option<Incomi
         EventKind::Seen
     };
     Some(IncomingEvent { psid, at_ms, kind })
+}
+
+/// A `notification_messages` opt-in: a new recurring token, or a STOP or RESUME of one. The
+/// topic is the payload otnd's request carried (the title when a request had none). A STOP or
+/// RESUME without a token applies to the user's recurring tokens on the topic.
+fn recurring_event(optin: OptIn) -> Option<EventKind> {
+    let change = optin
+        .notification_messages_status
+        .as_deref()
+        .and_then(SubscriptionChange::parse);
+    let title = optin
+        .title
+        .as_deref()
+        .and_then(|t| recurring_text(t, RECURRING_TITLE_MAX_CHARS));
+    let topic = match optin.payload.as_deref().filter(|p| !p.is_empty()) {
+        Some(payload) => Some(Topic::parse(payload).ok()?),
+        None => title.as_deref().and_then(|t| Topic::parse(t).ok()),
+    };
+    let Some(token) = optin.notification_messages_token.filter(|t| !t.is_empty()) else {
+        // Neither a token nor a choice: the user is known, nothing more.
+        return Some(match change {
+            Some(change) => EventKind::SubscriptionChange { topic, change },
+            None => EventKind::Seen,
+        });
+    };
+    let token = OptInToken::parse(&token).ok()?;
+    let terms = RecurringTerms {
+        title,
+        timezone: optin
+            .notification_messages_timezone
+            .as_deref()
+            .and_then(recurring_timezone),
+        expires_at: optin.token_expiry_timestamp.and_then(|e| e.0),
+        token_status: optin
+            .user_token_status
+            .as_deref()
+            .and_then(|s| recurring_text(s, 32)),
+        change,
+    };
+    Some(EventKind::OptIn {
+        topic: topic?,
+        token,
+        recurring: Some(terms),
+    })
 }
 
 #[cfg(test)]
@@ -290,7 +380,7 @@ mod tests {
         let page_111 = &parsed.pages[&PageId::parse("111").unwrap()];
         assert_eq!(page_111.len(), 5);
         assert!(
-            matches!(&page_111[0].kind, EventKind::OptIn { topic, token }
+            matches!(&page_111[0].kind, EventKind::OptIn { topic, token, recurring: None }
             if topic.as_str() == "Spring Sale!" && token.as_str() == "tok1")
         );
         assert_eq!(page_111[0].at_ms, 1_700_000_001_000);
@@ -302,7 +392,7 @@ mod tests {
         assert!(matches!(page_111[3].kind, EventKind::Seen), "read");
         assert!(
             matches!(page_111[4].kind, EventKind::Seen),
-            "other opt-in types"
+            "a recurring opt-in without a token or a choice"
         );
         let page_222 = &parsed.pages[&PageId::parse("222").unwrap()];
         assert_eq!(
@@ -313,6 +403,79 @@ mod tests {
             parsed.skipped, 3,
             "the echo, the event without a sender, the feed entry"
         );
+    }
+
+    /// Recurring opt-ins as Facebook sends them: a new token with its terms (the expiry as a
+    /// number, a quoted number, or absent), and STOP or RESUME with or without the token.
+    #[test]
+    fn recurring_opt_ins_and_their_stops_and_resumes() {
+        let parsed = events(
+            json!({"object": "page", "entry": [{"id": "111", "time": 5, "messaging": [
+                {"sender": {"id": "u1"}, "recipient": {"id": "111"}, "timestamp": 1_700_000_000_000_i64,
+                 "optin": {"type": "notification_messages", "payload": "deals", "title": "Weekly deals",
+                           "notification_messages_token": "rt1", "notification_messages_frequency": "DAILY",
+                           "notification_messages_timezone": "Europe/London",
+                           "token_expiry_timestamp": 1_731_536_000_000_i64, "user_token_status": "NOT_REFRESHED"}},
+                {"sender": {"id": "u2"}, "recipient": {"id": "111"}, "timestamp": 1_700_000_000_000_i64,
+                 "optin": {"type": "notification_messages", "payload": "deals", "title": "Weekly deals",
+                           "notification_messages_token": "rt2", "token_expiry_timestamp": "1731536000000",
+                           "user_token_status": "REFRESHED"}},
+                {"sender": {"id": "u3"}, "recipient": {"id": "111"},
+                 "optin": {"type": "notification_messages", "title": "News", "notification_messages_token": "rt3"}},
+                {"sender": {"id": "u1"}, "recipient": {"id": "111"}, "timestamp": 1_700_000_100_000_i64,
+                 "optin": {"type": "notification_messages", "payload": "deals", "notification_messages_token": "rt1",
+                           "notification_messages_status": "STOP NOTIFICATIONS"}},
+                {"sender": {"id": "u1"}, "recipient": {"id": "111"}, "timestamp": 1_700_000_200_000_i64,
+                 "optin": {"type": "notification_messages", "payload": "deals",
+                           "notification_messages_status": "RESUME_NOTIFICATIONS"}},
+                {"sender": {"id": "u4"}, "recipient": {"id": "111"},
+                 "optin": {"type": "notification_messages", "payload": "deals", "notification_messages_token": "rt4",
+                           "token_expiry_timestamp": null, "title": 7}},
+            ]}]}),
+        );
+        let page = &parsed.pages[&PageId::parse("111").unwrap()];
+        assert_eq!(page.len(), 6);
+        let terms = |i: usize| match &page[i].kind {
+            EventKind::OptIn {
+                topic,
+                token,
+                recurring: Some(terms),
+            } => (
+                topic.as_str().to_string(),
+                token.as_str().to_string(),
+                terms.clone(),
+            ),
+            other => panic!("{i}: {other:?}"),
+        };
+        let (topic, token, first) = terms(0);
+        assert_eq!((topic.as_str(), token.as_str()), ("deals", "rt1"));
+        assert_eq!(
+            first,
+            RecurringTerms {
+                title: Some("Weekly deals".into()),
+                timezone: Some("Europe/London".into()),
+                expires_at: Some(1_731_536_000_000),
+                token_status: Some("NOT_REFRESHED".into()),
+                change: None,
+            }
+        );
+        assert_eq!(terms(1).2.expires_at, Some(1_731_536_000_000), "quoted");
+        assert_eq!(terms(1).2.token_status.as_deref(), Some("REFRESHED"));
+        assert_eq!(terms(2).0, "News", "no payload: the title is the topic");
+        assert_eq!(terms(2).2.expires_at, None, "no expiry: it does not expire");
+        assert_eq!(terms(3).2.change, Some(SubscriptionChange::Stop));
+        assert!(matches!(
+            &page[4].kind,
+            EventKind::SubscriptionChange { topic: Some(topic), change: SubscriptionChange::Resume }
+                if topic.as_str() == "deals"
+        ));
+        let (_, _, odd) = terms(5);
+        assert_eq!(
+            (odd.expires_at, odd.title),
+            (None, None),
+            "odd fields read as absent"
+        );
+        assert_eq!(parsed.skipped, 0);
     }
 
     #[test]

@@ -280,6 +280,8 @@ pub struct StorySpec<'a> {
     pub window: bool,
     pub segment_id: &'a str,
     pub reviewer: &'a str,
+    /// The story's token kinds (`otn.v1.TokenKind` values); every kind when empty.
+    pub token_kinds: &'a [i32],
 }
 
 impl Default for StorySpec<'_> {
@@ -291,6 +293,7 @@ impl Default for StorySpec<'_> {
             window: false,
             segment_id: "",
             reviewer: "boss",
+            token_kinds: &[],
         }
     }
 }
@@ -308,6 +311,7 @@ pub async fn reviewed_story(channel: &Channel, sandbox: &Sandbox, spec: StorySpe
             }),
             include_window_users: spec.window,
             segment_id: spec.segment_id.into(),
+            token_kinds: spec.token_kinds.to_vec(),
         })
         .await
         .expect("CreateStory")

@@ -177,6 +177,7 @@ backend_tests! {
         for (psid, token) in [("u1", "tok-1"), ("u1", "tok-2"), ("u2", "tok-3")] {
             app.optins.record_opt_in(RecordOptInRequest {
                 page_id: "100".into(), psid: psid.into(), topic: "Sale".into(), token: token.into(), opt_in_time: None,
+                ..Default::default()
             }).await.unwrap();
         }
         tag(&mut app, &["u1"], &["vip"], &[]).await.unwrap();

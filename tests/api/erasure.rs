@@ -178,6 +178,7 @@ async fn erasure(db: TestDatabase) {
             topic: TOPIC.into(),
             token: "second-token-of-the-erased".into(),
             opt_in_time: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -213,6 +214,7 @@ async fn erasure(db: TestDatabase) {
             psid: ERASED.into(),
             topic: "Another topic".into(),
             title: "Tell me".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -334,6 +336,7 @@ async fn erasure(db: TestDatabase) {
                 seconds: before / 1000,
                 nanos: 0,
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -371,6 +374,7 @@ async fn erasure(db: TestDatabase) {
             psid: "asked-only".into(),
             topic: TOPIC.into(),
             title: "Tell me".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -544,6 +544,7 @@ async fn expiry_boundary(db: TestDatabase) {
                     seconds: opted_in_ms / 1000,
                     nanos: ((opted_in_ms % 1000) * 1_000_000) as i32,
                 }),
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -300,7 +300,14 @@ async fn credentials_travel_in_the_body_and_never_in_a_url() {
         .await
         .unwrap();
     client
-        .send_optin_request(&credentials, "u1", "Title", "topic")
+        .send_optin_request(
+            &credentials,
+            "u1",
+            &otnd::graph::OptInTemplate::OneTime {
+                title: "Title",
+                topic: "topic",
+            },
+        )
         .await
         .unwrap();
     let items = [

@@ -452,6 +452,7 @@ async fn estimate_matches_the_send(db: TestDatabase) {
                     seconds: opted_in_ms / 1000,
                     nanos: 0,
                 }),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -538,6 +539,7 @@ async fn answers_recorded_twice(db: TestDatabase) {
         segment: None,
         max_active: 100,
         expected: 0,
+        recurring_cooldown_ms: 48 * 3_600_000,
     };
     let Started::Created(send) =
         in_transaction(&conn, async |txn| sends::start(txn, new, now).await)

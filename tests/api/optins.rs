@@ -42,6 +42,7 @@ fn record(
         topic: topic.into(),
         token: token.into(),
         opt_in_time: when.and_then(at),
+        ..Default::default()
     }
 }
 
@@ -51,6 +52,7 @@ fn opt_in_request(page_id: &str, psid: &str, topic: &str, title: &str) -> SendOp
         psid: psid.into(),
         topic: topic.into(),
         title: title.into(),
+        ..Default::default()
     }
 }
 

@@ -178,6 +178,7 @@ async fn secrets_stay_secret_under_every_fault(db: TestDatabase) {
                     psid: format!("w{n}-1"),
                     topic: "Another topic".into(),
                     title: "Tell me".into(),
+                    ..Default::default()
                 })
                 .await,
         );

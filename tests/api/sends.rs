@@ -62,6 +62,7 @@ async fn reviewed_story(app: &TestApp, page: &str, request: CreateStoryRequest) 
         window: request.include_window_users,
         segment_id: &request.segment_id,
         reviewer: &reviewer,
+        token_kinds: &[],
     };
     otnd_testkit::reviewed_story(&app.channel, &app.sandbox(), spec).await
 }
@@ -337,7 +338,7 @@ backend_tests! {
         // A token Facebook never issued (with faults off: after an ambiguous attempt, code 100
         // would mean the first attempt landed).
         app.optins.record_opt_in(RecordOptInRequest { page_id: PAGE.into(), psid: "ghost".into(),
-            topic: TOPIC.into(), token: "never-issued-token".into(), opt_in_time: None }).await.unwrap();
+            topic: TOPIC.into(), token: "never-issued-token".into(), opt_in_time: None, ..Default::default() }).await.unwrap();
         let story_id = reviewed_story(&app, PAGE, CreateStoryRequest::default()).await;
         let send = start_send(&app.channel, &story_id, "ghost").await;
         let done = wait_for_state(&mut app, &send.send_id, SendState::Completed, Duration::from_secs(30)).await;
@@ -374,7 +375,7 @@ backend_tests! {
             app.optins.record_opt_in(RecordOptInRequest { page_id: PAGE.into(),
                 psid: format!("m{i}"), topic: TOPIC.into(), token: token.clone(),
                 opt_in_time: Some(prost_types::Timestamp { seconds: opted_in_ms / 1000,
-                    nanos: ((opted_in_ms % 1000) * 1_000_000) as i32 }) })
+                    nanos: ((opted_in_ms % 1000) * 1_000_000) as i32 }), ..Default::default() })
                 .await.unwrap();
         }
         assert_eq!(active_opt_ins(&app.channel, PAGE, TOPIC).await, 2 * USERS);

@@ -96,6 +96,7 @@ async fn opt_in(app: &mut TestApp, psid: &str, topic: &str, age_ms: i64) {
                 seconds: at / 1000,
                 nanos: 0,
             }),
+            ..Default::default()
         })
         .await
         .unwrap();

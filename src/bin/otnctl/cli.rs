@@ -218,6 +218,9 @@ pub enum OptInsCommand {
         psid: Option<String>,
         #[arg(long, value_enum)]
         state: Option<OptInStateArg>,
+        /// One kind of token.
+        #[arg(long, value_enum)]
+        kind: Option<TokenKindArg>,
         #[command(flatten)]
         list: ListArgs,
     },
@@ -240,6 +243,10 @@ pub enum StoryCommand {
         /// Restricts the audience to a segment.
         #[arg(long, value_name = "SEGMENT_ID")]
         segment: Option<String>,
+        /// The kinds of token the audience is reached by (repeat or comma-separate); every
+        /// kind when not given.
+        #[arg(long = "token-kind", value_enum, value_delimiter = ',')]
+        token_kinds: Vec<TokenKindArg>,
     },
     /// Changes the given fields; a content change clears the review.
     Update {
@@ -255,6 +262,17 @@ pub enum StoryCommand {
         /// Removes the segment: everyone on the topic.
         #[arg(long)]
         no_segment: bool,
+        /// The kinds of token the audience is reached by (repeat or comma-separate).
+        #[arg(
+            long = "token-kind",
+            value_enum,
+            value_delimiter = ',',
+            conflicts_with = "all_token_kinds"
+        )]
+        token_kinds: Vec<TokenKindArg>,
+        /// Reaches the audience by every kind of token.
+        #[arg(long)]
+        all_token_kinds: bool,
     },
     Get {
         story: String,
@@ -377,6 +395,23 @@ pub enum OptInStateArg {
     Used,
     Rejected,
     Expired,
+    Stopped,
+}
+
+/// A kind of token: one-time notification or recurring notification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TokenKindArg {
+    OneTime,
+    Recurring,
+}
+
+impl From<TokenKindArg> for pb::TokenKind {
+    fn from(kind: TokenKindArg) -> Self {
+        match kind {
+            TokenKindArg::OneTime => pb::TokenKind::OneTime,
+            TokenKindArg::Recurring => pb::TokenKind::Recurring,
+        }
+    }
 }
 
 impl From<OptInStateArg> for pb::OptInState {
@@ -387,6 +422,7 @@ impl From<OptInStateArg> for pb::OptInState {
             OptInStateArg::Used => pb::OptInState::Used,
             OptInStateArg::Rejected => pb::OptInState::Rejected,
             OptInStateArg::Expired => pb::OptInState::Expired,
+            OptInStateArg::Stopped => pb::OptInState::Stopped,
         }
     }
 }

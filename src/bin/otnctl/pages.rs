@@ -193,6 +193,7 @@ pub async fn optins(command: OptInsCommand, output: Output, conn: &Conn) -> Outc
         topic: wanted_topic,
         psid: wanted_psid,
         state,
+        kind,
         list,
     } = command;
     let page_id = page_id(&page);
@@ -210,6 +211,9 @@ pub async fn optins(command: OptInsCommand, output: Output, conn: &Conn) -> Outc
             topic: wanted_topic.clone(),
             psid: wanted_psid.clone(),
             state: state.into(),
+            kind: kind
+                .map_or(pb::TokenKind::Unspecified, pb::TokenKind::from)
+                .into(),
             page_size,
             page_token,
         };

@@ -7,12 +7,24 @@ use otnd::{
 
 use crate::{
     ExitCode, Outcome, check_list,
-    cli::{ContentArgs, Output, StoryCommand},
+    cli::{ContentArgs, Output, StoryCommand, TokenKindArg},
     client::Conn,
     id, list_pages,
     output::{self, EstimateRow, StoryRow},
     page_id, psid, topic, usage_error,
 };
+
+/// The kinds as the API lists them, each once.
+fn kinds(given: &[TokenKindArg]) -> Vec<i32> {
+    let mut kinds: Vec<i32> = Vec::new();
+    for kind in given {
+        let value = pb::TokenKind::from(*kind) as i32;
+        if !kinds.contains(&value) {
+            kinds.push(value);
+        }
+    }
+    kinds
+}
 
 pub async fn run(command: StoryCommand, output: Output, conn: &Conn) -> Outcome {
     match command {
@@ -22,6 +34,7 @@ pub async fn run(command: StoryCommand, output: Output, conn: &Conn) -> Outcome 
             content,
             include_window_users,
             segment,
+            token_kinds,
         } => {
             let page_id = page_id(&page);
             let story_topic = topic("--topic", &story_topic);
@@ -38,6 +51,7 @@ pub async fn run(command: StoryCommand, output: Output, conn: &Conn) -> Outcome 
                     content: Some(content),
                     include_window_users,
                     segment_id,
+                    token_kinds: kinds(&token_kinds),
                 })
                 .await?
                 .into_inner();
@@ -51,6 +65,8 @@ pub async fn run(command: StoryCommand, output: Output, conn: &Conn) -> Outcome 
             include_window_users,
             segment,
             no_segment,
+            token_kinds,
+            all_token_kinds,
         } => {
             let story_id = id("STORY", &story);
             let new_topic = new_topic.map(|t| topic("--topic", &t));
@@ -60,14 +76,20 @@ pub async fn run(command: StoryCommand, output: Output, conn: &Conn) -> Outcome 
                 (None, true) => Some(String::new()),
                 (None, false) => None,
             };
+            let token_kinds =
+                (all_token_kinds || !token_kinds.is_empty()).then(|| pb::TokenKinds {
+                    kinds: kinds(&token_kinds),
+                });
             if new_topic.is_none()
                 && content.is_none()
                 && include_window_users.is_none()
                 && segment_id.is_none()
+                && token_kinds.is_none()
             {
                 usage_error(
                     "nothing to change: give --topic, --text (and --button), \
-                     --include-window-users, --segment or --no-segment",
+                     --include-window-users, --segment, --no-segment, --token-kind or \
+                     --all-token-kinds",
                 );
             }
             let answer = conn
@@ -79,6 +101,7 @@ pub async fn run(command: StoryCommand, output: Output, conn: &Conn) -> Outcome 
                     content,
                     include_window_users,
                     segment_id,
+                    token_kinds,
                 })
                 .await?
                 .into_inner();

@@ -338,6 +338,7 @@ impl PageActor {
                     delivery_id: c.id,
                     to: match (&c.token, c.route) {
                         (Some(token), Route::Token) => To::Token(token.clone()),
+                        (Some(token), Route::Recurring) => To::Recurring(token.clone()),
                         _ => To::Psid(c.psid.clone()),
                     },
                 })
@@ -995,6 +996,8 @@ fn count_outcomes(answers: &[Answer]) -> Vec<(&'static str, u64)> {
             } => "sent_confirmed_by_token",
             Outcome::Sent { .. } => "sent",
             Outcome::Failed { .. } => "failed",
+            Outcome::TokenStopped { .. } => "failed_token_stopped",
+            Outcome::Declined { .. } => "skipped_by_facebook",
             Outcome::Retry { .. } => "retry",
             Outcome::Unknown { .. } => "unknown",
         };

@@ -54,11 +54,12 @@ pub async fn step(
     let mut audience = None;
     if (claimed.len() as u64) < limit && !send.audience_done() {
         let want = limit - claimed.len() as u64;
-        let (more, phase, cursor) = materialize(txn, &send, now, want).await?;
-        delta.total += more.len() as i64;
-        delta.in_flight += more.len() as i64;
-        claimed.extend(more);
-        audience = Some((phase, cursor));
+        let made = materialize(txn, &send, now, want).await?;
+        delta.total += made.claimed.len() as i64 + made.skipped;
+        delta.in_flight += made.claimed.len() as i64;
+        delta.skipped += made.skipped;
+        claimed.extend(made.claimed);
+        audience = Some((made.phase, made.cursor));
     }
     let row = if delta.is_zero() && audience.is_none() && !starting {
         send
@@ -88,9 +89,12 @@ async fn claim(
 ) -> Result<(Vec<Claimed>, CounterDelta), StoreError> {
     let backend = txn.get_database_backend();
     let mut sql = Sql::new(backend);
+    // A recurring token its user stopped (or Facebook refused) since the delivery was made
+    // reads as no token: it is never presented.
     sql.push(
         "SELECT d.id, d.psid, d.route, d.attempts + 1 AS attempts, d.claim + 1 AS claim, \
-         d.ambiguous, o.token, o.expires_at, d.optin_id FROM deliveries d \
+         d.ambiguous, CASE WHEN d.route = 'recurring' AND o.state <> 'active' THEN NULL \
+         ELSE o.token END AS token, o.expires_at, d.optin_id FROM deliveries d \
          LEFT JOIN optins o ON o.id = d.optin_id WHERE d.send_id = ",
     )
     .bind(send_id)
@@ -106,10 +110,14 @@ async fn claim(
     .bind(limit as i64);
     let rows = Claimed::find_by_statement(sql.statement()).all(txn).await?;
     let cutoff = crate::store::eligibility::token_cutoff(now);
-    let (usable, lapsed): (Vec<Claimed>, Vec<Claimed>) = rows.into_iter().partition(|c| {
+    let (usable, unusable): (Vec<Claimed>, Vec<Claimed>) = rows.into_iter().partition(|c| {
         c.route == crate::domain::Route::Window
             || (c.token.is_some() && c.expires_at.is_some_and(|e| e > cutoff))
     });
+    // Not lapsed, yet without a token: a recurring token stopped or refused meanwhile.
+    let (lapsed, stopped): (Vec<Claimed>, Vec<Claimed>) = unusable
+        .into_iter()
+        .partition(|c| c.expires_at.is_none_or(|e| e <= cutoff));
     let mut delta = CounterDelta::default();
     let ids: Vec<i64> = usable.iter().map(|c| c.id).collect();
     let event = DeliveryEvent::Claim;
@@ -132,6 +140,28 @@ async fn claim(
         DeliveryState::InFlight,
         ids.len() as i64,
     );
+    if !stopped.is_empty() {
+        let ids: Vec<i64> = stopped.iter().map(|c| c.id).collect();
+        let mut moved = 0;
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            moved += move_with_reason(
+                txn,
+                DeliveryEvent::Skip,
+                DeliveryState::Pending,
+                "the user stopped recurring notifications on this topic (or Facebook refused \
+                 the token) before this delivery's turn; the token was not presented",
+                now,
+                |_| {},
+                |sql| {
+                    sql.push("id IN ");
+                    push_id_list(sql, chunk);
+                },
+            )
+            .await?
+            .len();
+        }
+        delta.moved(DeliveryState::Pending, DeliveryState::Skipped, moved as i64);
+    }
     if !lapsed.is_empty() {
         let (maybe_landed, never_sent): (Vec<&Claimed>, Vec<&Claimed>) =
             lapsed.iter().partition(|c| c.ambiguous);

@@ -24,6 +24,8 @@ pub struct NewSend<'a> {
     pub max_active: u64,
     /// The audience as estimated when the send starts (see `Send::expected_total`).
     pub expected: u64,
+    /// The recurring cooldown in force (see `Send::recurring_cooldown_ms`).
+    pub recurring_cooldown_ms: i64,
 }
 
 pub enum Started {
@@ -53,6 +55,8 @@ pub async fn start(
         topic: story.topic.clone(),
         message: story.content.clone(),
         include_window_users: story.include_window_users,
+        token_kinds: story.token_kinds.clone(),
+        recurring_cooldown_ms: new.recurring_cooldown_ms,
         segment_rule: new
             .segment
             .map(|rule| serde_json::to_string(rule).expect("a segment rule serialises")),
@@ -383,6 +387,7 @@ mod tests {
                 segment: None,
                 max_active,
                 expected: 0,
+                recurring_cooldown_ms: 48 * 3_600_000,
             };
             start(txn, new, now_ms()).await
         })

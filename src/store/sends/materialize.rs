@@ -7,7 +7,7 @@ use sea_orm::{DatabaseBackend, DatabaseTransaction, FromQueryResult};
 
 use super::{Claimed, PHASE_DONE, PHASE_TOKEN, PHASE_WINDOW, Send};
 use crate::{
-    domain::{OptInEvent, Route},
+    domain::{DeliveryState, OptInEvent, Route, TokenKind},
     store::{StoreError, eligibility, sql::Sql},
 };
 
@@ -21,11 +21,13 @@ struct AudienceSlice {
 struct Inserted {
     id: i64,
     psid: String,
+    route: Route,
+    state: crate::domain::DeliveryState,
     optin_id: Option<i64>,
 }
 
 #[derive(FromQueryResult)]
-struct Reserved {
+struct Token {
     id: i64,
     token: String,
     expires_at: i64,
@@ -33,23 +35,38 @@ struct Reserved {
 
 /// The columns every materialised delivery is inserted with, in this order.
 const DELIVERY_COLUMNS: &str = "INSERT INTO deliveries (send_id, page_id, psid, route, optin_id, \
-     state, attempts, claim, ambiguous, confirmed_by_token, next_attempt_at, updated_at) ";
+     state, attempts, claim, ambiguous, confirmed_by_token, next_attempt_at, error_message, \
+     updated_at) ";
+
+/// The key a user's token is chosen by: the smallest. A one-time token before any recurring one
+/// (it lapses within a year and is used once, while a recurring token stays for the next story
+/// and its cooldown cannot hold this one back), then the one that expires first. One integer,
+/// so that SQLite's MIN() can pick the row: a recurring token's expiry is halved into the upper
+/// half of the range (a token that never expires, `i64::MAX`, maps to `i64::MAX`).
+const CHOICE_KEY: &str = "CASE WHEN o.kind = 'one_time' THEN o.expires_at \
+     ELSE o.expires_at / 2 + 4611686018427387904 END";
 
 /// The recipients of a phase, as a `WHERE` condition on `optins o` (token phase) or
 /// `subscribers s` (window phase): psid above `after`, and at most `through` when given.
 fn audience_condition(
     sql: &mut Sql,
     send: &Send,
+    kinds: &[TokenKind],
     token_phase: bool,
     now: i64,
     after: &str,
     through: Option<&str>,
 ) {
+    let aim = eligibility::Aim {
+        page_id: &send.page_id,
+        topic: &send.topic,
+        kinds,
+    };
     let column = if token_phase {
-        eligibility::usable_optin(sql, "o", &send.page_id, &send.topic, now);
+        eligibility::usable_optin(sql, "o", aim, now);
         "o.psid"
     } else {
-        eligibility::window_user(sql, "s", &send.page_id, &send.topic, now);
+        eligibility::window_user(sql, "s", aim, now);
         "s.psid"
     };
     sql.push(&format!(" AND {column} > ")).bind(after);
@@ -62,11 +79,23 @@ fn audience_condition(
     }
 }
 
+/// What a materialising step made: the deliveries claimed (`in_flight`, for the sender pool),
+/// how many it skipped at once (recipients the recurring cooldown holds back), and the audience
+/// phase and cursor the send moves to.
+pub(super) struct Materialized {
+    pub claimed: Vec<Claimed>,
+    pub skipped: i64,
+    pub phase: &'static str,
+    pub cursor: String,
+}
+
 /// Materialises up to `limit` more recipients of the send and claims them at once, in the
-/// step's transaction: each user's first-expiring usable opt-in is reserved (token route), then,
-/// when asked, users inside the window without one (window route); the segment applies to both.
-/// The new deliveries are `in_flight` (attempt 1 of claim 1), ready for the sender pool. Returns
-/// them with the audience phase and cursor the send moves to.
+/// step's transaction: each user's token is chosen (a one-time token, the first-expiring,
+/// before a recurring one; of the kinds the send takes) and a one-time token reserved (token
+/// route); a recurring token is not reserved, it stays active (recurring route), and a user the
+/// cooldown holds back gets a delivery skipped with the reason. Then, when asked, users inside
+/// the window without a token (window route); the segment applies to all. The new deliveries
+/// are `in_flight` (attempt 1 of claim 1), ready for the sender pool.
 ///
 /// The recipients move from table to table inside the database: a step first finds the psid
 /// range of its next `limit` users, then inserts their deliveries and reserves their opt-ins
@@ -78,19 +107,27 @@ pub(super) async fn materialize(
     send: &Send,
     now: i64,
     limit: u64,
-) -> Result<(Vec<Claimed>, &'static str, String), StoreError> {
+) -> Result<Materialized, StoreError> {
     use sea_orm::ConnectionTrait;
     let backend = txn.get_database_backend();
     let token_phase = match send.audience_phase.as_str() {
         PHASE_TOKEN => true,
         PHASE_WINDOW => false,
-        _ => return Ok((Vec::new(), PHASE_DONE, String::new())),
+        _ => {
+            return Ok(Materialized {
+                claimed: Vec::new(),
+                skipped: 0,
+                phase: PHASE_DONE,
+                cursor: String::new(),
+            });
+        }
     };
     let phase = if token_phase {
         PHASE_TOKEN
     } else {
         PHASE_WINDOW
     };
+    let kinds = send.token_kinds();
     let after = send.audience_cursor.as_str();
 
     // The next `limit` users of the phase: how many there are, and the last one's psid.
@@ -102,7 +139,7 @@ pub(super) async fn materialize(
         "SELECT COUNT(*) AS n, MAX(psid) AS last FROM (SELECT s.psid AS psid \
          FROM subscribers s WHERE "
     });
-    audience_condition(&mut sql, send, token_phase, now, after, None);
+    audience_condition(&mut sql, send, &kinds, token_phase, now, after, None);
     sql.push(if token_phase {
         " ORDER BY o.psid LIMIT "
     } else {
@@ -117,12 +154,8 @@ pub(super) async fn materialize(
     let exhausted = (slice.n as u64) < limit;
 
     let mut claimed = Vec::new();
+    let mut skipped = 0;
     if let Some(through) = slice.last.as_deref() {
-        let route = if token_phase {
-            Route::Token
-        } else {
-            Route::Window
-        };
         let mut sql = Sql::new(backend);
         sql.push(DELIVERY_COLUMNS)
             .push("SELECT ")
@@ -130,43 +163,75 @@ pub(super) async fn materialize(
             .push(", ")
             .bind(send.page_id.as_str());
         if token_phase {
-            sql.push(", r.psid, 'token', r.id, 'in_flight', 1, 1, FALSE, FALSE, 0, ")
+            // A recurring token's user inside the cooldown: skipped at once, with the reason.
+            let held = |sql: &mut Sql| {
+                sql.push("r.kind = 'recurring' AND ");
+                eligibility::in_cooldown(
+                    sql,
+                    "r.psid",
+                    &send.page_id,
+                    send.recurring_cooldown_ms,
+                    now,
+                );
+            };
+            let hours = send.recurring_cooldown_ms as f64 / 3_600_000.0;
+            let why = format!(
+                "held back by the recurring cooldown: otnd sent this subscriber a recurring \
+                 notification less than {hours} h ago (Facebook takes one per subscriber per \
+                 {hours} h)"
+            );
+            sql.push(
+                ", r.psid, CASE WHEN r.kind = 'recurring' THEN 'recurring' ELSE 'token' END, \
+                 r.id, CASE WHEN ",
+            );
+            held(&mut sql);
+            sql.push(" THEN 'skipped' ELSE 'in_flight' END, CASE WHEN ");
+            held(&mut sql);
+            sql.push(" THEN 0 ELSE 1 END, 1, FALSE, FALSE, 0, CASE WHEN ");
+            held(&mut sql);
+            sql.push(" THEN ")
+                .bind(why)
+                .push(" ELSE NULL END, ")
                 .bind(now)
                 .push(" FROM (");
-            // Each user's first-expiring usable opt-in: SQLite takes the bare columns of a
-            // MIN() aggregate from the row holding the minimum; PostgreSQL has DISTINCT ON.
+            // Each user's token by the choice key: SQLite takes the bare columns of a MIN()
+            // aggregate from the row holding the minimum; PostgreSQL has DISTINCT ON.
             if backend == DatabaseBackend::Postgres {
                 sql.push(
-                    "SELECT DISTINCT ON (o.psid) o.psid AS psid, o.id AS id FROM optins o WHERE ",
-                );
-                audience_condition(&mut sql, send, true, now, after, Some(through));
-                sql.push(" ORDER BY o.psid, o.expires_at, o.id");
-            } else {
-                sql.push(
-                    "SELECT o.psid AS psid, o.id AS id, MIN(o.expires_at) AS first_expiry \
+                    "SELECT DISTINCT ON (o.psid) o.psid AS psid, o.id AS id, o.kind AS kind \
                      FROM optins o WHERE ",
                 );
-                audience_condition(&mut sql, send, true, now, after, Some(through));
+                audience_condition(&mut sql, send, &kinds, true, now, after, Some(through));
+                sql.push(&format!(" ORDER BY o.psid, {CHOICE_KEY}, o.id"));
+            } else {
+                sql.push(&format!(
+                    "SELECT o.psid AS psid, o.id AS id, o.kind AS kind, MIN({CHOICE_KEY}) \
+                     AS choice FROM optins o WHERE "
+                ));
+                audience_condition(&mut sql, send, &kinds, true, now, after, Some(through));
                 sql.push(" GROUP BY o.psid");
             }
-            // (The condition names `first_expiry` so that SQLite keeps the MIN() its bare
-            // columns are chosen by; PostgreSQL's subquery has no such column.)
+            // (The condition names `choice` so that SQLite keeps the MIN() its bare columns
+            // are chosen by; PostgreSQL's subquery has no such column.)
             sql.push(if backend == DatabaseBackend::Postgres {
                 ") AS r WHERE TRUE ORDER BY r.psid"
             } else {
-                ") AS r WHERE r.first_expiry IS NOT NULL ORDER BY r.psid"
+                ") AS r WHERE r.choice IS NOT NULL ORDER BY r.psid"
             });
         } else {
             sql.push(
-                ", s.psid, 'window', CAST(NULL AS BIGINT), 'in_flight', 1, 1, FALSE, FALSE, 0, ",
+                ", s.psid, 'window', CAST(NULL AS BIGINT), 'in_flight', 1, 1, FALSE, FALSE, 0, \
+                 NULL, ",
             )
             .bind(now)
             .push(" FROM subscribers s WHERE ");
-            audience_condition(&mut sql, send, false, now, after, Some(through));
+            audience_condition(&mut sql, send, &kinds, false, now, after, Some(through));
             sql.push(" ORDER BY s.psid");
         }
-        // A user who already has this send's token delivery is skipped by the unique key.
-        sql.push(" ON CONFLICT (send_id, psid) DO NOTHING RETURNING id, psid, optin_id");
+        // A user who already has this send's delivery is skipped by the unique key.
+        sql.push(
+            " ON CONFLICT (send_id, psid) DO NOTHING RETURNING id, psid, route, state, optin_id",
+        );
         let inserted = Inserted::find_by_statement(sql.statement())
             .all(txn)
             .await?;
@@ -176,34 +241,56 @@ pub(super) async fn materialize(
             // this page's actor adds deliveries to the send, and its earlier ones are older.
             let first = inserted.iter().map(|row| row.id).min().unwrap_or_default();
             let last = inserted.iter().map(|row| row.id).max().unwrap_or_default();
-            let event = OptInEvent::Reserve;
-            let mut sql = Sql::new(backend);
-            sql.push("UPDATE optins SET state = ")
-                .bind(event.target())
-                .push(" WHERE id IN (SELECT d.optin_id FROM deliveries d WHERE d.send_id = ")
-                .bind(send.id.as_str())
-                .push(" AND d.id BETWEEN ")
-                .bind(first)
-                .push(" AND ")
-                .bind(last)
-                .push(")");
-            crate::store::optins::guard(&mut sql, event, "state");
-            sql.push(" RETURNING id, token, expires_at");
-            let reserved = Reserved::find_by_statement(sql.statement())
-                .all(txn)
-                .await?;
-            if reserved.len() != inserted.len() {
-                // Only this page's actor reserves opt-ins: another writer is at work.
-                return Err(StoreError::Conflict);
+            let of_route = |sql: &mut Sql, route: Route| {
+                sql.push(" WHERE id IN (SELECT d.optin_id FROM deliveries d WHERE d.send_id = ")
+                    .bind(send.id.as_str())
+                    .push(" AND d.id BETWEEN ")
+                    .bind(first)
+                    .push(" AND ")
+                    .bind(last)
+                    .push(&format!(
+                        " AND d.route = '{}' AND d.state = 'in_flight')",
+                        route.as_str()
+                    ));
+            };
+            let one_time = inserted.iter().filter(|r| r.route == Route::Token).count();
+            if one_time > 0 {
+                let event = OptInEvent::Reserve;
+                let mut sql = Sql::new(backend);
+                sql.push("UPDATE optins SET state = ").bind(event.target());
+                of_route(&mut sql, Route::Token);
+                crate::store::optins::guard(&mut sql, event, "state");
+                sql.push(" RETURNING id, token, expires_at");
+                let reserved = Token::find_by_statement(sql.statement()).all(txn).await?;
+                if reserved.len() != one_time {
+                    // Only this page's actor reserves opt-ins: another writer is at work.
+                    return Err(StoreError::Conflict);
+                }
+                tokens.extend(
+                    reserved
+                        .into_iter()
+                        .map(|t| (t.id, (t.token, t.expires_at))),
+                );
             }
-            tokens = reserved
-                .into_iter()
-                .map(|row| (row.id, (row.token, row.expires_at)))
-                .collect();
+            if inserted
+                .iter()
+                .any(|r| r.route == Route::Recurring && r.state == DeliveryState::InFlight)
+            {
+                // A recurring token is read, not reserved: it stays active for other sends.
+                let mut sql = Sql::new(backend);
+                sql.push("SELECT id, token, expires_at FROM optins");
+                of_route(&mut sql, Route::Recurring);
+                let read = Token::find_by_statement(sql.statement()).all(txn).await?;
+                tokens.extend(read.into_iter().map(|t| (t.id, (t.token, t.expires_at))));
+            }
         }
         claimed.reserve(inserted.len());
         for row in inserted {
-            let (token, expires_at) = match row.optin_id.and_then(|id| tokens.remove(&id)) {
+            if row.state == DeliveryState::Skipped {
+                skipped += 1;
+                continue;
+            }
+            let (token, expires_at) = match row.optin_id.and_then(|id| tokens.get(&id).cloned()) {
                 Some((token, expires_at)) => (Some(token), Some(expires_at)),
                 None if token_phase => return Err(StoreError::Conflict),
                 None => (None, None),
@@ -211,7 +298,7 @@ pub(super) async fn materialize(
             claimed.push(Claimed {
                 id: row.id,
                 psid: row.psid,
-                route,
+                route: row.route,
                 attempts: 1,
                 claim: 1,
                 ambiguous: false,
@@ -228,7 +315,12 @@ pub(super) async fn materialize(
         (true, true, true) => (PHASE_WINDOW, String::new()),
         (true, _, _) => (PHASE_DONE, String::new()),
     };
-    Ok((claimed, next_phase, cursor))
+    Ok(Materialized {
+        claimed,
+        skipped,
+        phase: next_phase,
+        cursor,
+    })
 }
 
 #[cfg(test)]
@@ -247,9 +339,11 @@ mod tests {
 
     /// Materialises up to `limit` recipients of `send` as its row stands in `send`, committed.
     async fn next(t: &TestStore, send: &Send, limit: u64) -> (Vec<Claimed>, &'static str, String) {
-        t.txn(async |txn| materialize(txn, send, now_ms(), limit).await)
+        let made = t
+            .txn(async |txn| materialize(txn, send, now_ms(), limit).await)
             .await
-            .unwrap()
+            .unwrap();
+        (made.claimed, made.phase, made.cursor)
     }
 
     fn psids(claimed: &[Claimed]) -> Vec<&str> {
@@ -279,6 +373,7 @@ mod tests {
                     segment,
                     max_active: 10,
                     expected: 0,
+                    recurring_cooldown_ms: 48 * 3_600_000,
                 };
                 start(txn, new, now_ms()).await
             })

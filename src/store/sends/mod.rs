@@ -37,7 +37,7 @@ pub use recovery::recover_in_flight;
 
 use super::{StoreError, optins, sql::Sql};
 use crate::domain::{
-    DeliveryEvent, DeliveryState, OptInEvent, Route, SegmentRule, SendEvent, SendState,
+    DeliveryEvent, DeliveryState, OptInEvent, Route, SegmentRule, SendEvent, SendState, TokenKind,
 };
 
 /// Rows per multi-row statement. Each statement is a round trip to the database thread and,
@@ -69,6 +69,10 @@ pub mod send {
         pub topic: String,
         pub message: String,
         pub include_window_users: bool,
+        /// The kinds of token the audience takes, frozen from the story ('' is every kind).
+        pub token_kinds: String,
+        /// How long after a recurring notification to a subscriber this send holds another back.
+        pub recurring_cooldown_ms: i64,
         pub segment_rule: Option<String>,
         pub audience_phase: String,
         pub audience_cursor: String,
@@ -144,6 +148,11 @@ impl Send {
 
     pub fn audience_done(&self) -> bool {
         self.audience_phase == PHASE_DONE
+    }
+
+    /// The kinds of token the audience takes.
+    pub fn token_kinds(&self) -> Vec<TokenKind> {
+        TokenKind::split(&self.token_kinds)
     }
 
     pub fn segment(&self) -> Option<SegmentRule> {
@@ -572,6 +581,8 @@ mod tests {
             started_at: None,
             finished_at: None,
             updated_at: 0,
+            token_kinds: String::new(),
+            recurring_cooldown_ms: 48 * 3_600_000,
         };
         assert_eq!(row.pending(), 2);
         assert_eq!(

@@ -12,7 +12,7 @@ use super::{
     push_values, set_state, settle_optins, update_send,
 };
 use crate::{
-    domain::{DeliveryEvent, DeliveryState, SendEvent, SendState},
+    domain::{DeliveryEvent, DeliveryState, OptInEvent, SendEvent, SendState},
     store::{StoreError, leases::Fence, sql::Sql},
 };
 
@@ -41,6 +41,12 @@ pub enum Outcome {
     },
     /// It may have landed, and it is not retried.
     Unknown { error: DeliveryError },
+    /// Facebook held a recurring message back (the subscriber's minimum gap): not sent, and
+    /// not a failure of the recipient; `skipped` with Facebook's reason.
+    Declined { error: DeliveryError },
+    /// The user stopped recurring notifications on the topic: failed, and the token is stopped
+    /// (never presented again until the user resumes).
+    TokenStopped { error: DeliveryError },
 }
 
 impl Outcome {
@@ -81,7 +87,9 @@ pub struct Answer {
 enum Kind {
     Accept,
     RefuseToken,
+    RefuseStopped,
     Refuse,
+    Decline,
     Retry,
     Lose,
     /// A retry the send no longer wants (it was cancelled): skipped where nothing of it can
@@ -94,7 +102,8 @@ impl Kind {
     fn event(self) -> DeliveryEvent {
         match self {
             Kind::Accept => DeliveryEvent::Accept,
-            Kind::RefuseToken | Kind::Refuse => DeliveryEvent::Refuse,
+            Kind::RefuseToken | Kind::RefuseStopped | Kind::Refuse => DeliveryEvent::Refuse,
+            Kind::Decline => DeliveryEvent::Skip,
             Kind::Retry => DeliveryEvent::Retry,
             Kind::Lose => DeliveryEvent::Lose,
             Kind::Withdraw => DeliveryEvent::Skip,
@@ -110,6 +119,8 @@ impl Kind {
                 ..
             } => Kind::RefuseToken,
             Outcome::Failed { .. } => Kind::Refuse,
+            Outcome::TokenStopped { .. } => Kind::RefuseStopped,
+            Outcome::Declined { .. } => Kind::Decline,
             Outcome::Retry {
                 ambiguous: true, ..
             } if cancelled => Kind::Lose,
@@ -185,6 +196,18 @@ pub async fn record(
                 moved.len() as i64,
             );
             settle_optins(txn, &moved, event.target(), *kind == Kind::RefuseToken, now).await?;
+            // A recurring token is never reserved: it is active while its delivery is out.
+            // Refused for good it is rejected, stopped by its user it is stopped. (A one-time
+            // token was reserved, and settled above; these events leave it as it is.)
+            let recurring = match kind {
+                Kind::RefuseToken => Some(OptInEvent::Invalidate),
+                Kind::RefuseStopped => Some(OptInEvent::Stop),
+                _ => None,
+            };
+            if let Some(event) = recurring {
+                let optins: Vec<i64> = moved.iter().filter_map(|m| m.optin_id).collect();
+                crate::store::optins::apply(txn, event, &optins, now).await?;
+            }
         }
     }
     let mut rows = Vec::new();
@@ -281,7 +304,9 @@ fn statement(sql: &mut Sql, kind: Kind, rows: &[&Answer], now: i64) -> Result<()
             }
             (Outcome::Retry { error, .. }, _)
             | (Outcome::Failed { error, .. }, _)
-            | (Outcome::Unknown { error }, _) => bind_error(sql, error),
+            | (Outcome::Unknown { error }, _)
+            | (Outcome::Declined { error }, _)
+            | (Outcome::TokenStopped { error }, _) => bind_error(sql, error),
         }
     });
     sql.push(") AS v WHERE deliveries.id = v.column1 AND deliveries.claim = v.column2");

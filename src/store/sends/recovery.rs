@@ -11,7 +11,8 @@ use crate::{
 
 /// Settles the send's deliveries found in flight. A token delivery goes back to pending, marked
 /// ambiguous, so that its retry with the same token settles it (the token is single-use); a
-/// standard message becomes `unknown` and is never retried (no idempotency at Facebook). A
+/// standard message or a recurring notification becomes `unknown` and is never retried (no
+/// idempotency at Facebook, and a recurring token stays valid after use). A
 /// cancelled send retries nothing: its token deliveries are `unknown` too, their tokens spent.
 /// Returns how many deliveries were recovered.
 pub async fn recover_in_flight(
@@ -41,6 +42,12 @@ pub async fn recover_in_flight(
                 DeliveryEvent::Lose,
                 "otnd stopped while this standard message was in flight; it may or may not \
                  have landed",
+            ),
+            // A recurring token is reusable: a retry could message the user twice.
+            (Route::Recurring, _) => (
+                DeliveryEvent::Lose,
+                "otnd stopped while this recurring notification was in flight; it may or may \
+                 not have landed",
             ),
         };
         let moved = move_with_reason(

@@ -26,11 +26,13 @@ pub(super) fn outcome(parsed: &ParsedWebhook) -> Outcome {
                     .iter()
                     .map(|event| {
                         let taken = match &event.kind {
-                            EventKind::OptIn { topic, token } => Taken::OptIn {
+                            EventKind::OptIn { topic, token, .. } => Taken::OptIn {
                                 topic: topic.as_str().into(),
                                 token: token.as_str().into(),
                             },
-                            EventKind::Interaction => Taken::Interaction,
+                            EventKind::Interaction | EventKind::SubscriptionChange { .. } => {
+                                Taken::Interaction
+                            }
                             EventKind::Seen => Taken::Seen,
                         };
                         (event.psid.as_str().to_string(), event.at_ms, taken)

@@ -385,6 +385,7 @@ pub(super) async fn sweep_fixture(app: &mut TestApp, page: &str) -> wire::Ids {
             topic: "Fuzz".into(),
             token: format!("tok-fixture-{page}"),
             opt_in_time: None,
+            ..Default::default()
         })
         .await
         .expect("RecordOptIn");

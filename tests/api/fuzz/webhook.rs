@@ -478,7 +478,7 @@ backend_tests! {
                 let parsed = parse(&post.body, now).expect("a body the webhook took parses");
                 let mine = expected.entry(page).or_default();
                 for event in parsed.pages.iter().filter(|(p, _)| p.as_str() == page).flat_map(|(_, e)| e) {
-                    if let EventKind::OptIn { topic, token } = &event.kind {
+                    if let EventKind::OptIn { topic, token, .. } = &event.kind {
                         mine.entry(token.as_str().to_string()).or_insert_with(|| {
                             (event.psid.as_str().to_string(), topic.as_str().to_string())
                         });

@@ -379,6 +379,7 @@ impl<'a> World<'a> {
                     content: Some(text(format!("story {n} v0"))),
                     include_window_users: *window,
                     segment_id,
+                    ..Default::default()
                 };
                 let result = StoryServiceClient::new(self.channel())
                     .create_story(request.clone())
