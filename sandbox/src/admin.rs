@@ -1,5 +1,5 @@
-//! `/__sandbox/*`: create pages, opt-ins and interactions (posting their webhooks), set faults,
-//! and read the judge's ledger and counters.
+//! `/__sandbox/*`: create pages, opt-ins (one-time and recurring), STOP and RESUME, and
+//! interactions (posting their webhooks), set faults, and read the judge's ledger and counters.
 
 use std::sync::Arc;
 
@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 use super::{
     Shared, now_ms,
     webhook::{self, EVENTS_PER_POST, OptInEvent},
-    world::{Faults, Page, TOKEN_LIFETIME_SECONDS},
+    wire::{DEFAULT_RECURRING_TITLE, MAX_RECURRING_TITLE_CHARS},
+    world::{Faults, Page, RecurringStatusError, RecurringTerms, TOKEN_LIFETIME_SECONDS},
 };
 
 /// The most opt-ins one bulk call creates.
@@ -91,6 +92,76 @@ struct NewOptIns {
     count: Option<u64>,
     expires_in_seconds: Option<i64>,
     deliver_webhook: Option<bool>,
+    /// "one_time" (default) or "recurring".
+    kind: Option<String>,
+    /// Recurring only, like the next two.
+    title: Option<String>,
+    timezone: Option<String>,
+    user_token_status: Option<String>,
+}
+
+const USER_TOKEN_STATUSES: [&str; 2] = ["NOT_REFRESHED", "REFRESHED"];
+
+/// The subscription terms of a recurring opt-in; `None` for a one-time opt-in, which takes none
+/// of the recurring fields.
+fn recurring_terms(request: &NewOptIns, now: i64) -> Result<Option<RecurringTerms>, AdminError> {
+    match request.kind.as_deref() {
+        None | Some("one_time") => {
+            for (field, given) in [
+                ("title", request.title.is_some()),
+                ("timezone", request.timezone.is_some()),
+                ("user_token_status", request.user_token_status.is_some()),
+            ] {
+                if given {
+                    return Err(bad_request(format!(
+                        "{field} is only for kind \"recurring\""
+                    )));
+                }
+            }
+            Ok(None)
+        }
+        Some("recurring") => {
+            let title = request
+                .title
+                .clone()
+                .unwrap_or_else(|| DEFAULT_RECURRING_TITLE.to_string());
+            let title_chars = title.chars().count();
+            if !(1..=MAX_RECURRING_TITLE_CHARS).contains(&title_chars) {
+                return Err(bad_request(format!(
+                    "title must be 1 to {MAX_RECURRING_TITLE_CHARS} characters, got {title_chars}"
+                )));
+            }
+            let timezone = request
+                .timezone
+                .clone()
+                .unwrap_or_else(|| "UTC".to_string());
+            if timezone.is_empty() {
+                return Err(bad_request("timezone must not be empty"));
+            }
+            let user_token_status = request
+                .user_token_status
+                .clone()
+                .unwrap_or_else(|| USER_TOKEN_STATUSES[0].to_string());
+            if !USER_TOKEN_STATUSES.contains(&user_token_status.as_str()) {
+                return Err(bad_request(format!(
+                    "user_token_status must be NOT_REFRESHED or REFRESHED, got \"{user_token_status}\""
+                )));
+            }
+            // Recurring tokens issued since August 2023 do not expire unless told otherwise.
+            let expires_at_ms = request
+                .expires_in_seconds
+                .map(|seconds| now.saturating_add(seconds.saturating_mul(1000)));
+            Ok(Some(RecurringTerms {
+                title,
+                timezone,
+                user_token_status,
+                expires_at_ms,
+            }))
+        }
+        Some(other) => Err(bad_request(format!(
+            "kind must be \"one_time\" or \"recurring\", got \"{other}\""
+        ))),
+    }
 }
 
 pub async fn create_optins(
@@ -114,28 +185,45 @@ pub async fn create_optins(
         return Err(bad_request("expires_in_seconds must not be negative"));
     }
     let now = now_ms();
-    let (events, webhook_target) = {
+    let recurring = recurring_terms(&request, now)?;
+    let (tokens, events, webhook_target) = {
         let mut world = shared.world();
         let page = world
             .page(&request.page_id)
             .cloned()
             .ok_or_else(|| not_found(format!("page {} is not in the sandbox", request.page_id)))?;
         let target = webhook_target(&page, request.deliver_webhook)?;
-        let events: Vec<OptInEvent> = psids
-            .into_iter()
-            .map(|psid| {
-                let token =
-                    world.issue_token(&request.page_id, &psid, &request.payload, lifetime, now);
-                OptInEvent {
-                    psid,
-                    payload: request.payload.clone(),
-                    token,
+        let mut tokens = Vec::with_capacity(psids.len());
+        let mut events = Vec::with_capacity(if target.is_some() { psids.len() } else { 0 });
+        for psid in psids {
+            let (token, event) = match &recurring {
+                None => {
+                    let token =
+                        world.issue_token(&request.page_id, &psid, &request.payload, lifetime, now);
+                    let event = target
+                        .is_some()
+                        .then(|| OptInEvent::one_time(psid, &request.payload, &token));
+                    (token, event)
                 }
-            })
-            .collect();
-        (events, target)
+                Some(terms) => {
+                    let token = world.issue_recurring_token(
+                        &request.page_id,
+                        &psid,
+                        &request.payload,
+                        terms.clone(),
+                        now,
+                    );
+                    let event = target.is_some().then(|| {
+                        OptInEvent::recurring(psid, &request.payload, terms, Some(&token), None)
+                    });
+                    (token, event)
+                }
+            };
+            tokens.push(token);
+            events.extend(event);
+        }
+        (tokens, events, target)
     };
-    let tokens: Vec<&str> = events.iter().map(|e| e.token.as_str()).collect();
     let answer = if request.psid.is_some() {
         json!({"token": tokens[0]})
     } else {
@@ -149,6 +237,85 @@ pub async fn create_optins(
         webhook::deliver_in_order(shared.clone(), url, secret, bodies);
     }
     Ok(Json(answer))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRecurringStatus {
+    page_id: String,
+    token: String,
+    /// "STOP" or "RESUME".
+    status: String,
+    /// "underscore" (default: `STOP_NOTIFICATIONS`) or "space" (`STOP NOTIFICATIONS`): Facebook
+    /// has sent both.
+    spelling: Option<String>,
+    /// Whether the webhook names the token (default true).
+    include_token: Option<bool>,
+    deliver_webhook: Option<bool>,
+}
+
+/// The user stops or resumes a recurring subscription; the signed webhook tells the page.
+pub async fn set_recurring_status(
+    State(shared): State<Arc<Shared>>,
+    body: axum::body::Bytes,
+) -> AdminResult {
+    let request: NewRecurringStatus = parse(&body)?;
+    let stopped = match request.status.as_str() {
+        "STOP" => true,
+        "RESUME" => false,
+        other => {
+            return Err(bad_request(format!(
+                "status must be \"STOP\" or \"RESUME\", got \"{other}\""
+            )));
+        }
+    };
+    let separator = match request.spelling.as_deref() {
+        None | Some("underscore") => '_',
+        Some("space") => ' ',
+        Some(other) => {
+            return Err(bad_request(format!(
+                "spelling must be \"underscore\" or \"space\", got \"{other}\""
+            )));
+        }
+    };
+    let notification_status = format!("{}{separator}NOTIFICATIONS", request.status);
+    let now = now_ms();
+    let (subscription, target) = {
+        let mut world = shared.world();
+        let page = world
+            .page(&request.page_id)
+            .cloned()
+            .ok_or_else(|| not_found(format!("page {} is not in the sandbox", request.page_id)))?;
+        let target = webhook_target(&page, request.deliver_webhook)?;
+        let subscription = world
+            .set_recurring_stopped(&request.page_id, &request.token, stopped)
+            .map_err(|error| match error {
+                RecurringStatusError::OneTime => bad_request(
+                    "token is a one-time token; only recurring tokens can be stopped or resumed",
+                ),
+                RecurringStatusError::Unknown => not_found(format!(
+                    "token is not a recurring token of page {}",
+                    request.page_id
+                )),
+            })?;
+        (subscription, target)
+    };
+    if let Some((url, secret)) = target {
+        let token = request
+            .include_token
+            .unwrap_or(true)
+            .then_some(request.token.as_str());
+        let event = OptInEvent::recurring(
+            subscription.psid,
+            &subscription.payload,
+            &subscription.terms,
+            token,
+            Some(&notification_status),
+        );
+        let body = webhook::optin_envelope(&request.page_id, &[event], now);
+        webhook::deliver_in_order(shared.clone(), url, secret, vec![body]);
+    }
+    Ok(Json(json!({})))
 }
 
 /// Where to post a page's webhook: `deliver_webhook` absent means "if the page has a URL".

@@ -62,6 +62,9 @@ struct Args {
     /// Seed of the fault dice, for reproducible runs.
     #[arg(long)]
     seed: Option<u64>,
+    /// The least seconds between two recurring messages to one subscriber before 4/2018354.
+    #[arg(long, default_value_t = crate::world::RECURRING_COOLDOWN_SECONDS)]
+    recurring_cooldown_seconds: u64,
     /// Tries per webhook POST before it is abandoned.
     #[arg(long, default_value_t = 8)]
     webhook_max_attempts: u32,
@@ -89,6 +92,8 @@ impl Args {
             capacity_block_ms: self.capacity_block_ms,
             app_capacity_per_second: self.app_capacity_per_second,
             seed: self.seed,
+            recurring_cooldown_seconds: self.recurring_cooldown_seconds,
+            enforce_recurring_gap: true,
         }
     }
 }

@@ -23,7 +23,7 @@ use axum::{
 use tokio::net::TcpListener;
 
 pub use graph::MAX_BATCH_ITEMS;
-pub use world::{AcceptedMessage, Faults, Stats};
+pub use world::{AcceptedMessage, Faults, Stats, TokenKind};
 
 #[derive(Clone, Debug)]
 pub struct SandboxOptions {
@@ -96,6 +96,10 @@ pub fn router(options: SandboxOptions) -> Result<Router, String> {
         .route("/{version}/{node}/messages", post(graph::messages))
         .route("/__sandbox/pages", post(admin::create_page))
         .route("/__sandbox/optins", post(admin::create_optins))
+        .route(
+            "/__sandbox/recurring/status",
+            post(admin::set_recurring_status),
+        )
         .route("/__sandbox/interactions", post(admin::create_interaction))
         .route(
             "/__sandbox/faults",

@@ -6,15 +6,63 @@ use std::{sync::Arc, time::Duration};
 
 use serde_json::{Value, json};
 
-use super::{Shared, wire};
+use super::{Shared, wire, world::RecurringTerms};
 
 /// Facebook sends at most this many events in one POST of a bulk load (otnd choice, DESIGN.md).
 pub const EVENTS_PER_POST: usize = 100;
 
+/// One `messaging_optins` event: who opted in (or stopped, or resumed), and its `optin` object.
 pub struct OptInEvent {
     pub psid: String,
-    pub payload: String,
-    pub token: String,
+    pub optin: Value,
+}
+
+impl OptInEvent {
+    /// A one-time notification opt-in.
+    pub fn one_time(psid: String, payload: &str, token: &str) -> Self {
+        OptInEvent {
+            psid,
+            optin: json!({
+                "type": "one_time_notif_req",
+                "payload": payload,
+                "one_time_notif_token": token,
+            }),
+        }
+    }
+
+    /// A recurring subscription: a plain opt-in (`status` `None`) or a STOP or RESUME, whose
+    /// `status` is the spelling Facebook sent. Without `token`, the event names none (Facebook
+    /// has been seen to leave it out of status changes).
+    pub fn recurring(
+        psid: String,
+        payload: &str,
+        terms: &RecurringTerms,
+        token: Option<&str>,
+        status: Option<&str>,
+    ) -> Self {
+        let mut optin = json!({
+            "type": "notification_messages",
+            "payload": payload,
+            "title": terms.title,
+            "notification_messages_timezone": terms.timezone,
+        });
+        if let Some(token) = token {
+            optin["notification_messages_token"] = json!(token);
+        }
+        match status {
+            None => {
+                if let Some(expiry) = terms.expires_at_ms {
+                    optin["token_expiry_timestamp"] = json!(expiry);
+                }
+                optin["user_token_status"] = json!(terms.user_token_status);
+            }
+            Some(status) => {
+                optin["user_token_status"] = json!("NOT_REFRESHED");
+                optin["notification_messages_status"] = json!(status);
+            }
+        }
+        OptInEvent { psid, optin }
+    }
 }
 
 pub fn optin_envelope(page_id: &str, events: &[OptInEvent], time_ms: i64) -> Value {
@@ -25,11 +73,7 @@ pub fn optin_envelope(page_id: &str, events: &[OptInEvent], time_ms: i64) -> Val
                 "sender": {"id": event.psid},
                 "recipient": {"id": page_id},
                 "timestamp": time_ms,
-                "optin": {
-                    "type": "one_time_notif_req",
-                    "payload": event.payload,
-                    "one_time_notif_token": event.token,
-                },
+                "optin": event.optin,
             })
         })
         .collect();

@@ -170,7 +170,7 @@ impl GraphError {
             400,
             100,
             None,
-            "(#100) Param recipient must have exactly one of id or one_time_notif_token".into(),
+            "(#100) Param recipient must have exactly one of id, one_time_notif_token or notification_messages_token".into(),
             "invalid_recipient",
         )
     }
@@ -193,6 +193,50 @@ impl GraphError {
             None,
             "(#100) The one-time notification token is invalid, expired or already used".into(),
             reason,
+        )
+    }
+
+    /// Unknown, foreign or expired: one answer, as for one-time tokens.
+    pub fn recurring_token_invalid(reason: &'static str) -> Self {
+        Self::new(
+            400,
+            100,
+            None,
+            "(#100) The notification_messages_token is invalid or expired".into(),
+            reason,
+        )
+    }
+
+    /// The user sent STOP: the token is dead until a RESUME.
+    pub fn recurring_stopped() -> Self {
+        Self::new(
+            400,
+            10,
+            Some(1893015),
+            "(#10) The user has stopped notifications on this topic".into(),
+            "recurring_token_stopped",
+        )
+    }
+
+    /// A recurring message inside the subscriber's minimum gap: skip them, not a throttle.
+    pub fn recurring_gap() -> Self {
+        Self::new(
+            400,
+            4,
+            Some(2018354),
+            "(#4) Recurring notification minimum gap not respected".into(),
+            "recurring_gap",
+        )
+    }
+
+    /// A second recurring opt-in request with the same title within a week.
+    pub fn too_many_recurring_requests() -> Self {
+        Self::new(
+            400,
+            9,
+            Some(2018352),
+            "(#9) Too many notification_messages requests".into(),
+            "too_many_recurring_requests",
         )
     }
 
@@ -270,14 +314,39 @@ impl GraphError {
 pub enum MessageKind {
     Text,
     ButtonTemplate,
-    OptInRequest { payload: String },
+    OptInRequest {
+        payload: String,
+    },
+    /// `template_type: notification_messages`; `title` defaulted when absent.
+    RecurringOptInRequest {
+        title: String,
+        payload: String,
+    },
 }
 
 impl MessageKind {
     pub fn is_optin_request(&self) -> bool {
-        matches!(self, MessageKind::OptInRequest { .. })
+        matches!(
+            self,
+            MessageKind::OptInRequest { .. } | MessageKind::RecurringOptInRequest { .. }
+        )
     }
 }
+
+/// The title of a recurring opt-in request (and subscription) that names none.
+pub const DEFAULT_RECURRING_TITLE: &str = "Updates and promotions";
+/// The most characters of a recurring opt-in request's title.
+pub const MAX_RECURRING_TITLE_CHARS: usize = 65;
+
+const RECURRING_CTA_TEXTS: [&str; 6] = [
+    "ALLOW",
+    "FREQUENCY",
+    "GET",
+    "GET_UPDATES",
+    "OPT_IN",
+    "SIGN_UP",
+];
+const RECURRING_REOPTIN: [&str; 2] = ["ENABLED", "DISABLED"];
 
 fn chars(value: &str) -> usize {
     value.chars().count()
@@ -295,6 +364,33 @@ fn text_field<'a>(
         ))),
         None => Err(GraphError::missing_param(path)),
     }
+}
+
+/// A string field that may be absent.
+fn optional_text_field<'a>(
+    object: &'a Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<Option<&'a str>, GraphError> {
+    match object.get(key) {
+        None => Ok(None),
+        Some(_) => text_field(object, key, path).map(Some),
+    }
+}
+
+fn one_of(value: &str, path: &str, allowed: &[&str]) -> Result<(), GraphError> {
+    if allowed.contains(&value) {
+        return Ok(());
+    }
+    Err(GraphError::invalid_param(format!(
+        "Param {path} must be one of {}, got '{value}'",
+        allowed.join(", ")
+    )))
+}
+
+fn is_http_url(value: &str) -> bool {
+    url::Url::parse(value)
+        .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
 }
 
 fn length_between(value: &str, path: &str, min: usize, max: usize) -> Result<(), GraphError> {
@@ -387,10 +483,51 @@ fn validate_attachment(attachment: &Value) -> Result<MessageKind, GraphError> {
                 payload: topic.to_string(),
             })
         }
+        "notification_messages" => validate_recurring_request(payload),
         other => Err(GraphError::invalid_param(format!(
             "Param message[attachment][payload][template_type] '{other}' is not supported by the sandbox"
         ))),
     }
+}
+
+/// The recurring opt-in request template's fields, as Meta documents them.
+fn validate_recurring_request(payload: &Map<String, Value>) -> Result<MessageKind, GraphError> {
+    const PREFIX: &str = "message[attachment][payload]";
+    let path = |key: &str| format!("{PREFIX}[{key}]");
+    let title = match optional_text_field(payload, "title", &path("title"))? {
+        Some(title) => {
+            length_between(title, &path("title"), 1, MAX_RECURRING_TITLE_CHARS)?;
+            title
+        }
+        None => DEFAULT_RECURRING_TITLE,
+    };
+    let topic = text_field(payload, "payload", &path("payload"))?;
+    length_between(topic, &path("payload"), 1, usize::MAX)?;
+    if let Some(image_url) = optional_text_field(payload, "image_url", &path("image_url"))?
+        && !is_http_url(image_url)
+    {
+        return Err(GraphError::invalid_param(format!(
+            "Param {} must be a valid http(s) URL",
+            path("image_url")
+        )));
+    }
+    optional_text_field(
+        payload,
+        "notification_messages_timezone",
+        &path("notification_messages_timezone"),
+    )?;
+    for (key, allowed) in [
+        ("notification_messages_cta_text", &RECURRING_CTA_TEXTS[..]),
+        ("notification_messages_reoptin", &RECURRING_REOPTIN[..]),
+    ] {
+        if let Some(value) = optional_text_field(payload, key, &path(key))? {
+            one_of(value, &path(key), allowed)?;
+        }
+    }
+    Ok(MessageKind::RecurringOptInRequest {
+        title: title.to_string(),
+        payload: topic.to_string(),
+    })
 }
 
 fn validate_button(button: &Value, path: &str) -> Result<(), GraphError> {
@@ -402,9 +539,7 @@ fn validate_button(button: &Value, path: &str) -> Result<(), GraphError> {
     match text_field(button, "type", &format!("{path}[type]"))? {
         "web_url" => {
             let url = text_field(button, "url", &format!("{path}[url]"))?;
-            let valid = url::Url::parse(url)
-                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
-            if !valid {
+            if !is_http_url(url) {
                 return Err(GraphError::invalid_param(format!(
                     "Param {path}[url] must be a valid http(s) URL"
                 )));

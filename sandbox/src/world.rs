@@ -1,6 +1,7 @@
 //! Everything the sandbox knows, and every Graph decision it makes, behind one lock: pages,
-//! users and their windows, one-time tokens, the ledger of accepted messages, counters and the
-//! fault dice. Decisions are synchronous and quick; the HTTP layer does the waiting.
+//! users and their windows, one-time and recurring tokens, the ledger of accepted messages,
+//! counters and the fault dice. Decisions are synchronous and quick; the HTTP layer does the
+//! waiting.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque, hash_map::Entry};
 
@@ -14,6 +15,10 @@ use super::wire::{GraphError, appsecret_proof};
 pub const WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
 /// One-time tokens are valid for a year after the opt-in.
 pub const TOKEN_LIFETIME_SECONDS: i64 = 365 * 24 * 60 * 60;
+/// One message per recurring subscriber per rolling 48 hours (Meta, since September 2025).
+pub const RECURRING_COOLDOWN_SECONDS: u64 = 48 * 60 * 60;
+/// At most one recurring opt-in request per title per user per week.
+const RECURRING_REQUEST_INTERVAL_MS: i64 = 7 * 24 * 60 * 60 * 1000;
 
 #[derive(Clone, Debug)]
 pub struct Page {
@@ -27,6 +32,11 @@ struct User {
     last_interaction_ms: Option<i64>,
     /// Opt-in request payloads (topics) already sent to this user.
     optin_requests: HashSet<String>,
+    /// Recurring opt-in requests accepted for this user: title, when last.
+    recurring_requests: HashMap<String, i64>,
+    /// The recurring tokens this user holds for the page, so that a request can be checked
+    /// against them without scanning every token.
+    recurring_tokens: Vec<String>,
 }
 
 struct Token {
@@ -38,13 +48,70 @@ struct Token {
     accepted: u32,
 }
 
+/// The terms of a recurring subscription, as the opt-in set them.
+#[derive(Clone, Debug)]
+pub struct RecurringTerms {
+    pub title: String,
+    pub timezone: String,
+    pub user_token_status: String,
+    /// `None`: the token never expires (tokens issued since August 2023).
+    pub expires_at_ms: Option<i64>,
+}
+
+/// A recurring token: reusable until it expires, dead while the user has stopped it.
+struct RecurringToken {
+    page_id: String,
+    psid: String,
+    payload: String,
+    terms: RecurringTerms,
+    stopped: bool,
+}
+
+impl RecurringToken {
+    fn is_active(&self, now_ms: i64) -> bool {
+        !self.stopped && self.terms.expires_at_ms.is_none_or(|at| now_ms < at)
+    }
+}
+
+/// A recurring subscription as a STOP or RESUME left it, for the webhook that tells of it.
+pub struct RecurringSubscription {
+    pub psid: String,
+    pub payload: String,
+    pub terms: RecurringTerms,
+}
+
+/// Why a STOP or RESUME names no recurring subscription of the page.
+pub enum RecurringStatusError {
+    /// The token is the page's, but a one-time token.
+    OneTime,
+    Unknown,
+}
+
+/// The kind of token a message was sent with.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    OneTime,
+    Recurring,
+}
+
+/// How a send named its recipient, once its rules passed.
+enum SentWith {
+    Id,
+    OneTime(String),
+    Recurring(String),
+}
+
 /// One message the sandbox accepted: the judge's ledger.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AcceptedMessage {
     pub page_id: String,
     pub psid: String,
-    /// The one-time token the message was sent with, if any.
+    /// The token (one-time or recurring) the message was sent with, if any.
     pub token: Option<String>,
+    /// `None` for a standard send to `recipient.id`.
+    #[serde(default)]
+    pub token_kind: Option<TokenKind>,
     pub messaging_type: Option<String>,
     pub message: Value,
     pub message_id: String,
@@ -91,6 +158,11 @@ pub struct Faults {
     pub app_capacity_per_second: Option<u32>,
     /// Seeds the fault dice, for reproducible runs.
     pub seed: Option<u64>,
+    /// The least time between two recurring messages to one subscriber (page, psid).
+    pub recurring_cooldown_seconds: u64,
+    /// When false, a recurring message inside the gap is accepted (and counted in
+    /// `recipients_messaged_twice_within_gap`), so that a client ignoring the rule is caught.
+    pub enforce_recurring_gap: bool,
 }
 
 impl Default for Faults {
@@ -112,6 +184,8 @@ impl Default for Faults {
             capacity_block_ms: 60_000,
             app_capacity_per_second: None,
             seed: None,
+            recurring_cooldown_seconds: RECURRING_COOLDOWN_SECONDS,
+            enforce_recurring_gap: true,
         }
     }
 }
@@ -165,6 +239,13 @@ pub struct Stats {
     pub tokens_presented_more_than_once: u64,
     pub tokens_accepted_more_than_once: u64,
     pub recipients_with_duplicate_content: u64,
+    /// Sends that presented a `notification_messages_token`, whatever their answer.
+    pub recurring_presentations: u64,
+    /// Recurring messages accepted (accepted-then-failed included).
+    pub recurring_accepted: u64,
+    /// Distinct (page, psid) that were sent two recurring messages less than
+    /// `recurring_cooldown_seconds` apart (possible only with `enforce_recurring_gap` off).
+    pub recipients_messaged_twice_within_gap: u64,
     /// Dice rolls that injected a fault, by kind.
     pub faults_injected: BTreeMap<String, u64>,
     pub webhook_posts_delivered: u64,
@@ -256,6 +337,10 @@ pub struct World {
     page_by_token: HashMap<String, String>,
     users: HashMap<(String, String), User>,
     tokens: HashMap<String, Token>,
+    recurring_tokens: HashMap<String, RecurringToken>,
+    /// When each recurring subscriber (page, psid) was last sent a recurring message.
+    last_recurring_message: HashMap<(String, String), i64>,
+    recipients_messaged_within_gap: HashSet<(String, String)>,
     messages: Vec<AcceptedMessage>,
     /// How often each (page, psid, message body) was accepted.
     deliveries_of_content: HashMap<(String, String, String), u32>,
@@ -284,6 +369,9 @@ impl World {
             page_by_token: HashMap::new(),
             users: HashMap::new(),
             tokens: HashMap::new(),
+            recurring_tokens: HashMap::new(),
+            last_recurring_message: HashMap::new(),
+            recipients_messaged_within_gap: HashSet::new(),
             messages: Vec::new(),
             deliveries_of_content: HashMap::new(),
             recipients_with_duplicates: HashSet::new(),
@@ -379,6 +467,63 @@ impl World {
         );
         self.record_interaction(page_id, psid, now_ms);
         token
+    }
+
+    /// A user opts in to recurring notifications on `payload`: a new reusable token.
+    pub fn issue_recurring_token(
+        &mut self,
+        page_id: &str,
+        psid: &str,
+        payload: &str,
+        terms: RecurringTerms,
+        now_ms: i64,
+    ) -> String {
+        let token = loop {
+            let candidate = format!("rn-{}", random_alphanumeric(&mut self.rng, 40));
+            if !self.recurring_tokens.contains_key(&candidate) {
+                break candidate;
+            }
+        };
+        self.recurring_tokens.insert(
+            token.clone(),
+            RecurringToken {
+                page_id: page_id.to_string(),
+                psid: psid.to_string(),
+                payload: payload.to_string(),
+                terms,
+                stopped: false,
+            },
+        );
+        self.record_interaction(page_id, psid, now_ms);
+        self.users
+            .get_mut(&(page_id.to_string(), psid.to_string()))
+            .expect("record_interaction made the user")
+            .recurring_tokens
+            .push(token.clone());
+        token
+    }
+
+    /// The user stops (or resumes) the page's recurring subscription `token`.
+    pub fn set_recurring_stopped(
+        &mut self,
+        page_id: &str,
+        token: &str,
+        stopped: bool,
+    ) -> Result<RecurringSubscription, RecurringStatusError> {
+        match self.recurring_tokens.get_mut(token) {
+            Some(entry) if entry.page_id == page_id => {
+                entry.stopped = stopped;
+                Ok(RecurringSubscription {
+                    psid: entry.psid.clone(),
+                    payload: entry.payload.clone(),
+                    terms: entry.terms.clone(),
+                })
+            }
+            _ if self.tokens.get(token).is_some_and(|t| t.page_id == page_id) => {
+                Err(RecurringStatusError::OneTime)
+            }
+            _ => Err(RecurringStatusError::Unknown),
+        }
     }
 
     pub fn token_payload(&self, token: &str) -> Option<&str> {
@@ -562,40 +707,60 @@ impl World {
         };
 
         let recipient = request.recipient.as_ref().and_then(Value::as_object);
-        let token = recipient
-            .and_then(|r| r.get("one_time_notif_token"))
-            .and_then(Value::as_str);
+        let token_field = |name: &str| recipient.and_then(|r| r.get(name)).and_then(Value::as_str);
+        let one_time = token_field("one_time_notif_token");
+        let recurring = token_field("notification_messages_token");
         let psid = recipient.and_then(|r| r.get("id")).and_then(json_string);
 
-        let (psid, token) = match (token, psid) {
-            (Some(token), None) => {
+        let (psid, sent_with) = match (one_time, recurring, psid) {
+            (Some(token), None, None) => {
                 if kind.is_optin_request() {
                     return self.refuse(GraphError::optin_request_needs_id(), usage);
                 }
                 match self.check_token(&page_id, token, now_ms) {
-                    Ok(psid) => (psid, Some(token.to_string())),
+                    Ok(psid) => (psid, SentWith::OneTime(token.to_string())),
                     Err(error) => return self.refuse(error, usage),
                 }
             }
-            (None, Some(psid)) => {
+            (None, Some(token), None) => {
+                if kind.is_optin_request() {
+                    return self.refuse(GraphError::optin_request_needs_id(), usage);
+                }
+                match self.check_recurring_token(&page_id, token, now_ms) {
+                    Ok(psid) => (psid, SentWith::Recurring(token.to_string())),
+                    Err(error) => return self.refuse(error, usage),
+                }
+            }
+            (None, None, Some(psid)) => {
                 if let Err(error) = self.check_window(&page_id, &psid, now_ms) {
                     return self.refuse(error, usage);
                 }
-                if let super::wire::MessageKind::OptInRequest { payload } = &kind {
-                    let user = self
-                        .users
-                        .get_mut(&(page_id.clone(), psid.clone()))
-                        .expect("a user inside the window exists");
-                    if !user.optin_requests.insert(payload.clone()) {
-                        return self.refuse(GraphError::repeated_optin_request(), usage);
+                let checked = match &kind {
+                    super::wire::MessageKind::OptInRequest { payload } => {
+                        let user = self
+                            .users
+                            .get_mut(&(page_id.clone(), psid.clone()))
+                            .expect("a user inside the window exists");
+                        if user.optin_requests.insert(payload.clone()) {
+                            Ok(())
+                        } else {
+                            Err(GraphError::repeated_optin_request())
+                        }
                     }
+                    super::wire::MessageKind::RecurringOptInRequest { title, payload } => {
+                        self.check_recurring_request(&page_id, &psid, title, payload, now_ms)
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(error) = checked {
+                    return self.refuse(error, usage);
                 }
-                (psid, None)
+                (psid, SentWith::Id)
             }
             _ => return self.refuse(GraphError::bad_recipient(), usage),
         };
 
-        let message_id = self.record(&page_id, &psid, token, &request, now_ms);
+        let message_id = self.record(&page_id, &psid, sent_with, &request, now_ms);
         if let Some(Fault::AcceptThenFail) = fault {
             self.count_fault("accept_then_fail");
             return Decision::AcceptedThenFail {
@@ -663,6 +828,82 @@ impl World {
         Ok(entry.psid.clone())
     }
 
+    fn recurring_cooldown_ms(&self) -> i64 {
+        i64::try_from(self.faults.recurring_cooldown_seconds.saturating_mul(1000))
+            .unwrap_or(i64::MAX)
+    }
+
+    /// A recurring token works for its own page, before it expires, while the user has not
+    /// stopped it, and not inside its subscriber's minimum gap. Every presentation counts.
+    fn check_recurring_token(
+        &mut self,
+        page_id: &str,
+        token: &str,
+        now_ms: i64,
+    ) -> Result<String, GraphError> {
+        self.stats.recurring_presentations += 1;
+        let cooldown_ms = self.recurring_cooldown_ms();
+        let Some(entry) = self.recurring_tokens.get(token) else {
+            return Err(GraphError::recurring_token_invalid(
+                "recurring_token_unknown",
+            ));
+        };
+        if entry.page_id != page_id {
+            return Err(GraphError::recurring_token_invalid(
+                "recurring_token_foreign",
+            ));
+        }
+        if entry.terms.expires_at_ms.is_some_and(|at| now_ms >= at) {
+            return Err(GraphError::recurring_token_invalid(
+                "recurring_token_expired",
+            ));
+        }
+        if entry.stopped {
+            return Err(GraphError::recurring_stopped());
+        }
+        let subscriber = (page_id.to_string(), entry.psid.clone());
+        if self.faults.enforce_recurring_gap
+            && let Some(last) = self.last_recurring_message.get(&subscriber)
+            && now_ms - last < cooldown_ms
+        {
+            return Err(GraphError::recurring_gap());
+        }
+        Ok(subscriber.1)
+    }
+
+    /// A recurring opt-in request: not for a topic the user already holds a live token for, and
+    /// one per title per user per week. Marks the title as asked when it passes.
+    fn check_recurring_request(
+        &mut self,
+        page_id: &str,
+        psid: &str,
+        title: &str,
+        payload: &str,
+        now_ms: i64,
+    ) -> Result<(), GraphError> {
+        let user = self
+            .users
+            .get_mut(&(page_id.to_string(), psid.to_string()))
+            .expect("a user inside the window exists");
+        let holds_topic = user.recurring_tokens.iter().any(|token| {
+            self.recurring_tokens
+                .get(token)
+                .is_some_and(|t| t.payload == payload && t.is_active(now_ms))
+        });
+        if holds_topic {
+            return Err(GraphError::repeated_optin_request());
+        }
+        if user
+            .recurring_requests
+            .get(title)
+            .is_some_and(|at| now_ms - at < RECURRING_REQUEST_INTERVAL_MS)
+        {
+            return Err(GraphError::too_many_recurring_requests());
+        }
+        user.recurring_requests.insert(title.to_string(), now_ms);
+        Ok(())
+    }
+
     fn check_window(&self, page_id: &str, psid: &str, now_ms: i64) -> Result<(), GraphError> {
         let user = self
             .users
@@ -678,7 +919,7 @@ impl World {
         &mut self,
         page_id: &str,
         psid: &str,
-        token: Option<String>,
+        sent_with: SentWith,
         request: &SendRequest,
         now_ms: i64,
     ) -> String {
@@ -688,13 +929,31 @@ impl World {
             random_alphanumeric(&mut self.rng, 22),
             self.next_message
         );
-        if let Some(token) = &token {
-            let entry = self.tokens.get_mut(token).expect("a checked token exists");
-            entry.accepted += 1;
-            if entry.accepted == 2 {
-                self.stats.tokens_accepted_more_than_once += 1;
+        let (token, token_kind) = match sent_with {
+            SentWith::Id => (None, None),
+            SentWith::OneTime(token) => {
+                let entry = self.tokens.get_mut(&token).expect("a checked token exists");
+                entry.accepted += 1;
+                if entry.accepted == 2 {
+                    self.stats.tokens_accepted_more_than_once += 1;
+                }
+                (Some(token), Some(TokenKind::OneTime))
             }
-        }
+            SentWith::Recurring(token) => {
+                self.stats.recurring_accepted += 1;
+                let cooldown_ms = self.recurring_cooldown_ms();
+                let subscriber = (page_id.to_string(), psid.to_string());
+                let previous = self
+                    .last_recurring_message
+                    .insert(subscriber.clone(), now_ms);
+                if previous.is_some_and(|last| now_ms - last < cooldown_ms)
+                    && self.recipients_messaged_within_gap.insert(subscriber)
+                {
+                    self.stats.recipients_messaged_twice_within_gap += 1;
+                }
+                (Some(token), Some(TokenKind::Recurring))
+            }
+        };
         let message = request.message.clone().unwrap_or(Value::Null);
         let body = message.to_string();
         let seen =
@@ -720,6 +979,7 @@ impl World {
             page_id: page_id.to_string(),
             psid: psid.to_string(),
             token,
+            token_kind,
             messaging_type: request.messaging_type.clone(),
             message,
             message_id: message_id.clone(),

@@ -10,7 +10,7 @@ use std::{
 };
 
 use axum::{Router, body::Bytes, http::HeaderMap, routing::post};
-use graph_sandbox::{AcceptedMessage, RunningSandbox, SandboxOptions, Stats};
+use graph_sandbox::{AcceptedMessage, RunningSandbox, SandboxOptions, Stats, TokenKind};
 use serde_json::{Value, json};
 
 /// Polls `check` until it returns `Some`; fails naming `what` after `deadline`.
@@ -1224,4 +1224,904 @@ async fn unknown_versions_and_batch_items_are_graph_errors() {
     let items = answer.body.as_array().unwrap();
     assert_eq!(items[0]["code"], 400, "only sends are supported");
     assert_eq!(items[1]["code"], 200, "the other items still run");
+}
+
+// Recurring notifications (`notification_messages`): reusable tokens, STOP and RESUME, the
+// subscriber's minimum gap, the opt-in request template, and the judge's counters for them.
+
+fn recurring_send(token: &str, text: &str) -> Value {
+    json!({"recipient": {"notification_messages_token": token}, "message": {"text": text}})
+}
+
+fn recurring_request(fields: Value) -> Value {
+    let mut payload = json!({"template_type": "notification_messages"});
+    payload
+        .as_object_mut()
+        .unwrap()
+        .extend(fields.as_object().unwrap().clone());
+    json!({"attachment": {"type": "template", "payload": payload}})
+}
+
+impl Sandbox {
+    /// A recurring opt-in with these extra fields; its token.
+    async fn recurring_optin_with(&self, page_id: &str, psid: &str, fields: Value) -> String {
+        let mut body = json!({"page_id": page_id, "psid": psid, "payload": "news",
+                              "kind": "recurring"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        let (status, answer) = self.admin("/__sandbox/optins", body).await;
+        assert_eq!(status, 200, "{answer}");
+        answer["token"].as_str().unwrap().to_string()
+    }
+
+    async fn recurring_optin(&self, page_id: &str, psid: &str, payload: &str) -> String {
+        self.recurring_optin_with(page_id, psid, json!({"payload": payload}))
+            .await
+    }
+
+    async fn recurring_status(&self, body: Value) -> (u16, Value) {
+        self.admin("/__sandbox/recurring/status", body).await
+    }
+}
+
+/// Waits for `count` webhook posts; checks each one's signature and returns its bodies.
+async fn signed_webhooks(hook: &Receiver, app_secret: &str, count: usize) -> Vec<Value> {
+    let posts = eventually(
+        Duration::from_secs(5),
+        &format!("{count} webhook posts"),
+        || {
+            let posts = hook.posts.clone();
+            async move {
+                let posts = posts.lock().unwrap();
+                (posts.len() >= count).then(|| posts.clone())
+            }
+        },
+    )
+    .await;
+    assert_eq!(posts.len(), count, "no more posts than expected");
+    posts
+        .iter()
+        .map(|(headers, raw)| {
+            let expected = format!(
+                "sha256={}",
+                hex_hmac(app_secret, std::str::from_utf8(raw).unwrap())
+            );
+            assert_eq!(headers["x-hub-signature-256"].to_str().unwrap(), expected);
+            serde_json::from_slice(raw).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_recurring_token_is_reusable_once_its_subscribers_gap_has_passed() {
+    let sandbox = Sandbox::start().await;
+    sandbox
+        .faults(json!({"recurring_cooldown_seconds": 1}))
+        .await;
+    let token = sandbox.recurring_optin(PAGE, "u1", "news").await;
+
+    let first = sandbox
+        .send(PAGE_TOKEN, recurring_send(&token, "first"))
+        .await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.body["recipient_id"], "u1");
+    assert!(first.body["message_id"].as_str().unwrap().starts_with("m_"));
+    for header in ["x-app-usage", "x-business-use-case-usage"] {
+        assert!(first.headers.contains_key(header), "{header}");
+    }
+
+    // The gap is the subscriber's, across all their recurring tokens.
+    let inside = sandbox
+        .send(PAGE_TOKEN, recurring_send(&token, "second"))
+        .await;
+    assert_eq!(
+        (inside.status, inside.code(), inside.subcode()),
+        (400, 4, 2018354),
+        "{}",
+        inside.body
+    );
+    assert_eq!(
+        inside.error_message(),
+        "(#4) Recurring notification minimum gap not respected"
+    );
+    let other_topic = sandbox.recurring_optin(PAGE, "u1", "deals").await;
+    let also_inside = sandbox
+        .send(PAGE_TOKEN, recurring_send(&other_topic, "second"))
+        .await;
+    assert_eq!((also_inside.code(), also_inside.subcode()), (4, 2018354));
+    // Another subscriber has a gap of their own.
+    let other_user = sandbox.recurring_optin(PAGE, "u2", "news").await;
+    let elsewhere = sandbox
+        .send(PAGE_TOKEN, recurring_send(&other_user, "first"))
+        .await;
+    assert_eq!(elsewhere.status, 200, "{}", elsewhere.body);
+
+    // Past the gap, the same token works again, here as a form on /{page-id}/messages.
+    let form_send = || {
+        sandbox.post(
+            sandbox
+                .http
+                .post(sandbox.running.url(&format!("/v24.0/{PAGE}/messages")))
+                .form(&[
+                    ("access_token", PAGE_TOKEN),
+                    (
+                        "recipient",
+                        &json!({"notification_messages_token": token}).to_string(),
+                    ),
+                    ("message", &json!({"text": "second"}).to_string()),
+                ]),
+        )
+    };
+    let again = eventually(Duration::from_secs(5), "the gap to pass", || async {
+        let answer = form_send().await;
+        (answer.status == 200).then_some(answer)
+    })
+    .await;
+    assert_eq!(again.body["recipient_id"], "u1");
+
+    let stats = sandbox.stats().await;
+    assert_eq!(stats.accepted, 3);
+    assert_eq!(stats.recurring_accepted, 3);
+    assert_eq!(
+        stats.recurring_presentations,
+        stats.recurring_accepted + stats.rejected
+    );
+    assert!(stats.rejected_by_reason["recurring_gap"] >= 2, "{stats:?}");
+    assert_eq!(stats.recipients_messaged_twice_within_gap, 0);
+    // Reuse of a recurring token is no fault: the one-time counters saw nothing.
+    assert_eq!(stats.token_presentations, 0);
+    assert_eq!(stats.tokens_presented_more_than_once, 0);
+    assert_eq!(stats.tokens_accepted_more_than_once, 0);
+    assert_eq!(stats.rate_limited, 0, "the gap is not a throttle");
+
+    let ledger = sandbox.messages("?psid=u1").await;
+    assert_eq!(ledger.len(), 2);
+    for entry in &ledger {
+        assert_eq!(entry.token.as_deref(), Some(token.as_str()));
+        assert_eq!(entry.token_kind, Some(TokenKind::Recurring));
+        assert_eq!(entry.psid, "u1");
+    }
+    let raw: Value = sandbox.get_json("/__sandbox/messages?psid=u2").await;
+    assert_eq!(raw["messages"][0]["token_kind"], "recurring");
+}
+
+#[tokio::test]
+async fn without_the_gap_rule_two_messages_inside_it_are_accepted_and_counted() {
+    let sandbox = Sandbox::start().await;
+    let faults: Value = sandbox.get_json("/__sandbox/faults").await;
+    assert_eq!(faults["recurring_cooldown_seconds"], 172_800);
+    assert_eq!(faults["enforce_recurring_gap"], true);
+    sandbox
+        .faults(json!({"enforce_recurring_gap": false}))
+        .await;
+    let token = sandbox.recurring_optin(PAGE, "u1", "news").await;
+    let other = sandbox.recurring_optin(PAGE, "u1", "deals").await;
+    for (token, text) in [(&token, "same"), (&other, "same"), (&token, "different")] {
+        let answer = sandbox.send(PAGE_TOKEN, recurring_send(token, text)).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    let stats = sandbox.stats().await;
+    assert_eq!(stats.recurring_accepted, 3);
+    assert_eq!(
+        stats.recipients_messaged_twice_within_gap, 1,
+        "distinct subscribers"
+    );
+    assert_eq!(stats.recipients_with_duplicate_content, 1);
+    assert_eq!(stats.tokens_accepted_more_than_once, 0);
+}
+
+#[tokio::test]
+async fn recurring_tokens_unknown_foreign_expired_or_of_the_other_kind_answer_code_100() {
+    let sandbox = Sandbox::start().await;
+    let expired = sandbox
+        .recurring_optin_with(PAGE, "u1", json!({"expires_in_seconds": 0}))
+        .await;
+    let foreign = sandbox.recurring_optin(OTHER_PAGE, "u2", "news").await;
+    let one_time = sandbox.optin(PAGE, "u3", "news").await;
+    for (token, reason) in [
+        (expired.as_str(), "recurring_token_expired"),
+        (foreign.as_str(), "recurring_token_foreign"),
+        ("rn-made-up", "recurring_token_unknown"),
+        (one_time.as_str(), "recurring_token_unknown"),
+    ] {
+        let answer = sandbox.send(PAGE_TOKEN, recurring_send(token, "x")).await;
+        assert_eq!((answer.status, answer.code()), (400, 100), "{reason}");
+        assert_eq!(answer.body["error"]["type"], "OAuthException");
+        assert_eq!(
+            answer.error_message(),
+            "(#100) The notification_messages_token is invalid or expired"
+        );
+        assert!(answer.body["error"].get("error_subcode").is_none());
+        assert!(
+            sandbox.stats().await.rejected_by_reason[reason] >= 1,
+            "{reason}"
+        );
+    }
+    // A recurring token in the one-time field is an unknown one-time token.
+    let live = sandbox.recurring_optin(PAGE, "u4", "news").await;
+    let answer = sandbox.send(PAGE_TOKEN, token_send(&live, "x")).await;
+    assert_eq!((answer.status, answer.code()), (400, 100));
+    assert!(
+        answer
+            .error_message()
+            .contains("one-time notification token")
+    );
+    // Both kinds at once, or a token with an id, is a bad recipient.
+    let both = sandbox
+        .send(
+            PAGE_TOKEN,
+            json!({"recipient": {"notification_messages_token": live, "id": "u4"},
+                   "message": {"text": "x"}}),
+        )
+        .await;
+    assert_eq!(both.code(), 100);
+    assert!(
+        both.error_message().contains("exactly one of"),
+        "{}",
+        both.body
+    );
+
+    let stats = sandbox.stats().await;
+    assert_eq!(stats.accepted, 0);
+    assert_eq!(stats.recurring_presentations, 4);
+    assert_eq!(stats.token_presentations, 1);
+    assert_eq!(stats.rejected_by_reason["token_unknown"], 1);
+    // The one-time token refused in the recurring field is still good as what it is.
+    let answer = sandbox.send(PAGE_TOKEN, token_send(&one_time, "x")).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+}
+
+#[tokio::test]
+async fn recurring_opt_in_webhooks_are_shaped_like_facebooks() {
+    let hook = receiver(0).await;
+    let sandbox = Sandbox::start_with(fast_retries()).await;
+    sandbox.page("333", "EAAB-333", Some(&hook.url)).await;
+    let before = chrono::Utc::now().timestamp_millis();
+    let expiring = sandbox
+        .recurring_optin_with(
+            "333",
+            "u1",
+            json!({"payload": "Été news", "title": "Weekly deals", "timezone": "Europe/London",
+                   "user_token_status": "REFRESHED", "expires_in_seconds": 3600}),
+        )
+        .await;
+    let bodies = signed_webhooks(&hook, "app-secret-333", 1).await;
+    let event = &bodies[0]["entry"][0]["messaging"][0];
+    let timestamp = event["timestamp"].as_i64().unwrap();
+    assert!((timestamp - before).abs() < 60_000, "milliseconds");
+    let expiry = event["optin"]["token_expiry_timestamp"].as_i64().unwrap();
+    assert!(
+        (expiry - timestamp - 3_600_000).abs() < 1000,
+        "{expiry} is an epoch-ms number an hour on"
+    );
+    assert_eq!(
+        event,
+        &json!({"sender": {"id": "u1"}, "recipient": {"id": "333"}, "timestamp": timestamp,
+                "optin": {"type": "notification_messages", "payload": "Été news",
+                          "title": "Weekly deals", "notification_messages_token": expiring,
+                          "notification_messages_timezone": "Europe/London",
+                          "token_expiry_timestamp": expiry,
+                          "user_token_status": "REFRESHED"}})
+    );
+
+    // Defaults: the default title, UTC, NOT_REFRESHED, and no expiry at all.
+    let lasting = sandbox.recurring_optin("333", "u2", "news").await;
+    let bodies = signed_webhooks(&hook, "app-secret-333", 2).await;
+    let event = &bodies[1]["entry"][0]["messaging"][0];
+    assert_eq!(
+        event["optin"],
+        json!({"type": "notification_messages", "payload": "news",
+               "title": "Updates and promotions", "notification_messages_token": lasting,
+               "notification_messages_timezone": "UTC", "user_token_status": "NOT_REFRESHED"})
+    );
+
+    // Bulk recurring opt-ins: posts of at most 100 events, every token once, in order.
+    let (status, answer) = sandbox
+        .admin(
+            "/__sandbox/optins",
+            json!({"page_id": "333", "psid_prefix": "fan-", "count": 150, "payload": "news",
+                   "kind": "recurring"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let tokens: Vec<String> = serde_json::from_value(answer["tokens"].clone()).unwrap();
+    assert_eq!(tokens.len(), 150);
+    let bodies = signed_webhooks(&hook, "app-secret-333", 4).await;
+    let mut seen = Vec::new();
+    for (body, expected) in bodies[2..].iter().zip([100, 50]) {
+        let events = body["entry"][0]["messaging"].as_array().unwrap();
+        assert_eq!(events.len(), expected);
+        for event in events {
+            assert_eq!(event["optin"]["type"], "notification_messages");
+            assert!(event["optin"].get("notification_messages_status").is_none());
+            seen.push(
+                event["optin"]["notification_messages_token"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+    }
+    assert_eq!(seen, tokens);
+    let fan = sandbox
+        .send("EAAB-333", recurring_send(&tokens[149], "hi"))
+        .await;
+    assert_eq!(fan.body["recipient_id"], "fan-149", "{}", fan.body);
+}
+
+#[tokio::test]
+async fn stop_and_resume_post_their_webhooks_and_switch_the_token_off_and_on() {
+    let hook = receiver(0).await;
+    let sandbox = Sandbox::start_with(fast_retries()).await;
+    sandbox.page("333", "EAAB-333", Some(&hook.url)).await;
+    sandbox
+        .faults(json!({"enforce_recurring_gap": false}))
+        .await;
+    let token = sandbox
+        .recurring_optin_with(
+            "333",
+            "u1",
+            json!({"title": "Deals", "timezone": "Asia/Tokyo", "expires_in_seconds": 3600}),
+        )
+        .await;
+    signed_webhooks(&hook, "app-secret-333", 1).await;
+
+    let status_event = |status: &str, token: Option<&str>| {
+        let mut optin = json!({"type": "notification_messages", "payload": "news",
+            "title": "Deals", "notification_messages_timezone": "Asia/Tokyo",
+            "user_token_status": "NOT_REFRESHED", "notification_messages_status": status});
+        if let Some(token) = token {
+            optin["notification_messages_token"] = json!(token);
+        }
+        optin
+    };
+    let cases = [
+        (
+            "STOP",
+            None,
+            None,
+            "STOP_NOTIFICATIONS",
+            Some(token.as_str()),
+        ),
+        (
+            "RESUME",
+            None,
+            None,
+            "RESUME_NOTIFICATIONS",
+            Some(token.as_str()),
+        ),
+        (
+            "STOP",
+            Some("space"),
+            Some(false),
+            "STOP NOTIFICATIONS",
+            None,
+        ),
+        (
+            "RESUME",
+            Some("space"),
+            Some(true),
+            "RESUME NOTIFICATIONS",
+            Some(token.as_str()),
+        ),
+        (
+            "STOP",
+            Some("underscore"),
+            Some(false),
+            "STOP_NOTIFICATIONS",
+            None,
+        ),
+    ];
+    for (index, (status, spelling, include_token, sent, named)) in cases.into_iter().enumerate() {
+        let mut body = json!({"page_id": "333", "token": token, "status": status});
+        if let Some(spelling) = spelling {
+            body["spelling"] = json!(spelling);
+        }
+        if let Some(include_token) = include_token {
+            body["include_token"] = json!(include_token);
+        }
+        let (code, answer) = sandbox.recurring_status(body).await;
+        assert_eq!((code, &answer), (200, &json!({})));
+        let bodies = signed_webhooks(&hook, "app-secret-333", index + 2).await;
+        let event = &bodies[index + 1]["entry"][0]["messaging"][0];
+        assert_eq!(event["sender"]["id"], "u1");
+        assert_eq!(event["recipient"]["id"], "333");
+        assert!(event["timestamp"].is_i64());
+        assert_eq!(
+            event["optin"],
+            status_event(sent, named),
+            "{status} {spelling:?}"
+        );
+
+        let send = sandbox
+            .send(
+                "EAAB-333",
+                recurring_send(&token, &format!("after {index}")),
+            )
+            .await;
+        if status == "STOP" {
+            assert_eq!(
+                (send.status, send.code(), send.subcode()),
+                (400, 10, 1893015),
+                "{}",
+                send.body
+            );
+            assert_eq!(
+                send.error_message(),
+                "(#10) The user has stopped notifications on this topic"
+            );
+        } else {
+            assert_eq!(send.status, 200, "{}", send.body);
+        }
+    }
+    let stats = sandbox.stats().await;
+    assert_eq!(stats.rejected_by_reason["recurring_token_stopped"], 3);
+    assert_eq!(stats.recurring_accepted, 2);
+
+    // Without a webhook: the state still changes.
+    let (code, _) = sandbox
+        .recurring_status(json!({"page_id": "333", "token": token, "status": "RESUME",
+                                 "deliver_webhook": false}))
+        .await;
+    assert_eq!(code, 200);
+    let send = sandbox
+        .send("EAAB-333", recurring_send(&token, "back"))
+        .await;
+    assert_eq!(send.status, 200, "{}", send.body);
+    assert_eq!(
+        hook.posts.lock().unwrap().len(),
+        6,
+        "no webhook was asked for"
+    );
+
+    // What the admin call refuses.
+    let one_time = sandbox.optin("333", "u2", "news").await;
+    for (body, expected) in [
+        (
+            json!({"page_id": "999", "token": token, "status": "STOP"}),
+            404,
+        ),
+        (
+            json!({"page_id": "333", "token": "rn-made-up", "status": "STOP"}),
+            404,
+        ),
+        (
+            json!({"page_id": PAGE, "token": token, "status": "STOP"}),
+            404,
+        ),
+        (
+            json!({"page_id": "333", "token": one_time, "status": "STOP"}),
+            400,
+        ),
+        (
+            json!({"page_id": "333", "token": token, "status": "PAUSE"}),
+            400,
+        ),
+        (
+            json!({"page_id": "333", "token": token, "status": "STOP", "spelling": "dash"}),
+            400,
+        ),
+        (
+            json!({"page_id": "333", "token": token, "status": "STOP", "colour": "red"}),
+            400,
+        ),
+    ] {
+        let (code, answer) = sandbox.recurring_status(body.clone()).await;
+        assert_eq!(code, expected, "{body}: {answer}");
+        assert!(answer["error"].is_string(), "{answer}");
+    }
+    let send = sandbox
+        .send("EAAB-333", recurring_send(&token, "still"))
+        .await;
+    assert_eq!(
+        send.status, 200,
+        "refused calls changed nothing: {}",
+        send.body
+    );
+}
+
+#[tokio::test]
+async fn recurring_opt_ins_refuse_bad_input_naming_the_field() {
+    let sandbox = Sandbox::start().await;
+    for (body, named) in [
+        (json!({"title": "t"}), "title"),
+        (json!({"timezone": "UTC"}), "timezone"),
+        (
+            json!({"kind": "one_time", "user_token_status": "REFRESHED"}),
+            "user_token_status",
+        ),
+        (json!({"kind": "weekly"}), "kind"),
+        (
+            json!({"kind": "recurring", "title": "t".repeat(66)}),
+            "title",
+        ),
+        (json!({"kind": "recurring", "title": ""}), "title"),
+        (
+            json!({"kind": "recurring", "user_token_status": "FRESH"}),
+            "user_token_status",
+        ),
+        (json!({"kind": "recurring", "timezone": ""}), "timezone"),
+        (
+            json!({"kind": "recurring", "expires_in_seconds": -1}),
+            "expires_in_seconds",
+        ),
+        (
+            json!({"kind": "recurring", "frequency": "DAILY"}),
+            "frequency",
+        ),
+    ] {
+        let mut request = json!({"page_id": PAGE, "psid": "u1", "payload": "news"});
+        request
+            .as_object_mut()
+            .unwrap()
+            .extend(body.as_object().unwrap().clone());
+        let (status, answer) = sandbox.admin("/__sandbox/optins", request).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains(named),
+            "{named}: {answer}"
+        );
+    }
+    let max_title = sandbox
+        .recurring_optin_with(PAGE, "u1", json!({"title": "é".repeat(65)}))
+        .await;
+    assert!(!max_title.is_empty());
+    let (status, _) = sandbox
+        .admin(
+            "/__sandbox/optins",
+            json!({"page_id": "999", "psid": "u1", "payload": "news", "kind": "recurring"}),
+        )
+        .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn recurring_opt_in_requests_follow_their_rules() {
+    let sandbox = Sandbox::start().await;
+    sandbox.interact("u1", None).await;
+    let field = |key: &str| format!("[payload][{key}]");
+    let cases = [
+        (
+            json!({"title": "t".repeat(66), "payload": "p"}),
+            field("title"),
+        ),
+        (json!({"title": "", "payload": "p"}), field("title")),
+        (json!({"title": "t"}), field("payload")),
+        (json!({"payload": ""}), field("payload")),
+        (
+            json!({"payload": "p", "image_url": "ftp://x/y.png"}),
+            field("image_url"),
+        ),
+        (
+            json!({"payload": "p", "notification_messages_timezone": 5}),
+            field("notification_messages_timezone"),
+        ),
+        (
+            json!({"payload": "p", "notification_messages_cta_text": "SUBSCRIBE"}),
+            field("notification_messages_cta_text"),
+        ),
+        (
+            json!({"payload": "p", "notification_messages_reoptin": "YES"}),
+            field("notification_messages_reoptin"),
+        ),
+    ];
+    for (fields, named) in cases {
+        let answer = sandbox
+            .send(
+                PAGE_TOKEN,
+                standard_send("u1", recurring_request(fields.clone())),
+            )
+            .await;
+        assert_eq!((answer.status, answer.code()), (400, 100), "{fields}");
+        assert!(
+            answer.error_message().contains(&named),
+            "{named}: {}",
+            answer.error_message()
+        );
+    }
+    assert_eq!(sandbox.stats().await.accepted, 0);
+
+    let full = recurring_request(json!({"title": "Weekly deals", "payload": "deals",
+        "image_url": "https://example.com/deals.png",
+        "notification_messages_timezone": "Europe/London",
+        "notification_messages_cta_text": "GET_UPDATES",
+        "notification_messages_reoptin": "ENABLED"}));
+    let sent = sandbox.send(PAGE_TOKEN, standard_send("u1", full)).await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+
+    // The same title within a week: 9/2018352, whatever the payload.
+    let again = sandbox
+        .send(
+            PAGE_TOKEN,
+            standard_send(
+                "u1",
+                recurring_request(json!({"title": "Weekly deals", "payload": "other"})),
+            ),
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.code(), again.subcode()),
+        (400, 9, 2018352),
+        "{}",
+        again.body
+    );
+    assert_eq!(
+        again.error_message(),
+        "(#9) Too many notification_messages requests"
+    );
+    // The default title counts as a title.
+    let untitled = || {
+        sandbox.send(
+            PAGE_TOKEN,
+            standard_send("u1", recurring_request(json!({"payload": "news"}))),
+        )
+    };
+    assert_eq!(untitled().await.status, 200);
+    let twice = untitled().await;
+    assert_eq!((twice.code(), twice.subcode()), (9, 2018352));
+    let titled_default = sandbox
+        .send(
+            PAGE_TOKEN,
+            standard_send(
+                "u1",
+                recurring_request(json!({"title": "Updates and promotions", "payload": "x"})),
+            ),
+        )
+        .await;
+    assert_eq!(
+        (titled_default.code(), titled_default.subcode()),
+        (9, 2018352)
+    );
+    // Another user has their own week.
+    sandbox.interact("u2", None).await;
+    let other_user = sandbox
+        .send(
+            PAGE_TOKEN,
+            standard_send("u2", recurring_request(json!({"payload": "news"}))),
+        )
+        .await;
+    assert_eq!(other_user.status, 200, "{}", other_user.body);
+
+    // A payload the user already holds a live recurring token for: 613/1893016, as for a
+    // repeated one-time request; once they stopped it, they may be asked again.
+    let token = sandbox.recurring_optin(PAGE, "u3", "sport").await;
+    let held = || {
+        sandbox.send(
+            PAGE_TOKEN,
+            standard_send(
+                "u3",
+                recurring_request(json!({"title": "Sport", "payload": "sport"})),
+            ),
+        )
+    };
+    let answer = held().await;
+    assert_eq!(
+        (answer.code(), answer.subcode()),
+        (613, 1893016),
+        "{}",
+        answer.body
+    );
+    let (status, _) = sandbox
+        .recurring_status(json!({"page_id": PAGE, "token": token, "status": "STOP"}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(held().await.status, 200);
+
+    // Outside the window, or to a token: refused as for one-time requests.
+    let two_days_ago = chrono::Utc::now().timestamp_millis() - 2 * 24 * 3600 * 1000;
+    sandbox.interact("u4", Some(two_days_ago)).await;
+    let outside = sandbox
+        .send(
+            PAGE_TOKEN,
+            standard_send("u4", recurring_request(json!({"payload": "news"}))),
+        )
+        .await;
+    assert_eq!((outside.code(), outside.subcode()), (10, 2018278));
+    let live = sandbox.recurring_optin(PAGE, "u5", "news").await;
+    let to_token = sandbox
+        .send(
+            PAGE_TOKEN,
+            json!({"recipient": {"notification_messages_token": live},
+                   "message": recurring_request(json!({"payload": "more"}))}),
+        )
+        .await;
+    assert_eq!(to_token.code(), 100);
+    assert!(to_token.error_message().contains("recipient[id]"));
+
+    let stats = sandbox.stats().await;
+    assert_eq!(stats.rejected_by_reason["too_many_recurring_requests"], 3);
+    assert_eq!(stats.rejected_by_reason["repeated_optin_request"], 1);
+    let requests = sandbox.messages("?psid=u1").await;
+    assert_eq!(requests.len(), 2);
+    assert!(requests.iter().all(|m| m.token_kind.is_none()));
+}
+
+fn recurring_batch_item(token: &str, text: &str) -> Value {
+    json!({"method": "POST", "relative_url": "v24.0/me/messages",
+           "body": format!("recipient={}&message={}",
+               urlencode(&json!({"notification_messages_token": token}).to_string()),
+               urlencode(&json!({"text": text}).to_string()))})
+}
+
+#[tokio::test]
+async fn batch_items_send_with_recurring_tokens_each_under_the_rules() {
+    let sandbox = Sandbox::start().await;
+    let first = sandbox.recurring_optin(PAGE, "u0", "news").await;
+    let second = sandbox.recurring_optin(PAGE, "u1", "news").await;
+    let one_time = sandbox.optin(PAGE, "u2", "news").await;
+    let batch = json!([
+        recurring_batch_item(&first, "a"),
+        recurring_batch_item(&second, "b"),
+        recurring_batch_item(&first, "c"),
+        batch_item(&one_time, "d"),
+        recurring_batch_item(&one_time, "e"),
+    ]);
+    let answer = sandbox
+        .post(
+            sandbox
+                .http
+                .post(sandbox.running.url("/v24.0/"))
+                .form(&[("access_token", PAGE_TOKEN), ("batch", &batch.to_string())]),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let items = answer.body.as_array().unwrap();
+    let bodies: Vec<Value> = items
+        .iter()
+        .map(|item| serde_json::from_str(item["body"].as_str().unwrap()).unwrap())
+        .collect();
+    let codes: Vec<i64> = items.iter().map(|i| i["code"].as_i64().unwrap()).collect();
+    assert_eq!(codes, [200, 200, 400, 200, 400], "{}", answer.body);
+    assert_eq!(bodies[0]["recipient_id"], "u0");
+    assert_eq!(bodies[1]["recipient_id"], "u1");
+    assert_eq!(bodies[2]["error"]["code"], 4);
+    assert_eq!(bodies[2]["error"]["error_subcode"], 2018354);
+    assert_eq!(bodies[4]["error"]["code"], 100);
+    assert!(items[0]["headers"].is_array());
+
+    let kinds: Vec<Option<TokenKind>> = sandbox
+        .messages("")
+        .await
+        .iter()
+        .map(|m| m.token_kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            Some(TokenKind::Recurring),
+            Some(TokenKind::Recurring),
+            Some(TokenKind::OneTime)
+        ]
+    );
+    let stats = sandbox.stats().await;
+    assert_eq!(stats.recurring_presentations, 4);
+    assert_eq!(stats.recurring_accepted, 2);
+    assert_eq!(stats.token_presentations, 1);
+}
+
+#[tokio::test]
+async fn faults_apply_to_recurring_sends_and_accept_then_fail_starts_the_gap() {
+    let sandbox = Sandbox::start().await;
+    let token = sandbox.recurring_optin(PAGE, "u1", "news").await;
+    let url = sandbox
+        .running
+        .url(&format!("/v24.0/me/messages?access_token={PAGE_TOKEN}"));
+
+    sandbox.faults(json!({"restricted_pages": [PAGE]})).await;
+    let restricted = sandbox.send(PAGE_TOKEN, recurring_send(&token, "x")).await;
+    assert_eq!((restricted.code(), restricted.subcode()), (10, 1893063));
+    sandbox.faults(json!({"error_rate": 1.0})).await;
+    let failed = sandbox.send(PAGE_TOKEN, recurring_send(&token, "x")).await;
+    assert!(failed.status >= 500, "{}", failed.body);
+    sandbox.faults(json!({"throttle_rate": 1.0})).await;
+    let throttled = sandbox.send(PAGE_TOKEN, recurring_send(&token, "x")).await;
+    assert!(
+        [613, 80006].contains(&throttled.code()),
+        "{}",
+        throttled.body
+    );
+    assert_eq!(sandbox.stats().await.recurring_accepted, 0);
+
+    sandbox.faults(json!({"accept_then_fail_rate": 1.0})).await;
+    let ambiguous = async {
+        sandbox
+            .http
+            .post(&url)
+            .json(&recurring_send(&token, "x"))
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await
+    };
+    assert!(ambiguous.await.is_err(), "a 500 or a dropped connection");
+    let stats = sandbox.stats().await;
+    assert_eq!((stats.accepted, stats.recurring_accepted), (1, 1));
+    assert_eq!(sandbox.messages("?psid=u1").await.len(), 1);
+
+    sandbox.faults(json!({})).await;
+    let retry = sandbox.send(PAGE_TOKEN, recurring_send(&token, "x")).await;
+    assert_eq!(
+        (retry.code(), retry.subcode()),
+        (4, 2018354),
+        "the accepted-then-failed message started the gap"
+    );
+}
+
+#[tokio::test]
+async fn one_time_and_standard_sends_are_unchanged_and_ledgered_with_their_kind() {
+    let sandbox = Sandbox::start().await;
+    let token = sandbox.optin(PAGE, "u1", "news").await;
+    assert_eq!(
+        sandbox
+            .send(PAGE_TOKEN, token_send(&token, "x"))
+            .await
+            .status,
+        200
+    );
+    let reuse = sandbox.send(PAGE_TOKEN, token_send(&token, "x")).await;
+    assert_eq!(
+        reuse.error_message(),
+        "(#100) The one-time notification token is invalid, expired or already used"
+    );
+    sandbox.interact("u2", None).await;
+    assert_eq!(
+        sandbox
+            .send(PAGE_TOKEN, standard_send("u2", json!({"text": "hi"})))
+            .await
+            .status,
+        200
+    );
+    let raw: Value = sandbox.get_json("/__sandbox/messages").await;
+    assert_eq!(raw["messages"][0]["token_kind"], "one_time");
+    assert_eq!(raw["messages"][1]["token_kind"], Value::Null);
+    assert!(
+        raw["messages"][1]
+            .as_object()
+            .unwrap()
+            .contains_key("token_kind")
+    );
+    let stats = sandbox.stats().await;
+    assert_eq!(stats.token_presentations, 2);
+    assert_eq!(stats.tokens_presented_more_than_once, 1);
+    assert_eq!(
+        (stats.recurring_presentations, stats.recurring_accepted),
+        (0, 0)
+    );
+}
+
+#[tokio::test]
+async fn reset_forgets_recurring_tokens_gaps_and_counters() {
+    let sandbox = Sandbox::start().await;
+    sandbox
+        .faults(json!({"enforce_recurring_gap": false, "recurring_cooldown_seconds": 5}))
+        .await;
+    let token = sandbox.recurring_optin(PAGE, "u1", "news").await;
+    for _ in 0..2 {
+        assert_eq!(
+            sandbox
+                .send(PAGE_TOKEN, recurring_send(&token, "x"))
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        sandbox.stats().await.recipients_messaged_twice_within_gap,
+        1
+    );
+    sandbox.admin("/__sandbox/reset", json!({})).await;
+    assert_eq!(sandbox.stats().await, Stats::default());
+    assert!(sandbox.messages("").await.is_empty());
+    let faults: Value = sandbox.get_json("/__sandbox/faults").await;
+    assert_eq!(faults["enforce_recurring_gap"], true);
+    assert_eq!(faults["recurring_cooldown_seconds"], 172_800);
+    sandbox.page(PAGE, PAGE_TOKEN, None).await;
+    let gone = sandbox.send(PAGE_TOKEN, recurring_send(&token, "x")).await;
+    assert_eq!(gone.code(), 100, "the token is forgotten");
+    let (status, _) = sandbox
+        .recurring_status(json!({"page_id": PAGE, "token": token, "status": "STOP"}))
+        .await;
+    assert_eq!(status, 404);
 }

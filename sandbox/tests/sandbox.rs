@@ -55,8 +55,14 @@ async fn the_binary_takes_its_faults_as_flags() {
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("error_rate must be from 0 to 1"));
 
-    let (mut child, addr) =
-        start_binary(&["--restricted-page", PAGE, "--rate-limit-per-page", "5"]);
+    let (mut child, addr) = start_binary(&[
+        "--restricted-page",
+        PAGE,
+        "--rate-limit-per-page",
+        "5",
+        "--recurring-cooldown-seconds",
+        "7",
+    ]);
     let http = http_client();
     let admin = |path: &'static str, body: Value| {
         let request = http.post(format!("http://{addr}{path}")).json(&body);
@@ -71,6 +77,8 @@ async fn the_binary_takes_its_faults_as_flags() {
         "reset returns to the flags"
     );
     assert_eq!(faults["rate_limit_per_page"], 5);
+    assert_eq!(faults["recurring_cooldown_seconds"], 7);
+    assert_eq!(faults["enforce_recurring_gap"], true);
     admin(
         "/__sandbox/pages",
         json!({"page_id": PAGE, "access_token": PAGE_TOKEN, "app_secret": APP_SECRET}),
