@@ -17,6 +17,8 @@
 //!   recipients to materialise on a page paced at 300/s.
 //! - `s1`: 20 pages x 300/s, sandbox latency 150 ms and a 300/s limit per page, 3,000
 //!   recipients each: the achieved share of the limit, and 613s (must be 0).
+//! - `s1-mixed`: S1 to an audience of half one-time and half recurring tokens (each page's
+//!   users in two blocks): the same share, the same targets.
 //! - `s2`: S1 with 2% of the sandbox's answers throttled at random (613 or 80006): the share of
 //!   the limit in steady state, nothing dropped.
 //! - `s4`: S1's 20 pages configured at 300/s, but the sandbox gives each only 200 calls in any
@@ -104,6 +106,8 @@ struct Setup {
     channel: Channel,
     grpc_url: String,
     http: String,
+    /// Opt-ins are half one-time, half recurring tokens (S1 mixed).
+    mixed: bool,
 }
 
 async fn setup(sandbox_args: &[&str], otnd_env: &[(&str, &str)]) -> Setup {
@@ -145,6 +149,7 @@ async fn setup(sandbox_args: &[&str], otnd_env: &[(&str, &str)]) -> Setup {
         client: graph_sandbox::http_client_builder().build().unwrap(),
         channel,
         http: field("http_addr"),
+        mixed: false,
     }
 }
 
@@ -169,6 +174,22 @@ impl Setup {
         let mut start = 0;
         while left > 0 {
             let count = left.min(100_000);
+            if self.mixed {
+                // Half one-time tokens, half recurring ones (in alternate blocks of psids, so
+                // that a page's send moves from one kind to the other as it goes).
+                let one_time = count / 2;
+                self.sandbox
+                    .opt_in(page, TOPIC, &format!("u{start}-o-"), one_time, None)
+                    .await;
+                self.sandbox
+                    .opt_in_recurring(page, TOPIC, &format!("u{start}-r-"), count - one_time)
+                    .await;
+                posts += one_time.div_ceil(WEBHOOK_EVENTS_PER_POST)
+                    + (count - one_time).div_ceil(WEBHOOK_EVENTS_PER_POST);
+                left -= count;
+                start += count;
+                continue;
+            }
             self.sandbox
                 .opt_in(page, TOPIC, &format!("u{start}-"), count, None)
                 .await;
@@ -1006,6 +1027,8 @@ fn shares(
 enum Facebook {
     /// S1: nothing else.
     Clean,
+    /// S1 mixed: nothing else, to an audience of half one-time and half recurring tokens.
+    CleanMixed,
     /// S2: this share of answers throttled at random (613 or 80006).
     RandomThrottles(f64),
     /// S4: every page's true capacity (calls in any rolling second), below the 300/s otnd's
@@ -1026,7 +1049,8 @@ async fn paced(name: &str, per_page: u64, facebook: Facebook) -> Row {
     if let Some(capacity) = &capacity {
         sandbox_args.extend(["--page-capacity-per-second", capacity.as_str()]);
     }
-    let s = setup(&sandbox_args, &[]).await;
+    let mut s = setup(&sandbox_args, &[]).await;
+    s.mixed = matches!(facebook, Facebook::CleanMixed);
     let mut stories = Vec::new();
     for p in 0..pages {
         let page = format!("{}", 3000 + p);
@@ -1059,6 +1083,7 @@ async fn paced(name: &str, per_page: u64, facebook: Facebook) -> Row {
     let throttled_share = m.rate_limited as f64 / calls.max(1) as f64;
     let what = match facebook {
         Facebook::Clean => String::new(),
+        Facebook::CleanMixed => ", half one-time and half recurring tokens".into(),
         Facebook::RandomThrottles(rate) => format!(", {:.0}% throttled at random", rate * 100.0),
         Facebook::Capacity(capacity) => format!(", true capacity {capacity}/s a page"),
     };
@@ -1098,7 +1123,7 @@ async fn paced(name: &str, per_page: u64, facebook: Facebook) -> Row {
     let clean = !lost && m.duplicates() == 0;
     let steady_at_least = |share: f64| steady.is_some_and(|s| s >= share);
     (row.target, row.met) = match facebook {
-        Facebook::Clean => (
+        Facebook::Clean | Facebook::CleanMixed => (
             "≥ 0.98 of the limit (steady), no 613".into(),
             Some(clean && steady_at_least(0.98) && m.rate_limited == 0),
         ),
@@ -1381,11 +1406,12 @@ fn peer_row(mode: PeerMode, mut measured: Vec<PeerRun>) -> (PeerMode, f64, Row) 
     (mode, median.rate, row)
 }
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "s0",
     "peer",
     "first",
     "s1",
+    "s1-mixed",
     "s2",
     "s3",
     "s4",
@@ -1485,6 +1511,10 @@ fn main() {
         }
         if run("s1") {
             rows.push(paced("S1", env_or("S1_PER_PAGE", 3_000), Facebook::Clean).await);
+        }
+        if run("s1-mixed") {
+            let per_page = env_or("S1_PER_PAGE", 3_000);
+            rows.push(paced("S1 mixed", per_page, Facebook::CleanMixed).await);
         }
         if run("s2") {
             let throttles = Facebook::RandomThrottles(0.02);

@@ -105,6 +105,8 @@ fn subscriber_to_proto(page_id: &str, view: SubscriberView, now: i64) -> pb::Sub
                 expired: count(topic, OptInState::Expired),
                 rejected: count(topic, OptInState::Rejected),
                 next_expire_time: topic.next_expiry.map(timestamp_from_ms),
+                stopped: count(topic, OptInState::Stopped),
+                recurring_active: topic.recurring_active,
             })
             .collect(),
     }

@@ -154,6 +154,8 @@ pub struct SubscriberTopic {
     pub counts: BTreeMap<OptInState, u32>,
     /// When the first usable opt-in on the topic expires.
     pub next_expiry: Option<i64>,
+    /// Of the active opt-ins, the recurring tokens.
+    pub recurring_active: u32,
 }
 
 pub async fn get_subscriber(
@@ -192,12 +194,12 @@ pub async fn get_subscriber(
                 ..SubscriberTopic::default()
             });
         *topic.counts.entry(state).or_default() += 1;
-        if state == OptInState::Active {
-            topic.next_expiry = Some(
-                topic
-                    .next_expiry
-                    .map_or(row.expires_at, |t| t.min(row.expires_at)),
-            );
+        if state == OptInState::Active && row.kind == crate::domain::TokenKind::Recurring {
+            topic.recurring_active += 1;
+        }
+        // A recurring token without an expiry has none to report.
+        if let (OptInState::Active, Some(expiry)) = (state, row.expiry()) {
+            topic.next_expiry = Some(topic.next_expiry.map_or(expiry, |t| t.min(expiry)));
         }
     }
     Ok(SubscriberView {

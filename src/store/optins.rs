@@ -850,6 +850,74 @@ mod tests {
             assert_eq!(ledger, [news, sport]);
         }
 
+        /// A recurring token is kept with its terms and no expiry; STOP and RESUME move it in
+        /// the user's order, a late one changing nothing; one without the token applies to the
+        /// user's tokens on the topic; a token first seen with a STOP is kept, stopped.
+        async fn recurring_tokens_stop_and_resume_in_the_users_order(t) {
+            use crate::domain::SubscriptionChange::{Resume, Stop};
+            let page = t.page("1").await;
+            let token = t.recurring_opt_in(&page, "u", "deals", "rt", None).await;
+            assert_eq!(
+                (token.kind, token.state, token.expiry(), token.timezone.as_deref()),
+                (TokenKind::Recurring, OptInState::Active, None, Some("Europe/London"))
+            );
+            let at = now_ms();
+            t.recurring_opt_in(&page, "u", "deals", "rt", Some((Stop, at))).await;
+            assert_eq!(t.opt_in_by_token(&page, "rt").await.state, OptInState::Stopped);
+            // A RESUME from before the STOP, arriving late: nothing moves.
+            let late = t.recurring_opt_in(&page, "u", "deals", "rt", Some((Resume, at - 5))).await;
+            assert_eq!(late.state, OptInState::Stopped);
+            // A RESUME without the token, after the STOP.
+            let event = IncomingEvent {
+                psid: Psid::parse("u").unwrap(),
+                at_ms: at + 5,
+                kind: EventKind::SubscriptionChange {
+                    topic: Some(Topic::parse("deals").unwrap()),
+                    change: Resume,
+                },
+            };
+            ingested(&t, &page, vec![event.clone()]).await;
+            assert_eq!(t.opt_in_by_token(&page, "rt").await.state, OptInState::Active);
+            // The same again (a redelivery) changes nothing, nor does a resume of another topic.
+            ingested(&t, &page, vec![event]).await;
+            assert_eq!(t.opt_in_by_token(&page, "rt").await.status_at, Some(at + 5));
+            let first_seen_stopped =
+                t.recurring_opt_in(&page, "v", "deals", "rv", Some((Stop, at))).await;
+            assert_eq!(first_seen_stopped.state, OptInState::Stopped);
+            // A one-time token is never stopped by a STOP of its user.
+            let one_time = t.opt_in(&page, "u", "deals", "ot", at).await;
+            let stop_all = IncomingEvent {
+                psid: Psid::parse("u").unwrap(),
+                at_ms: at + 10,
+                kind: EventKind::SubscriptionChange { topic: None, change: Stop },
+            };
+            ingested(&t, &page, vec![stop_all]).await;
+            assert_eq!(t.opt_in_row(one_time.id).await.state, OptInState::Active);
+            assert_eq!(t.opt_in_by_token(&page, "rt").await.state, OptInState::Stopped);
+
+            let ledger = ledger(t.db(), &page, now_ms()).await.unwrap();
+            let deals = &ledger[0];
+            assert_eq!(
+                (deals.total.active, deals.total.stopped, deals.total.subscribers),
+                (1, 2, 2)
+            );
+            let kinds: Vec<(TokenKind, u64, u64)> = deals
+                .by_kind
+                .iter()
+                .map(|(kind, c)| (*kind, c.active, c.stopped))
+                .collect();
+            assert_eq!(
+                kinds,
+                [(TokenKind::OneTime, 1, 0), (TokenKind::Recurring, 0, 2)]
+            );
+            let recurring_only = OptInFilter {
+                kind: Some(TokenKind::Recurring),
+                ..Default::default()
+            };
+            let listed = list(t.db(), &page, &recurring_only, None, 10, now_ms()).await.unwrap();
+            assert_eq!(listed.len(), 2);
+        }
+
         async fn listing_by_state_reads_each_opt_in_as_it_is_at_now(t) {
             let page = t.page("1").await;
             let now = now_ms();

@@ -169,6 +169,37 @@ impl TestStore {
         self.opt_in_by_token(page, token).await
     }
 
+    /// A recurring opt-in (a `notification_messages_token` without an expiry) of the page's
+    /// user on `topic`, as the webhook would store it now, with `change` (a STOP or RESUME) if
+    /// given, at `at`.
+    pub async fn recurring_opt_in(
+        &self,
+        page: &PageId,
+        psid: &str,
+        topic: &str,
+        token: &str,
+        change: Option<(crate::domain::SubscriptionChange, i64)>,
+    ) -> optins::Model {
+        let event = IncomingEvent {
+            psid: Psid::parse(psid).expect("a psid"),
+            at_ms: change.map_or_else(now_ms, |(_, at)| at),
+            kind: EventKind::OptIn {
+                topic: Topic::parse(topic).expect("a topic"),
+                token: OptInToken::parse(token).expect("a token"),
+                recurring: Some(crate::domain::RecurringTerms {
+                    title: Some("Deals".into()),
+                    timezone: Some("Europe/London".into()),
+                    change: change.map(|(c, _)| c),
+                    ..Default::default()
+                }),
+            },
+        };
+        optins::ingest(self.db(), &cipher(), &[(page.clone(), vec![event])])
+            .await
+            .expect("the opt-in is ingested");
+        self.opt_in_by_token(page, token).await
+    }
+
     /// A user of the page who wrote (a message, a postback) at `at`.
     pub async fn interaction(&self, page: &PageId, psid: &str, at: i64) {
         let event = IncomingEvent {

@@ -318,17 +318,32 @@ fn recurring_event(optin: OptIn) -> Option<EventKind> {
         .title
         .as_deref()
         .and_then(|t| recurring_text(t, RECURRING_TITLE_MAX_CHARS));
+    // The payload otnd's request carried, else the title; an unreadable payload names no
+    // topic at all (never "every topic").
     let topic = match optin.payload.as_deref().filter(|p| !p.is_empty()) {
-        Some(payload) => Some(Topic::parse(payload).ok()?),
-        None => title.as_deref().and_then(|t| Topic::parse(t).ok()),
+        Some(payload) => Topic::parse(payload).map_err(|_| ()),
+        None => title
+            .as_deref()
+            .and_then(|t| Topic::parse(t).ok())
+            .ok_or(()),
     };
     let Some(token) = optin.notification_messages_token.filter(|t| !t.is_empty()) else {
         // Neither a token nor a choice: the user is known, nothing more.
-        return Some(match change {
-            Some(change) => EventKind::SubscriptionChange { topic, change },
-            None => EventKind::Seen,
+        return Some(match (change, topic) {
+            (Some(change), Ok(topic)) => EventKind::SubscriptionChange {
+                topic: Some(topic),
+                change,
+            },
+            (Some(change), Err(())) if optin.payload.as_deref().is_none_or(str::is_empty) => {
+                EventKind::SubscriptionChange {
+                    topic: None,
+                    change,
+                }
+            }
+            _ => EventKind::Seen,
         });
     };
+    let topic = topic.ok()?;
     let token = OptInToken::parse(&token).ok()?;
     let terms = RecurringTerms {
         title,
@@ -344,7 +359,7 @@ fn recurring_event(optin: OptIn) -> Option<EventKind> {
         change,
     };
     Some(EventKind::OptIn {
-        topic: topic?,
+        topic,
         token,
         recurring: Some(terms),
     })

@@ -129,6 +129,30 @@ impl Sandbox {
         self.post("/__sandbox/optins", body).await;
     }
 
+    /// `count` users `{prefix}{n}` of the page subscribe to recurring notifications on `topic`
+    /// (tokens without an expiry); each opt-in's signed webhook goes to otnd. The tokens.
+    pub async fn opt_in_recurring(
+        &self,
+        page: &str,
+        topic: &str,
+        prefix: &str,
+        count: u64,
+    ) -> Vec<String> {
+        let answer = self
+            .post(
+                "/__sandbox/optins",
+                json!({"page_id": page, "psid_prefix": prefix, "count": count,
+                       "payload": topic, "kind": "recurring", "deliver_webhook": true}),
+            )
+            .await;
+        answer["tokens"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .map(|t| t.as_str().expect("a token").to_string())
+            .collect()
+    }
+
     /// The user writes to the page, which opens their 24-hour window; otnd hears of it only
     /// with `deliver_webhook`.
     pub async fn interact(&self, page: &str, psid: &str, deliver_webhook: bool) {
@@ -427,6 +451,7 @@ pub async fn judge(
     let stats = sandbox.stats().await;
     assert_eq!(stats["recipients_with_duplicate_content"], 0, "{stats}");
     assert_eq!(stats["tokens_accepted_more_than_once"], 0, "{stats}");
+    assert_eq!(stats["recipients_messaged_twice_within_gap"], 0, "{stats}");
     assert!(
         stats["rejected_by_reason"].get("token_expired").is_none(),
         "an expired token was presented: {stats}"

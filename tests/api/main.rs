@@ -26,6 +26,7 @@ mod model;
 mod optins;
 mod otnctl;
 mod pages;
+mod recurring;
 mod restart;
 mod secrets;
 mod sends;

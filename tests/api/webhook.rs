@@ -189,7 +189,11 @@ backend_tests! {
         }
         let ledger = topics(&mut app, "500").await;
         let names: Vec<(&str, u64)> = ledger.iter().map(|t| (t.topic.as_str(), t.active)).collect();
-        assert_eq!(names, [("Spring Sale!", 1), ("spring sale", 1)], "exact topics, each token once");
+        assert_eq!(
+            names,
+            [("Spring Sale!", 1), ("spring sale", 1), ("weekly", 1)],
+            "exact topics, each token once, of both kinds"
+        );
 
         let get = |psid: &'static str| {
             let mut audience = app.audience.clone();
@@ -201,7 +205,10 @@ backend_tests! {
         assert!(get("u3").await.unwrap().window_open, "a postback opens the window");
         let reader = get("u4").await.unwrap();
         assert!(!reader.window_open && reader.last_interaction_time.is_none(), "a read does not");
-        assert!(get("u5").await.unwrap().topics.is_empty(), "other opt-in types are not OTN opt-ins");
+        let recurring = get("u5").await.unwrap().topics;
+        assert_eq!(recurring.len(), 1, "{recurring:?}");
+        assert_eq!((recurring[0].active, recurring[0].recurring_active), (1, 1));
+        assert_eq!(recurring[0].next_expire_time, None, "it does not expire");
         assert!(get("500").await.is_err(), "the page's echo made no subscriber");
     }
 

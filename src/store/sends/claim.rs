@@ -439,6 +439,33 @@ mod tests {
             );
         }
 
+        /// A recurring token its user stopped while its delivery waited for a retry is never
+        /// presented: the delivery is skipped with the reason, and the token stays stopped.
+        async fn a_stopped_recurring_token_is_never_presented(t) {
+            use crate::domain::SubscriptionChange::Stop;
+            let page = t.page("1").await;
+            t.recurring_opt_in(&page, "r", "news", "rt", None).await;
+            let send = t.send(&page, "news").await;
+            let fence = t.fence(&page).await;
+            let claimed = t.step(&fence, &send.id, 10).await.claimed;
+            t.record(&fence, &[answer(&send.id, &claimed[0], retry(0, false))])
+                .await;
+            t.recurring_opt_in(&page, "r", "news", "rt", Some((Stop, now_ms())))
+                .await;
+            let step = t.step(&fence, &send.id, 10).await;
+            assert!(step.claimed.is_empty());
+            let row = &t.deliveries(&send.id).await[0];
+            assert_eq!(row.state, DeliveryState::Skipped);
+            assert!(
+                row.error_message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("stopped")),
+                "{row:?}"
+            );
+            assert_eq!(t.opt_in_by_token(&page, "rt").await.state, OptInState::Stopped);
+            assert_eq!((step.send.skipped, step.send.pending()), (1, 0));
+        }
+
         /// A delivery committed in flight that the actor never handed on goes back to pending,
         /// its attempt not counted; once, and never one the actor knows of.
         async fn reconciling_puts_back_what_nobody_sent_once(t) {

@@ -328,6 +328,8 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+    use sea_orm::ConnectionTrait;
+
     use crate::{
         domain::{OptInState, Psid, SegmentRule, Tag},
         store::{
@@ -453,6 +455,74 @@ mod tests {
             assert_eq!(psids(&next(&t, &window, 10).await.0), ["w"]);
             assert!(next(&t, &window, 10).await.0.is_empty());
             assert_eq!(t.deliveries(&send.id).await.len(), 2);
+        }
+
+        /// A user holding both kinds is reached by the one-time token (reserved); a user with
+        /// only a recurring one by it (not reserved: it stays active); a recurring user otnd
+        /// messaged within the cooldown gets a delivery skipped with the reason.
+        async fn recurring_tokens_are_read_not_reserved_and_the_cooldown_skips(t) {
+            let page = t.page("1").await;
+            t.opt_in(&page, "both", "news", "ot-both", now_ms()).await;
+            t.recurring_opt_in(&page, "both", "news", "rt-both", None).await;
+            let only = t.recurring_opt_in(&page, "only", "news", "rt-only", None).await;
+            t.recurring_opt_in(&page, "recent", "news", "rt-recent", None).await;
+            // `recent` was messaged through a recurring token by an earlier send a minute ago.
+            let earlier = t.send(&page, "news").await;
+            t.db()
+                .execute_unprepared(&format!(
+                    "INSERT INTO deliveries (send_id, page_id, psid, route, optin_id, state, \
+                     attempts, claim, ambiguous, confirmed_by_token, next_attempt_at, updated_at) \
+                     VALUES ('{}', '1', 'recent', 'recurring', NULL, 'sent', 1, 1, FALSE, FALSE, \
+                     0, {})",
+                    earlier.id,
+                    now_ms() - 60_000
+                ))
+                .await
+                .unwrap();
+            let send = t.send(&page, "news").await;
+            let made = t
+                .txn(async |txn| materialize(txn, &send, now_ms(), 10).await)
+                .await
+                .unwrap();
+            assert_eq!(made.skipped, 1);
+            let routes: Vec<(&str, Route, Option<&str>)> = made
+                .claimed
+                .iter()
+                .map(|c| (c.psid.as_str(), c.route, c.token.as_deref()))
+                .collect();
+            assert_eq!(
+                routes,
+                [
+                    ("both", Route::Token, Some("ot-both")),
+                    ("only", Route::Recurring, Some("rt-only"))
+                ]
+            );
+            assert_eq!(t.opt_in_row(only.id).await.state, OptInState::Active);
+            assert_eq!(
+                t.opt_in_by_token(&page, "ot-both").await.state,
+                OptInState::Reserved
+            );
+            let rows = t.deliveries(&send.id).await;
+            let recent = rows.iter().find(|d| d.psid == "recent").unwrap();
+            assert_eq!((recent.state, recent.route), (crate::domain::DeliveryState::Skipped, Route::Recurring));
+            assert!(
+                recent
+                    .error_message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("recurring cooldown")),
+                "{recent:?}"
+            );
+            // Another send at once: `only` is now inside the cooldown too (in flight), `both`
+            // has only its recurring token left, and is reached by it.
+            let next = t.send(&page, "news").await;
+            let made = t
+                .txn(async |txn| materialize(txn, &next, now_ms(), 10).await)
+                .await
+                .unwrap();
+            let claimed: Vec<(&str, Route)> =
+                made.claimed.iter().map(|c| (c.psid.as_str(), c.route)).collect();
+            assert_eq!(claimed, [("both", Route::Recurring)]);
+            assert_eq!(made.skipped, 2);
         }
 
         /// The segment the send froze narrows both phases.

@@ -472,7 +472,9 @@ async fn settle_optins(
             .collect();
         for chunk in deliveries.chunks(ROWS_PER_STATEMENT) {
             let mut sql = Sql::new(db.get_database_backend());
-            sql.push("UPDATE deliveries SET optin_id = NULL WHERE id IN ");
+            // Only a one-time token is bound to one delivery ever; a recurring delivery keeps
+            // naming the token it used.
+            sql.push("UPDATE deliveries SET optin_id = NULL WHERE route = 'token' AND id IN ");
             push_id_list(&mut sql, chunk);
             db.execute_raw(sql.statement()).await?;
         }

@@ -454,6 +454,53 @@ mod tests {
             );
         }
 
+        /// A recurring token is never spent: sent, it stays active; the user's stop (10/1893015)
+        /// stops it; Facebook's refusal (100) rejects it; Facebook's gap (4/2018354) skips the
+        /// delivery and leaves the token as it was. Each delivery keeps naming its token.
+        async fn a_recurring_answer_settles_its_token_as_facebook_said(t) {
+            let page = t.page("1").await;
+            for user in ["a", "b", "c", "d"] {
+                t.recurring_opt_in(&page, user, "news", &format!("rt-{user}"), None)
+                    .await;
+            }
+            let send = t.send(&page, "news").await;
+            let fence = t.fence(&page).await;
+            let claimed = t.step(&fence, &send.id, 10).await.claimed;
+            assert!(claimed.iter().all(|c| c.route == crate::domain::Route::Recurring));
+            let error = |code, subcode| DeliveryError {
+                code: Some(code),
+                subcode,
+                message: "refused".into(),
+            };
+            let answers = [
+                answer(&send.id, &claimed[0], sent()),
+                answer(&send.id, &claimed[1], Outcome::TokenStopped { error: error(10, Some(1893015)) }),
+                answer(&send.id, &claimed[2], Outcome::Failed { error: error(100, None), token_refused: true }),
+                answer(&send.id, &claimed[3], Outcome::Declined { error: error(4, Some(2018354)) }),
+            ];
+            let row = &t.record(&fence, &answers).await[0];
+            assert_eq!(
+                (row.sent, row.failed, row.skipped, row.state),
+                (1, 2, 1, SendState::Completed)
+            );
+            let mut got = Vec::new();
+            for c in &claimed {
+                got.push(settled(&t, c).await);
+            }
+            assert_eq!(
+                got,
+                [
+                    (DeliveryState::Sent, OptInState::Active),
+                    (DeliveryState::Failed, OptInState::Stopped),
+                    (DeliveryState::Failed, OptInState::Rejected),
+                    (DeliveryState::Skipped, OptInState::Active),
+                ]
+            );
+            // Recorded again, nothing moves.
+            let again = &t.record(&fence, &answers).await[0];
+            assert_eq!((again.sent, again.failed, again.skipped), (1, 2, 1));
+        }
+
         /// A refusal gives the opt-in back for a later send (unbound from the delivery); a token
         /// Facebook refused for good is rejected, and stays bound.
         async fn a_refusal_releases_the_opt_in_and_a_refused_token_is_rejected(t) {

@@ -144,6 +144,29 @@ mod tests {
             assert_eq!((row.in_flight, row.unknown, row.pending()), (0, 1, 1));
         }
 
+        /// A recurring token is reusable: a delivery found in flight may have landed and a retry
+        /// could message the user twice, so it is unknown; the token stays active.
+        async fn recovery_gives_recurring_deliveries_up(t) {
+            let page = t.page("1").await;
+            let token = t.recurring_opt_in(&page, "r", "news", "rt", None).await;
+            let send = t.send(&page, "news").await;
+            let fence = t.fence(&page).await;
+            assert_eq!(t.step(&fence, &send.id, 10).await.claimed.len(), 1);
+            assert_eq!(
+                recover_in_flight(t.db(), &fence, &send.id, now_ms())
+                    .await
+                    .unwrap(),
+                1
+            );
+            assert_eq!(
+                routes(&t, &send.id).await,
+                [(Route::Recurring, DeliveryState::Unknown, false)]
+            );
+            assert_eq!(t.opt_in_row(token.id).await.state, OptInState::Active);
+            let row = t.send_row(&send.id).await;
+            assert_eq!((row.in_flight, row.unknown), (0, 1));
+        }
+
         /// A recovered retry is due at once, whenever its earlier attempt was due.
         async fn a_recovered_token_delivery_is_due_at_once(t) {
             let page = t.page("1").await;
