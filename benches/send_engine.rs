@@ -1066,6 +1066,16 @@ async fn paced(name: &str, per_page: u64, facebook: Facebook) -> Row {
     }
     let m = s.measure(&stories).await;
     let recipients = per_page * pages;
+    if s.mixed {
+        let stats = s.stats().await;
+        println!(
+            "{name}  the sandbox accepted {} recurring notifications of {} messages; \
+             recipients messaged twice within the gap {}",
+            stats["recurring_accepted"],
+            stats["accepted"],
+            stats["recipients_messaged_twice_within_gap"]
+        );
+    }
     // The share is of what Facebook really allows each page.
     let per_second = match facebook {
         Facebook::Capacity(capacity) => f64::from(capacity),

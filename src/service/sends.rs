@@ -119,15 +119,9 @@ pub async fn start(cx: &Context, request: StartSend) -> Result<Send, ServiceErro
     // Counted now, by the conditions the send will materialise with, so that its progress
     // has a total (and an ETA) from the start; the deliveries themselves come in batches.
     let recurring_cooldown_ms = cx.recurring_cooldown_ms;
-    let audience = stories::estimate(
-        &cx.store.read,
-        &story,
-        segment.as_ref(),
-        recurring_cooldown_ms,
-        now_ms(),
-    )
-    .await
-    .map_err(ServiceError::internal)?;
+    let audience = stories::estimate_total(&cx.store.read, &story, segment.as_ref(), now_ms())
+        .await
+        .map_err(ServiceError::internal)?;
     let expected = audience.token_recipients + audience.window_recipients;
     let max_active = cx.max_active_sends;
     let context = (

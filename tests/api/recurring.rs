@@ -592,6 +592,10 @@ async fn killed_mid_send_to_a_mixed_audience(db: crate::support::TestDatabase) {
     })
     .await;
     let p = progress_of(&node.channel, &send_id).await.progress.unwrap();
+    println!(
+        "after 4 kills: sent {}, unknown {} (recurring deliveries found in flight)",
+        p.sent, p.unknown
+    );
     assert_eq!(p.total, 2 * EACH, "{p:?}");
     assert_eq!(p.sent + p.unknown, 2 * EACH, "{p:?}");
     let stats = h.sandbox_get("/__sandbox/stats").await;
@@ -619,8 +623,53 @@ async fn killed_mid_send_to_a_mixed_audience(db: crate::support::TestDatabase) {
     assert!(node.served.terminate(Duration::from_secs(15)).success());
 }
 
+/// The real binary runs a campaign to 400 one-time and 400 recurring subscribers, with
+/// Facebook throttling 2% of the calls at random and 20 ms of latency: the judge passes (each
+/// recipient in one terminal state, nobody messaged twice, no token accepted twice, otnd's sent
+/// exactly what the sandbox accepted).
+async fn a_mixed_campaign_through_the_real_binary(db: crate::support::TestDatabase) {
+    const EACH: u64 = 400;
+    let h = Harness::new(&db, EACH).await;
+    let mut node = h.start().await;
+    let story = h.prepare(&node, 300).await;
+    h.admin()
+        .opt_in_recurring(crate::judge::PAGE, crate::judge::TOPIC, "rm-", EACH)
+        .await;
+    otnd_testkit::wait_for_opt_ins(
+        &node.channel,
+        crate::judge::PAGE,
+        crate::judge::TOPIC,
+        2 * EACH,
+        WITHIN,
+    )
+    .await;
+    h.faults(json!({"latency_ms": 20, "throttle_rate": 0.02, "seed": 5}))
+        .await;
+    let send_id = start_send_id(&node.channel, &story, "mixed-binary").await;
+    wait_until(&node.channel, &send_id, "the send to complete", |s| {
+        s.state() == SendState::Completed
+    })
+    .await;
+    let p = crate::judge::judge(&h, &node.channel, &send_id).await;
+    assert_eq!(
+        (p.total, p.sent, p.failed, p.unknown, p.skipped),
+        (2 * EACH, 2 * EACH, 0, 0, 0)
+    );
+    let stats = h.sandbox_get("/__sandbox/stats").await;
+    assert_eq!(stats["recurring_accepted"], EACH, "{stats}");
+    assert!(
+        stats["rate_limited"].as_u64().unwrap() > 0,
+        "throttles were injected: {stats}"
+    );
+    assert!(node.served.terminate(Duration::from_secs(15)).success());
+}
+
 backend_tests! {
     async fn sigkill_mid_send_never_messages_a_recurring_subscriber_twice(db) {
         killed_mid_send_to_a_mixed_audience(db).await;
+    }
+
+    async fn a_mixed_campaign_through_the_real_binary_passes_the_judge(db) {
+        a_mixed_campaign_through_the_real_binary(db).await;
     }
 }

@@ -194,6 +194,11 @@ pub struct TopicRow {
     pub requests_sent: u64,
     #[tabled(rename = "SUBSCRIBERS")]
     pub subscribers: u64,
+    /// Of the active, the recurring tokens.
+    #[tabled(rename = "RECURRING")]
+    pub recurring_active: u64,
+    #[tabled(rename = "STOPPED")]
+    pub stopped: u64,
 }
 
 impl From<pb::TopicSummary> for TopicRow {
@@ -208,6 +213,13 @@ impl From<pb::TopicSummary> for TopicRow {
             expiring_soon: t.expiring_soon,
             requests_sent: t.requests_sent,
             subscribers: t.subscribers,
+            recurring_active: t
+                .by_kind
+                .iter()
+                .filter(|c| c.kind() == pb::TokenKind::Recurring)
+                .map(|c| c.active)
+                .sum(),
+            stopped: t.stopped,
         }
     }
 }
@@ -222,6 +234,8 @@ pub struct OptInRow {
     pub psid: String,
     #[tabled(rename = "TOPIC")]
     pub topic: String,
+    #[tabled(rename = "KIND")]
+    pub kind: String,
     #[tabled(rename = "STATE")]
     pub state: String,
     #[tabled(rename = "TOKEN")]
@@ -240,6 +254,7 @@ impl From<pb::OptIn> for OptInRow {
     fn from(o: pb::OptIn) -> Self {
         OptInRow {
             state: short(o.state().as_str_name(), "OPT_IN_STATE_"),
+            kind: short(o.kind().as_str_name(), "TOKEN_KIND_"),
             opt_in_time: time(&o.opt_in_time),
             expire_time: time(&o.expire_time),
             use_time: time(&o.use_time),

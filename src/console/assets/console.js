@@ -217,7 +217,7 @@ function renderTopics(topics) {
   const body = $("topics").tBodies[0];
   body.replaceChildren();
   if (topics.length === 0) {
-    body.append(el("tr", {}, el("td", { colspan: 7, className: "muted", text: "No opt-ins yet." })));
+    body.append(el("tr", {}, el("td", { colspan: 9, className: "muted", text: "No opt-ins yet." })));
   }
   for (const t of topics) {
     body.append(el("tr", { className: "topic" },
@@ -227,7 +227,9 @@ function renderTopics(topics) {
       el("td", { className: "num", text: number(t.used) }),
       el("td", { className: "num", text: number(t.expired) }),
       el("td", { className: "num", text: number(t.rejected) }),
-      el("td", { className: "num", text: number(t.expiring_soon) })));
+      el("td", { className: "num", text: number(t.expiring_soon) }),
+      el("td", { className: "num", text: number(t.recurring_active) }),
+      el("td", { className: "num", text: number(t.stopped) })));
   }
 }
 
