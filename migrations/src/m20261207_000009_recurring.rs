@@ -33,6 +33,10 @@ const KINDS: &str = "kind = 'one_time' OR kind = 'recurring'";
 /// them after the rebuild; PostgreSQL keeps the ones it has and swaps the changed one).
 const UNIQUE_ONE_TIME_TOKEN: &str =
     "CREATE UNIQUE INDEX uq_deliveries_optin ON deliveries (optin_id) WHERE route = 'token'";
+/// A send's audience is read from this index alone: the kind joins the columns a step chooses
+/// each user's token by.
+const OPTINS_BY_TOPIC: &str = "CREATE INDEX idx_optins_page_topic_psid ON optins \
+     (page_id, topic, psid, state, expires_at, kind)";
 const RECURRING_BY_RECIPIENT: &str = "CREATE INDEX idx_deliveries_recurring ON deliveries \
      (page_id, psid, updated_at) WHERE route = 'recurring'";
 
@@ -56,8 +60,7 @@ fn sqlite_rebuild() -> Vec<String> {
         "DROP TABLE optins".into(),
         "ALTER TABLE optins_new RENAME TO optins".into(),
         "CREATE UNIQUE INDEX uq_optins_page_token ON optins (page_id, token)".into(),
-        "CREATE INDEX idx_optins_page_topic_psid ON optins (page_id, topic, psid, state, expires_at)"
-            .into(),
+        OPTINS_BY_TOPIC.into(),
         "CREATE INDEX idx_optins_page_psid ON optins (page_id, psid)".into(),
         format!(
             "CREATE TABLE deliveries_new ( id integer NOT NULL PRIMARY KEY AUTOINCREMENT, \
@@ -107,6 +110,8 @@ fn postgres_alter() -> Vec<String> {
         "ALTER TABLE deliveries ADD CONSTRAINT ck_deliveries_window_has_no_optin CHECK \
          (route <> 'window' OR optin_id IS NULL)"
             .into(),
+        "DROP INDEX idx_optins_page_topic_psid".into(),
+        OPTINS_BY_TOPIC.into(),
         "DROP INDEX uq_deliveries_optin".into(),
         UNIQUE_ONE_TIME_TOKEN.into(),
         RECURRING_BY_RECIPIENT.into(),
