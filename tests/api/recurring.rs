@@ -527,6 +527,21 @@ backend_tests! {
         assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
         assert!(refused.message().contains("2018352"), "{refused:?}");
 
+        // A user who already holds a recurring token on the topic: Facebook's 613/1893016.
+        subscribe(&app, "held-", 1, json!({})).await;
+        app.sandbox().interact(PAGE, "held-0", true).await;
+        let held = app
+            .optins
+            .send_opt_in_request(SendOptInRequestRequest {
+                psid: "held-0".into(),
+                title: "Another title".into(),
+                ..request.clone()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(held.code(), Code::AlreadyExists, "{held:?}");
+        assert!(held.message().contains("1893016"), "{held:?}");
+
         for (bad, field) in [
             (SendOptInRequestRequest { image_url: "ftp://example.com/x.png".into(), ..request.clone() }, "image_url"),
             (SendOptInRequestRequest { timezone: "Europe/London; DROP".into(), ..request.clone() }, "timezone"),
