@@ -15,6 +15,30 @@ pub fn digest(cipher: &SecretCipher, page_id: &str, psid: &str) -> String {
     cipher.digest(&format!("erasures/{page_id}"), psid)
 }
 
+/// Serialises, for the rest of the transaction, the page's ingestion of events with its
+/// erasures (PostgreSQL: a transaction-scoped advisory lock per page, taken in page order so that
+/// two ingestions never wait for each other crosswise; SQLite's writers are serialised anyway).
+/// Without it, under READ COMMITTED, an ingestion that read no tombstone could insert the user's
+/// opt-in after an erasure that began later had deleted their rows and committed: the erased
+/// user would be back, with a token a send could use.
+pub async fn serialize_with_erasures<'a>(
+    db: &impl ConnectionTrait,
+    page_ids: impl IntoIterator<Item = &'a str>,
+) -> Result<(), StoreError> {
+    if db.get_database_backend() != sea_orm::DatabaseBackend::Postgres {
+        return Ok(());
+    }
+    let pages: std::collections::BTreeSet<&str> = page_ids.into_iter().collect();
+    for page_id in pages {
+        let mut sql = Sql::new(db.get_database_backend());
+        sql.push("SELECT pg_advisory_xact_lock(hashtextextended(")
+            .bind(format!("otnd/erasures/{page_id}"))
+            .push(", 0))");
+        db.execute_raw(sql.statement()).await?;
+    }
+    Ok(())
+}
+
 /// Remembers that the page's user (by digest) was erased at `now` (the latest erasure counts).
 pub async fn remember(
     db: &impl ConnectionTrait,

@@ -129,6 +129,9 @@ pub async fn ingest(
     pages: &[(PageId, Vec<IncomingEvent>)],
 ) -> Result<IngestReport, StoreError> {
     let txn = super::begin_write(db).await?;
+    // Before the tombstones are read: an erasure of one of these users waits for this
+    // transaction, or this one for it and then reads its tombstone.
+    erasures::serialize_with_erasures(&txn, pages.iter().map(|(page, _)| page.as_str())).await?;
     let mut erased: HashMap<(&str, &str), i64> = HashMap::new();
     for (page_id, events) in pages {
         if !any_erasure(&txn, page_id).await? {
