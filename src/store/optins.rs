@@ -559,8 +559,10 @@ pub async fn ledger(
     for row in distinct {
         if let Some(topic) = topics.get_mut(&row.topic) {
             topic.total.subscribers = count(row.subscribers);
-            topic.by_kind.sort_by_key(|(kind, _)| *kind);
         }
+    }
+    for topic in topics.values_mut() {
+        topic.by_kind.sort_by_key(|(kind, _)| *kind);
     }
     for row in requests {
         topics

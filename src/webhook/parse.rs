@@ -91,19 +91,22 @@ impl<'de> Deserialize<'de> for Id {
 #[derive(Clone, Copy, Debug)]
 struct Time(i64);
 
+/// A time Facebook gave, as epoch milliseconds: seconds below [`SECONDS_BELOW`] are scaled, and
+/// what falls outside the range otnd takes is none.
+fn epoch_ms(raw: i64) -> Option<i64> {
+    let ms = if (0..SECONDS_BELOW).contains(&raw) {
+        raw * 1000
+    } else {
+        raw
+    };
+    (MIN_TIME_MS..=MAX_TIME_MS).contains(&ms).then_some(ms)
+}
+
 impl<'de> Deserialize<'de> for Time {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let raw = i64::deserialize(deserializer)?;
-        let ms = if (0..SECONDS_BELOW).contains(&raw) {
-            raw * 1000
-        } else {
-            raw
-        };
-        if (MIN_TIME_MS..=MAX_TIME_MS).contains(&ms) {
-            Ok(Time(ms))
-        } else {
-            Err(serde::de::Error::custom("a time no clock gives"))
-        }
+        epoch_ms(i64::deserialize(deserializer)?)
+            .map(Time)
+            .ok_or_else(|| serde::de::Error::custom("a time no clock gives"))
     }
 }
 
@@ -197,14 +200,7 @@ impl<'de> Deserialize<'de> for Expiry {
                 "an expiry is a number of milliseconds",
             ));
         };
-        let ms = if (0..SECONDS_BELOW).contains(&raw) {
-            raw * 1000
-        } else {
-            raw
-        };
-        Ok(Expiry(
-            (MIN_TIME_MS..=MAX_TIME_MS).contains(&ms).then_some(ms),
-        ))
+        Ok(Expiry(epoch_ms(raw)))
     }
 }
 

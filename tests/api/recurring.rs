@@ -356,6 +356,74 @@ backend_tests! {
         app.stop().await.unwrap();
     }
 
+    // A story's token kinds: an unspecified, unknown or repeated kind is refused naming the
+    // field, and nothing is stored; an update narrows and widens the audience it estimates.
+    async fn a_storys_token_kinds_are_checked_and_change_its_audience(db) {
+        let mut app = spawn_app(&db).await;
+        app.register_page(PAGE).await;
+        opt_in_users(&app.channel, &app.sandbox(), PAGE, TOPIC, "o-", 3, None).await;
+        subscribe(&app, "r-", 2, json!({})).await;
+        let text = || Some(otnd::pb::StoryContent {
+            kind: Some(otnd::pb::story_content::Kind::Text("Deals".into())),
+        });
+        for kinds in [vec![0], vec![9], vec![1, 1]] {
+            let refused = app
+                .stories
+                .create_story(otnd::pb::CreateStoryRequest {
+                    page_id: PAGE.into(),
+                    topic: TOPIC.into(),
+                    content: text(),
+                    token_kinds: kinds.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), Code::InvalidArgument, "{kinds:?}");
+            assert_eq!(violated_fields(&refused), ["token_kinds"], "{kinds:?}");
+        }
+        let stored = app
+            .stories
+            .list_stories(otnd::pb::ListStoriesRequest {
+                page_id: PAGE.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stories;
+        assert!(stored.is_empty(), "{stored:?}");
+
+        let story = app
+            .stories
+            .create_story(otnd::pb::CreateStoryRequest {
+                page_id: PAGE.into(),
+                topic: TOPIC.into(),
+                content: text(),
+                token_kinds: vec![TokenKind::Recurring as i32],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .story
+            .unwrap();
+        assert_eq!(story.token_kinds, [TokenKind::Recurring as i32]);
+        let e = estimate(&app, &story.story_id).await;
+        assert_eq!((e.token_recipients, e.one_time_recipients, e.recurring_recipients), (2, 0, 2));
+        let update = |kinds: Vec<i32>| otnd::pb::UpdateStoryRequest {
+            story_id: story.story_id.clone(),
+            token_kinds: Some(otnd::pb::TokenKinds { kinds }),
+            ..Default::default()
+        };
+        let bad = app.stories.update_story(update(vec![2, 2])).await.unwrap_err();
+        assert_eq!(violated_fields(&bad), ["token_kinds.kinds"]);
+        let widened = app.stories.update_story(update(vec![])).await.unwrap().into_inner();
+        assert!(widened.story.unwrap().token_kinds.is_empty(), "every kind");
+        let e = estimate(&app, &story.story_id).await;
+        assert_eq!((e.token_recipients, e.one_time_recipients, e.recurring_recipients), (5, 3, 2));
+        app.stop().await.unwrap();
+    }
+
     // With otnd's own cooldown off, Facebook's gap answer (4/2018354) is a skip, never a
     // throttle; a STOP otnd never heard of comes back as 10/1893015 and stops the token; a
     // token Facebook does not know (100) is rejected. None of them halts the page.
@@ -556,6 +624,8 @@ backend_tests! {
         assert_eq!(code_of(app.optins.send_opt_in_request(SendOptInRequestRequest {
             kind: 7, ..request.clone()
         }).await), Code::InvalidArgument);
+        // Only the one request Facebook took is recorded: none refused (by otnd or Facebook).
+        assert_eq!(ledger(&app).await.requests_sent, 1);
         app.stop().await.unwrap();
     }
 }
